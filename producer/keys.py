@@ -1,0 +1,36 @@
+"""Every Redis key and queue name vmqueue uses, in one place."""
+
+from __future__ import annotations
+
+QUEUE_PREFIX = "vmq."
+JOB_PREFIX = "vmq:job:"
+SCRIPT_SUFFIX = ":script"
+IDEMPOTENCY_PREFIX = "vmq:idem:"
+LOCK_PREFIX = "vmq:lock:"
+RATE_LIMIT_PREFIX = "vmq:ratelimit"
+SIM_PREFIX = "vmq:sim:"
+
+TASK_CREATE = "vmq.create"
+TASK_DESTROY = "vmq.destroy"
+TASK_GET = "vmq.get"
+TASK_CLEANUP = "vmq.cleanup"
+
+
+def queue_name(provider: str) -> str:
+    return f"{QUEUE_PREFIX}{provider}"
+
+
+def job_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}"
+
+
+def script_key(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}{SCRIPT_SUFFIX}"
+
+
+def idempotency_key(key: str) -> str:
+    return f"{IDEMPOTENCY_PREFIX}{key}"
+
+
+def lock_key(job_id: str) -> str:
+    return f"{LOCK_PREFIX}{job_id}"

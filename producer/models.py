@@ -1,0 +1,320 @@
+"""The contract shared by the producer and the workers (DESIGN §2).
+
+Everything that crosses Redis is one of these models dumped with ``model_dump(mode="json")``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from producer.images import ALIASES as IMAGE_ALIASES
+from producer.images import IMAGES
+from producer.options import OPTIONS_MODELS, ProviderName, ProviderOptions
+from producer.sshkeys import SSHKeyField
+
+PROVIDERS: tuple[str, ...] = get_args(ProviderName)
+
+# Startup-script (cloud-init user-data) limits, raw bytes before any encoding the adapter applies.
+USER_DATA_LIMIT_BYTES: dict[str, int] = {
+    "sim": 64 * 1024,
+    "hetzner": 32 * 1024,
+    "digitalocean": 64 * 1024,
+    "aws": 16 * 1024,
+    "gcp": 256 * 1024,
+    # OCI caps all metadata at 32,000 bytes and user_data travels base64 (4/3), beside the SSH key.
+    "oci": 23 * 1024,
+    "azure": 65_535,
+}
+
+
+# Ownership labels every VM carries, so leftovers can be found (DESIGN §3).
+LABEL_MANAGED_BY = "managed-by"
+LABEL_JOB = "vmqueue-job"
+RESERVED_LABELS = (LABEL_MANAGED_BY, LABEL_JOB)
+
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# The subset of label syntax every provider accepts (GCP is the strictest: lowercase values).
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+MAX_USER_LABELS = 20
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class VMStatus(StrEnum):
+    """Normalized VM status; every adapter maps each raw state its API documents to one of these."""
+
+    pending = "pending"
+    running = "running"
+    stopping = "stopping"
+    stopped = "stopped"
+    terminating = "terminating"
+    terminated = "terminated"
+    error = "error"
+    unknown = "unknown"
+
+
+class VMSpec(BaseModel):
+    """What to create. ``options`` is parsed into the provider's own options model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: ProviderName
+    name: str = Field(description="hostname: lowercase letters, digits, hyphens; at most 63")
+    region: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="provider-native: Hetzner location, DO region, AWS region, GCP zone, OCI region, Azure location",
+    )
+    instance_type: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    image: str = Field(
+        min_length=1,
+        max_length=512,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
+        description=f"a portable alias ({', '.join(IMAGE_ALIASES)}) or a provider-native image id",
+    )
+    labels: dict[str, str] = Field(default_factory=dict)
+    options: ProviderOptions | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        if not _HOSTNAME.match(value):
+            raise ValueError(
+                "must be a hostname: 1-63 lowercase letters, digits or hyphens, "
+                "starting and ending with a letter or digit"
+            )
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        if len(labels) > MAX_USER_LABELS:
+            raise ValueError(f"at most {MAX_USER_LABELS} labels")
+        for key, value in labels.items():
+            if key in RESERVED_LABELS:
+                raise ValueError(f"label {key!r} is reserved for vmqueue's ownership labels")
+            if not _LABEL_KEY.match(key):
+                raise ValueError(
+                    f"label key {key!r}: 1-63 of a-z 0-9 _ -, starting with a letter (portable to all providers)"
+                )
+            if not _LABEL_VALUE.match(value):
+                raise ValueError(
+                    f"label {key!r} value {value!r}: 0-63 of a-z 0-9 _ - (portable to all providers)"
+                )
+        return labels
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_provider(cls, data: Any) -> Any:
+        # Tag the options with the spec's provider, so they parse with that provider's model.
+        if isinstance(data, dict) and data.get("provider") in OPTIONS_MODELS:
+            raw = data.get("options")
+            if raw is None:
+                data = {**data, "options": {"provider": data["provider"]}}
+            elif isinstance(raw, dict):
+                if raw.get("provider", data["provider"]) != data["provider"]:
+                    raise ValueError(
+                        f"options: given for {raw['provider']!r}, but the spec is for {data['provider']!r}"
+                    )
+                data = {**data, "options": {**raw, "provider": data["provider"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _image_exists(self) -> VMSpec:
+        if self.image in IMAGE_ALIASES and self.image not in IMAGES[self.provider]:
+            have = ", ".join(IMAGES[self.provider])
+            raise ValueError(
+                f"image: alias {self.image!r} has no {self.provider} image; use one of {have} "
+                "or a native image id"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _flex_shapes(self) -> VMSpec:
+        opts = self.options
+        if self.provider == "oci" and self.instance_type.endswith(".Flex"):
+            if opts is None or opts.ocpus is None or opts.memory_gb is None:  # type: ignore[union-attr]
+                raise ValueError("options: OCI Flex shapes need options.ocpus and options.memory_gb")
+        return self
+
+    def ownership_labels(self, job_id: str) -> dict[str, str]:
+        """The user's labels plus the ownership labels every VM carries."""
+        return {**self.labels, LABEL_MANAGED_BY: "vmqueue", LABEL_JOB: job_id}
+
+
+def check_startup_script(provider: str, script: str | None) -> str | None:
+    """Size and format check of a startup script (cloud-init user-data) for one provider."""
+    if script is None:
+        return None
+    if not script.strip():
+        raise ValueError("startup_script is empty; omit it instead")
+    size = len(script.encode())
+    limit = USER_DATA_LIMIT_BYTES[provider]
+    if size > limit:
+        raise ValueError(
+            f"startup_script is {size} bytes; {provider} accepts at most {limit} bytes of user-data"
+        )
+    first = script.lstrip().split("\n", 1)[0].strip()
+    if first.startswith("#cloud-config"):
+        try:
+            document = yaml.safe_load(script)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"startup_script is #cloud-config but not valid YAML: {exc}") from None
+        if document is not None and not isinstance(document, dict):
+            raise ValueError("startup_script is #cloud-config but its YAML is not a mapping")
+    elif not (
+        first.startswith("#!") or first.startswith("#include") or first.lower().startswith("content-type:")
+    ):
+        raise ValueError(
+            "startup_script must start with '#!' (a shell script), '#cloud-config', '#include' "
+            "or a MIME 'Content-Type:' header, as cloud-init expects"
+        )
+    return script
+
+
+class CreateRequest(BaseModel):
+    """A create job's input, validated as a whole before anything is enqueued."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spec: VMSpec
+    ssh_key: SSHKeyField
+    startup_script: str | None = None
+
+    @model_validator(mode="after")
+    def _script_fits(self) -> CreateRequest:
+        check_startup_script(self.spec.provider, self.startup_script)
+        return self
+
+
+class InstanceRef(BaseModel):
+    """A VM addressed by provider and native id, for get and destroy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    provider: ProviderName
+    instance_id: str = Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+
+
+class VMInfo(BaseModel):
+    provider: str
+    instance_id: str
+    name: str | None = None
+    status: VMStatus
+    provider_status: str | None = Field(None, description="the raw state string of the provider")
+    public_ipv4: str | None = None
+    public_ipv6: str | None = None
+    private_ipv4: str | None = None
+    region: str | None = None
+    instance_type: str | None = None
+    image: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    created_at: datetime | None = None
+
+
+class JobKind(StrEnum):
+    create = "create"
+    destroy = "destroy"
+    get = "get"
+
+
+class JobState(StrEnum):
+    queued = "queued"  # recorded and enqueued; no worker has acted on it yet
+    submitting = "submitting"  # create: the provider call is being sent (safe to repeat: idempotent)
+    provisioning = "provisioning"  # create: the provider returned an instance id; polling until running
+    running = "running"  # create: the VM runs (final)
+    destroying = "destroying"  # destroy: the delete call is sent or being sent; polling until gone
+    gone = "gone"  # destroy: the provider no longer has the VM (final)
+    done = "done"  # get: the VM was read (final)
+    failed = "failed"  # any kind: ended in error, see Job.error (final)
+
+
+FINAL_STATES = frozenset({JobState.running, JobState.gone, JobState.done, JobState.failed})
+
+# Every allowed state change; the job store refuses the rest (compare-and-set).
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.queued: frozenset({JobState.submitting, JobState.destroying, JobState.done, JobState.failed}),
+    JobState.submitting: frozenset({JobState.submitting, JobState.provisioning, JobState.failed}),
+    JobState.provisioning: frozenset({JobState.provisioning, JobState.running, JobState.failed}),
+    JobState.destroying: frozenset({JobState.destroying, JobState.gone, JobState.failed}),
+    JobState.running: frozenset(),
+    JobState.gone: frozenset(),
+    JobState.done: frozenset(),
+    JobState.failed: frozenset(),
+}
+
+
+class CleanupState(StrEnum):
+    """Destroy-on-failure of a create job whose VM exists (DESIGN §3: no VM outlives its job)."""
+
+    pending = "pending"  # the job failed with a VM; the destroy is scheduled
+    destroying = "destroying"  # destroy sent; waiting for the provider to report it gone
+    done = "done"  # the VM is gone
+    failed = "failed"  # the destroy itself failed; see the history, the sweeper will find it
+    skipped = "skipped"  # destroy_on_failure was off
+
+
+class JobError(BaseModel):
+    code: str = Field(
+        description="auth, invalid_spec, not_found, quota_exceeded, capacity, rate_limited, ..."
+    )
+    message: str
+    retryable: bool = False
+    provider_code: str | None = None
+
+
+class JobEvent(BaseModel):
+    at: datetime = Field(default_factory=utcnow)
+    state: JobState
+    message: str = ""
+
+
+MAX_HISTORY = 50
+
+
+class Job(BaseModel):
+    """A job as the job store keeps it; the startup script is stored beside it, never in it."""
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex)
+    kind: JobKind
+    provider: ProviderName
+    state: JobState = JobState.queued
+    spec: VMSpec | None = None
+    ssh_key: str | None = None  # public key line; not a secret
+    has_startup_script: bool = False
+    instance_id: str | None = None
+    vm: VMInfo | None = None
+    error: JobError | None = None
+    attempts: int = 0
+    api_calls: int = 0
+    step: int = 0  # bumped by every task step; a message carrying an older step is stale
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    submitted_at: datetime | None = None
+    deadline_s: float = 600.0
+    destroy_on_failure: bool = True
+    cleanup: CleanupState | None = None
+    idempotency_key: str | None = None
+    history: list[JobEvent] = Field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES and self.cleanup not in (
+            CleanupState.pending,
+            CleanupState.destroying,
+        )
+
+    def record(self, message: str) -> None:
+        self.history.append(JobEvent(state=self.state, message=message))
+        del self.history[:-MAX_HISTORY]

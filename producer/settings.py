@@ -1,0 +1,68 @@
+"""Configuration from environment variables (documented in the README)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VMQ_", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "VMQ_REDIS_URL"),
+        description="broker, job store and rate-limit buckets; redis:// or rediss://, password allowed",
+    )
+    redis_ssl_cert_reqs: str = Field(
+        "required", description="for rediss:// URLs: required (default), optional or none (opt-out)"
+    )
+    # Redis re-delivers any message held longer than this, countdown polls included (kombu#337):
+    # every countdown stays far below it.
+    visibility_timeout_s: int = 1800
+    unacked_restore_interval_s: float = 10.0
+    job_ttl_s: int = 7 * 24 * 3600
+    idempotency_ttl_s: int = 24 * 3600
+
+    deadline_s: float = Field(600.0, description="default per-job deadline until running/gone")
+    destroy_on_failure: bool = True
+    poll_initial_s: float = 2.0
+    poll_max_s: float = 15.0
+    poll_factor: float = 1.5
+    max_attempts: int = Field(6, description="task-level attempts of one provider call before the job fails")
+    retry_base_s: float = 2.0
+    retry_max_s: float = 60.0
+    call_attempts: int = Field(3, description="quick in-call attempts (tenacity) of a transient error")
+    call_wait_max_s: float = Field(
+        5.0, description="longest in-call wait; longer Retry-After goes to the task"
+    )
+    step_lease_s: float = Field(120.0, description="how long one task step holds a job's lock")
+    not_found_grace_s: float = Field(30.0, description="NotFound this soon after create reads as pending")
+    rate_limit: dict[str, str] = Field(
+        default_factory=dict, description='per-provider API limits, e.g. {"aws": "10/second"}'
+    )
+    worker_concurrency: int = 64
+    eta_task_limit: int = 20_000
+
+
+# Published per-account API limits, kept below (PROVIDERS.md); VMQ_RATE_LIMIT overrides any of them.
+DEFAULT_RATE_LIMITS: dict[str, str] = {
+    "sim": "500/second",
+    "hetzner": "3600/hour",
+    "digitalocean": "250/minute",
+    "aws": "20/second",
+    "gcp": "1500/minute",
+    "oci": "10/second",
+    "azure": "10/second",
+}
+
+
+def rate_limit_for(settings: Settings, provider: str) -> str:
+    return settings.rate_limit.get(provider) or DEFAULT_RATE_LIMITS[provider]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,62 @@
+"""The Provider protocol every adapter implements (documented stubs; adapters say "see the protocol").
+
+An adapter knows nothing of Celery or the job store: it turns one call into provider API calls and
+maps what comes back into ``VMInfo`` and the error taxonomy (``errors.py``). It never waits for a
+VM to boot; the tasks poll ``get_vm``. Its SDK is imported lazily and its SDK retries are off.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from producer.images import IMAGES
+from producer.models import VMInfo, VMSpec
+from producer.sshkeys import SSHPublicKey
+from workers.providers.errors import InvalidSpecError
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """One cloud. Raw states map to ``VMStatus`` through a table at the top of each adapter."""
+
+    name: str
+
+    def prepare_spec(self, spec: VMSpec) -> VMSpec:
+        """Fix every create parameter once, before the first create call.
+
+        Resolves a portable image alias to the native id (e.g. the AMI an SSM parameter names). The
+        job store keeps the result, so every retry of the create sends the identical request.
+        """
+        ...
+
+    def create_vm(
+        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+    ) -> VMInfo:
+        """Ask the provider for one VM and return at once with its native ``instance_id``.
+
+        Exactly one VM per ``job_id``, however often this runs (redelivery, lost answers): the
+        adapter follows its provider's idempotency recipe and adopts a VM that carries the job's
+        ownership label. The startup script goes in as cloud-init user-data; the SSH key the
+        provider's way; labels are ``spec.ownership_labels(job_id)``.
+        """
+        ...
+
+    def get_vm(self, instance_id: str) -> VMInfo:
+        """One targeted read. Raises ``NotFoundError`` when the provider has no such VM."""
+        ...
+
+    def destroy_vm(self, instance_id: str) -> None:
+        """Start deleting the VM and what the adapter created with it. Already gone = success."""
+        ...
+
+    def list_owned_vms(self) -> list[VMInfo]:
+        """VMs that carry ``managed-by=vmqueue``, in one filtered list call where the API has one."""
+        ...
+
+
+def resolve_alias(provider: str, spec: VMSpec) -> VMSpec:
+    """``prepare_spec`` for providers whose alias table holds the native image name itself."""
+    if spec.image not in IMAGES[provider] and spec.image in ("ubuntu-22.04", "ubuntu-24.04", "debian-12"):
+        raise InvalidSpecError(f"{provider} has no image for alias {spec.image!r}")
+    native = IMAGES[provider].get(spec.image)
+    return spec.model_copy(update={"image": native}) if native else spec
