@@ -1,0 +1,20 @@
+"""vmqueue's producer: the contract, the ``Provisioner`` client API and the ``vmq`` CLI."""
+
+from producer.client import IdempotencyConflict, JobNotFound, JobTimeout, Provisioner
+from producer.models import Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
+from producer.sshkeys import SSHPublicKey
+
+__all__ = [
+    "IdempotencyConflict",
+    "Job",
+    "JobError",
+    "JobKind",
+    "JobNotFound",
+    "JobState",
+    "JobTimeout",
+    "Provisioner",
+    "SSHPublicKey",
+    "VMInfo",
+    "VMSpec",
+    "VMStatus",
+]

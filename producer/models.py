@@ -109,9 +109,7 @@ class VMSpec(BaseModel):
                     f"label key {key!r}: 1-63 of a-z 0-9 _ -, starting with a letter (portable to all providers)"
                 )
             if not _LABEL_VALUE.match(value):
-                raise ValueError(
-                    f"label {key!r} value {value!r}: 0-63 of a-z 0-9 _ - (portable to all providers)"
-                )
+                raise ValueError(f"label {key!r} value {value!r}: 0-63 of a-z 0-9 _ - (portable to all providers)")
         return labels
 
     @model_validator(mode="before")
@@ -135,8 +133,7 @@ class VMSpec(BaseModel):
         if self.image in IMAGE_ALIASES and self.image not in IMAGES[self.provider]:
             have = ", ".join(IMAGES[self.provider])
             raise ValueError(
-                f"image: alias {self.image!r} has no {self.provider} image; use one of {have} "
-                "or a native image id"
+                f"image: alias {self.image!r} has no {self.provider} image; use one of {have} or a native image id"
             )
         return self
 
@@ -162,9 +159,7 @@ def check_startup_script(provider: str, script: str | None) -> str | None:
     size = len(script.encode())
     limit = USER_DATA_LIMIT_BYTES[provider]
     if size > limit:
-        raise ValueError(
-            f"startup_script is {size} bytes; {provider} accepts at most {limit} bytes of user-data"
-        )
+        raise ValueError(f"startup_script is {size} bytes; {provider} accepts at most {limit} bytes of user-data")
     first = script.lstrip().split("\n", 1)[0].strip()
     if first.startswith("#cloud-config"):
         try:
@@ -173,9 +168,7 @@ def check_startup_script(provider: str, script: str | None) -> str | None:
             raise ValueError(f"startup_script is #cloud-config but not valid YAML: {exc}") from None
         if document is not None and not isinstance(document, dict):
             raise ValueError("startup_script is #cloud-config but its YAML is not a mapping")
-    elif not (
-        first.startswith("#!") or first.startswith("#include") or first.lower().startswith("content-type:")
-    ):
+    elif not (first.startswith("#!") or first.startswith("#include") or first.lower().startswith("content-type:")):
         raise ValueError(
             "startup_script must start with '#!' (a shell script), '#cloud-config', '#include' "
             "or a MIME 'Content-Type:' header, as cloud-init expects"
@@ -266,9 +259,7 @@ class CleanupState(StrEnum):
 
 
 class JobError(BaseModel):
-    code: str = Field(
-        description="auth, invalid_spec, not_found, quota_exceeded, capacity, rate_limited, ..."
-    )
+    code: str = Field(description="auth, invalid_spec, not_found, quota_exceeded, capacity, rate_limited, ...")
     message: str
     retryable: bool = False
     provider_code: str | None = None
@@ -298,10 +289,13 @@ class Job(BaseModel):
     error: JobError | None = None
     attempts: int = 0
     api_calls: int = 0
-    step: int = 0  # bumped by every task step; a message carrying an older step is stale
+    prepared: bool = False  # spec fixed by the adapter's prepare_spec (e.g. the AMI an alias named)
+    polls: int = 0
+    next_step_at: datetime | None = None  # when the scheduled step is due; an earlier message is a duplicate
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
-    submitted_at: datetime | None = None
+    submitted_at: datetime | None = None  # the create call was first sent
+    delete_sent_at: datetime | None = None  # the delete call went out (destroy job, or cleanup of a create)
     deadline_s: float = 600.0
     destroy_on_failure: bool = True
     cleanup: CleanupState | None = None

@@ -54,9 +54,7 @@ class GCPOptions(_Options):
     network: _Id = "global/networks/default"
     subnetwork: _Id | None = None
     external_ip: bool = Field(True, description="ONE_TO_ONE_NAT access config for a public IPv4")
-    ssh_user: str = Field(
-        "vmq", pattern=r"^[a-z_][a-z0-9_-]{0,31}$", description="user of the ssh-keys entry"
-    )
+    ssh_user: str = Field("vmq", pattern=r"^[a-z_][a-z0-9_-]{0,31}$", description="user of the ssh-keys entry")
     disk_size_gb: int | None = Field(None, ge=10, le=65536)
 
 

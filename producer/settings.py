@@ -35,9 +35,7 @@ class Settings(BaseSettings):
     retry_base_s: float = 2.0
     retry_max_s: float = 60.0
     call_attempts: int = Field(3, description="quick in-call attempts (tenacity) of a transient error")
-    call_wait_max_s: float = Field(
-        5.0, description="longest in-call wait; longer Retry-After goes to the task"
-    )
+    call_wait_max_s: float = Field(5.0, description="longest in-call wait; longer Retry-After goes to the task")
     step_lease_s: float = Field(120.0, description="how long one task step holds a job's lock")
     not_found_grace_s: float = Field(30.0, description="NotFound this soon after create reads as pending")
     rate_limit: dict[str, str] = Field(

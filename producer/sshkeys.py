@@ -82,9 +82,7 @@ class SSHPublicKey(BaseModel):
             raise ValueError("the key body is not valid base64") from None
         inner_type, offset = _read_string(blob, 0)
         if inner_type.decode(errors="replace") != key_type:
-            raise ValueError(
-                f"the key body encodes {inner_type.decode(errors='replace')!r}, not {key_type!r}"
-            )
+            raise ValueError(f"the key body encodes {inner_type.decode(errors='replace')!r}, not {key_type!r}")
         if key_type == "ssh-rsa":
             _exponent, offset = _read_string(blob, offset)
             modulus, offset = _read_string(blob, offset)

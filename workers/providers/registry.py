@@ -71,7 +71,5 @@ def get_provider(name: str) -> Provider:
     try:
         factory = PROVIDER_FACTORIES[name]
     except KeyError:
-        raise UnknownProviderError(
-            f"unknown provider {name!r}; known: {', '.join(PROVIDER_FACTORIES)}"
-        ) from None
+        raise UnknownProviderError(f"unknown provider {name!r}; known: {', '.join(PROVIDER_FACTORIES)}") from None
     return factory()

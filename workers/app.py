@@ -1,0 +1,15 @@
+"""The Celery app of the workers: ``celery -A workers.app worker -Q vmq.<provider>``.
+
+Built from the one shared configuration (producer/celery_config.py); the threads pool suits the
+I/O-bound provider calls, and a poll waiting for its countdown holds no thread.
+"""
+
+from __future__ import annotations
+
+from producer.celery_config import make_celery
+from producer.settings import get_settings
+
+settings = get_settings()
+app = make_celery(settings, main="vmqueue")
+app.conf.update(worker_pool="threads", worker_concurrency=settings.worker_concurrency)
+app.conf.include = ["workers.tasks"]

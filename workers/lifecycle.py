@@ -1,0 +1,281 @@
+"""The job lifecycle, as named steps the tasks call: submit, poll, finish, clean up.
+
+Knows no provider (it calls the ``Provider`` protocol) and no Celery (a step returns ``Next`` and
+the task turns that into a countdown retry, which holds no worker slot while it waits). Every step
+is safe to run twice: the job store's compare-and-set, a per-job lease and the adapters'
+idempotency make a redelivered or duplicated message harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from producer.jobstore import InvalidTransition, JobStore
+from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMStatus, utcnow
+from producer.settings import Settings
+from producer.sshkeys import SSHPublicKey
+from workers.backoff import exponential_backoff, full_jitter_backoff
+from workers.calls import ProviderCalls, SharedRateLimit
+from workers.providers.base import Provider
+from workers.providers.errors import NotFoundError, ProviderError
+
+log = logging.getLogger("vmqueue.worker")
+
+# A message may fire this much before the step it was scheduled for is due (clock and ETA slack).
+EARLY_TOLERANCE_S = 0.5
+GONE = (VMStatus.terminated,)
+DEAD = (VMStatus.error, VMStatus.terminated, VMStatus.terminating)
+
+
+@dataclass(frozen=True)
+class Next:
+    """Run the same task again for this job after ``countdown_s``."""
+
+    countdown_s: float
+
+
+class JobRunner:
+    def __init__(
+        self, store: JobStore, settings: Settings, providers: Callable[[str], Provider], limit: SharedRateLimit
+    ):
+        self.store = store
+        self.settings = settings
+        self.providers = providers  # name -> Provider: the lazy registry's get_provider
+        self.limit = limit
+        self.poll_delay = exponential_backoff(settings.poll_initial_s, settings.poll_max_s, settings.poll_factor)
+        self.retry_delay = full_jitter_backoff(settings.retry_base_s, settings.retry_max_s)
+
+    # -- entry points, one per task ---------------------------------------------------------
+    def run(self, job_id: str, kind: JobKind) -> Next | None:
+        """One step of a job; ``None`` when the job needs no further step from this chain."""
+        token = self.store.acquire(job_id, self.settings.step_lease_s)
+        if token is None:  # another delivery of this job is acting now; look again later
+            return Next(min(self.settings.poll_initial_s, 5.0))
+        try:
+            job = self.store.get(job_id)
+            if job is None:
+                log.warning("job=%s dropped: no such job in the store (expired or never enqueued)", job_id)
+                return None
+            if job.kind != kind:
+                log.warning("job=%s dropped: a %s message for a %s job", job_id, kind, job.kind)
+                return None
+            if job.next_step_at and utcnow() < job.next_step_at - timedelta(seconds=EARLY_TOLERANCE_S):
+                log.info(
+                    "job=%s provider=%s duplicate message dropped; the job's own chain goes on", job.id, job.provider
+                )
+                return None
+            step = getattr(self, f"_{kind}")
+            outcome = step(job)
+            if outcome is not None:
+                due = utcnow() + timedelta(seconds=outcome.countdown_s)
+                self.store.update(job.id, lambda j: setattr(j, "next_step_at", due))
+            return outcome
+        except InvalidTransition as exc:
+            log.info("job=%s: %s; another delivery finished this step", job_id, exc)
+            return None
+        finally:
+            self.store.release(job_id, token)
+
+    # -- create -----------------------------------------------------------------------------
+    def _create(self, job: Job) -> Next | None:
+        if job.state in (JobState.queued, JobState.submitting):
+            return self._submit(job)
+        if job.state == JobState.provisioning:
+            return self._poll_create(job)
+        if job.state == JobState.failed and job.cleanup in (CleanupState.pending, CleanupState.destroying):
+            return self._cleanup(job)
+        return None
+
+    def _submit(self, job: Job) -> Next | None:
+        provider = self.providers(job.provider)
+        calls = ProviderCalls(job.provider, self.limit, self.settings)
+        job = self.store.transition(
+            job.id,
+            JobState.submitting,
+            f"create attempt {job.attempts + 1}",
+            attempts=job.attempts + 1,
+            submitted_at=job.submitted_at or utcnow(),
+        )
+        try:
+            if not job.prepared:
+                spec = calls(provider.prepare_spec, job.spec)
+                job = self.store.update(job.id, lambda j: _set(j, spec=spec, prepared=True))
+            vm = calls(
+                provider.create_vm,
+                job.spec,
+                SSHPublicKey.parse(job.ssh_key),
+                self.store.script(job.id),
+                job_id=job.id,
+            )
+        except ProviderError as exc:
+            return self._call_failed(job, exc, calls.count)
+        job = self.store.transition(
+            job.id,
+            JobState.provisioning,
+            f"provider accepted the create: {vm.instance_id}",
+            instance_id=vm.instance_id,
+            vm=vm,
+            api_calls=job.api_calls + calls.count,
+        )
+        log.info("job=%s provider=%s instance=%s created; polling", job.id, job.provider, vm.instance_id)
+        return Next(self.poll_delay(0))
+
+    def _poll_create(self, job: Job) -> Next | None:
+        provider = self.providers(job.provider)
+        calls = ProviderCalls(job.provider, self.limit, self.settings)
+        since_submit = (utcnow() - job.submitted_at).total_seconds()
+        try:
+            vm = calls(provider.get_vm, job.instance_id)
+        except NotFoundError as exc:
+            if since_submit > self.settings.not_found_grace_s:  # consistency window over: it vanished
+                return self._fail(job, JobError(code="vm_vanished", message=f"the VM disappeared: {exc}"), calls.count)
+            vm = None
+        except ProviderError as exc:
+            return self._call_failed(job, exc, calls.count)
+        polls = job.polls + 1
+        if vm is not None and vm.status == VMStatus.running:
+            job = self.store.transition(
+                job.id, JobState.running, "running", vm=vm, polls=polls, api_calls=job.api_calls + calls.count
+            )
+            self.store.drop_script(job.id)
+            log.info(
+                "job=%s provider=%s instance=%s running ip=%s", job.id, job.provider, vm.instance_id, vm.public_ipv4
+            )
+            return None
+        if vm is not None and vm.status in DEAD:
+            error = JobError(code="vm_error", message=f"the VM ended in {vm.provider_status} instead of running")
+            return self._fail(job, error, calls.count, vm=vm)
+        if since_submit > job.deadline_s:
+            error = JobError(
+                code="deadline_exceeded",
+                message=f"not running after {job.deadline_s:.0f}s (last status {vm.status if vm else 'not found'})",
+                retryable=True,
+            )
+            return self._fail(job, error, calls.count, vm=vm)
+        self.store.update(job.id, lambda j: _set(j, polls=polls, api_calls=j.api_calls + calls.count, vm=vm or j.vm))
+        return Next(self.poll_delay(polls))
+
+    # -- destroy (a destroy job, or the cleanup of a failed create) -------------------------
+    def _destroy(self, job: Job) -> Next | None:
+        if job.state in (JobState.queued, JobState.destroying):
+            if job.state == JobState.queued:
+                job = self.store.transition(job.id, JobState.destroying, "destroy requested", attempts=1)
+            return self._drive_destroy(job, on_gone=lambda j: self._gone(j))
+        return None
+
+    def _cleanup(self, job: Job) -> Next | None:
+        if job.cleanup == CleanupState.pending:
+            job = self.store.update(job.id, lambda j: _set(j, cleanup=CleanupState.destroying))
+        return self._drive_destroy(job, on_gone=lambda j: self._cleaned(j))
+
+    def _drive_destroy(self, job: Job, on_gone: Callable[[Job], None]) -> Next | None:
+        """Send the delete (again after a crash: it is idempotent), then poll until the provider says gone."""
+        provider = self.providers(job.provider)
+        calls = ProviderCalls(job.provider, self.limit, self.settings)
+        try:
+            if job.delete_sent_at is None:
+                calls(provider.destroy_vm, job.instance_id)
+                self.store.update(
+                    job.id, lambda j: _set(j, delete_sent_at=utcnow(), api_calls=j.api_calls + calls.count)
+                )
+                return Next(self.poll_delay(0))
+            vm = calls(provider.get_vm, job.instance_id)
+        except NotFoundError:
+            vm = None
+        except ProviderError as exc:
+            if job.kind == JobKind.create:
+                return self._cleanup_failed(job, exc, calls.count)
+            return self._call_failed(job, exc, calls.count)
+        job = self.store.update(job.id, lambda j: _set(j, polls=j.polls + 1, api_calls=j.api_calls + calls.count))
+        if vm is None or vm.status in GONE:
+            on_gone(job)
+            return None
+        if (utcnow() - job.delete_sent_at).total_seconds() > job.deadline_s:
+            error = JobError(
+                code="deadline_exceeded", message=f"still {vm.provider_status} after {job.deadline_s:.0f}s"
+            )
+            if job.kind == JobKind.create:
+                return self._cleanup_failed(job, ProviderError(error.message, provider_code=error.code), 0)
+            return self._fail(job, error, 0, vm=vm)
+        return Next(self.poll_delay(job.polls))
+
+    def _gone(self, job: Job) -> None:
+        self.store.transition(job.id, JobState.gone, "the provider reports the VM gone")
+        log.info("job=%s provider=%s instance=%s gone", job.id, job.provider, job.instance_id)
+
+    def _cleaned(self, job: Job) -> None:
+        self.store.update(job.id, lambda j: (_set(j, cleanup=CleanupState.done), j.record("cleanup: VM destroyed")))
+        log.info("job=%s provider=%s instance=%s destroyed after failure", job.id, job.provider, job.instance_id)
+
+    # -- get --------------------------------------------------------------------------------
+    def _get(self, job: Job) -> Next | None:
+        if job.state != JobState.queued:
+            return None
+        calls = ProviderCalls(job.provider, self.limit, self.settings)
+        try:
+            vm = calls(self.providers(job.provider).get_vm, job.instance_id)
+        except ProviderError as exc:
+            job = self.store.update(job.id, lambda j: _set(j, attempts=j.attempts + 1))
+            return self._call_failed(job, exc, calls.count)
+        self.store.transition(
+            job.id, JobState.done, f"status {vm.status}", vm=vm, api_calls=job.api_calls + calls.count
+        )
+        return None
+
+    # -- failure ----------------------------------------------------------------------------
+    def _call_failed(self, job: Job, exc: ProviderError, count: int) -> Next | None:
+        """Layer 2: a retryable error retries the step later, honouring Retry-After; others fail."""
+        error = _job_error(exc)
+        if exc.retryable and job.attempts < self.settings.max_attempts:
+            delay = exc.retry_after_s if exc.retry_after_s is not None else self.retry_delay(job.attempts)
+            message = f"{error.code}: {error.message}; retry in {delay:.1f}s"
+            self.store.update(job.id, lambda j: (_set(j, api_calls=j.api_calls + count), j.record(message)))
+            log.warning("job=%s provider=%s %s", job.id, job.provider, message)
+            return Next(delay)
+        return self._fail(job, error, count)
+
+    def _fail(self, job: Job, error: JobError, count: int, vm=None) -> Next | None:
+        has_vm = job.instance_id is not None and job.kind == JobKind.create
+        cleanup = None
+        if has_vm:
+            cleanup = CleanupState.pending if job.destroy_on_failure else CleanupState.skipped
+        job = self.store.transition(
+            job.id,
+            JobState.failed,
+            f"failed: {error.code}: {error.message}",
+            error=error,
+            cleanup=cleanup,
+            api_calls=job.api_calls + count,
+            vm=vm or job.vm,
+        )
+        self.store.drop_script(job.id)
+        log.error("job=%s provider=%s failed: %s: %s", job.id, job.provider, error.code, error.message)
+        if cleanup == CleanupState.pending:
+            return Next(0)
+        return None
+
+    def _cleanup_failed(self, job: Job, exc: ProviderError, count: int) -> Next | None:
+        attempts = job.attempts + 1
+        if exc.retryable and attempts <= self.settings.max_attempts:
+            delay = exc.retry_after_s if exc.retry_after_s is not None else self.retry_delay(attempts)
+            message = f"cleanup: {exc.code}: {exc}; retry in {delay:.1f}s"
+            self.store.update(
+                job.id, lambda j: (_set(j, attempts=attempts, api_calls=j.api_calls + count), j.record(message))
+            )
+            return Next(delay)
+        message = f"cleanup failed: {exc.code}: {exc}; the sweeper will find the VM by its ownership labels"
+        self.store.update(job.id, lambda j: (_set(j, cleanup=CleanupState.failed), j.record(message)))
+        log.error("job=%s provider=%s instance=%s %s", job.id, job.provider, job.instance_id, message)
+        return None
+
+
+def _set(job: Job, **fields: object) -> None:
+    for name, value in fields.items():
+        setattr(job, name, value)
+
+
+def _job_error(exc: ProviderError) -> JobError:
+    return JobError(code=exc.code, message=exc.message, retryable=exc.retryable, provider_code=exc.provider_code)

@@ -1,0 +1,227 @@
+"""The simulated cloud: a real adapter of the protocol whose "cloud" is state in Redis.
+
+Every worker process sees the same cloud. A VM boots after a settable time, calls take a settable
+latency, and faults are injected by rate. Settings come from ``VMQ_SIM_*`` environment variables;
+the Redis hash ``vmq:sim:config`` overrides any of them at run time (tests and benchmarks change
+faults without restarting workers). Counters of API calls by kind live in ``vmq:sim:calls``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.keys import SIM_PREFIX
+from producer.models import VMInfo, VMSpec, VMStatus
+from producer.settings import get_settings
+from producer.sshkeys import SSHPublicKey
+from workers.providers.base import resolve_alias
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    NotFoundError,
+    ProviderError,
+    RateLimitedError,
+    TransientError,
+)
+
+# The sim reports raw states the way a provider would; the table maps them like any adapter's.
+STATUS_MAP: dict[str, VMStatus] = {
+    "booting": VMStatus.pending,
+    "active": VMStatus.running,
+    "deleting": VMStatus.terminating,
+    "failed": VMStatus.error,
+}
+
+CONFIG_KEY = f"{SIM_PREFIX}config"
+CALLS_KEY = f"{SIM_PREFIX}calls"  # hash: call kind -> count, and "<kind>:<fault>" -> count
+CALLS_PER_S_KEY = f"{SIM_PREFIX}calls_per_s"  # hash: epoch second -> calls in that second
+LOG_KEY = f"{SIM_PREFIX}log"  # list of recent calls, newest first: {"t", "kind", "outcome"}
+VMS_KEY = f"{SIM_PREFIX}vms"  # set of live instance ids
+LOG_LENGTH = 20_000
+
+
+class SimConfig(BaseSettings):
+    """Knobs of the simulated cloud; rates are probabilities per call (0..1)."""
+
+    model_config = SettingsConfigDict(env_prefix="VMQ_SIM_", extra="ignore")
+
+    boot_s: float = 3.0  # time from create until the VM is running
+    boot_jitter_s: float = 0.0
+    destroy_s: float = 1.0  # time from delete until the VM is gone
+    latency_ms: float = 0.0  # added to every API call
+    transient_rate: float = 0.0  # 503 on any call
+    rate_limit_rate: float = 0.0  # 429 on any call
+    retry_after_s: float = 2.0  # the Retry-After of those 429s
+    capacity_rate: float = 0.0  # "no capacity" on create
+    lost_response_rate: float = 0.0  # create succeeds but the answer is lost (a timeout)
+    stuck_rate: float = 0.0  # VM never leaves pending
+    error_rate: float = 0.0  # VM ends in error instead of running
+    token: str = ""  # when set, the API rejects callers whose VMQ_SIM_TOKEN differs
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _vm_key(instance_id: str) -> str:
+    return f"{SIM_PREFIX}vm:{instance_id}"
+
+
+class SimProvider:
+    """See the protocol (workers/providers/base.py)."""
+
+    name = "sim"
+
+    def __init__(self, redis_client=None, caller_token: str | None = None):
+        from producer.jobstore import connect
+
+        self._redis = redis_client or connect(get_settings())
+        self._caller_token = caller_token if caller_token is not None else SimConfig().token
+
+    def prepare_spec(self, spec: VMSpec) -> VMSpec:
+        return resolve_alias(self.name, spec)
+
+    def create_vm(
+        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+    ) -> VMInfo:
+        config = self._begin("create")
+        if random.random() < config.capacity_rate:
+            self._count("create", "capacity")
+            raise CapacityError(f"no capacity for {spec.instance_type} in {spec.region}", provider_code="capacity")
+        token_key = f"{SIM_PREFIX}token:{job_id}"
+        existing = self._redis.get(token_key)
+        if existing:  # the ClientToken: the same job id gets the same VM back
+            return self.get_vm(existing, _counted=True)
+        instance_id = f"sim-{self._redis.incr(f'{SIM_PREFIX}next_id')}"
+        if not self._redis.set(token_key, instance_id, nx=True):
+            return self.get_vm(self._redis.get(token_key), _counted=True)
+        now = _now_ms()
+        boot_ms = int((config.boot_s + random.uniform(0, config.boot_jitter_s)) * 1000)
+        fate = (
+            "stuck" if random.random() < config.stuck_rate else "error" if random.random() < config.error_rate else "ok"
+        )
+        record = {
+            "instance_id": instance_id,
+            "name": spec.name,
+            "region": spec.region,
+            "instance_type": spec.instance_type,
+            "image": spec.image,
+            "labels": json.dumps(spec.ownership_labels(job_id)),
+            "ssh_key": ssh_key.sha256_fingerprint,
+            "user_data_bytes": len(startup_script.encode()) if startup_script else 0,
+            "created_ms": now,
+            "boot_at_ms": now + boot_ms,
+            "fate": fate,
+        }
+        pipe = self._redis.pipeline()
+        pipe.hset(_vm_key(instance_id), mapping=record)
+        pipe.sadd(VMS_KEY, instance_id)
+        pipe.execute()
+        if random.random() < config.lost_response_rate:
+            self._count("create", "lost_response")
+            raise TransientError("read timeout: the create was accepted but its answer was lost")
+        return self._info(record)
+
+    def get_vm(self, instance_id: str, _counted: bool = False) -> VMInfo:
+        if not _counted:
+            self._begin("get")
+        record = self._redis.hgetall(_vm_key(instance_id))
+        if not record or self._gone(record):
+            raise NotFoundError(f"instance {instance_id} not found", provider_code="not_found")
+        return self._info(record)
+
+    def destroy_vm(self, instance_id: str) -> None:
+        config = self._begin("destroy")
+        key = _vm_key(instance_id)
+        if not self._redis.exists(key):
+            return
+        self._redis.hsetnx(key, "delete_at_ms", _now_ms() + int(config.destroy_s * 1000))
+
+    def list_owned_vms(self) -> list[VMInfo]:
+        self._begin("list")
+        owned = []
+        for instance_id in self._redis.smembers(VMS_KEY):
+            record = self._redis.hgetall(_vm_key(instance_id))
+            if record and not self._gone(record) and json.loads(record["labels"]).get("managed-by") == "vmqueue":
+                owned.append(self._info(record))
+        return owned
+
+    # -- the simulated API's machinery ------------------------------------------------------
+    def config(self) -> SimConfig:
+        overrides = self._redis.hgetall(CONFIG_KEY)
+        try:
+            return SimConfig(**overrides)
+        except ValidationError as exc:
+            raise ProviderError(f"bad {CONFIG_KEY}: {exc}", provider_code="sim_config") from exc
+
+    def _begin(self, kind: str) -> SimConfig:
+        """One API call: latency, the counters, then the faults any call may meet."""
+        config = self.config()
+        if config.latency_ms:
+            time.sleep(config.latency_ms / 1000)
+        self._count(kind)
+        if config.token and self._caller_token != config.token:
+            self._count(kind, "auth")
+            raise AuthError("the simulated cloud rejected the token: set VMQ_SIM_TOKEN", provider_code="unauthorized")
+        if random.random() < config.rate_limit_rate:
+            self._count(kind, "rate_limited")
+            raise RateLimitedError(
+                "too many requests", provider_code="rate_limit_exceeded", retry_after_s=config.retry_after_s
+            )
+        if random.random() < config.transient_rate:
+            self._count(kind, "transient")
+            raise TransientError("503 service unavailable", provider_code="unavailable")
+        return config
+
+    def _count(self, kind: str, outcome: str = "") -> None:
+        now = time.time()
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hincrby(CALLS_KEY, f"{kind}:{outcome}" if outcome else kind, 1)
+        if not outcome:
+            pipe.hincrby(CALLS_PER_S_KEY, str(int(now)), 1)
+        pipe.lpush(LOG_KEY, json.dumps({"t": now, "kind": kind, "outcome": outcome or "call"}))
+        pipe.ltrim(LOG_KEY, 0, LOG_LENGTH - 1)
+        pipe.execute()
+
+    def _gone(self, record: dict[str, str]) -> bool:
+        delete_at = record.get("delete_at_ms")
+        if delete_at and _now_ms() >= int(delete_at):
+            self._redis.delete(_vm_key(record["instance_id"]))
+            self._redis.srem(VMS_KEY, record["instance_id"])
+            return True
+        return False
+
+    def _info(self, record: dict[str, str]) -> VMInfo:
+        raw = self._raw_status(record)
+        n = int(record["instance_id"].removeprefix("sim-"))
+        booted = raw == "active"
+        return VMInfo(
+            provider=self.name,
+            instance_id=record["instance_id"],
+            name=record["name"],
+            status=STATUS_MAP.get(raw, VMStatus.unknown),
+            provider_status=raw,
+            # Documentation ranges (RFC 5737 / RFC 3849 style): addresses here reach nothing.
+            public_ipv4=f"198.18.{n // 250 % 256}.{n % 250 + 1}" if booted else None,
+            public_ipv6=f"2001:db8::{n:x}" if booted else None,
+            private_ipv4=f"10.0.{n // 250 % 256}.{n % 250 + 1}",
+            region=record["region"],
+            instance_type=record["instance_type"],
+            image=record["image"],
+            labels=json.loads(record["labels"]),
+            created_at=datetime.fromtimestamp(int(record["created_ms"]) / 1000, UTC),
+        )
+
+    @staticmethod
+    def _raw_status(record: dict[str, str]) -> str:
+        if record.get("delete_at_ms"):
+            return "deleting"
+        if _now_ms() < int(record["boot_at_ms"]) or record["fate"] == "stuck":
+            return "booting"
+        return "failed" if record["fate"] == "error" else "active"

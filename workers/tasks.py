@@ -1,0 +1,78 @@
+"""The Celery tasks: small, each runs one lifecycle step and reschedules itself while it waits.
+
+Arguments are only the job id: the spec, key and startup script are read from the job store, so
+no secret is ever in a message, a retry, Flower or the worker's log.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import redis
+from celery import Task
+
+from producer import keys
+from producer.jobstore import JobStore, connect
+from producer.models import JobError, JobKind, JobState
+from workers.app import app, settings
+from workers.calls import SharedRateLimit
+from workers.lifecycle import JobRunner
+from workers.providers.registry import get_provider
+
+log = logging.getLogger("vmqueue.worker")
+
+# A Redis outage during a step: try the step again later rather than lose the job.
+BROKER_RETRY_S = 5.0
+
+
+@cache
+def runner() -> JobRunner:
+    store = JobStore(connect(settings), settings)
+    return JobRunner(store, settings, get_provider, SharedRateLimit(settings))
+
+
+def _step(task: Task, job_id: object, kind: JobKind) -> None:
+    if not isinstance(job_id, str) or not job_id:
+        log.error("%s message rejected: the argument must be a job id string, got %r", task.name, job_id)
+        return
+    try:
+        outcome = runner().run(job_id, kind)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("job=%s Redis unavailable (%s); retrying the step in %ss", job_id, exc, BROKER_RETRY_S)
+        raise task.retry(countdown=BROKER_RETRY_S, max_retries=None) from exc
+    except Exception as exc:
+        # A bug must not make a job vanish silently: record it on the job, then let Celery log it.
+        _fail_internal(job_id, exc)
+        raise
+    if outcome is not None:
+        raise task.retry(countdown=outcome.countdown_s, max_retries=None)
+
+
+def _fail_internal(job_id: str, exc: Exception) -> None:
+    store = runner().store
+    error = JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
+    try:
+        job = store.get(job_id)
+        if job is not None and job.state not in (JobState.running, JobState.gone, JobState.done, JobState.failed):
+            store.transition(job_id, JobState.failed, f"failed: {error.message}", error=error)
+    except Exception:  # noqa: BLE001 - already failing; the original error is what matters
+        log.exception("job=%s could not record the internal error", job_id)
+
+
+@app.task(bind=True, name=keys.TASK_CREATE, max_retries=None)
+def create(self: Task, job_id: str) -> None:
+    """Create a VM: submit once (idempotently), then poll until running, the deadline or an error."""
+    _step(self, job_id, JobKind.create)
+
+
+@app.task(bind=True, name=keys.TASK_DESTROY, max_retries=None)
+def destroy(self: Task, job_id: str) -> None:
+    """Destroy a VM: send the delete, then poll until the provider reports it gone."""
+    _step(self, job_id, JobKind.destroy)
+
+
+@app.task(bind=True, name=keys.TASK_GET, max_retries=None)
+def get(self: Task, job_id: str) -> None:
+    """Read a VM once into the job."""
+    _step(self, job_id, JobKind.get)
