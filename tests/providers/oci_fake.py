@@ -1,0 +1,199 @@
+"""A small stateful OCI Core/Search API fake, answering wire JSON (camelCase, per the models' attribute_map).
+
+Transport-agnostic: ``handle(method, url, headers, body)`` returns ``(status, headers, body)``, so unit tests
+serve it through ``responses`` on oci's vendored requests and the system test through pytest-httpserver.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
+
+COMPARTMENT = "ocid1.compartment.oc1..aaaaaaaacompartment"
+SUBNET = "ocid1.subnet.oc1.phx.aaaaaaaasubnet"
+AD = "Uocm:PHX-AD-1"
+IMAGE_2204 = "ocid1.image.oc1.phx.aaaaaaaaubuntu2204new"
+
+Response = tuple[int, dict[str, str], str]
+
+
+class Call(NamedTuple):
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    headers: dict[str, str]  # lower-case names
+
+
+def ocid(kind: str) -> str:
+    return f"ocid1.{kind}.oc1.phx.{uuid.uuid4().hex}"
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return (
+        status,
+        {"opc-request-id": uuid.uuid4().hex, **(headers or {})},
+        json.dumps({"code": code, "message": message}),
+    )
+
+
+@dataclass
+class FakeOCI:
+    instances: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vnics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    tokens: dict[str, str] = field(default_factory=dict)
+    calls: list[Call] = field(default_factory=list)
+    # (method, path regex) -> canned answers, served before the fake's own logic
+    faults: list[tuple[str, str, Response]] = field(default_factory=list)
+    drop: list[str] = field(default_factory=list)  # "METHOD path-regex": act, then lose the answer (transport)
+    public_ip: str | None = "203.0.113.10"
+    polls_to_run: int | None = None  # GETs a PROVISIONING instance answers before RUNNING; None: stays
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail(self, method: str, path: str, response: Response) -> None:
+        self.faults.append((method, path, response))
+
+    def handle(self, method: str, url: str, headers: dict[str, str], body: bytes | str | None) -> Response:
+        with self.lock:
+            parts = urlsplit(url)
+            path, query = parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
+            data = json.loads(body) if body else None
+            self.calls.append(Call(method, path, query, data, {k.lower(): v for k, v in headers.items()}))
+            for fault in self.faults:
+                if fault[0] == method and re.search(fault[1], path):
+                    self.faults.remove(fault)
+                    return fault[2]
+            return self._route(method, path, query, data, headers)
+
+    def _route(self, method: str, path: str, query: dict[str, str], data: Any, headers: dict[str, str]) -> Response:
+        ok = lambda payload, status=200: (status, {"opc-request-id": "r", "etag": "e"}, json.dumps(payload))  # noqa: E731
+        if method == "POST" and path.endswith("/instances"):
+            return ok(self.launch(data, {k.lower(): v for k, v in headers.items()}.get("opc-retry-token")))
+        if method == "GET" and path.endswith("/instances"):
+            return ok(
+                [
+                    i
+                    for i in self.instances.values()
+                    if i["compartmentId"] == query.get("compartmentId")
+                    and i["displayName"] == query.get("displayName", i["displayName"])
+                ]
+            )
+        if m := re.search(r"/instances/([^/]+)$", path):
+            instance = self.instances.get(m.group(1))
+            if instance is None:
+                return error(404, "NotAuthorizedOrNotFound", "Authorization failed or requested resource not found.")
+            if method == "GET":
+                if instance["lifecycleState"] == "PROVISIONING" and self.polls_to_run is not None:
+                    instance["_polls"] = instance.get("_polls", 0) + 1
+                    if instance["_polls"] > self.polls_to_run:
+                        instance["lifecycleState"] = "RUNNING"
+                return ok({k: v for k, v in instance.items() if not k.startswith("_")})
+            if method == "DELETE":
+                if instance["lifecycleState"] == "TERMINATED":
+                    return error(409, "IncorrectState", "Instance is already terminated.")
+                instance["lifecycleState"] = "TERMINATED"
+                return 204, {"opc-request-id": "r"}, ""
+        if method == "GET" and path.endswith("/vnicAttachments"):
+            return ok([a for a in self.attachments if a["instanceId"] == query.get("instanceId")])
+        if method == "GET" and (m := re.search(r"/vnics/([^/]+)$", path)):
+            return ok(self.vnics[m.group(1)])
+        if method == "GET" and path.endswith("/images"):
+            return ok(images(query))
+        if method == "POST" and path.endswith("/resources"):
+            return ok({"items": [summary(i) for i in self.instances.values() if i["freeformTags"].get("managed-by")]})
+        return error(404, "NotFound", f"no route {method} {path}")
+
+    def launch(self, details: dict[str, Any], token: str | None) -> dict[str, Any]:
+        if token in self.tokens:  # OCI answers a repeated retry token with the first result
+            return self.instances[self.tokens[token]]
+        instance = {
+            "id": ocid("instance"),
+            "availabilityDomain": details["availabilityDomain"],
+            "compartmentId": details["compartmentId"],
+            "displayName": details["displayName"],
+            "faultDomain": "FAULT-DOMAIN-1",
+            "freeformTags": details.get("freeformTags", {}),
+            "definedTags": {},
+            "imageId": details["sourceDetails"]["imageId"],
+            "sourceDetails": {"sourceType": "image", "imageId": details["sourceDetails"]["imageId"]},
+            "lifecycleState": "PROVISIONING",
+            "metadata": details.get("metadata", {}),
+            "region": "phx",
+            "shape": details["shape"],
+            "shapeConfig": {
+                "ocpus": details.get("shapeConfig", {}).get("ocpus", 1.0),
+                "memoryInGBs": details.get("shapeConfig", {}).get("memoryInGBs", 16.0),
+            },
+            "timeCreated": "2026-01-15T10:00:00.000Z",
+        }
+        self.instances[instance["id"]] = instance
+        if token:
+            self.tokens[token] = instance["id"]
+        self.attach(instance, self.public_ip)
+        return instance
+
+    def attach(self, instance: dict[str, Any], public_ip: str | None, ipv6: list[str] | None = None) -> None:
+        vnic_id = ocid("vnic")
+        self.vnics[vnic_id] = {
+            "id": vnic_id,
+            "availabilityDomain": instance["availabilityDomain"],
+            "compartmentId": instance["compartmentId"],
+            "displayName": instance["displayName"],
+            "isPrimary": True,
+            "lifecycleState": "AVAILABLE",
+            "macAddress": "02:00:17:00:00:01",
+            "privateIp": "10.0.0.12",
+            "publicIp": public_ip,
+            "ipv6Addresses": ipv6 or [],
+            "subnetId": SUBNET,
+            "timeCreated": instance["timeCreated"],
+        }
+        self.attachments.append(
+            {
+                "id": ocid("vnicattachment"),
+                "availabilityDomain": instance["availabilityDomain"],
+                "compartmentId": instance["compartmentId"],
+                "instanceId": instance["id"],
+                "lifecycleState": "ATTACHED",
+                "nicIndex": 0,
+                "subnetId": SUBNET,
+                "timeCreated": instance["timeCreated"],
+                "vnicId": vnic_id,
+            }
+        )
+
+    def calls_to(self, method: str, path_regex: str) -> list[Call]:
+        return [c for c in self.calls if c[0] == method and re.search(path_regex, c[1])]
+
+
+def images(query: dict[str, str]) -> list[dict[str, Any]]:
+    """Platform images of an OS/version, newest first as sortBy=TIMECREATED&sortOrder=DESC asks."""
+    if (query.get("operatingSystem"), query.get("operatingSystemVersion")) != ("Canonical Ubuntu", "22.04"):
+        return []
+    base = {"compartmentId": None, "createImageAllowed": True, "lifecycleState": "AVAILABLE", "launchMode": "NATIVE"}
+    base |= {"operatingSystem": "Canonical Ubuntu", "operatingSystemVersion": "22.04", "sizeInMBs": 47694}
+    return [
+        {
+            **base,
+            "id": IMAGE_2204,
+            "displayName": "Canonical-Ubuntu-22.04-2026.01.10-0",
+            "timeCreated": "2026-01-12T00:00:00.000Z",
+        },
+        {
+            **base,
+            "id": "ocid1.image.oc1.phx.aaaaold",
+            "displayName": "Canonical-Ubuntu-22.04-2025.10.01-0",
+            "timeCreated": "2025-10-02T00:00:00.000Z",
+        },
+    ]
+
+
+def summary(instance: dict[str, Any]) -> dict[str, Any]:
+    keys = ("compartmentId", "timeCreated", "displayName", "availabilityDomain", "lifecycleState", "freeformTags")
+    return {"resourceType": "Instance", "identifier": instance["id"], **{k: instance[k] for k in keys}}

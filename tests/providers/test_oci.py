@@ -1,0 +1,341 @@
+"""OCI adapter through the real oci SDK; HTTP answered by a stateful fake on the SDK's vendored requests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import responses
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
+
+from producer.models import VMSpec, VMStatus
+from producer.sshkeys import SSHPublicKey
+from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+)
+from workers.providers.oci import STATUS_MAP, OCIProvider
+
+SCRIPT = "#!/bin/sh\necho hello > /tmp/hello\n"
+OCI_ENV = ("OCI_CLI_USER", "OCI_CLI_TENANCY", "OCI_CLI_FINGERPRINT", "OCI_CLI_KEY_FILE", "OCI_CLI_KEY_CONTENT")
+
+
+@pytest.fixture(scope="session")
+def rsa_pem() -> str:
+    """A throwaway API signing key made per run; no private key is ever committed."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    ).decode()
+
+
+@pytest.fixture
+def config(rsa_pem: str) -> dict[str, str]:
+    return {
+        "user": "ocid1.user.oc1..aaaaaaaatestuser",
+        "tenancy": "ocid1.tenancy.oc1..aaaaaaaatesttenancy",
+        "fingerprint": "20:3b:97:13:55:1c:5b:0d:d3:37:d8:50:4e:c5:3a:34",
+        "key_content": rsa_pem,
+        "region": "us-phoenix-1",
+    }
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOCI]:
+    fake = FakeOCI()
+
+    def answer(request: Any) -> tuple[int, dict[str, str], str]:
+        response = fake.handle(request.method, request.url, dict(request.headers), request.body)
+        for rule in list(fake.drop):
+            method, path = rule.split(" ", 1)
+            if method == request.method and re.search(path, request.url):
+                fake.drop.remove(rule)
+                raise VendoredConnectionError("Connection reset by peer")
+        return response
+
+    with responses.RequestsMock(
+        target="oci._vendor.requests.adapters.HTTPAdapter.send", assert_all_requests_are_fired=False
+    ) as mock:
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            mock.add_callback(method, re.compile(r"https://.*"), callback=answer)
+        yield fake
+
+
+@pytest.fixture
+def provider(config: dict[str, str], fake: FakeOCI) -> OCIProvider:
+    return OCIProvider(config=config)
+
+
+def make_spec(image: str = IMAGE_2204, **options: Any) -> VMSpec:
+    opts = {"compartment_id": COMPARTMENT, "subnet_id": SUBNET, "availability_domain": AD, "ocpus": 2, "memory_gb": 16}
+    return VMSpec(
+        provider="oci",
+        name="web-1",
+        region="us-phoenix-1",
+        instance_type="VM.Standard.E4.Flex",
+        image=image,
+        labels={"team": "infra"},
+        options={**opts, **options},
+    )
+
+
+def key() -> SSHPublicKey:
+    return SSHPublicKey.parse(make_ed25519_key())
+
+
+class TestOCI(AdapterContract):
+    def test_create_sends_key_script_and_labels(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        ssh_key = key()
+        info = provider.create_vm(make_spec(), ssh_key, SCRIPT, job_id="job-1")
+
+        assert info.status is VMStatus.pending and info.provider_status == "PROVISIONING"
+        assert info.instance_id.startswith("ocid1.instance.oc1.phx.")
+        [call] = fake.calls_to("POST", r"/20160918/instances$")
+        body = call.body
+        assert call.headers["opc-retry-token"] == "vmq-create-job-1"
+        assert body["metadata"]["ssh_authorized_keys"] == ssh_key.openssh
+        assert base64.b64decode(body["metadata"]["user_data"]).decode() == SCRIPT
+        assert body["freeformTags"] == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": "job-1"}
+        assert body["shape"] == "VM.Standard.E4.Flex"
+        assert body["shapeConfig"] == {"ocpus": 2.0, "memoryInGBs": 16.0}
+        assert body["sourceDetails"] == {"sourceType": "image", "imageId": IMAGE_2204}
+        assert body["createVnicDetails"] == {"subnetId": SUBNET, "assignPublicIp": True}
+        assert (body["compartmentId"], body["availabilityDomain"], body["displayName"]) == (COMPARTMENT, AD, "web-1")
+
+    def test_create_without_script_sends_no_user_data(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        provider.create_vm(make_spec(assign_public_ip=False), key(), job_id="job-1")
+        [call] = fake.calls_to("POST", r"/instances$")
+        assert "user_data" not in call.body["metadata"]
+        assert call.body["createVnicDetails"]["assignPublicIp"] is False
+
+    def test_create_resolves_image_alias(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        prepared = provider.prepare_spec(make_spec(image="ubuntu-22.04"))
+
+        assert prepared.image == IMAGE_2204  # the newest of the listed images
+        [call] = fake.calls_to("GET", r"/images$")
+        assert call.query == {
+            "compartmentId": COMPARTMENT,
+            "operatingSystem": "Canonical Ubuntu",
+            "operatingSystemVersion": "22.04",
+            "shape": "VM.Standard.E4.Flex",
+            "sortBy": "TIMECREATED",
+            "sortOrder": "DESC",
+            "lifecycleState": "AVAILABLE",
+        }
+        assert (
+            provider.prepare_spec(make_spec(image="ocid1.image.oc1.phx.native")).image == "ocid1.image.oc1.phx.native"
+        )
+        with pytest.raises(InvalidSpecError, match="no Canonical Ubuntu 24.04 image"):
+            provider.prepare_spec(make_spec(image="ubuntu-24.04"))
+        with pytest.raises(InvalidSpecError, match="no platform image"):
+            provider.prepare_spec(make_spec(image="my-custom-image"))
+
+    def test_create_twice_same_job_one_vm(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        first = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
+        second = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
+
+        assert first.instance_id == second.instance_id and len(fake.instances) == 1
+        tokens = {call.headers["opc-retry-token"] for call in fake.calls_to("POST", r"/instances$")}
+        assert tokens == {"vmq-create-job-1"}
+
+    def test_create_lost_answer_one_vm(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        fake.drop.append("POST /20160918/instances$")  # OCI launches, the answer is lost on the way back
+
+        info = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
+
+        [instance_id] = fake.instances
+        assert info.instance_id == instance_id
+        [lookup] = fake.calls_to("GET", r"/instances$")  # found by display name and job tag
+        assert lookup.query == {"compartmentId": COMPARTMENT, "displayName": "web-1"}
+
+    def test_create_invalidated_token_adopts_by_tag(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        first = provider.create_vm(make_spec(), key(), job_id="job-1")
+        other = provider.create_vm(make_spec(), key(), job_id="job-2")  # same display name, another job
+        fake.fail("POST", r"/instances$", error(409, "InvalidatedRetryToken", "The retry token was invalidated."))
+
+        assert provider.create_vm(make_spec(), key(), job_id="job-1").instance_id == first.instance_id
+        fake.instances[first.instance_id]["lifecycleState"] = "TERMINATED"
+        fake.fail("POST", r"/instances$", error(409, "InvalidatedRetryToken", "The retry token was invalidated."))
+        with pytest.raises(ProviderError) as caught:
+            provider.create_vm(make_spec(), key(), job_id="job-1")
+        assert caught.value.provider_code == "InvalidatedRetryToken" and len(fake.instances) == 2
+        assert other.instance_id in fake.instances
+
+    @pytest.mark.parametrize("raw", [*STATUS_MAP, "SOMETHING_NEW"])
+    def test_get_maps_every_documented_state(self, provider: OCIProvider, fake: FakeOCI, raw: str) -> None:
+        created = provider.create_vm(make_spec(), key(), job_id="job-1")
+        fake.instances[created.instance_id]["lifecycleState"] = raw
+
+        info = provider.get_vm(created.instance_id)
+
+        assert info.status is STATUS_MAP.get(raw, VMStatus.unknown)
+        assert info.provider_status == (raw if raw in STATUS_MAP else "UNKNOWN_ENUM_VALUE")  # the SDK's word for it
+        assert info.labels["vmqueue-job"] == "job-1" and info.image == IMAGE_2204 and info.name == "web-1"
+
+    def test_get_public_and_private_ips(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        created = provider.create_vm(make_spec(), key(), job_id="job-1")
+        [vnic] = fake.vnics.values()
+        vnic["ipv6Addresses"] = ["2603:c020:4000:1234::10"]
+        fake.attachments.insert(
+            0,
+            {
+                **fake.attachments[0],
+                "id": "ocid1.vnicattachment.oc1.phx.old",
+                "lifecycleState": "DETACHED",
+                "vnicId": "gone",
+            },
+        )
+
+        info = provider.get_vm(created.instance_id)
+
+        assert (info.public_ipv4, info.private_ipv4, info.public_ipv6) == (
+            "203.0.113.10",
+            "10.0.0.12",
+            "2603:c020:4000:1234::10",
+        )
+        [attachments] = fake.calls_to("GET", r"/vnicAttachments$")
+        assert attachments.query == {"compartmentId": COMPARTMENT, "instanceId": created.instance_id}
+        assert fake.calls_to("GET", r"/vnics/")[0].path.endswith(vnic["id"])
+
+    def test_get_without_public_ip(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        fake.public_ip = None
+        created = provider.create_vm(make_spec(assign_public_ip=False), key(), job_id="job-1")
+
+        info = provider.get_vm(created.instance_id)
+
+        assert info.public_ipv4 is None and info.public_ipv6 is None and info.private_ipv4 == "10.0.0.12"
+
+    def test_get_unknown_raises_not_found(self, provider: OCIProvider) -> None:
+        with pytest.raises(NotFoundError) as caught:
+            provider.get_vm("ocid1.instance.oc1.phx.doesnotexist")
+        assert caught.value.provider_code == "NotAuthorizedOrNotFound"
+
+    def test_destroy(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        created = provider.create_vm(make_spec(), key(), job_id="job-1")
+
+        assert provider.destroy_vm(created.instance_id) is None
+
+        [call] = fake.calls_to("DELETE", r"/instances/")
+        assert call.path.endswith(created.instance_id) and call.query == {"preserveBootVolume": "false"}
+        assert fake.instances[created.instance_id]["lifecycleState"] == "TERMINATED"
+        assert provider.get_vm(created.instance_id).status is VMStatus.terminated
+
+    def test_destroy_twice(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        created = provider.create_vm(make_spec(), key(), job_id="job-1")
+        provider.destroy_vm(created.instance_id)
+
+        assert provider.destroy_vm(created.instance_id) is None  # 409 IncorrectState, and the VM is TERMINATED
+
+    def test_destroy_unknown_id(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        assert provider.destroy_vm("ocid1.instance.oc1.phx.doesnotexist") is None
+        assert len(fake.calls_to("DELETE", r"/instances/")) == 1
+
+    @pytest.mark.parametrize(
+        ("status", "code", "message", "expected"),
+        [
+            (
+                401,
+                "NotAuthenticated",
+                "The required information to complete authentication was not provided.",
+                AuthError,
+            ),
+            (403, "NotAuthorized", "Not authorized.", AuthError),
+            (400, "InvalidParameter", "Invalid shape: VM.Nope", InvalidSpecError),
+            (400, "MissingParameter", "Missing availabilityDomain", InvalidSpecError),
+            (400, "RelatedResourceNotAuthorizedOrNotFound", "subnet not found", InvalidSpecError),
+            (409, "Conflict", "Conflict", InvalidSpecError),
+            (400, "LimitExceeded", "Service limit standard-e4-core-count exceeded", QuotaExceededError),
+            (400, "QuotaExceeded", "Compartment quota exceeded", QuotaExceededError),
+            (500, "InternalError", "Out of host capacity.", CapacityError),
+            (409, "IncorrectState", "Resource is in an incorrect state", TransientError),
+            (409, "LockConflict", "Lock conflict", TransientError),
+            (500, "InternalServerError", "Internal error", TransientError),
+            (503, "ServiceUnavailable", "Service unavailable", TransientError),
+            (412, "NoEtagMatch", "The etag does not match", ProviderError),
+        ],
+    )
+    def test_errors_map_to_taxonomy(
+        self, provider: OCIProvider, fake: FakeOCI, status: int, code: str, message: str, expected: type
+    ) -> None:
+        fake.fail("POST", r"/instances$", error(status, code, message))
+
+        with pytest.raises(ProviderError) as caught:
+            provider.create_vm(make_spec(), key(), job_id="job-1")
+
+        assert type(caught.value) is expected
+        assert caught.value.provider_code == code and caught.value.message.endswith(message)
+        assert not fake.instances
+
+    def test_connection_error_is_transient(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        fake.drop.append("GET /instances/")
+        with pytest.raises(TransientError):
+            provider.get_vm("ocid1.instance.oc1.phx.whatever")
+
+    def test_rate_limited_carries_retry_after(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        fake.fail("GET", r"/instances/", error(429, "TooManyRequests", "Too many requests", {"Retry-After": "7"}))
+
+        with pytest.raises(RateLimitedError) as caught:
+            provider.get_vm("ocid1.instance.oc1.phx.whatever")
+
+        assert caught.value.retry_after_s == 7.0 and caught.value.retryable
+
+    def test_missing_credentials_auth_error(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+        for var in (*OCI_ENV, "OCI_AUTH", "OCI_CLI_REGION"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("OCI_CONFIG_FILE", str(tmp_path / "missing-config"))
+        with pytest.raises(AuthError, match="OCI_CLI_USER.*OCI_CLI_KEY_CONTENT.*OCI_CONFIG_FILE"):
+            OCIProvider().get_vm("ocid1.instance.oc1.phx.whatever")
+
+        monkeypatch.setenv("OCI_CLI_USER", "ocid1.user.oc1..aaaaaaaatestuser")  # the rest is missing
+        with pytest.raises(AuthError, match="OCI_CLI_FINGERPRINT"):
+            OCIProvider().get_vm("ocid1.instance.oc1.phx.whatever")
+
+    def test_credentials_from_env(self, monkeypatch: pytest.MonkeyPatch, config: dict[str, str], fake: FakeOCI) -> None:
+        env = dict(zip(OCI_ENV, (config["user"], config["tenancy"], config["fingerprint"]), strict=False))
+        for var, value in {
+            **env,
+            "OCI_CLI_KEY_CONTENT": config["key_content"],
+            "OCI_CLI_REGION": "us-phoenix-1",
+        }.items():
+            monkeypatch.setenv(var, value)
+
+        with pytest.raises(NotFoundError):
+            OCIProvider().get_vm("ocid1.instance.oc1.phx.whatever")
+        [call] = fake.calls
+        assert 'keyId="ocid1.tenancy' in call.headers["authorization"]  # the request was signed
+
+    @pytest.mark.parametrize(("status", "code"), [(429, "TooManyRequests"), (500, "InternalServerError")])
+    def test_sdk_retries_off(self, provider: OCIProvider, fake: FakeOCI, status: int, code: str) -> None:
+        fake.fail("GET", r"/instances/", error(status, code, "no"))
+        fake.fail("GET", r"/instances/", error(status, code, "no"))
+
+        with pytest.raises(ProviderError):
+            provider.get_vm("ocid1.instance.oc1.phx.whatever")
+
+        assert len(fake.calls) == 1
+
+    def test_list_owned_vms(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        mine = provider.create_vm(make_spec(), key(), job_id="job-1")
+        fake.launch({**json.loads(json.dumps(fake.instances[mine.instance_id])), "freeformTags": {}}, None)
+
+        owned = provider.list_owned_vms()
+
+        assert [vm.instance_id for vm in owned] == [mine.instance_id]
+        assert owned[0].status is VMStatus.pending and owned[0].labels["vmqueue-job"] == "job-1"
+        [call] = fake.calls_to("POST", r"/resources$")
+        body = call.body
+        assert body["type"] == "Structured" and "freeformTags.key = 'managed-by'" in body["query"]
