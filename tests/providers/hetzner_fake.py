@@ -1,0 +1,233 @@
+"""A small stateful fake of the Hetzner Cloud API; payloads follow the spec (docs.hetzner.cloud, cloud.spec).
+
+A server appears on POST as ``initializing``, is ``running`` from the next GET, and is gone after DELETE.
+Names are unique per project (409 ``uniqueness_error``), like the real API.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import re
+from typing import Any
+
+from tests.providers.fakehttp import FakeAPI, Reply
+
+BASE_URL = "https://api.hetzner.cloud/v1"
+CREATED = "2016-01-30T23:50:00Z"
+
+
+def error(code: str, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details}}
+
+
+def md5_fingerprint(public_key: str) -> str:
+    digest = hashlib.md5(base64.b64decode(public_key.split()[1])).hexdigest()
+    return ":".join(digest[i : i + 2] for i in range(0, 32, 2))
+
+
+def action(action_id: int, command: str, server_id: int) -> dict[str, Any]:
+    return {
+        "id": action_id,
+        "command": command,
+        "status": "running",
+        "progress": 0,
+        "started": CREATED,
+        "finished": None,
+        "resources": [{"id": server_id, "type": "server"}],
+        "error": None,
+    }
+
+
+def server_payload(
+    server_id: int,
+    name: str,
+    *,
+    status: str = "running",
+    server_type: str = "cx22",
+    image: str = "ubuntu-24.04",
+    location: str = "fsn1",
+    labels: dict[str, str] | None = None,
+    ipv4: str | None = "203.0.113.10",
+    ipv6: str | None = "2001:db8:1234::/64",
+    private_ipv4: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": server_id,
+        "name": name,
+        "status": status,
+        "created": CREATED,
+        "public_net": {
+            "ipv4": {"id": server_id + 1000, "ip": ipv4, "blocked": False, "dns_ptr": "static.example.com"}
+            if ipv4
+            else None,
+            "ipv6": {"id": server_id + 2000, "ip": ipv6, "blocked": False, "dns_ptr": []} if ipv6 else None,
+            "floating_ips": [],
+            "firewalls": [],
+        },
+        "private_net": [{"network": 4711, "ip": private_ipv4, "alias_ips": [], "mac_address": "86:00:ff:2a:7d:e1"}]
+        if private_ipv4
+        else [],
+        "server_type": {
+            "id": 1,
+            "name": server_type,
+            "description": server_type.upper(),
+            "cores": 2,
+            "memory": 4,
+            "disk": 40,
+            "deprecated": False,
+            "prices": [],
+            "storage_type": "local",
+            "cpu_type": "shared",
+            "architecture": "x86",
+        },
+        "location": {
+            "id": 1,
+            "name": location,
+            "description": "Falkenstein DC Park 1",
+            "country": "DE",
+            "city": "Falkenstein",
+            "latitude": 50.47612,
+            "longitude": 12.370071,
+            "network_zone": "eu-central",
+        },
+        "image": {
+            "id": 4711,
+            "type": "system",
+            "status": "available",
+            "name": image,
+            "description": image,
+            "image_size": None,
+            "disk_size": 5,
+            "created": CREATED,
+            "created_from": None,
+            "bound_to": None,
+            "os_flavor": "ubuntu",
+            "os_version": "24.04",
+            "rapid_deploy": True,
+            "protection": {"delete": False},
+            "deprecated": None,
+            "deleted": None,
+            "labels": {},
+            "architecture": "x86",
+        },
+        "iso": None,
+        "rescue_enabled": False,
+        "locked": False,
+        "backup_window": None,
+        "outgoing_traffic": 0,
+        "ingoing_traffic": 0,
+        "included_traffic": 21990232555520,
+        "protection": {"delete": False, "rebuild": False},
+        "labels": labels or {},
+        "volumes": [],
+        "load_balancers": [],
+        "primary_disk_size": 40,
+        "placement_group": None,
+    }
+
+
+def page(key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    pagination = {"page": 1, "per_page": 50, "previous_page": None, "next_page": None, "last_page": 1}
+    return {key: items, "meta": {"pagination": {**pagination, "total_entries": len(items)}}}
+
+
+def _matches(labels: dict[str, str], selector: str | None) -> bool:
+    """Equality selectors (``k=v,k2=v2``), the only kind vmqueue sends."""
+    pairs = [term.split("=", 1) for term in selector.split(",")] if selector else []
+    return all(labels.get(key) == value for key, value in pairs)
+
+
+class FakeHetzner(FakeAPI):
+    prefix = "/v1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.servers: dict[int, dict[str, Any]] = {}
+        self.ssh_keys: dict[int, dict[str, Any]] = {}
+        self._ids = itertools.count(4201)
+        self._booting: set[int] = set()
+
+    def add_server(self, name: str, **fields: Any) -> dict[str, Any]:
+        server = server_payload(next(self._ids), name, **fields)
+        self.servers[server["id"]] = server
+        return server
+
+    def add_ssh_key(self, public_key: str, name: str = "alice") -> dict[str, Any]:
+        key_id = next(self._ids)
+        self.ssh_keys[key_id] = {
+            "id": key_id,
+            "name": name,
+            "fingerprint": md5_fingerprint(public_key),
+            "public_key": public_key,
+            "labels": {},
+            "created": CREATED,
+        }
+        return self.ssh_keys[key_id]
+
+    def route(self, method: str, path: str, query: dict[str, str], body: Any) -> Reply:
+        if match := re.fullmatch(r"/servers/(\d+)", path):
+            return self._server(method, int(match[1]))
+        if (method, path) == ("GET", "/servers"):
+            found = [
+                s
+                for s in self.servers.values()
+                if query.get("name", s["name"]) == s["name"] and _matches(s["labels"], query.get("label_selector"))
+            ]
+            return 200, {}, page("servers", found)
+        if (method, path) == ("POST", "/servers"):
+            return self._create_server(body)
+        if (method, path) == ("GET", "/ssh_keys"):
+            fingerprint = query.get("fingerprint")
+            return (
+                200,
+                {},
+                page("ssh_keys", [k for k in self.ssh_keys.values() if fingerprint in (None, k["fingerprint"])]),
+            )
+        if (method, path) == ("POST", "/ssh_keys"):
+            fingerprint = md5_fingerprint(body["public_key"])
+            if any(k["fingerprint"] == fingerprint or k["name"] == body["name"] for k in self.ssh_keys.values()):
+                return 409, {}, error("uniqueness_error", "SSH key with the same fingerprint already exists")
+            key = self.add_ssh_key(body["public_key"], body["name"])
+            key["labels"] = body.get("labels", {})
+            return 201, {}, {"ssh_key": key}
+        return 404, {}, error("not_found", f"no route {method} {path}")
+
+    def _create_server(self, body: dict[str, Any]) -> Reply:
+        if any(s["name"] == body["name"] for s in self.servers.values()):
+            return 409, {}, error("uniqueness_error", "server name is already used", {"fields": [{"name": "name"}]})
+        image = body["image"]
+        server = self.add_server(
+            body["name"],
+            status="initializing",
+            server_type=body["server_type"],
+            image=image if isinstance(image, str) else f"snapshot-{image}",
+            location=body.get("location", "fsn1"),
+            labels=body.get("labels", {}),
+            ipv4="203.0.113.10" if body.get("public_net", {}).get("enable_ipv4", True) else None,
+            ipv6="2001:db8:1234::/64" if body.get("public_net", {}).get("enable_ipv6", True) else None,
+        )
+        self._booting.add(server["id"])
+        start = action(next(self._ids), "start_server", server["id"])
+        return (
+            201,
+            {},
+            {
+                "server": server,
+                "action": action(next(self._ids), "create_server", server["id"]),
+                "next_actions": [start],
+                "root_password": None,
+            },
+        )
+
+    def _server(self, method: str, server_id: int) -> Reply:
+        if server_id not in self.servers:
+            return 404, {}, error("not_found", f"server with ID '{server_id}' not found")
+        if method == "DELETE":
+            del self.servers[server_id]
+            return 200, {}, {"action": action(next(self._ids), "delete_server", server_id)}
+        if server_id in self._booting:
+            self._booting.discard(server_id)
+            self.servers[server_id]["status"] = "running"
+        return 200, {}, {"server": self.servers[server_id]}

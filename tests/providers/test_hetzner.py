@@ -1,0 +1,317 @@
+"""The Hetzner adapter through the real hcloud SDK, its HTTP answered by a fake that follows the API spec."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from producer.models import VMSpec, VMStatus
+from producer.sshkeys import SSHPublicKey
+from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.fakehttp import mocked
+from tests.providers.hetzner_fake import BASE_URL, FakeHetzner, error, md5_fingerprint, page
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+)
+from workers.providers.hetzner import HetznerProvider
+
+JOB = "3f2a9c0e5b7d4e1f8a6b2c4d6e8f0a1b"
+SCRIPT = "#!/bin/sh\necho hello > /tmp/hello\n"
+FAKE_TOKEN = "fake-" + "hcloud-token"  # not a credential: the fake API accepts anything
+
+# Every status the spec documents for a server, and what the PROVIDERS.md table makes of it.
+DOCUMENTED_STATES = {
+    "initializing": VMStatus.pending,
+    "starting": VMStatus.pending,
+    "rebuilding": VMStatus.pending,
+    "migrating": VMStatus.pending,
+    "running": VMStatus.running,
+    "stopping": VMStatus.stopping,
+    "off": VMStatus.stopped,
+    "deleting": VMStatus.terminating,
+    "unknown": VMStatus.unknown,
+}
+
+
+def make_spec(**fields: Any) -> VMSpec:
+    base = {"provider": "hetzner", "name": "web-1", "region": "fsn1", "instance_type": "cx22", "image": "ubuntu-24.04"}
+    return VMSpec.model_validate({**base, **fields})
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeHetzner]:
+    fake = FakeHetzner()
+    with mocked(fake, BASE_URL):
+        yield fake
+
+
+@pytest.fixture
+def provider(monkeypatch: pytest.MonkeyPatch) -> HetznerProvider:
+    monkeypatch.delenv("HCLOUD_ENDPOINT", raising=False)
+    return HetznerProvider(token=FAKE_TOKEN)
+
+
+@pytest.fixture
+def key() -> SSHPublicKey:
+    return SSHPublicKey.parse(make_ed25519_key())
+
+
+class TestHetzner(AdapterContract):
+    def test_create_sends_key_script_and_labels(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        spec = make_spec(labels={"team": "infra"}, options={"enable_ipv4": False})
+        vm = provider.create_vm(provider.prepare_spec(spec), key, SCRIPT, job_id=JOB)
+
+        [key_body] = fake.calls("POST", "/ssh_keys")
+        assert key_body["public_key"] == key.openssh
+        [body] = fake.calls("POST", "/servers")
+        assert body == {
+            "name": "web-1",
+            "server_type": "cx22",
+            "image": "ubuntu-24.04",
+            "location": "fsn1",
+            "start_after_create": True,
+            "ssh_keys": [next(iter(fake.ssh_keys))],
+            "user_data": SCRIPT,
+            "labels": {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": JOB},
+            "public_net": {"enable_ipv4": False, "enable_ipv6": True},
+        }
+        assert vm.instance_id == str(next(iter(fake.servers)))
+        assert (vm.provider, vm.status, vm.provider_status) == ("hetzner", VMStatus.pending, "initializing")
+        assert vm.labels["vmqueue-job"] == JOB
+
+    def test_create_reuses_the_projects_key(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        existing = fake.add_ssh_key(key.openssh)
+        provider.create_vm(make_spec(), key, job_id=JOB)
+        assert fake.calls("POST", "/ssh_keys") == []
+        assert fake.calls("POST", "/servers")[0]["ssh_keys"] == [existing["id"]]
+
+    def test_create_key_race_refetches(self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
+        # Another job adds the key between our lookup and our POST.
+        fake.fail("GET", "/ssh_keys", status=200, body=page("ssh_keys", []), after=True)
+        fake.add_ssh_key(key.openssh)
+        provider.create_vm(make_spec(), key, job_id=JOB)
+        assert len(fake.calls("POST", "/ssh_keys")) == 1
+        assert len(fake.ssh_keys) == 1
+        assert len(fake.servers) == 1
+
+    @pytest.mark.parametrize(
+        ("image", "sent"),
+        [
+            ("ubuntu-22.04", "ubuntu-22.04"),
+            ("debian-12", "debian-12"),
+            ("my-snapshot", "my-snapshot"),
+            ("123456", 123456),
+        ],
+    )
+    def test_create_resolves_image_alias(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey, image: str, sent: str | int
+    ) -> None:
+        spec = provider.prepare_spec(make_spec(image=image))
+        provider.create_vm(spec, key, job_id=JOB)
+        assert fake.calls("POST", "/servers")[0]["image"] == sent
+
+    def test_create_twice_same_job_one_vm(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        first = provider.create_vm(make_spec(), key, job_id=JOB)
+        second = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert first.instance_id == second.instance_id
+        assert len(fake.servers) == 1
+        assert len(fake.calls("POST", "/servers")) == 1
+
+    def test_create_name_taken_by_another_job(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        fake.add_server("web-1", labels={"vmqueue-job": "someone-else"})
+        with pytest.raises(InvalidSpecError, match="already exists"):
+            provider.create_vm(make_spec(), key, job_id=JOB)
+        assert fake.calls("POST", "/servers") == []
+
+    def test_create_lost_answer_one_vm(self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
+        # The API creates the server, then the answer never arrives; the job's retry adopts it.
+        fake.fail("POST", "/servers", exc=requests.ReadTimeout("read timed out"), after=True)
+        with pytest.raises(TransientError):
+            provider.create_vm(make_spec(), key, job_id=JOB)
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert list(fake.servers) == [int(vm.instance_id)]
+        assert len(fake.calls("POST", "/servers")) == 1
+
+    def test_create_uniqueness_error_adopts(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        # Two deliveries of one job race: both looked the name up before either POST landed.
+        theirs = fake.add_server("web-1", labels={"managed-by": "vmqueue", "vmqueue-job": JOB})
+        fake.fail("GET", "/servers", status=200, body=page("servers", []))
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert vm.instance_id == str(theirs["id"])
+        assert len(fake.servers) == 1
+        assert len(fake.calls("POST", "/servers")) == 1
+
+    @pytest.mark.parametrize(("raw", "status"), DOCUMENTED_STATES.items())
+    def test_get_maps_every_documented_state(
+        self, fake: FakeHetzner, provider: HetznerProvider, raw: str, status: VMStatus
+    ) -> None:
+        server = fake.add_server("web-1", status=raw)
+        vm = provider.get_vm(str(server["id"]))
+        assert (vm.status, vm.provider_status) == (status, raw)
+
+    def test_get_undocumented_state_is_unknown(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        server = fake.add_server("web-1", status="hibernating")
+        assert provider.get_vm(str(server["id"])).status == VMStatus.unknown
+
+    def test_get_public_and_private_ips(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        server = fake.add_server("web-1", private_ipv4="10.0.0.2", labels={"managed-by": "vmqueue"})
+        vm = provider.get_vm(str(server["id"]))
+        assert (vm.public_ipv4, vm.public_ipv6, vm.private_ipv4) == ("203.0.113.10", "2001:db8:1234::1", "10.0.0.2")
+        assert (vm.name, vm.region, vm.instance_type, vm.image) == ("web-1", "fsn1", "cx22", "ubuntu-24.04")
+        assert vm.created_at is not None and vm.created_at.year == 2016
+
+    def test_get_without_public_ip(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        server = fake.add_server("web-1", ipv4=None, ipv6=None)
+        vm = provider.get_vm(str(server["id"]))
+        assert (vm.public_ipv4, vm.public_ipv6, vm.private_ipv4) == (None, None, None)
+
+    @pytest.mark.parametrize("instance_id", ["999999", "not-a-server-id"])
+    def test_get_unknown_raises_not_found(self, fake: FakeHetzner, provider: HetznerProvider, instance_id: str) -> None:
+        with pytest.raises(NotFoundError):
+            provider.get_vm(instance_id)
+
+    def test_destroy(self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert provider.destroy_vm(vm.instance_id) is None
+        assert fake.servers == {}
+        assert len(fake.ssh_keys) == 1  # the shared key stays
+        with pytest.raises(NotFoundError):
+            provider.get_vm(vm.instance_id)
+
+    def test_destroy_twice(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        server = fake.add_server("web-1")
+        provider.destroy_vm(str(server["id"]))
+        provider.destroy_vm(str(server["id"]))
+        assert len(fake.calls("DELETE", f"/servers/{server['id']}")) == 2
+
+    @pytest.mark.parametrize("instance_id", ["999999", "not-a-server-id"])
+    def test_destroy_unknown_id(self, fake: FakeHetzner, provider: HetznerProvider, instance_id: str) -> None:
+        assert provider.destroy_vm(instance_id) is None
+
+    @pytest.mark.parametrize(
+        ("status", "body", "raised"),
+        [
+            (401, error("unauthorized", "unable to authenticate"), AuthError),
+            (403, error("forbidden", "insufficient permissions for this request"), AuthError),
+            (403, error("token_readonly", "the token is read-only"), AuthError),
+            (422, error("invalid_input", "invalid input in field 'server_type'", {"fields": []}), InvalidSpecError),
+            (400, error("json_error", "invalid JSON"), InvalidSpecError),
+            (403, error("resource_limit_exceeded", "server limit exceeded"), QuotaExceededError),
+            (412, error("resource_unavailable", "server type cx22 is unavailable in fsn1"), CapacityError),
+            (422, error("placement_error", "error during placement"), CapacityError),
+            (409, error("conflict", "resource has changed during the request, please retry"), TransientError),
+            (423, error("locked", "server is locked by another action"), TransientError),
+            (500, error("server_error", "internal error"), TransientError),
+            (503, error("unavailable", "service is unavailable"), CapacityError),
+            (502, "<html>Bad Gateway</html>", TransientError),
+            (418, error("teapot_error", "a brand-new error code"), ProviderError),
+        ],
+    )
+    def test_errors_map_to_taxonomy(
+        self,
+        fake: FakeHetzner,
+        provider: HetznerProvider,
+        key: SSHPublicKey,
+        status: int,
+        body: Any,
+        raised: type[ProviderError],
+    ) -> None:
+        fake.fail("POST", "/servers", status=status, body=body)
+        with pytest.raises(ProviderError) as info:
+            provider.create_vm(make_spec(), key, job_id=JOB)
+        assert type(info.value) is raised
+        expected_code = body["error"]["code"] if isinstance(body, dict) else str(status)
+        assert info.value.provider_code == expected_code
+        assert info.value.__cause__ is not None
+
+    @pytest.mark.parametrize("exc", [requests.ConnectionError("connection reset"), requests.ConnectTimeout("slow")])
+    def test_network_errors_are_transient(self, fake: FakeHetzner, provider: HetznerProvider, exc: Exception) -> None:
+        fake.fail("GET", "/servers/1", exc=exc)
+        with pytest.raises(TransientError):
+            provider.get_vm("1")
+
+    def test_rate_limited_carries_retry_after(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        reset = int(time.time()) + 30
+        headers = {"RateLimit-Limit": "3600", "RateLimit-Remaining": "0", "RateLimit-Reset": str(reset)}
+        fake.fail("GET", "/servers/1", status=429, headers=headers, body=error("rate_limit_exceeded", "limit hit"))
+        with pytest.raises(RateLimitedError) as info:
+            provider.get_vm("1")
+        assert info.value.retryable
+        assert info.value.retry_after_s is not None and 0 < info.value.retry_after_s <= 30
+
+    def test_missing_credentials_auth_error(self, fake: FakeHetzner, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("HCLOUD_TOKEN", raising=False)
+        with pytest.raises(AuthError, match="HCLOUD_TOKEN"):
+            HetznerProvider().get_vm("1")
+        assert fake.requests == []
+
+    def test_rejected_token_names_the_variable(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        fake.fail("GET", "/servers/1", status=401, body=error("unauthorized", "unable to authenticate"))
+        with pytest.raises(AuthError, match="HCLOUD_TOKEN"):
+            provider.get_vm("1")
+
+    def test_token_and_endpoint_from_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("HCLOUD_TOKEN", FAKE_TOKEN)
+        monkeypatch.setenv("HCLOUD_ENDPOINT", "https://hcloud.fake.test/v1")
+        fake = FakeHetzner()
+        server = fake.add_server("web-1")
+        with mocked(fake, "https://hcloud.fake.test/v1") as rsps:
+            assert HetznerProvider().get_vm(str(server["id"])).instance_id == str(server["id"])
+            assert rsps.calls[0].request.headers["Authorization"] == f"Bearer {FAKE_TOKEN}"
+
+    @pytest.mark.parametrize(
+        "fault",
+        [
+            {"status": 429, "body": error("rate_limit_exceeded", "limit hit")},
+            {"status": 409, "body": error("conflict", "resource has changed")},
+            {"status": 504, "body": "<html>Gateway Timeout</html>"},
+            {"exc": requests.ReadTimeout("read timed out")},
+        ],
+    )
+    def test_sdk_retries_off(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey, fault: dict[str, Any]
+    ) -> None:
+        # hcloud would retry each of these 5 times, sleeping up to 60 s, re-POSTing the create.
+        fake.fail("POST", "/servers", **fault)
+        with pytest.raises(ProviderError):
+            provider.create_vm(make_spec(), key, job_id=JOB)
+        assert len(fake.calls("POST", "/servers")) == 1
+
+    def test_requests_carry_timeouts(self, provider: HetznerProvider) -> None:
+        fake = FakeHetzner()
+        with mocked(fake, BASE_URL) as rsps:
+            provider.list_owned_vms()
+            assert rsps.calls[0].request.req_kwargs["timeout"] == (5.0, 30.0)
+
+    def test_list_owned_vms(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        ours = fake.add_server("web-1", labels={"managed-by": "vmqueue", "vmqueue-job": JOB})
+        fake.add_server("their-db")
+        vms = provider.list_owned_vms()
+        assert [vm.instance_id for vm in vms] == [str(ours["id"])]
+        assert fake.requests[0][2]["label_selector"] == "managed-by=vmqueue"
+
+
+def test_fake_fingerprint_matches_ours() -> None:
+    key = SSHPublicKey.parse(make_ed25519_key())
+    assert md5_fingerprint(key.openssh) == key.md5_fingerprint

@@ -1,0 +1,240 @@
+"""Hetzner Cloud servers through hcloud-python (pinned 2.27.0); see the Provider protocol in base.py.
+
+Exactly one server per job: server names are unique per project, so the server is named ``spec.name``
+and a server of that name carrying the job's ``vmqueue-job`` label is adopted instead of created twice
+(PROVIDERS.md, Hetzner recipe). The registry imports this module only in a Hetzner worker.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import threading
+import time
+from contextlib import suppress
+
+import requests
+from hcloud import APIException, Client
+from hcloud.images import Image
+from hcloud.locations import Location
+from hcloud.server_types import ServerType
+from hcloud.servers import BoundServer, Server, ServerCreatePublicNetwork
+from hcloud.ssh_keys import BoundSSHKey
+
+from producer.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
+from producer.options import HetznerOptions
+from producer.sshkeys import SSHPublicKey
+from workers.providers.base import resolve_alias
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+    map_errors,
+)
+
+TOKEN_ENV = "HCLOUD_TOKEN"
+ENDPOINT_ENV = "HCLOUD_ENDPOINT"  # e.g. a local fake API in system tests
+DEFAULT_ENDPOINT = "https://api.hetzner.cloud/v1"
+TIMEOUT_S = (5.0, 30.0)  # (connect, read): hcloud's default waits forever, and the threads pool has no time limit
+
+# Every documented ``server.status`` (spec: GET /servers ``status`` enum).
+STATUS_MAP: dict[str, VMStatus] = {
+    "initializing": VMStatus.pending,
+    "starting": VMStatus.pending,
+    "rebuilding": VMStatus.pending,
+    "migrating": VMStatus.pending,
+    "running": VMStatus.running,
+    "stopping": VMStatus.stopping,
+    "off": VMStatus.stopped,
+    "deleting": VMStatus.terminating,
+    "unknown": VMStatus.unknown,
+}
+
+# API error codes (hcloud-go hcloud/error.go); ``uniqueness_error`` on create is adopted before it gets here.
+ERROR_CODES: dict[str, type[ProviderError]] = {
+    "unauthorized": AuthError,
+    "token_readonly": AuthError,
+    "forbidden": AuthError,
+    "invalid_input": InvalidSpecError,
+    "json_error": InvalidSpecError,
+    "unsupported_error": InvalidSpecError,
+    "protected": InvalidSpecError,
+    "uniqueness_error": InvalidSpecError,
+    "not_found": NotFoundError,
+    "resource_limit_exceeded": QuotaExceededError,
+    "resource_unavailable": CapacityError,
+    "placement_error": CapacityError,
+    "maintenance": CapacityError,
+    "unavailable": CapacityError,
+    "rate_limit_exceeded": RateLimitedError,
+    "conflict": TransientError,
+    "locked": TransientError,
+    "server_error": TransientError,
+    "service_error": TransientError,
+    "timeout": TransientError,
+    "bad_gateway": TransientError,
+}
+# For answers without the API's JSON error body (a proxy's 502 page): hcloud then keeps only the status.
+HTTP_STATUSES: dict[int, type[ProviderError]] = {
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    429: RateLimitedError,
+}
+
+# hcloud drops response headers; a session hook keeps RateLimit-Reset of this thread's last answer.
+_last_answer = threading.local()
+
+
+def _map_error(exc: Exception) -> ProviderError:
+    if isinstance(exc, APIException):
+        if isinstance(exc.code, int):
+            cls = HTTP_STATUSES.get(exc.code, TransientError if exc.code >= 500 else ProviderError)
+        else:
+            cls = ERROR_CODES.get(exc.code, ProviderError)
+        message = f"Hetzner: {exc.message}"
+        if cls is AuthError:
+            message += f"; set {TOKEN_ENV} to a read/write API token of the project"
+        retry_after_s = (
+            _seconds_until(getattr(_last_answer, "rate_limit_reset", None)) if cls is RateLimitedError else None
+        )
+        return cls(message, provider_code=str(exc.code), retry_after_s=retry_after_s)
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return TransientError(f"Hetzner API unreachable: {exc}", provider_code=type(exc).__name__)
+    return ProviderError(f"Hetzner: {type(exc).__name__}: {exc}")
+
+
+class HetznerProvider:
+    """Hetzner Cloud; see the Provider protocol. Credentials: ``HCLOUD_TOKEN`` (one token = one project)."""
+
+    name = "hetzner"
+
+    def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
+        self._token = token or os.environ.get(TOKEN_ENV)
+        self._endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+        self._sdk: Client | None = None
+
+    def _client(self) -> Client:
+        if self._sdk is None:
+            if not self._token:
+                raise AuthError(f"no Hetzner credentials: set {TOKEN_ENV} to an API token of the project")
+            client = Client(self._token, api_endpoint=self._endpoint, timeout=TIMEOUT_S, application_name="vmqueue")
+            # Private in hcloud 2.27.0 (pinned): its retries re-POST a create after a read timeout; ours decide.
+            client._client._retry_max_retries = 0
+            client._client._session.hooks["response"].append(_remember_rate_limit)
+            self._sdk = client
+        return self._sdk
+
+    def prepare_spec(self, spec: VMSpec) -> VMSpec:
+        return resolve_alias(self.name, spec)
+
+    @map_errors(_map_error)
+    def create_vm(
+        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+    ) -> VMInfo:
+        if adopted := self._adopt(spec.name, job_id):
+            return adopted
+        options = spec.options if isinstance(spec.options, HetznerOptions) else HetznerOptions()
+        try:
+            response = self._client().servers.create(
+                name=spec.name,
+                server_type=ServerType(name=spec.instance_type),
+                image=Image(id=int(spec.image)) if spec.image.isdigit() else Image(name=spec.image),
+                location=Location(name=spec.region),
+                ssh_keys=[self._ssh_key(ssh_key)],
+                user_data=startup_script,
+                labels=spec.ownership_labels(job_id),
+                public_net=ServerCreatePublicNetwork(enable_ipv4=options.enable_ipv4, enable_ipv6=options.enable_ipv6),
+            )
+        except APIException as exc:
+            # The name is taken: by this job's earlier POST whose answer was lost, or by someone else.
+            if exc.code == "uniqueness_error" and (adopted := self._adopt(spec.name, job_id)):
+                return adopted
+            raise
+        return _vm_info(response.server)
+
+    @map_errors(_map_error)
+    def get_vm(self, instance_id: str) -> VMInfo:
+        return _vm_info(self._client().servers.get_by_id(_server_id(instance_id)))
+
+    def destroy_vm(self, instance_id: str) -> None:
+        with suppress(NotFoundError), map_errors(_map_error):
+            self._client().servers.delete(Server(id=_server_id(instance_id)))
+
+    @map_errors(_map_error)
+    def list_owned_vms(self) -> list[VMInfo]:
+        servers = self._client().servers.get_all(label_selector=f"{LABEL_MANAGED_BY}=vmqueue")
+        return [_vm_info(server) for server in servers]
+
+    def _adopt(self, name: str, job_id: str) -> VMInfo | None:
+        """The server named ``name`` if this job created it; a foreign server of that name is an error."""
+        server = self._client().servers.get_by_name(name)
+        if server is None:
+            return None
+        if (server.labels or {}).get(LABEL_JOB) != job_id:
+            raise InvalidSpecError(
+                f"Hetzner: a server named {name!r} already exists in the project and is not this job's; "
+                "server names are unique per project, pick another name",
+                provider_code="uniqueness_error",
+            )
+        return _vm_info(server)
+
+    def _ssh_key(self, key: SSHPublicKey) -> BoundSSHKey:
+        """The project's key with this fingerprint, added once and shared by every job (never deleted)."""
+        keys = self._client().ssh_keys
+        if found := keys.get_by_fingerprint(key.md5_fingerprint):
+            return found
+        try:
+            return keys.create(
+                name=f"vmqueue-{key.md5_fingerprint.replace(':', '')}",
+                public_key=key.openssh,
+                labels={LABEL_MANAGED_BY: "vmqueue"},
+            )
+        except APIException as exc:
+            # Another job added the same key since our lookup.
+            if exc.code == "uniqueness_error" and (found := keys.get_by_fingerprint(key.md5_fingerprint)):
+                return found
+            raise
+
+
+def _server_id(instance_id: str) -> int:
+    if not instance_id.isdigit():
+        raise NotFoundError(f"Hetzner: {instance_id!r} is not a server id", provider_code="not_found")
+    return int(instance_id)
+
+
+def _vm_info(server: BoundServer) -> VMInfo:
+    net = server.public_net
+    return VMInfo(
+        provider="hetzner",
+        instance_id=str(server.id),
+        name=server.name,
+        status=STATUS_MAP.get(server.status or "", VMStatus.unknown),
+        provider_status=server.status,
+        public_ipv4=net.ipv4.ip if net and net.ipv4 else None,
+        # Hetzner assigns a /64; the server answers on its ::1 (what `hcloud server ip -6` prints).
+        public_ipv6=str(ipaddress.ip_network(net.ipv6.ip)[1]) if net and net.ipv6 else None,
+        private_ipv4=server.private_net[0].ip if server.private_net else None,
+        region=server.location.name if server.location else None,
+        instance_type=server.server_type.name if server.server_type else None,
+        image=(server.image.name or str(server.image.id)) if server.image else None,
+        labels=server.labels or {},
+        created_at=server.created,
+    )
+
+
+def _remember_rate_limit(response: requests.Response, *args: object, **kwargs: object) -> None:
+    _last_answer.rate_limit_reset = response.headers.get("RateLimit-Reset")
+
+
+def _seconds_until(reset: str | None) -> float | None:
+    """Seconds until a ``RateLimit-Reset`` unix time; None when the header is missing or malformed."""
+    try:
+        return max(0.0, float(reset) - time.time()) if reset else None
+    except ValueError:
+        return None
