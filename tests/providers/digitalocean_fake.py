@@ -1,0 +1,177 @@
+"""A small stateful fake of the DigitalOcean API v2; payloads follow digitalocean/openapi's examples.
+
+A droplet appears on POST as ``new`` without networks, is ``active`` with its IPs from the next GET, and
+is gone after DELETE. Names are not unique, like the real API.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+from tests.providers.fakehttp import FakeAPI, Reply
+from tests.providers.hetzner_fake import md5_fingerprint
+
+BASE_URL = "https://api.digitalocean.com"
+CREATED = "2020-07-21T18:37:44Z"
+RATE_HEADERS = {"ratelimit-limit": "5000", "ratelimit-remaining": "4999", "ratelimit-reset": "1444931833"}
+
+
+def error(error_id: str, message: str) -> dict[str, Any]:
+    return {"id": error_id, "message": message, "request_id": "4851a473-1621-42ea-b2f9-5071c0ea8414"}
+
+
+def droplet_payload(
+    droplet_id: int,
+    name: str,
+    *,
+    status: str = "active",
+    region: str = "nyc3",
+    size: str = "s-1vcpu-1gb",
+    image: str | int = "ubuntu-24-04-x64",
+    tags: list[str] | None = None,
+    public_ipv4: str | None = "192.241.165.154",
+    public_ipv6: str | None = "2604:a880:0:1010::18a:a001",
+    private_ipv4: str | None = "10.128.192.124",
+    created_at: str = CREATED,
+) -> dict[str, Any]:
+    v4 = [
+        {"ip_address": ip, "netmask": mask, "gateway": gateway, "type": kind}
+        for ip, mask, gateway, kind in (
+            (private_ipv4, "255.255.0.0", "nil", "private"),
+            (public_ipv4, "255.255.255.0", "192.241.165.1", "public"),
+        )
+        if ip and status != "new"
+    ]
+    v6 = (
+        [{"ip_address": public_ipv6, "netmask": 64, "gateway": "2604:a880:0:1010::1", "type": "public"}]
+        if public_ipv6 and status != "new"
+        else []
+    )
+    slug = image if isinstance(image, str) else None
+    return {
+        "id": droplet_id,
+        "name": name,
+        "memory": 1024,
+        "vcpus": 1,
+        "disk": 25,
+        "disk_info": [{"type": "local", "size": {"amount": 25, "unit": "gib"}}],
+        "locked": False,
+        "status": status,
+        "kernel": None,
+        "created_at": created_at,
+        "features": ["private_networking"],
+        "backup_ids": [],
+        "next_backup_window": None,
+        "snapshot_ids": [],
+        "image": {
+            "id": image if isinstance(image, int) else 63663980,
+            "name": "24.04 (LTS) x64" if slug else "my snapshot",
+            "distribution": "Ubuntu",
+            "slug": slug,
+            "public": bool(slug),
+            "regions": [region],
+            "created_at": "2020-05-15T05:47:50Z",
+            "type": "snapshot",
+            "min_disk_size": 20,
+            "size_gigabytes": 2.36,
+            "description": "",
+            "tags": [],
+            "status": "available",
+            "error_message": "",
+        },
+        "volume_ids": [],
+        "size": {
+            "slug": size,
+            "memory": 1024,
+            "vcpus": 1,
+            "disk": 25,
+            "transfer": 1.0,
+            "price_monthly": 5.0,
+            "price_hourly": 0.00743999984115362,
+            "regions": [region],
+            "available": True,
+            "description": "Basic",
+        },
+        "size_slug": size,
+        "networks": {"v4": v4, "v6": v6},
+        "region": {
+            "name": "New York 3",
+            "slug": region,
+            "features": ["private_networking", "backups", "ipv6", "metadata"],
+            "available": True,
+            "sizes": [size],
+        },
+        "tags": tags or [],
+        "vpc_uuid": "760e09ef-dc84-11e8-981e-3cfdfeaae000",
+    }
+
+
+class FakeDigitalOcean(FakeAPI):
+    prefix = "/v2"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.droplets: dict[int, dict[str, Any]] = {}
+        self.ssh_keys: dict[str, dict[str, Any]] = {}  # by fingerprint
+        self._ids = itertools.count(3164444)
+        self._booting: dict[int, dict[str, Any]] = {}  # id -> the fields it was created with
+
+    def add_droplet(self, name: str, **fields: Any) -> dict[str, Any]:
+        droplet = droplet_payload(next(self._ids), name, **fields)
+        self.droplets[droplet["id"]] = droplet
+        return droplet
+
+    def add_ssh_key(self, public_key: str, name: str = "alice") -> dict[str, Any]:
+        key = {
+            "id": next(self._ids),
+            "fingerprint": md5_fingerprint(public_key),
+            "public_key": public_key,
+            "name": name,
+        }
+        self.ssh_keys[key["fingerprint"]] = key
+        return key
+
+    def route(self, method: str, path: str, query: dict[str, str], body: Any) -> Reply:
+        if match := re.fullmatch(r"/droplets/(\d+)", path):
+            return self._droplet(method, int(match[1]))
+        if (method, path) == ("GET", "/droplets"):
+            tag = query.get("tag_name")
+            found = [d for d in self.droplets.values() if tag is None or tag in d["tags"]]
+            return 200, RATE_HEADERS, {"droplets": found, "links": {"pages": {}}, "meta": {"total": len(found)}}
+        if (method, path) == ("POST", "/droplets"):
+            return self._create_droplet(body)
+        if match := re.fullmatch(r"/account/keys/([0-9a-f:]+)", path):
+            if key := self.ssh_keys.get(match[1]):
+                return 200, RATE_HEADERS, {"ssh_key": key}
+            return 404, RATE_HEADERS, error("not_found", "The resource you were accessing could not be found.")
+        if (method, path) == ("POST", "/account/keys"):
+            if md5_fingerprint(body["public_key"]) in self.ssh_keys:
+                return 422, RATE_HEADERS, error("unprocessable_entity", "SSH Key is already in use on your account")
+            return 201, RATE_HEADERS, {"ssh_key": self.add_ssh_key(body["public_key"], body["name"])}
+        return 404, {}, error("not_found", f"no route {method} {path}")
+
+    def _create_droplet(self, body: dict[str, Any]) -> Reply:
+        fields = {
+            "region": body["region"],
+            "size": body["size"],
+            "image": body["image"],
+            "tags": body.get("tags", []),
+            "public_ipv6": "2604:a880:0:1010::18a:a001" if body.get("ipv6") else None,
+        }
+        droplet = self.add_droplet(body["name"], status="new", **fields)
+        self._booting[droplet["id"]] = fields
+        href = f"{BASE_URL}/v2/actions/{droplet['id'] + 1}"
+        return 202, RATE_HEADERS, {"droplet": droplet, "links": {"actions": [{"id": 1, "rel": "create", "href": href}]}}
+
+    def _droplet(self, method: str, droplet_id: int) -> Reply:
+        if droplet_id not in self.droplets:
+            return 404, RATE_HEADERS, error("not_found", "The resource you were accessing could not be found.")
+        if method == "DELETE":
+            del self.droplets[droplet_id]
+            return 204, RATE_HEADERS, None
+        if fields := self._booting.pop(droplet_id, None):
+            name = self.droplets[droplet_id]["name"]
+            self.droplets[droplet_id] = droplet_payload(droplet_id, name, status="active", **fields)
+        return 200, RATE_HEADERS, {"droplet": self.droplets[droplet_id]}

@@ -1,0 +1,379 @@
+"""The DigitalOcean adapter through the real pydo SDK, its HTTP answered by a fake that follows the API spec."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from producer.models import VMSpec, VMStatus
+from producer.sshkeys import SSHPublicKey
+from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, error
+from tests.providers.fakehttp import mocked
+from workers.providers.digitalocean import DigitalOceanProvider
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+)
+
+JOB = "3f2a9c0e5b7d4e1f8a6b2c4d6e8f0a1b"
+SCRIPT = "#cloud-config\nruncmd:\n  - echo hello > /tmp/hello\n"
+FAKE_TOKEN = "fake-" + "do-token"  # not a credential: the fake API accepts anything
+TOKEN_ENVS = ("DIGITALOCEAN_TOKEN", "DIGITALOCEAN_ACCESS_TOKEN", "DIGITALOCEAN_ENDPOINT")
+
+# Every status the spec documents for a droplet, and what the PROVIDERS.md table makes of it.
+DOCUMENTED_STATES = {
+    "new": VMStatus.pending,
+    "active": VMStatus.running,
+    "off": VMStatus.stopped,
+    "archive": VMStatus.terminated,
+}
+
+
+def unprocessable(message: str) -> dict[str, Any]:
+    return error("unprocessable_entity", message)
+
+
+def make_spec(**fields: Any) -> VMSpec:
+    base = {
+        "provider": "digitalocean",
+        "name": "web-1",
+        "region": "nyc3",
+        "instance_type": "s-1vcpu-1gb",
+        "image": "ubuntu-24.04",
+    }
+    return VMSpec.model_validate({**base, **fields})
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDigitalOcean]:
+    fake = FakeDigitalOcean()
+    with mocked(fake, f"{BASE_URL}/v2"):
+        yield fake
+
+
+@pytest.fixture
+def provider(monkeypatch: pytest.MonkeyPatch) -> DigitalOceanProvider:
+    monkeypatch.delenv("DIGITALOCEAN_ENDPOINT", raising=False)
+    return DigitalOceanProvider(token=FAKE_TOKEN)
+
+
+@pytest.fixture
+def key() -> SSHPublicKey:
+    return SSHPublicKey.parse(make_ed25519_key())
+
+
+class TestDigitalOcean(AdapterContract):
+    def test_create_sends_key_script_and_labels(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        spec = make_spec(labels={"team": "infra"}, options={"monitoring": True})
+        vm = provider.create_vm(provider.prepare_spec(spec), key, SCRIPT, job_id=JOB)
+
+        [key_body] = fake.calls("POST", "/account/keys")
+        assert key_body["public_key"] == key.openssh
+        [body] = fake.calls("POST", "/droplets")
+        assert body == {
+            "name": "web-1",
+            "region": "nyc3",
+            "size": "s-1vcpu-1gb",
+            "image": "ubuntu-24-04-x64",
+            "ssh_keys": [key.md5_fingerprint],
+            "user_data": SCRIPT,
+            "tags": ["team:infra", "managed-by:vmqueue", f"vmqueue-job:{JOB}"],
+            "ipv6": True,
+            "monitoring": True,
+        }
+        assert vm.instance_id == str(next(iter(fake.droplets)))
+        assert (vm.provider, vm.status, vm.provider_status) == ("digitalocean", VMStatus.pending, "new")
+        assert vm.labels == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": JOB}
+        # The job's tag was looked up before the POST.
+        assert fake.requests[0][:3] == (
+            "GET",
+            "/droplets",
+            {"tag_name": f"vmqueue-job:{JOB}", "per_page": "200", "page": "1"},
+        )
+
+    def test_create_reuses_the_accounts_key(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        fake.add_ssh_key(key.openssh)
+        provider.create_vm(make_spec(options={"vpc_uuid": "760e09ef-dc84-11e8-981e-3cfdfeaae000"}), key, job_id=JOB)
+        assert fake.calls("POST", "/account/keys") == []
+        [body] = fake.calls("POST", "/droplets")
+        assert body["ssh_keys"] == [key.md5_fingerprint]
+        assert body["vpc_uuid"] == "760e09ef-dc84-11e8-981e-3cfdfeaae000"
+
+    def test_create_key_race_uses_fingerprint(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        # Another job adds the key between our lookup and our POST: 422 "already in use".
+        fake.add_ssh_key(key.openssh)
+        fake.fail("GET", f"/account/keys/{key.md5_fingerprint}", status=404, body=error("not_found", "not found"))
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert len(fake.calls("POST", "/account/keys")) == 1
+        assert fake.calls("POST", "/droplets")[0]["ssh_keys"] == [key.md5_fingerprint]
+        assert vm.status == VMStatus.pending
+
+    @pytest.mark.parametrize(
+        ("image", "sent"),
+        [
+            ("ubuntu-22.04", "ubuntu-22-04-x64"),
+            ("ubuntu-24.04", "ubuntu-24-04-x64"),
+            ("debian-12", "debian-12-x64"),
+            ("fedora-39-x64", "fedora-39-x64"),
+            ("123456", 123456),
+        ],
+    )
+    def test_create_resolves_image_alias(
+        self,
+        fake: FakeDigitalOcean,
+        provider: DigitalOceanProvider,
+        key: SSHPublicKey,
+        image: str,
+        sent: str | int,
+    ) -> None:
+        provider.create_vm(provider.prepare_spec(make_spec(image=image)), key, job_id=JOB)
+        assert fake.calls("POST", "/droplets")[0]["image"] == sent
+
+    def test_create_twice_same_job_one_vm(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        first = provider.create_vm(make_spec(), key, job_id=JOB)
+        second = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert first.instance_id == second.instance_id
+        assert len(fake.droplets) == 1
+        assert len(fake.calls("POST", "/droplets")) == 1
+
+    @pytest.mark.parametrize(
+        "fault",
+        [
+            {"exc": requests.ReadTimeout("read timed out"), "after": True},
+            {"status": 500, "body": error("server_error", "Server Error"), "after": True},
+            {"status": 503, "body": error("service_unavailable", "Service Unavailable"), "after": True},
+        ],
+    )
+    def test_create_lost_answer_one_vm(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey, fault: dict[str, Any]
+    ) -> None:
+        # The API creates the droplet, then the answer is lost: the tag lookup finds it, no second POST.
+        fake.fail("POST", "/droplets", **fault)
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert list(fake.droplets) == [int(vm.instance_id)]
+        assert len(fake.calls("POST", "/droplets")) == 1
+        # A redelivered job adopts it too.
+        assert provider.create_vm(make_spec(), key, job_id=JOB).instance_id == vm.instance_id
+        assert len(fake.calls("POST", "/droplets")) == 1
+
+    def test_create_ambiguous_failure_without_droplet_is_transient(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        # The answer was lost and the tag shows nothing (yet): fail retryably; the retry looks again first.
+        fake.fail("POST", "/droplets", exc=requests.ReadTimeout("read timed out"))
+        with pytest.raises(TransientError):
+            provider.create_vm(make_spec(), key, job_id=JOB)
+        assert len(fake.calls("GET", "/droplets")) == 2
+        assert len(fake.calls("POST", "/droplets")) == 1
+
+    def test_create_not_sent_is_transient(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        fake.fail("POST", "/droplets", exc=requests.ConnectionError("connection refused"))
+        with pytest.raises(TransientError):
+            provider.create_vm(make_spec(), key, job_id=JOB)
+        assert fake.droplets == {}
+        provider.create_vm(make_spec(), key, job_id=JOB)
+        assert len(fake.droplets) == 1
+
+    def test_create_adopts_oldest_of_duplicates(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        tags = ["managed-by:vmqueue", f"vmqueue-job:{JOB}"]
+        newer = fake.add_droplet("web-1", tags=tags, created_at="2024-05-01T10:00:05Z")
+        older = fake.add_droplet("web-1", tags=tags, created_at="2024-05-01T10:00:00Z")
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert vm.instance_id == str(older["id"])
+        assert list(fake.droplets) == [older["id"]]
+        assert fake.calls("DELETE", f"/droplets/{newer['id']}") == [None]
+        assert fake.calls("POST", "/droplets") == []
+
+    @pytest.mark.parametrize(("raw", "status"), DOCUMENTED_STATES.items())
+    def test_get_maps_every_documented_state(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, raw: str, status: VMStatus
+    ) -> None:
+        droplet = fake.add_droplet("web-1", status=raw)
+        vm = provider.get_vm(str(droplet["id"]))
+        assert (vm.status, vm.provider_status) == (status, raw)
+
+    def test_get_undocumented_state_is_unknown(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        droplet = fake.add_droplet("web-1", status="hibernating")
+        assert provider.get_vm(str(droplet["id"])).status == VMStatus.unknown
+
+    def test_get_public_and_private_ips(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        droplet = fake.add_droplet("web-1", tags=["managed-by:vmqueue", "web"])
+        vm = provider.get_vm(str(droplet["id"]))
+        assert (vm.public_ipv4, vm.public_ipv6, vm.private_ipv4) == (
+            "192.241.165.154",
+            "2604:a880:0:1010::18a:a001",
+            "10.128.192.124",
+        )
+        assert (vm.name, vm.region, vm.instance_type, vm.image) == ("web-1", "nyc3", "s-1vcpu-1gb", "ubuntu-24-04-x64")
+        assert vm.labels == {"managed-by": "vmqueue", "web": ""}
+        assert vm.created_at is not None and vm.created_at.year == 2020
+
+    def test_get_without_public_ip(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        # A new droplet has no networks yet; a snapshot image has no slug.
+        droplet = fake.add_droplet("web-1", status="new", image=7654321)
+        vm = provider.get_vm(str(droplet["id"]))
+        assert (vm.public_ipv4, vm.public_ipv6, vm.private_ipv4, vm.image) == (None, None, None, "7654321")
+
+    @pytest.mark.parametrize("instance_id", ["999999", "not-a-droplet-id"])
+    def test_get_unknown_raises_not_found(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, instance_id: str
+    ) -> None:
+        with pytest.raises(NotFoundError):
+            provider.get_vm(instance_id)
+
+    def test_destroy(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey) -> None:
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert provider.destroy_vm(vm.instance_id) is None
+        assert fake.droplets == {}
+        assert len(fake.ssh_keys) == 1  # the shared key stays
+        with pytest.raises(NotFoundError):
+            provider.get_vm(vm.instance_id)
+
+    def test_destroy_twice(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        droplet = fake.add_droplet("web-1")
+        provider.destroy_vm(str(droplet["id"]))
+        provider.destroy_vm(str(droplet["id"]))
+        assert len(fake.calls("DELETE", f"/droplets/{droplet['id']}")) == 2
+
+    @pytest.mark.parametrize("instance_id", ["999999", "not-a-droplet-id"])
+    def test_destroy_unknown_id(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, instance_id: str) -> None:
+        assert provider.destroy_vm(instance_id) is None
+
+    @pytest.mark.parametrize(
+        ("status", "body", "raised"),
+        [
+            (401, error("unauthorized", "Unable to authenticate you."), AuthError),
+            (403, error("forbidden", "You do not have access for the attempted action."), AuthError),
+            (400, error("bad_request", "error parsing request body"), InvalidSpecError),
+            (422, unprocessable("You specified an invalid size for Droplet creation."), InvalidSpecError),
+            (422, unprocessable("creating this/these droplet(s) will exceed your droplet limit"), QuotaExceededError),
+            (422, unprocessable("Size is unavailable in this region."), CapacityError),
+            (422, unprocessable("Region is not available"), CapacityError),
+            (429, error("too_many_requests", "API rate limit exceeded."), RateLimitedError),
+            (500, error("server_error", "Unexpected server-side error"), TransientError),
+            (503, error("service_unavailable", "Service Unavailable"), TransientError),
+            (409, error("conflict", "The request could not be completed due to a conflict."), ProviderError),
+        ],
+    )
+    def test_errors_map_to_taxonomy(
+        self,
+        fake: FakeDigitalOcean,
+        provider: DigitalOceanProvider,
+        key: SSHPublicKey,
+        status: int,
+        body: dict[str, Any],
+        raised: type[ProviderError],
+    ) -> None:
+        fake.fail("POST", "/droplets", status=status, body=body)
+        with pytest.raises(ProviderError) as info:
+            provider.create_vm(make_spec(), key, job_id=JOB)
+        assert type(info.value) is raised
+        assert info.value.provider_code == body["id"]
+        assert body["message"] in info.value.message
+        assert info.value.__cause__ is not None
+
+    @pytest.mark.parametrize("exc", [requests.ConnectionError("connection refused"), requests.ReadTimeout("slow")])
+    def test_network_errors_are_transient(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, exc: Exception
+    ) -> None:
+        fake.fail("GET", "/droplets/1", exc=exc)
+        with pytest.raises(TransientError):
+            provider.get_vm("1")
+
+    @pytest.mark.parametrize(
+        ("headers", "low", "high"),
+        [({"retry-after": "7"}, 7, 7), ({"ratelimit-reset": str(int(time.time()) + 30)}, 0.001, 30)],
+    )
+    def test_rate_limited_carries_retry_after(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, headers: dict[str, str], low: float, high: float
+    ) -> None:
+        limits = {"ratelimit-limit": "5000", "ratelimit-remaining": "0", **headers}
+        fake.fail(
+            "GET",
+            "/droplets/1",
+            status=429,
+            headers=limits,
+            body=error("too_many_requests", "API rate limit exceeded."),
+        )
+        with pytest.raises(RateLimitedError) as info:
+            provider.get_vm("1")
+        assert info.value.retryable
+        assert info.value.retry_after_s is not None and low <= info.value.retry_after_s <= high
+
+    def test_missing_credentials_auth_error(self, fake: FakeDigitalOcean, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in TOKEN_ENVS:
+            monkeypatch.delenv(name, raising=False)
+        with pytest.raises(AuthError, match="DIGITALOCEAN_TOKEN or DIGITALOCEAN_ACCESS_TOKEN"):
+            DigitalOceanProvider().get_vm("1")
+        assert fake.requests == []
+
+    def test_rejected_token_names_the_variable(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        fake.fail("GET", "/droplets/1", status=401, body=error("unauthorized", "Unable to authenticate you."))
+        with pytest.raises(AuthError, match="DIGITALOCEAN_TOKEN"):
+            provider.get_vm("1")
+
+    @pytest.mark.parametrize("variable", ["DIGITALOCEAN_TOKEN", "DIGITALOCEAN_ACCESS_TOKEN"])
+    def test_token_and_endpoint_from_env(self, monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+        for name in TOKEN_ENVS:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(variable, FAKE_TOKEN)
+        monkeypatch.setenv("DIGITALOCEAN_ENDPOINT", "http://do.fake.test")
+        fake = FakeDigitalOcean()
+        droplet = fake.add_droplet("web-1")
+        with mocked(fake, "http://do.fake.test/v2") as rsps:
+            assert DigitalOceanProvider().get_vm(str(droplet["id"])).instance_id == str(droplet["id"])
+            assert rsps.calls[0].request.headers["Authorization"] == f"Bearer {FAKE_TOKEN}"
+
+    @pytest.mark.parametrize(
+        "fault",
+        [
+            {"status": 429, "headers": {"retry-after": "1"}, "body": error("too_many_requests", "slow down")},
+            {"status": 500, "body": error("server_error", "Unexpected server-side error")},
+            {"status": 503, "body": error("service_unavailable", "Service Unavailable")},
+            {"exc": requests.ReadTimeout("read timed out")},
+        ],
+    )
+    def test_sdk_retries_off(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey, fault: dict[str, Any]
+    ) -> None:
+        # azure-core's default policy would send this POST up to 4 times.
+        fake.fail("POST", "/droplets", **fault)
+        with pytest.raises(ProviderError):
+            provider.create_vm(make_spec(), key, job_id=JOB)
+        assert len(fake.calls("POST", "/droplets")) == 1
+
+    def test_requests_carry_timeouts(self, provider: DigitalOceanProvider) -> None:
+        with mocked(FakeDigitalOcean(), f"{BASE_URL}/v2") as rsps:
+            provider.list_owned_vms()
+            assert rsps.calls[0].request.req_kwargs["timeout"] == (5, 30)
+
+    def test_list_owned_vms(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        ours = fake.add_droplet("web-1", tags=["managed-by:vmqueue", f"vmqueue-job:{JOB}"])
+        fake.add_droplet("their-db", tags=["db"])
+        vms = provider.list_owned_vms()
+        assert [vm.instance_id for vm in vms] == [str(ours["id"])]
+        assert [vm.labels["vmqueue-job"] for vm in vms] == [JOB]
+        assert fake.requests[0][2]["tag_name"] == "managed-by:vmqueue"

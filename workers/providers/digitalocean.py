@@ -1,0 +1,247 @@
+"""DigitalOcean droplets through pydo (0.44.0); see the Provider protocol in base.py.
+
+Exactly one droplet per job: the API has no idempotency key and names are not unique, so every droplet
+carries the tag ``vmqueue-job:<id>``, looked up before any POST and after any failure that may have
+followed a POST the API received; a droplet found is adopted, never created again (PROVIDERS.md, DO recipe).
+The registry imports this module only in a DigitalOcean worker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import suppress
+from typing import Any
+
+from azure.core.credentials import AzureKeyCredential
+from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
+from azure.core.pipeline.policies import AzureKeyCredentialPolicy, RetryPolicy
+from pydo import Client
+
+from producer.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
+from producer.options import DigitalOceanOptions
+from producer.sshkeys import SSHPublicKey
+from workers.providers.base import resolve_alias
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+    map_errors,
+)
+
+TOKEN_ENVS = ("DIGITALOCEAN_TOKEN", "DIGITALOCEAN_ACCESS_TOKEN")  # Terraform's order
+ENDPOINT_ENV = "DIGITALOCEAN_ENDPOINT"  # e.g. a local fake API in system tests
+DEFAULT_ENDPOINT = "https://api.digitalocean.com"
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 5, 30  # azure-core's transport waits 300 s by default
+PAGE_SIZE = 200  # the API's maximum
+
+# Every documented ``droplet.status`` (droplet.yml enum); ``archive`` is a destroyed droplet (libcloud).
+STATUS_MAP: dict[str, VMStatus] = {
+    "new": VMStatus.pending,
+    "active": VMStatus.running,
+    "off": VMStatus.stopped,
+    "archive": VMStatus.terminated,
+}
+
+HTTP_STATUSES: dict[int, type[ProviderError]] = {
+    400: InvalidSpecError,
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    422: InvalidSpecError,
+    429: RateLimitedError,
+}
+# Quota and capacity share 422 with invalid input; only the message tells them apart.
+MESSAGES_422: tuple[tuple[str, type[ProviderError]], ...] = (
+    ("droplet limit", QuotaExceededError),
+    ("is unavailable", CapacityError),
+    ("not available", CapacityError),
+)
+
+
+def _map_error(exc: Exception) -> ProviderError:
+    if isinstance(exc, HttpResponseError) and exc.status_code:
+        status, body = exc.status_code, _error_body(exc)
+        message = f"DigitalOcean: {body.get('message') or exc.reason}"
+        cls = HTTP_STATUSES.get(status, TransientError if status >= 500 else ProviderError)
+        if status == 422:
+            cls = next((c for text, c in MESSAGES_422 if text in message.lower()), cls)
+        if cls is AuthError:
+            message += f"; set {' or '.join(TOKEN_ENVS)} to an API token with droplet and ssh_key scopes"
+        retry_after_s = _retry_after_s(exc.response.headers) if cls is RateLimitedError else None
+        return cls(message, provider_code=body.get("id") or str(status), retry_after_s=retry_after_s)
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return TransientError(f"DigitalOcean API unreachable: {exc}", provider_code=type(exc).__name__)
+    return ProviderError(f"DigitalOcean: {type(exc).__name__}: {exc}")
+
+
+class DigitalOceanProvider:
+    """DigitalOcean; see the Provider protocol. Credentials: ``DIGITALOCEAN_TOKEN`` (or ``..._ACCESS_TOKEN``)."""
+
+    name = "digitalocean"
+
+    def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
+        self._token = token or next(filter(None, map(os.environ.get, TOKEN_ENVS)), None)
+        self._endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+        self._sdk: Client | None = None
+
+    def _client(self) -> Client:
+        if self._sdk is None:
+            if not self._token:
+                raise AuthError(f"no DigitalOcean credentials: set {' or '.join(TOKEN_ENVS)} to an API token")
+            self._sdk = Client(
+                self._token,
+                endpoint=self._endpoint,
+                # azure-core's default retries a POST on 5xx and 429; ours decide, and never re-POST blindly.
+                retry_policy=RetryPolicy.no_retries(),
+                connection_timeout=CONNECT_TIMEOUT_S,
+                read_timeout=READ_TIMEOUT_S,
+                # pydo's bearer-token policy refuses http://, which a local fake API (system tests) serves.
+                authentication_policy=AzureKeyCredentialPolicy(
+                    AzureKeyCredential(self._token), "Authorization", prefix="Bearer"
+                ),
+            )
+        return self._sdk
+
+    def prepare_spec(self, spec: VMSpec) -> VMSpec:
+        return resolve_alias(self.name, spec)
+
+    @map_errors(_map_error)
+    def create_vm(
+        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+    ) -> VMInfo:
+        if adopted := self._adopt(job_id):
+            return adopted
+        options = spec.options if isinstance(spec.options, DigitalOceanOptions) else DigitalOceanOptions()
+        body: dict[str, Any] = {
+            "name": spec.name,
+            "region": spec.region,
+            "size": spec.instance_type,
+            "image": int(spec.image) if spec.image.isdigit() else spec.image,
+            "ssh_keys": [self._ssh_key(ssh_key)],
+            "tags": [f"{key}:{value}" for key, value in spec.ownership_labels(job_id).items()],
+            "ipv6": options.ipv6,
+            "monitoring": options.monitoring,
+        }
+        if startup_script is not None:
+            body["user_data"] = startup_script
+        if options.vpc_uuid:
+            body["vpc_uuid"] = options.vpc_uuid
+        try:
+            return _vm_info(self._client().droplets.create(body=body)["droplet"])
+        except (ServiceResponseError, HttpResponseError) as exc:
+            # The request reached the API: a 5xx or a lost answer may still have made the droplet.
+            if isinstance(exc, ServiceResponseError) or (exc.status_code or 500) >= 500:
+                if adopted := self._adopt(job_id):
+                    return adopted
+            raise
+
+    @map_errors(_map_error)
+    def get_vm(self, instance_id: str) -> VMInfo:
+        status, body = self._client().droplets.get(_droplet_id(instance_id), cls=_with_status)
+        if status == 404:  # pydo returns a 404's error body instead of raising
+            raise NotFoundError(f"DigitalOcean: no droplet {instance_id}", provider_code=body.get("id"))
+        return _vm_info(body["droplet"])
+
+    def destroy_vm(self, instance_id: str) -> None:
+        # A 404 comes back from pydo as an error body, not an exception: already gone is success either way.
+        with suppress(NotFoundError), map_errors(_map_error):
+            self._client().droplets.destroy(_droplet_id(instance_id))
+
+    @map_errors(_map_error)
+    def list_owned_vms(self) -> list[VMInfo]:
+        return [_vm_info(droplet) for droplet in self._list(f"{LABEL_MANAGED_BY}:vmqueue")]
+
+    def _adopt(self, job_id: str) -> VMInfo | None:
+        """The job's droplet if it exists; duplicates (from outside this adapter) are destroyed, oldest kept."""
+        found = sorted(self._list(f"{LABEL_JOB}:{job_id}"), key=lambda d: (d["created_at"], d["id"]))
+        if not found:
+            return None
+        for duplicate in found[1:]:
+            self.destroy_vm(str(duplicate["id"]))
+        return _vm_info(found[0])
+
+    def _list(self, tag: str) -> list[dict[str, Any]]:
+        droplets, page = [], 1
+        while True:
+            answer = self._client().droplets.list(tag_name=tag, per_page=PAGE_SIZE, page=page)
+            droplets += answer["droplets"]
+            if not answer.get("links", {}).get("pages", {}).get("next"):
+                return droplets
+            page += 1
+
+    def _ssh_key(self, key: SSHPublicKey) -> str:
+        """The key's MD5 fingerprint, which droplet creation accepts; the key is added once, shared by every job."""
+        keys = self._client().ssh_keys
+        status, _ = keys.get(key.md5_fingerprint, cls=_with_status)
+        if status == 404:
+            try:
+                keys.create(body={"name": f"vmqueue-{key.md5_fingerprint.replace(':', '')}", "public_key": key.openssh})
+            except HttpResponseError as exc:
+                # Another job added the same key since our lookup.
+                if exc.status_code != 422 or "already in use" not in str(_error_body(exc).get("message")):
+                    raise
+        return key.md5_fingerprint
+
+
+def _droplet_id(instance_id: str) -> int:
+    if not instance_id.isdigit():
+        raise NotFoundError(f"DigitalOcean: {instance_id!r} is not a droplet id", provider_code="not_found")
+    return int(instance_id)
+
+
+def _vm_info(droplet: dict[str, Any]) -> VMInfo:
+    networks = droplet.get("networks") or {}
+    return VMInfo(
+        provider="digitalocean",
+        instance_id=str(droplet["id"]),
+        name=droplet.get("name"),
+        status=STATUS_MAP.get(droplet.get("status", ""), VMStatus.unknown),
+        provider_status=droplet.get("status"),
+        public_ipv4=_address(networks.get("v4"), "public"),
+        public_ipv6=_address(networks.get("v6"), "public"),
+        private_ipv4=_address(networks.get("v4"), "private"),
+        region=(droplet.get("region") or {}).get("slug"),
+        instance_type=droplet.get("size_slug"),
+        image=_image_name(droplet.get("image") or {}),
+        # Tags are flat ("vmqueue-job:<id>"); a tag without a colon reads as a label with an empty value.
+        labels=dict(tag.partition(":")[::2] for tag in droplet.get("tags") or []),
+        created_at=droplet.get("created_at"),
+    )
+
+
+def _address(entries: list[dict[str, Any]] | None, kind: str) -> str | None:
+    return next((entry["ip_address"] for entry in entries or [] if entry.get("type") == kind), None)
+
+
+def _image_name(image: dict[str, Any]) -> str | None:
+    # Snapshots and custom images have no slug.
+    return image.get("slug") or (str(image["id"]) if "id" in image else None)
+
+
+def _with_status(pipeline_response: Any, deserialized: Any, headers: Any) -> tuple[int, dict[str, Any]]:
+    """pydo's ``cls=`` hook: the HTTP status beside the body, since pydo answers some 404s without raising."""
+    return pipeline_response.http_response.status_code, deserialized or {}
+
+
+def _error_body(exc: HttpResponseError) -> dict[str, Any]:
+    """The API's ``{"id", "message"}``; pydo leaves ``exc.error`` empty."""
+    try:
+        body = exc.response.json() if exc.response is not None else {}
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    """``Retry-After`` (seconds, sent on bursts), else the ``ratelimit-reset`` unix time of the hourly limit."""
+    with suppress(TypeError, ValueError, KeyError):
+        return float(headers["retry-after"])
+    with suppress(TypeError, ValueError, KeyError):
+        return max(0.0, float(headers["ratelimit-reset"]) - time.time())
+    return None
