@@ -1,0 +1,444 @@
+"""AWS adapter through the real boto3: moto for EC2/SSM state, botocore events for what moto lacks.
+
+moto ignores ClientToken, so ``ClientTokens`` adds EC2's documented idempotency on top of it; error
+responses are EC2's XML error documents served at the HTTP layer (``before-send``), under the retry loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import email
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+from botocore.stub import ANY, Stubber
+from moto import mock_aws
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ssm.models import Parameter, ssm_backends
+
+from producer.images import IMAGES
+from producer.models import VMSpec, VMStatus
+from producer.sshkeys import SSHPublicKey
+from tests.providers.contract import AdapterContract, make_ed25519_key
+from workers.providers.aws import STATUS_MAP, AWSProvider
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+)
+
+REGION = "eu-central-1"
+SCRIPT = "#!/bin/sh\necho hello > /tmp/hello\n"
+
+
+@pytest.fixture(autouse=True)
+def fake_aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Obviously fake credentials, no profile files, no metadata service, no endpoint from the outside."""
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL_SSM"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "fake-" + "key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-" + "secret")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("VMQ_AWS_REGIONS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def session() -> boto3.Session:
+    """Shared, so botocore loads the EC2 model once per module rather than once per test."""
+    return boto3.Session()
+
+
+@pytest.fixture
+def provider(session: boto3.Session) -> Iterator[AWSProvider]:
+    with mock_aws():
+        yield AWSProvider(session)
+
+
+@pytest.fixture
+def key() -> SSHPublicKey:
+    return SSHPublicKey.parse(make_ed25519_key())
+
+
+def make_spec(image: str = "ami-12c6146b", **update: Any) -> VMSpec:
+    fields = {"provider": "aws", "name": "web-1", "region": REGION, "instance_type": "t3.micro", "image": image}
+    return VMSpec(**{**fields, "labels": {"team": "infra"}, **update})
+
+
+def publish_ami(alias: str, region: str = REGION) -> str:
+    """Put a real moto AMI under the alias's public SSM parameter, which moto does not ship."""
+    ami = boto3.client("ec2", region_name=region).describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    name = IMAGES["aws"][alias]
+    # moto refuses put_parameter under /aws/, so write to the backend the way moto loads its own.
+    ssm_backends[DEFAULT_ACCOUNT_ID][region]._parameters[name].append(
+        Parameter(
+            account_id=DEFAULT_ACCOUNT_ID,
+            name=name,
+            value=ami,
+            parameter_type="String",
+            description=None,
+            allowed_pattern=None,
+            keyid=None,
+            last_modified_date=datetime.now(UTC).timestamp(),
+            version=1,
+            data_type="aws:ec2:image",
+        )
+    )
+    return ami
+
+
+def all_instances(region: str = REGION) -> list[dict[str, Any]]:
+    pages = boto3.client("ec2", region_name=region).describe_instances()["Reservations"]
+    return [i for r in pages for i in r["Instances"]]
+
+
+class _Raw(io.BytesIO):
+    def stream(self, **_: Any) -> Iterator[bytes]:
+        yield self.getvalue()
+
+
+def serve_error(client: Any, operation: str, status: int, code: str, message: str, headers: dict | None = None) -> list:
+    """Answer ``operation`` with EC2's XML error document at the HTTP layer; returns the list of sent requests."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error></Errors><RequestID>5d2c-fake</RequestID></Response>"
+    ).encode()
+    sent: list = []
+
+    def answer(request: Any, **_: Any) -> AWSResponse:
+        sent.append(request)
+        return AWSResponse(
+            request.url, status, {"Content-Type": "text/xml;charset=UTF-8", **(headers or {})}, _Raw(body)
+        )
+
+    client.meta.events.register_first(f"before-send.ec2.{operation}", answer)
+    return sent
+
+
+class ClientTokens:
+    """EC2's ClientToken semantics over moto: same token + same parameters -> the first answer;
+    same token + other parameters -> IdempotentParameterMismatch (moto would launch again)."""
+
+    def __init__(self, client: Any):
+        self.seen: dict[str, tuple[dict, Any, dict]] = {}
+        client.meta.events.register("before-call.ec2.RunInstances", self.before)
+        client.meta.events.register("after-call.ec2.RunInstances", self.after)
+
+    def before(self, params: dict, **_: Any) -> tuple[Any, dict] | None:
+        body = params["body"]
+        if body["ClientToken"] not in self.seen:
+            return None
+        first_body, http, parsed = self.seen[body["ClientToken"]]
+        if first_body == body:
+            return http, parsed
+        error = {
+            "Code": "IdempotentParameterMismatch",
+            "Message": "Arguments on this idempotent request are inconsistent",
+        }
+        return AWSResponse(params["url"], 400, {}, _Raw(b"")), {"Error": error, "ResponseMetadata": {}}
+
+    def after(self, http_response: Any, parsed: dict, context: dict, model: Any, **_: Any) -> None:
+        body = context.get("vmq_body")
+        if http_response.status_code == 200 and body is not None:
+            self.seen.setdefault(body["ClientToken"], (body, http_response, parsed))
+
+    def remember_body(self, client: Any) -> None:
+        def keep(params: dict, context: dict, **_: Any) -> None:
+            context["vmq_body"] = dict(params["body"])
+
+        client.meta.events.register_first("before-call.ec2.RunInstances", keep)
+
+
+def with_client_tokens(provider: AWSProvider) -> ClientTokens:
+    ec2 = provider._client("ec2", REGION)
+    tokens = ClientTokens(ec2)
+    tokens.remember_body(ec2)
+    return tokens
+
+
+def described(state: str, **extra: Any) -> dict[str, Any]:
+    """A DescribeInstances answer in the shape of botocore's EC2 model."""
+    instance = {
+        "InstanceId": "i-0abc1234def567890",
+        "InstanceType": "t3.micro",
+        "ImageId": "ami-0123456789abcdef0",
+        "State": {"Name": state, "Code": 0},
+        "PrivateIpAddress": "172.31.5.6",
+        "LaunchTime": datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "Tags": [{"Key": "Name", "Value": "web-1"}, {"Key": "managed-by", "Value": "vmqueue"}],
+        **extra,
+    }
+    return {"Reservations": [{"ReservationId": "r-0abc", "Instances": [instance]}]}
+
+
+class TestAWS(AdapterContract):
+    def test_create_sends_key_script_and_labels(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        vm = provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")
+        region, native_id = vm.instance_id.split("/")
+        assert (region, vm.status, vm.name) == (REGION, VMStatus.pending, "web-1")
+        ec2 = boto3.client("ec2", region_name=REGION)
+        raw = ec2.describe_instance_attribute(InstanceId=native_id, Attribute="userData")["UserData"]["Value"]
+        parts = email.message_from_bytes(base64.b64decode(raw)).get_payload()
+        assert [p.get_content_type() for p in parts] == ["text/x-shellscript", "text/cloud-config"]
+        assert parts[0].get_payload(decode=True).decode() == SCRIPT
+        keys = parts[1].get_payload(decode=True).decode()
+        assert keys.startswith("#cloud-config\n") and yaml.safe_load(keys) == {"ssh_authorized_keys": [key.openssh]}
+        instance = all_instances()[0]
+        assert {t["Key"]: t["Value"] for t in instance["Tags"]} == {
+            "Name": "web-1",
+            "team": "infra",
+            "managed-by": "vmqueue",
+            "vmqueue-job": "job-1",
+        }
+        assert instance["ClientToken"] == "vmq-job-1" and "KeyName" not in instance
+
+    def test_create_with_named_key_pair_sends_script_alone(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        boto3.client("ec2", region_name=REGION).create_key_pair(KeyName="ops")
+        vm = provider.create_vm(make_spec(options={"key_name": "ops"}), key, SCRIPT, job_id="job-1")
+        raw = boto3.client("ec2", region_name=REGION).describe_instance_attribute(
+            InstanceId=vm.instance_id.split("/")[1], Attribute="userData"
+        )["UserData"]["Value"]
+        assert base64.b64decode(raw).decode() == SCRIPT and all_instances()[0]["KeyName"] == "ops"
+
+    def test_create_sends_network_options(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        stub = Stubber(provider._client("ec2", REGION))
+        options = {"subnet_id": "subnet-0abc", "security_group_ids": ["sg-1", "sg-2"], "associate_public_ip": False}
+        nic = {
+            "DeviceIndex": 0,
+            "AssociatePublicIpAddress": False,
+            "SubnetId": "subnet-0abc",
+            "Groups": ["sg-1", "sg-2"],
+        }
+        expected = {
+            "ImageId": "ami-12c6146b",
+            "InstanceType": "t3.micro",
+            "MinCount": 1,
+            "MaxCount": 1,
+            "ClientToken": "vmq-job-1",
+            "NetworkInterfaces": [nic],
+            "TagSpecifications": ANY,
+            "UserData": ANY,
+        }
+        stub.add_response(
+            "run_instances", {"Instances": described("pending")["Reservations"][0]["Instances"]}, expected
+        )
+        with stub:
+            provider.create_vm(make_spec(options=options), key, None, job_id="job-1")
+        stub.assert_no_pending_responses()
+
+    def test_create_resolves_image_alias(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        ami = publish_ami("ubuntu-24.04")
+        prepared = provider.prepare_spec(make_spec(image="ubuntu-24.04"))
+        assert prepared.image == ami
+        assert provider.prepare_spec(make_spec(image="ami-0native")).image == "ami-0native"
+        provider.create_vm(prepared, key, None, job_id="job-1")
+        assert all_instances()[0]["ImageId"] == ami
+        with pytest.raises(InvalidSpecError) as err:  # not published in this region
+            provider.prepare_spec(make_spec(image="debian-12"))
+        assert err.value.provider_code == "ParameterNotFound"
+
+    def test_create_twice_same_job_one_vm(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        with_client_tokens(provider)
+        first = provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")
+        again = provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")
+        other = provider.create_vm(make_spec(name="web-2"), key, SCRIPT, job_id="job-2")
+        assert first.instance_id == again.instance_id != other.instance_id
+        assert len(all_instances()) == 2
+
+    def test_create_changed_request_same_job_is_invalid_spec(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        with_client_tokens(provider)
+        provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")
+        with pytest.raises(InvalidSpecError) as err:
+            provider.create_vm(make_spec(instance_type="t3.large"), key, SCRIPT, job_id="job-1")
+        assert err.value.provider_code == "IdempotentParameterMismatch"
+        assert len(all_instances()) == 1
+
+    def test_create_lost_answer_one_vm(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        with_client_tokens(provider)
+        lost: list[int] = []
+
+        def lose_first_answer(**_: Any) -> None:
+            if not lost:
+                lost.append(1)
+                raise ReadTimeoutError(endpoint_url=f"https://ec2.{REGION}.amazonaws.com/")
+
+        provider._client("ec2", REGION).meta.events.register_last("after-call.ec2.RunInstances", lose_first_answer)
+        with pytest.raises(TransientError):
+            provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")
+        assert len(all_instances()) == 1  # EC2 acted; only the answer was lost
+        vm = provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")
+        assert [i["InstanceId"] for i in all_instances()] == [vm.instance_id.split("/")[1]]
+
+    @pytest.mark.parametrize(
+        ("raw", "reason", "expected"),
+        [(raw, None, status) for raw, status in STATUS_MAP.items()]
+        + [
+            ("terminated", "Server.InsufficientInstanceCapacity", VMStatus.error),
+            ("terminated", "Server.InternalError", VMStatus.error),
+            ("terminated", "Client.VolumeLimitExceeded", VMStatus.error),
+            ("terminated", "Client.UserInitiatedShutdown", VMStatus.terminated),
+            ("hibernating", None, VMStatus.unknown),
+        ],
+    )
+    def test_get_maps_every_documented_state(
+        self, provider: AWSProvider, raw: str, reason: str | None, expected: VMStatus
+    ) -> None:
+        extra = {"StateReason": {"Code": reason, "Message": reason}} if reason else {}
+        with Stubber(provider._client("ec2", REGION)) as stub:
+            stub.add_response("describe_instances", described(raw, **extra), {"InstanceIds": ["i-0abc1234def567890"]})
+            vm = provider.get_vm(f"{REGION}/i-0abc1234def567890")
+        assert (vm.status, vm.provider_status, vm.instance_id) == (expected, raw, f"{REGION}/i-0abc1234def567890")
+
+    def test_get_public_and_private_ips(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        created = provider.create_vm(make_spec(), key, None, job_id="job-1")
+        vm = provider.get_vm(created.instance_id)  # moto: running, with a public IP, on the next read
+        instance = all_instances()[0]
+        assert vm.status == VMStatus.running and vm.labels["vmqueue-job"] == "job-1"
+        assert (vm.public_ipv4, vm.private_ipv4) == (instance["PublicIpAddress"], instance["PrivateIpAddress"])
+        with Stubber(provider._client("ec2", REGION)) as stub:
+            answer = described("running", PublicIpAddress="203.0.113.7", Ipv6Address="2001:db8::7")
+            stub.add_response("describe_instances", answer)
+            vm = provider.get_vm("i-0abc1234def567890")  # a bare id reads in AWS_REGION
+        assert (vm.public_ipv4, vm.public_ipv6, vm.private_ipv4) == ("203.0.113.7", "2001:db8::7", "172.31.5.6")
+        assert vm.created_at == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC) and vm.name == "web-1"
+
+    def test_get_without_public_ip(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        spec = make_spec(options={"associate_public_ip": False})
+        vm = provider.get_vm(provider.create_vm(spec, key, None, job_id="job-1").instance_id)
+        assert vm.status == VMStatus.running and vm.public_ipv4 is None and vm.public_ipv6 is None
+        assert vm.private_ipv4
+
+    def test_get_unknown_raises_not_found(self, provider: AWSProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+        with pytest.raises(NotFoundError) as err:
+            provider.get_vm(f"{REGION}/i-0123456789abcdef0")
+        assert err.value.provider_code == "InvalidInstanceID.NotFound"
+        monkeypatch.delenv("AWS_REGION")
+        with pytest.raises(InvalidSpecError, match="AWS_REGION"):
+            AWSProvider().get_vm("i-0123456789abcdef0")
+
+    def test_destroy(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        vm = provider.create_vm(make_spec(), key, None, job_id="job-1")
+        assert provider.destroy_vm(vm.instance_id) is None
+        assert provider.get_vm(vm.instance_id).status in (VMStatus.terminating, VMStatus.terminated)
+        assert [i["State"]["Name"] for i in all_instances()] == ["terminated"]
+
+    def test_destroy_twice(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        vm = provider.create_vm(make_spec(), key, None, job_id="job-1")
+        provider.destroy_vm(vm.instance_id)
+        assert provider.destroy_vm(vm.instance_id) is None
+
+    def test_destroy_unknown_id(self, provider: AWSProvider) -> None:
+        assert provider.destroy_vm(f"{REGION}/i-0123456789abcdef0") is None
+
+    @pytest.mark.parametrize(
+        ("status", "code", "expected"),
+        [
+            (401, "AuthFailure", AuthError),
+            (403, "UnauthorizedOperation", AuthError),
+            (400, "InvalidParameterValue", InvalidSpecError),
+            (400, "InvalidAMIID.NotFound", InvalidSpecError),
+            (400, "InvalidSubnetID.NotFound", InvalidSpecError),
+            (400, "InvalidAMIID.Malformed", InvalidSpecError),
+            (400, "IdempotentParameterMismatch", InvalidSpecError),
+            (400, "InstanceLimitExceeded", QuotaExceededError),
+            (400, "VcpuLimitExceeded", QuotaExceededError),
+            (500, "InsufficientInstanceCapacity", CapacityError),
+            (503, "RequestLimitExceeded", RateLimitedError),
+            (500, "InternalError", TransientError),
+            (503, "Unavailable", TransientError),
+            (502, "SomethingNew", TransientError),
+            (400, "IdempotentInstanceTerminated", ProviderError),
+            (400, "SomethingNew", ProviderError),
+        ],
+    )
+    def test_errors_map_to_taxonomy(
+        self, provider: AWSProvider, key: SSHPublicKey, status: int, code: str, expected: type
+    ) -> None:
+        serve_error(provider._client("ec2", REGION), "RunInstances", status, code, f"{code} happened")
+        with pytest.raises(ProviderError) as err:
+            provider.create_vm(make_spec(), key, None, job_id="job-1")
+        assert type(err.value) is expected
+        assert (err.value.provider_code, err.value.message.startswith(f"{code} happened")) == (code, True)
+
+    def test_no_default_vpc_names_subnet_option(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        serve_error(provider._client("ec2", REGION), "RunInstances", 400, "VPCIdNotSpecified", "No default VPC")
+        with pytest.raises(InvalidSpecError, match="options.subnet_id"):
+            provider.create_vm(make_spec(), key, None, job_id="job-1")
+
+    def test_connection_error_is_transient(self, provider: AWSProvider) -> None:
+        def refuse(**_: Any) -> None:
+            raise EndpointConnectionError(endpoint_url=f"https://ec2.{REGION}.amazonaws.com/")
+
+        provider._client("ec2", REGION).meta.events.register_first("before-send.ec2.DescribeInstances", refuse)
+        with pytest.raises(TransientError):
+            provider.get_vm(f"{REGION}/i-0123456789abcdef0")
+
+    def test_rate_limited_carries_retry_after(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        # EC2 sends no Retry-After (the task's backoff decides); one in the answer is honoured.
+        serve_error(
+            provider._client("ec2", REGION), "RunInstances", 503, "RequestLimitExceeded", "Request limit exceeded."
+        )
+        with pytest.raises(RateLimitedError) as err:
+            provider.create_vm(make_spec(), key, None, job_id="job-1")
+        assert err.value.retry_after_s is None and err.value.retryable
+        serve_error(
+            provider._client("ec2", REGION),
+            "DescribeInstances",
+            503,
+            "Throttling",
+            "Rate exceeded",
+            {"Retry-After": "7"},
+        )
+        with pytest.raises(RateLimitedError) as err:
+            provider.get_vm(f"{REGION}/i-0123456789abcdef0")
+        assert err.value.retry_after_s == 7.0
+
+    def test_missing_credentials_auth_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        provider = AWSProvider()
+
+        def no_network(**_: Any) -> None:
+            raise AssertionError("a request was sent without credentials")
+
+        provider._client("ec2", REGION).meta.events.register_first("before-send", no_network)
+        with pytest.raises(AuthError, match="AWS_ACCESS_KEY_ID") as err:
+            provider.get_vm(f"{REGION}/i-0123456789abcdef0")
+        assert "AWS_PROFILE" in str(err.value)
+
+    @pytest.mark.parametrize(("status", "code"), [(503, "RequestLimitExceeded"), (500, "InsufficientInstanceCapacity")])
+    def test_sdk_retries_off(self, provider: AWSProvider, key: SSHPublicKey, status: int, code: str) -> None:
+        sent = serve_error(provider._client("ec2", REGION), "RunInstances", status, code, "try later")
+        with pytest.raises(ProviderError):
+            provider.create_vm(make_spec(), key, None, job_id="job-1")
+        assert len(sent) == 1
+
+    def test_list_owned_vms(self, provider: AWSProvider, key: SSHPublicKey, session: boto3.Session) -> None:
+        owned = {
+            provider.create_vm(make_spec(name=f"web-{n}"), key, None, job_id=f"job-{n}").instance_id for n in (1, 2)
+        }
+        boto3.client("ec2", region_name=REGION).run_instances(ImageId="ami-12c6146b", MinCount=1, MaxCount=1)
+        vms = provider.list_owned_vms()
+        assert {vm.instance_id for vm in vms} == owned and len(all_instances()) == 3
+        assert {vm.labels["managed-by"] for vm in vms} == {"vmqueue"}
+        assert AWSProvider(session, list_regions=["us-west-2"]).list_owned_vms() == []
+
+    def test_endpoint_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
+        assert AWSProvider()._client("ec2", REGION).meta.endpoint_url == "http://127.0.0.1:5000"
+        assert AWSProvider()._client("ssm", REGION).meta.endpoint_url == "http://127.0.0.1:5000"

@@ -1,0 +1,306 @@
+"""AWS EC2 through boto3; see the protocol in ``base.py`` and PROVIDERS.md "AWS EC2".
+
+Instance ids are ``<region>/<i-...>`` (e.g. ``eu-central-1/i-0abc...``): an EC2 id does not name its
+region and one worker serves VMs in every region, so the region travels with the id. A bare ``i-...``
+is read in the default region (``AWS_REGION`` or ``AWS_DEFAULT_REGION``).
+
+Credentials come from boto3's default chain. boto3 honours ``AWS_ENDPOINT_URL`` (all services) and
+``AWS_ENDPOINT_URL_EC2`` / ``AWS_ENDPOINT_URL_SSM`` itself, which points a worker at a moto server.
+``list_owned_vms`` reads the regions in ``VMQ_AWS_REGIONS`` (comma-separated), else the default one.
+"""
+
+from __future__ import annotations
+
+import email
+import hashlib
+import os
+import threading
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from typing import Any
+
+import boto3
+import yaml
+from botocore.config import Config
+from botocore.exceptions import (
+    ClientError,
+    ConnectionError,
+    HTTPClientError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+
+from producer.images import IMAGES
+from producer.models import VMInfo, VMSpec, VMStatus
+from producer.options import AWSOptions
+from producer.sshkeys import SSHPublicKey
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+    map_errors,
+)
+
+# The SDK's retries are off: our task layer decides when to send again (PROVIDERS.md, DESIGN §4).
+BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=60)
+USER_DATA_LIMIT_BYTES = 16 * 1024  # raw, before boto3's base64
+# cloud-init's MIME type of each kind of startup script check_startup_script accepts.
+SCRIPT_TYPES = (("#cloud-config", "cloud-config"), ("#include", "x-include-url"), ("#!", "x-shellscript"))
+CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (boto3's default chain)"
+
+STATUS_MAP: dict[str, VMStatus] = {
+    "pending": VMStatus.pending,
+    "running": VMStatus.running,
+    "stopping": VMStatus.stopping,
+    "stopped": VMStatus.stopped,
+    "shutting-down": VMStatus.terminating,
+    "terminated": VMStatus.terminated,
+}
+# StateReason codes of an instance that died at launch rather than being terminated by someone.
+LAUNCH_FAILURES = ("Server.", "Client.InternalError", "Client.InvalidSnapshot.NotFound", "Client.VolumeLimitExceeded")
+
+ERROR_CODES: dict[str, type[ProviderError]] = {
+    "AuthFailure": AuthError,
+    "UnauthorizedOperation": AuthError,
+    "SignatureDoesNotMatch": AuthError,
+    "OptInRequired": AuthError,
+    "InvalidClientTokenId": AuthError,
+    "ExpiredToken": AuthError,
+    "AccessDeniedException": AuthError,
+    "InvalidParameterValue": InvalidSpecError,
+    "InvalidParameterCombination": InvalidSpecError,
+    "InvalidParameter": InvalidSpecError,
+    "MissingParameter": InvalidSpecError,
+    "Unsupported": InvalidSpecError,
+    "IdempotentParameterMismatch": InvalidSpecError,
+    "VPCIdNotSpecified": InvalidSpecError,
+    "ParameterNotFound": InvalidSpecError,
+    "InvalidInstanceID.NotFound": NotFoundError,
+    "InstanceLimitExceeded": QuotaExceededError,
+    "VcpuLimitExceeded": QuotaExceededError,
+    "AddressLimitExceeded": QuotaExceededError,
+    "InsufficientInstanceCapacity": CapacityError,
+    "InsufficientAddressCapacity": CapacityError,
+    "RequestLimitExceeded": RateLimitedError,
+    "Throttling": RateLimitedError,
+    "ThrottlingException": RateLimitedError,
+    "InternalError": TransientError,
+    "Unavailable": TransientError,
+    "ServiceUnavailable": TransientError,
+}
+
+
+def _map_error(exc: Exception) -> ProviderError:
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        return AuthError(f"no usable AWS credentials: {CREDENTIAL_HINT}", provider_code=type(exc).__name__)
+    if isinstance(exc, NoRegionError):
+        return AuthError("no AWS region: set AWS_REGION or AWS_DEFAULT_REGION", provider_code="NoRegionError")
+    if isinstance(exc, ParamValidationError):
+        return InvalidSpecError(str(exc), provider_code="ParamValidationError")
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return TransientError(str(exc), provider_code=type(exc).__name__)
+    if not isinstance(exc, ClientError):
+        return ProviderError(str(exc), provider_code=type(exc).__name__)
+    error = exc.response.get("Error", {})
+    code, message = error.get("Code", ""), error.get("Message", str(exc))
+    meta = exc.response.get("ResponseMetadata", {})
+    retry_after = meta.get("HTTPHeaders", {}).get("retry-after", "")
+    if code == "VPCIdNotSpecified":
+        message = f"{message}: this account has no default VPC in the region; set options.subnet_id"
+    elif code == "IdempotentInstanceTerminated":
+        message = f"{message}: the instance this job launched is terminated; not launching another under its token"
+    cls = ERROR_CODES.get(code)
+    if cls is None:
+        if code.endswith((".Malformed", ".NotFound")):  # a subnet, group, AMI or key pair the spec names
+            cls = InvalidSpecError
+        elif meta.get("HTTPStatusCode", 0) >= 500:
+            cls = TransientError
+        else:
+            cls = ProviderError
+    return cls(message, provider_code=code, retry_after_s=float(retry_after) if retry_after.isdigit() else None)
+
+
+class AWSProvider:
+    """EC2 instances; see the ``Provider`` protocol."""
+
+    name = "aws"
+
+    def __init__(
+        self,
+        session: boto3.Session | None = None,
+        *,
+        endpoint_url: str | None = None,
+        default_region: str | None = None,
+        list_regions: list[str] | None = None,
+    ):
+        self._session = session
+        self._endpoint_url = endpoint_url  # None: boto3 reads AWS_ENDPOINT_URL[_EC2|_SSM] itself
+        # boto3 reads only AWS_DEFAULT_REGION; AWS_REGION is what most tooling sets.
+        self.default_region = default_region or os.getenv("AWS_REGION") or os.getenv("AWS_DEFAULT_REGION")
+        env_regions = [r.strip() for r in os.getenv("VMQ_AWS_REGIONS", "").split(",") if r.strip()]
+        self.list_regions = list_regions or env_regions or [r for r in (self.default_region,) if r]
+        self._clients: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, service: str, region: str) -> Any:
+        """One client per service and region, made on first use.
+
+        Clients are thread-safe, sessions are not: the threads pool creates them under a lock.
+        """
+        with self._lock:
+            if (service, region) not in self._clients:
+                self._session = self._session or boto3.Session()
+                self._clients[service, region] = self._session.client(
+                    service, region_name=region, endpoint_url=self._endpoint_url, config=BOTO_CONFIG
+                )
+            return self._clients[service, region]
+
+    def prepare_spec(self, spec: VMSpec) -> VMSpec:
+        """Resolve an image alias to today's AMI through its public SSM parameter, once per job."""
+        parameter = IMAGES["aws"].get(spec.image)
+        if parameter is None:
+            return spec
+        with map_errors(_map_error):
+            ami = self._client("ssm", spec.region).get_parameter(Name=parameter)["Parameter"]["Value"]
+        return spec.model_copy(update={"image": ami})
+
+    def create_vm(
+        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+    ) -> VMInfo:
+        opts = spec.options if isinstance(spec.options, AWSOptions) else AWSOptions()
+        user_data = startup_script if opts.key_name else _user_data(ssh_key, startup_script)
+        if user_data and len(user_data.encode()) > USER_DATA_LIMIT_BYTES:
+            raise InvalidSpecError(f"user-data with the SSH key is over EC2's {USER_DATA_LIMIT_BYTES} bytes")
+        tags = [{"Key": k, "Value": v} for k, v in {"Name": spec.name, **spec.ownership_labels(job_id)}.items()]
+        nic: dict[str, Any] = {"DeviceIndex": 0, "AssociatePublicIpAddress": opts.associate_public_ip}
+        if opts.subnet_id:
+            nic["SubnetId"] = opts.subnet_id
+        if opts.security_group_ids:
+            nic["Groups"] = list(opts.security_group_ids)
+        params: dict[str, Any] = {
+            "ImageId": spec.image,
+            "InstanceType": spec.instance_type,
+            "MinCount": 1,
+            "MaxCount": 1,
+            "ClientToken": _client_token(job_id),
+            "NetworkInterfaces": [nic],
+            "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
+        }
+        if user_data:
+            params["UserData"] = user_data
+        if opts.key_name:
+            params["KeyName"] = opts.key_name
+        ec2 = self._client("ec2", spec.region)
+        with map_errors(_map_error):
+            if opts.root_volume_gb:
+                # The AMI's root device name never changes, so retries still send identical parameters.
+                image = ec2.describe_images(ImageIds=[spec.image])["Images"][0]
+                ebs = {"VolumeSize": opts.root_volume_gb, "VolumeType": "gp3", "DeleteOnTermination": True}
+                params["BlockDeviceMappings"] = [{"DeviceName": image["RootDeviceName"], "Ebs": ebs}]
+            instance = ec2.run_instances(**params)["Instances"][0]
+        return _vm_info(spec.region, instance)
+
+    def get_vm(self, instance_id: str) -> VMInfo:
+        region, native_id = self._split_id(instance_id)
+        with map_errors(_map_error):
+            reservations = self._client("ec2", region).describe_instances(InstanceIds=[native_id])["Reservations"]
+        instances = [i for r in reservations for i in r["Instances"]]
+        if not instances:
+            raise NotFoundError(f"no EC2 instance {native_id} in {region}", provider_code="InvalidInstanceID.NotFound")
+        return _vm_info(region, instances[0])
+
+    def destroy_vm(self, instance_id: str) -> None:
+        """Terminate; the root volume goes with it (DeleteOnTermination). Unknown or gone: success."""
+        region, native_id = self._split_id(instance_id)
+        try:
+            with map_errors(_map_error):
+                self._client("ec2", region).terminate_instances(InstanceIds=[native_id])
+        except NotFoundError:
+            return None
+
+    def list_owned_vms(self) -> list[VMInfo]:
+        """One filtered DescribeInstances (paged) per region in ``list_regions``."""
+        if not self.list_regions:
+            raise AuthError("no AWS region to list: set VMQ_AWS_REGIONS, AWS_REGION or AWS_DEFAULT_REGION")
+        vms: list[VMInfo] = []
+        for region in self.list_regions:
+            with map_errors(_map_error):
+                pages = (
+                    self._client("ec2", region)
+                    .get_paginator("describe_instances")
+                    .paginate(Filters=[{"Name": "tag:managed-by", "Values": ["vmqueue"]}])
+                )
+                vms += [_vm_info(region, i) for page in pages for r in page["Reservations"] for i in r["Instances"]]
+        return vms
+
+    def _split_id(self, instance_id: str) -> tuple[str, str]:
+        region, _, native_id = instance_id.rpartition("/")
+        region = region or self.default_region
+        if not region:
+            raise InvalidSpecError(
+                f"instance id {instance_id!r} names no region: use '<region>/<i-...>' or set AWS_REGION"
+            )
+        return region, native_id
+
+
+def _client_token(job_id: str) -> str:
+    """The job's ClientToken: ASCII, at most 64 characters, the same on every retry."""
+    token = f"vmq-{job_id}"
+    return token if len(token) <= 64 and token.isascii() else "vmq-" + hashlib.sha256(job_id.encode()).hexdigest()[:60]
+
+
+def _user_data(ssh_key: SSHPublicKey, script: str | None) -> str:
+    """MIME multipart user-data: the user's script, then a #cloud-config with the SSH key.
+
+    The boundary is derived from the content: a random one would change the request between retries
+    and EC2 would refuse it under the same ClientToken (IdempotentParameterMismatch).
+    """
+    keys = MIMEText(
+        "#cloud-config\n" + yaml.safe_dump({"ssh_authorized_keys": [ssh_key.openssh]}, width=4096), "cloud-config"
+    )
+    # Appends our key to any ssh_authorized_keys of the user's own #cloud-config instead of replacing it.
+    keys["Merge-Type"] = "list(append)+dict(no_replace,recurse_list)+str()"
+    parts: list[Any] = []
+    if script and script.lstrip().lower().startswith("content-type:"):
+        user = email.message_from_string(script.lstrip())
+        parts = user.get_payload() if user.is_multipart() else [user]
+    elif script:
+        subtype = next((t for prefix, t in SCRIPT_TYPES if script.lstrip().startswith(prefix)), "x-shellscript")
+        parts = [MIMEText(script, subtype)]
+    boundary = "vmq-" + hashlib.sha256(f"{ssh_key.openssh}\n{script}".encode()).hexdigest()[:32]
+    message = MIMEMultipart(boundary=boundary)
+    for part in [*parts, keys]:
+        message.attach(part)
+    return message.as_string()
+
+
+def _vm_info(region: str, instance: dict[str, Any]) -> VMInfo:
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+    raw = instance["State"]["Name"]
+    status = STATUS_MAP.get(raw, VMStatus.unknown)
+    if raw == "terminated" and instance.get("StateReason", {}).get("Code", "").startswith(LAUNCH_FAILURES):
+        status = VMStatus.error
+    nics = instance.get("NetworkInterfaces") or [{}]
+    ipv6 = instance.get("Ipv6Address") or next(iter(nics[0].get("Ipv6Addresses", [])), {}).get("Ipv6Address")
+    return VMInfo(
+        provider="aws",
+        instance_id=f"{region}/{instance['InstanceId']}",
+        name=tags.pop("Name", None),
+        status=status,
+        provider_status=raw,
+        public_ipv4=instance.get("PublicIpAddress"),
+        public_ipv6=ipv6,
+        private_ipv4=instance.get("PrivateIpAddress"),
+        region=region,
+        instance_type=instance.get("InstanceType"),
+        image=instance.get("ImageId"),
+        labels=tags,
+        created_at=instance.get("LaunchTime"),
+    )
