@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 import requests
+from pytest_httpserver import HTTPServer
 
-from producer.models import VMSpec, VMStatus
+from producer.models import JobState, VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
 from tests.providers.contract import AdapterContract, make_ed25519_key
 from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, error
-from tests.providers.fakehttp import mocked
+from tests.providers.fakehttp import mocked, serve
 from workers.providers.digitalocean import DigitalOceanProvider
 from workers.providers.errors import (
     AuthError,
@@ -377,3 +378,26 @@ class TestDigitalOcean(AdapterContract):
         assert [vm.instance_id for vm in vms] == [str(ours["id"])]
         assert [vm.labels["vmqueue-job"] for vm in vms] == [JOB]
         assert fake.requests[0][2]["tag_name"] == "managed-by:vmqueue"
+
+
+@pytest.mark.system
+def test_system_create_then_destroy_through_a_worker(
+    worker_factory: Any, provisioner: Any, httpserver: HTTPServer, ssh_key: str
+) -> None:
+    """Producer -> Redis -> a real DigitalOcean worker subprocess -> pydo -> a fake API on a local HTTP server."""
+    fake = FakeDigitalOcean()
+    endpoint = serve(httpserver, fake).removesuffix("/v2")  # pydo's paths start with /v2
+    env = {"DIGITALOCEAN_TOKEN": FAKE_TOKEN, "DIGITALOCEAN_ENDPOINT": endpoint, "NO_PROXY": "*"}
+    worker_factory("digitalocean", env=env)
+
+    job = provisioner.wait(provisioner.create_vm(make_spec(labels={"team": "infra"}), ssh_key, SCRIPT).id, timeout_s=30)
+    assert job.state == JobState.running, job.error
+    assert (job.vm.status, job.vm.public_ipv4) == (VMStatus.running, "192.241.165.154")
+    [droplet] = fake.droplets.values()
+    assert str(droplet["id"]) == job.instance_id
+    assert droplet["tags"] == ["team:infra", "managed-by:vmqueue", f"vmqueue-job:{job.id}"]
+    assert [body["user_data"] for body in fake.calls("POST", "/droplets")] == [SCRIPT]
+
+    gone = provisioner.wait(provisioner.destroy_vm("digitalocean", job.instance_id).id, timeout_s=30)
+    assert gone.state == JobState.gone, gone.error
+    assert fake.droplets == {}

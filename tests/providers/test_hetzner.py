@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import requests
+from pytest_httpserver import HTTPServer
 
-from producer.models import VMSpec, VMStatus
+from producer.models import JobState, VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
 from tests.providers.contract import AdapterContract, make_ed25519_key
-from tests.providers.fakehttp import mocked
+from tests.providers.fakehttp import mocked, serve
 from tests.providers.hetzner_fake import BASE_URL, FakeHetzner, error, md5_fingerprint, page
 from workers.providers.errors import (
     AuthError,
@@ -315,3 +316,25 @@ class TestHetzner(AdapterContract):
 def test_fake_fingerprint_matches_ours() -> None:
     key = SSHPublicKey.parse(make_ed25519_key())
     assert md5_fingerprint(key.openssh) == key.md5_fingerprint
+
+
+@pytest.mark.system
+def test_system_create_then_destroy_through_a_worker(
+    worker_factory: Any, provisioner: Any, httpserver: HTTPServer, ssh_key: str
+) -> None:
+    """Producer -> Redis -> a real Hetzner worker subprocess -> hcloud -> a fake API on a local HTTP server."""
+    fake = FakeHetzner()
+    endpoint = serve(httpserver, fake)
+    worker_factory("hetzner", env={"HCLOUD_TOKEN": FAKE_TOKEN, "HCLOUD_ENDPOINT": endpoint, "NO_PROXY": "*"})
+
+    job = provisioner.wait(provisioner.create_vm(make_spec(labels={"team": "infra"}), ssh_key, SCRIPT).id, timeout_s=30)
+    assert job.state == JobState.running, job.error
+    assert (job.vm.status, job.vm.public_ipv4) == (VMStatus.running, "203.0.113.10")
+    [server] = fake.servers.values()
+    assert str(server["id"]) == job.instance_id
+    assert server["labels"] == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": job.id}
+    assert [body["user_data"] for body in fake.calls("POST", "/servers")] == [SCRIPT]
+
+    gone = provisioner.wait(provisioner.destroy_vm("hetzner", job.instance_id).id, timeout_s=30)
+    assert gone.state == JobState.gone, gone.error
+    assert fake.servers == {}
