@@ -77,10 +77,21 @@ AZURE_RESERVED_ADMINS = frozenset(
 class AzureOptions(_Options):
     provider: Literal["azure"] = "azure"
     resource_group: str = Field(min_length=1, max_length=90, pattern=r"^[-\w._()]+$")
-    subnet_id: _Id | None = Field(None, description="ARM id of the subnet; or vnet_name + subnet_name")
-    vnet_name: str | None = None
-    subnet_name: str | None = None
-    nsg_id: _Id | None = Field(None, description="ARM id of a network security group allowing TCP 22")
+    # ARM ids start with "/subscriptions/", which the generic _Id pattern refuses.
+    subnet_id: str | None = Field(
+        None,
+        pattern=r"(?i)^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Network/"
+        r"virtualNetworks/[^/]+/subnets/[^/]+$",
+        description="ARM id of the subnet; or vnet_name + subnet_name",
+    )
+    vnet_name: str | None = Field(None, pattern=r"^[\w.-]{2,64}$")
+    subnet_name: str | None = Field(None, pattern=r"^[\w.-]{1,80}$")
+    nsg_id: str | None = Field(
+        None,
+        pattern=r"(?i)^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Network/"
+        r"networkSecurityGroups/[^/]+$",
+        description="ARM id of a network security group allowing TCP 22 (default: the subnet's own)",
+    )
     admin_username: str = Field("vmq", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
     create_network: bool = Field(
         False, description="create the resource group, vnet/subnet and NSG if missing (never silently)"

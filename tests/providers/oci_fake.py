@@ -8,26 +8,16 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
-from urllib.parse import parse_qs, urlsplit
+from typing import Any
+
+from tests.providers.fakeapi import Call, FakeAPI, Response
 
 COMPARTMENT = "ocid1.compartment.oc1..aaaaaaaacompartment"
 SUBNET = "ocid1.subnet.oc1.phx.aaaaaaaasubnet"
 AD = "Uocm:PHX-AD-1"
 IMAGE_2204 = "ocid1.image.oc1.phx.aaaaaaaaubuntu2204new"
-
-Response = tuple[int, dict[str, str], str]
-
-
-class Call(NamedTuple):
-    method: str
-    path: str
-    query: dict[str, str]
-    body: Any
-    headers: dict[str, str]  # lower-case names
 
 
 def ocid(kind: str) -> str:
@@ -43,38 +33,19 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
 
 
 @dataclass
-class FakeOCI:
+class FakeOCI(FakeAPI):
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     vnics: dict[str, dict[str, Any]] = field(default_factory=dict)
     attachments: list[dict[str, Any]] = field(default_factory=list)
     tokens: dict[str, str] = field(default_factory=dict)
-    calls: list[Call] = field(default_factory=list)
-    # (method, path regex) -> canned answers, served before the fake's own logic
-    faults: list[tuple[str, str, Response]] = field(default_factory=list)
-    drop: list[str] = field(default_factory=list)  # "METHOD path-regex": act, then lose the answer (transport)
     public_ip: str | None = "203.0.113.10"
     polls_to_run: int | None = None  # GETs a PROVISIONING instance answers before RUNNING; None: stays
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def fail(self, method: str, path: str, response: Response) -> None:
-        self.faults.append((method, path, response))
-
-    def handle(self, method: str, url: str, headers: dict[str, str], body: bytes | str | None) -> Response:
-        with self.lock:
-            parts = urlsplit(url)
-            path, query = parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
-            data = json.loads(body) if body else None
-            self.calls.append(Call(method, path, query, data, {k.lower(): v for k, v in headers.items()}))
-            for fault in self.faults:
-                if fault[0] == method and re.search(fault[1], path):
-                    self.faults.remove(fault)
-                    return fault[2]
-            return self._route(method, path, query, data, headers)
-
-    def _route(self, method: str, path: str, query: dict[str, str], data: Any, headers: dict[str, str]) -> Response:
+    def route(self, call: Call) -> Response:
+        method, path, query, data = call.method, call.path, call.query, call.body
         ok = lambda payload, status=200: (status, {"opc-request-id": "r", "etag": "e"}, json.dumps(payload))  # noqa: E731
         if method == "POST" and path.endswith("/instances"):
-            return ok(self.launch(data, {k.lower(): v for k, v in headers.items()}.get("opc-retry-token")))
+            return ok(self.launch(data, call.headers.get("opc-retry-token")))
         if method == "GET" and path.endswith("/instances"):
             return ok(
                 [
@@ -167,9 +138,6 @@ class FakeOCI:
                 "vnicId": vnic_id,
             }
         )
-
-    def calls_to(self, method: str, path_regex: str) -> list[Call]:
-        return [c for c in self.calls if c[0] == method and re.search(path_regex, c[1])]
 
 
 def images(query: dict[str, str]) -> list[dict[str, Any]]:

@@ -58,20 +58,11 @@ def config(rsa_pem: str) -> dict[str, str]:
 def fake() -> Iterator[FakeOCI]:
     fake = FakeOCI()
 
-    def answer(request: Any) -> tuple[int, dict[str, str], str]:
-        response = fake.handle(request.method, request.url, dict(request.headers), request.body)
-        for rule in list(fake.drop):
-            method, path = rule.split(" ", 1)
-            if method == request.method and re.search(path, request.url):
-                fake.drop.remove(rule)
-                raise VendoredConnectionError("Connection reset by peer")
-        return response
-
     with responses.RequestsMock(
         target="oci._vendor.requests.adapters.HTTPAdapter.send", assert_all_requests_are_fired=False
     ) as mock:
         for method in ("GET", "POST", "PUT", "DELETE"):
-            mock.add_callback(method, re.compile(r"https://.*"), callback=answer)
+            mock.add_callback(method, re.compile(r"https://.*"), callback=fake.answer(VendoredConnectionError))
         yield fake
 
 

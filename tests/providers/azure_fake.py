@@ -1,0 +1,200 @@
+"""A small stateful ARM fake (Compute VMs, Network public IPs/NICs/vnets/NSGs, resource groups).
+
+Payloads follow azure-rest-api-specs examples (VirtualMachine_Create_WithSshAuthentication.json,
+VirtualMachine_Get_InstanceView.json, PublicIpAddressGet.json). Transport-agnostic like ``oci_fake``:
+``handle(method, url, headers, body)`` returns ``(status, headers, body)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from tests.providers.fakeapi import Call, FakeAPI, Response
+
+SUB = "00000000-0000-0000-0000-000000000001"
+RG = "vmq-rg"
+RG_PATH = f"/subscriptions/{SUB}/resourceGroups/{RG}"
+SUBNET_ID = f"{RG_PATH}/providers/Microsoft.Network/virtualNetworks/vnet1/subnets/default"
+NSG_ID = f"{RG_PATH}/providers/Microsoft.Network/networkSecurityGroups/ssh-nsg"
+
+_RESOURCE = re.compile(
+    r"^(/subscriptions/[^/]+/resourceGroups/[^/]+)(?:/providers/(Microsoft\.\w+/\w+)/([^/]+))?$", re.I
+)
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return (
+        status,
+        {"x-ms-request-id": uuid.uuid4().hex, **(headers or {})},
+        json.dumps({"error": {"code": code, "message": message}}),
+    )
+
+
+@dataclass
+class FakeARM(FakeAPI):
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # lower-case ARM id -> resource
+    slow_delete: bool = False  # a deleted VM stays "Deleting" instead of going at once
+    polls_to_run: int | None = None  # GETs a Creating VM answers before Succeeded + running; None: stays
+
+    def __post_init__(self) -> None:
+        self.resources[RG_PATH.lower()] = {
+            "id": RG_PATH,
+            "name": RG,
+            "type": "resourceGroups",
+            "location": "westeurope",
+        }
+
+    def get(self, resource_id: str) -> dict[str, Any] | None:
+        return self.resources.get(resource_id.lower())
+
+    def vm(self, name: str) -> dict[str, Any]:
+        return self.resources[f"{RG_PATH}/providers/Microsoft.Compute/virtualMachines/{name}".lower()]
+
+    def route(self, call: Call) -> Response:
+        if call.method == "GET" and call.path.endswith("/providers/Microsoft.Compute/virtualMachines"):
+            vms = [
+                self._view(r, True) for r in self.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"
+            ]
+            return _ok({"value": vms})
+        match = _RESOURCE.match(call.path)
+        if not match:
+            return error(404, "InvalidResourceType", f"no route {call.method} {call.path}")
+        group, rtype, name = match.groups()
+        if rtype is None:
+            return self._group(call, call.path)
+        if group.lower() not in self.resources:
+            return error(404, "ResourceGroupNotFound", f"Resource group '{group.split('/')[-1]}' could not be found.")
+        key, resource = call.path.lower(), self.resources.get(call.path.lower())
+        if call.method == "GET":
+            if resource is None:
+                return error(
+                    404, "ResourceNotFound", f"The Resource '{rtype}/{name}' under resource group was not found."
+                )
+            return _ok(self._view(resource, call.query.get("$expand") == "instanceView"))
+        if call.method == "DELETE":
+            return self._delete(key, resource)
+        if call.method == "PUT":
+            if resource is not None and call.headers.get("if-none-match") == "*":
+                return error(412, "PreconditionFailed", "The resource already exists (If-None-Match: *).")
+            return self._put(call, rtype, name, resource)
+        return error(405, "MethodNotAllowed", call.method)
+
+    def _group(self, call: Call, path: str) -> Response:
+        if call.method == "PUT":
+            self.resources[path.lower()] = {
+                "id": path,
+                "name": path.split("/")[-1],
+                "type": "resourceGroups",
+                **call.body,
+            }
+        found = self.resources.get(path.lower())
+        if found is None:
+            return error(404, "ResourceGroupNotFound", "Resource group could not be found.")
+        return _ok(found)
+
+    def _put(self, call: Call, rtype: str, name: str, existing: dict[str, Any] | None) -> Response:
+        properties = copy.deepcopy(call.body.get("properties", {}))  # call.body stays as sent
+        resource = {
+            "id": call.path,
+            "name": name,
+            "type": rtype,
+            "location": call.body["location"],
+            "tags": call.body.get("tags", {}),
+            **({"sku": call.body["sku"]} if "sku" in call.body else {}),
+            "properties": {**properties, "provisioningState": "Succeeded"},
+        }
+        props = resource["properties"]
+        if rtype == "Microsoft.Network/publicIPAddresses":
+            props |= {"ipAddress": "20.61.15.7", "resourceGuid": str(uuid.uuid4()), "idleTimeoutInMinutes": 4}
+        elif rtype == "Microsoft.Network/networkInterfaces":
+            for i, config in enumerate(props.get("ipConfigurations", [])):
+                config["id"] = f"{call.path}/ipConfigurations/{config['name']}"
+                config["properties"] |= {"privateIPAddress": f"10.0.0.{4 + i}", "provisioningState": "Succeeded"}
+        elif rtype == "Microsoft.Compute/virtualMachines":
+            props["osProfile"] = {
+                k: v for k, v in properties["osProfile"].items() if k != "customData"
+            }  # never returned
+            props |= {
+                "provisioningState": "Creating",
+                "vmId": str(uuid.uuid4()),
+                "timeCreated": "2026-01-15T10:00:00+00:00",
+            }
+            props["storageProfile"]["osDisk"] |= {"osType": "Linux", "caching": "ReadWrite"}
+            for ref in props["networkProfile"]["networkInterfaces"]:
+                nic = self.get(ref["id"])
+                if nic is None:
+                    return error(
+                        400, "InvalidResourceReference", f"Resource {ref['id']} referenced by resource was not found."
+                    )
+                nic["properties"]["virtualMachine"] = {"id": call.path}
+            resource["_power"] = None
+        if existing and rtype != "Microsoft.Compute/virtualMachines":
+            resource["properties"] = {**existing["properties"], **props}
+        self.resources[call.path.lower()] = resource
+        return (
+            201 if existing is None else 200,
+            {"Azure-AsyncOperation": "https://management.azure.com/op"},
+            json.dumps(self._view(resource, False)),
+        )
+
+    def _delete(self, key: str, resource: dict[str, Any] | None) -> Response:
+        if resource is None:
+            return 204, {}, ""
+        props = resource["properties"]
+        if resource["type"] == "Microsoft.Network/networkInterfaces" and props.get("virtualMachine"):
+            if self.get(props["virtualMachine"]["id"]):
+                return error(400, "NicInUse", "Network Interface is used by existing resource.")
+        if resource["type"] == "Microsoft.Network/publicIPAddresses":
+            for nic in self.resources.values():
+                for config in (
+                    nic["properties"].get("ipConfigurations", []) if nic["type"].endswith("Interfaces") else []
+                ):
+                    if config["properties"].get("publicIPAddress", {}).get("id", "").lower() == key:
+                        return error(400, "PublicIPAddressCannotBeDeleted", "Public IP address is in use.")
+        if resource["type"] == "Microsoft.Compute/virtualMachines":
+            if self.slow_delete:
+                props["provisioningState"] = "Deleting"
+                return 202, {"Azure-AsyncOperation": "https://management.azure.com/op"}, ""
+            del self.resources[key]
+            self._cascade(resource)
+            return 200, {}, ""
+        del self.resources[key]
+        return 200, {}, ""
+
+    def _cascade(self, vm: dict[str, Any]) -> None:
+        """What delete_option="Delete" removes with the VM: its NICs and their public IPs."""
+        for ref in vm["properties"]["networkProfile"]["networkInterfaces"]:
+            nic = self.resources.get(ref["id"].lower())
+            if ref.get("properties", {}).get("deleteOption") != "Delete" or nic is None:
+                continue
+            del self.resources[ref["id"].lower()]
+            for config in nic["properties"].get("ipConfigurations", []):
+                pip_id = config["properties"].get("publicIPAddress", {}).get("id", "").lower()
+                if self.resources.get(pip_id, {}).get("properties", {}).get("deleteOption") == "Delete":
+                    del self.resources[pip_id]
+
+    def _view(self, resource: dict[str, Any], instance_view: bool) -> dict[str, Any]:
+        view = {k: v for k, v in resource.items() if not k.startswith("_")}
+        if resource["type"] != "Microsoft.Compute/virtualMachines" or not instance_view:
+            return view
+        props = resource["properties"]
+        if props["provisioningState"] == "Creating" and self.polls_to_run is not None:
+            resource["_polls"] = resource.get("_polls", 0) + 1
+            if resource["_polls"] > self.polls_to_run:
+                props["provisioningState"], resource["_power"] = "Succeeded", "PowerState/running"
+        statuses = [{"code": f"ProvisioningState/{props['provisioningState'].lower()}", "level": "Info"}]
+        if resource.get("_failure"):
+            statuses = [{"code": f"ProvisioningState/failed/{resource['_failure']}", "level": "Error"}]
+        if resource["_power"]:
+            statuses.append({"code": resource["_power"], "level": "Info", "displayStatus": resource["_power"]})
+        view["properties"] = {**props, "instanceView": {"computerName": resource["name"], "statuses": statuses}}
+        return view
+
+
+def _ok(payload: Any) -> Response:
+    return 200, {"x-ms-request-id": uuid.uuid4().hex}, json.dumps(payload)

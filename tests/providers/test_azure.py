@@ -1,0 +1,453 @@
+"""Azure adapter through the real azure-mgmt SDKs; HTTP answered by a stateful ARM fake through ``responses``."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import responses
+from azure.core.credentials import AccessToken, AccessTokenInfo
+from requests.exceptions import ConnectionError as RequestsConnectionError
+
+from producer.models import VMSpec, VMStatus
+from producer.sshkeys import SSHPublicKey
+from tests.providers.azure_fake import NSG_ID, RG, RG_PATH, SUB, SUBNET_ID, FakeARM, error
+from tests.providers.contract import AdapterContract, make_ed25519_key
+from workers.providers.azure import AzureProvider, _map_error
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+)
+
+SCRIPT = "#cloud-config\npackages: [nginx]\n"
+VM_ID = f"{RG_PATH}/providers/Microsoft.Compute/virtualMachines/web-1".removeprefix("/")
+AZURE_ENV = ("AZURE_SUBSCRIPTION_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET")
+
+
+class FakeCredential:
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        return AccessToken("fake-token", int(time.time()) + 3600)
+
+    def get_token_info(self, *scopes: str, **kwargs: Any) -> AccessTokenInfo:
+        return AccessTokenInfo("fake-token", int(time.time()) + 3600)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeARM]:
+    fake = FakeARM()
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        for method in ("GET", "PUT", "DELETE", "POST", "HEAD"):
+            mock.add_callback(
+                method, re.compile(r"https://management\.azure\.com/.*"), callback=fake.answer(RequestsConnectionError)
+            )
+        yield fake
+
+
+@pytest.fixture
+def provider(fake: FakeARM) -> AzureProvider:
+    return AzureProvider(credential=FakeCredential(), subscription_id=SUB)
+
+
+def make_spec(image: str = "Canonical:ubuntu-24_04-lts:server:latest", **options: Any) -> VMSpec:
+    opts = {"resource_group": RG, "subnet_id": SUBNET_ID, "nsg_id": NSG_ID, "admin_username": "ops"}
+    return VMSpec(
+        provider="azure",
+        name="web-1",
+        region="westeurope",
+        instance_type="Standard_B1s",
+        image=image,
+        labels={"team": "infra"},
+        options={**opts, **options},
+    )
+
+
+def key() -> SSHPublicKey:
+    return SSHPublicKey.parse(make_ed25519_key())
+
+
+def boot(fake: FakeARM, provisioning: str = "Succeeded", power: str | None = "PowerState/running") -> None:
+    vm = fake.vm("web-1")
+    vm["properties"]["provisioningState"], vm["_power"] = provisioning, power
+
+
+OWNED = {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": "job-1"}
+
+
+class TestAzure(AdapterContract):
+    def test_create_sends_key_script_and_labels(self, provider: AzureProvider, fake: FakeARM) -> None:
+        ssh_key = key()
+        info = provider.create_vm(make_spec(), ssh_key, SCRIPT, job_id="job-1")
+
+        assert (info.instance_id, info.status, info.provider_status) == (VM_ID, VMStatus.pending, "Creating")
+        [pip] = fake.calls_to("PUT", r"/publicIPAddresses/web-1-pip$")
+        assert pip.body["sku"] == {"name": "Standard"} and pip.body["tags"] == OWNED
+        assert pip.body["properties"] == {
+            "publicIPAllocationMethod": "Static",
+            "publicIPAddressVersion": "IPv4",
+            "deleteOption": "Delete",
+        }
+        [nic] = fake.calls_to("PUT", r"/networkInterfaces/web-1-nic$")
+        [config] = nic.body["properties"]["ipConfigurations"]
+        assert config["properties"]["subnet"] == {"id": SUBNET_ID}
+        assert config["properties"]["publicIPAddress"]["id"].endswith("/publicIPAddresses/web-1-pip")
+        assert nic.body["properties"]["networkSecurityGroup"] == {"id": NSG_ID} and nic.body["tags"] == OWNED
+        [put] = fake.calls_to("PUT", r"/virtualMachines/web-1$")
+        assert put.headers["if-none-match"] == "*"
+        vm = put.body["properties"]
+        assert put.body["tags"] == OWNED and vm["hardwareProfile"] == {"vmSize": "Standard_B1s"}
+        assert base64.b64decode(vm["osProfile"]["customData"]).decode() == SCRIPT
+        assert vm["osProfile"]["adminUsername"] == "ops" and vm["osProfile"]["computerName"] == "web-1"
+        assert vm["osProfile"]["linuxConfiguration"] == {
+            "disablePasswordAuthentication": True,
+            "ssh": {"publicKeys": [{"path": "/home/ops/.ssh/authorized_keys", "keyData": ssh_key.openssh}]},
+        }
+        assert vm["storageProfile"]["osDisk"] == {
+            "name": "web-1-osdisk",
+            "createOption": "FromImage",
+            "deleteOption": "Delete",
+        }
+        [ref] = vm["networkProfile"]["networkInterfaces"]
+        assert ref["id"].endswith("/networkInterfaces/web-1-nic")
+        assert ref["properties"] == {"primary": True, "deleteOption": "Delete"}
+        assert all(c.query["api-version"] for c in fake.calls)
+
+    def test_create_without_network_options_is_invalid(self, provider: AzureProvider, fake: FakeARM) -> None:
+        with pytest.raises(InvalidSpecError, match="subnet_id, or vnet_name and subnet_name, or create_network"):
+            provider.create_vm(make_spec(subnet_id=None), key(), job_id="job-1")
+        assert not fake.calls
+
+    def test_create_network_only_when_asked_and_missing(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(subnet_id=None, nsg_id=None, create_network=True), key(), job_id="job-1")
+
+        [vnet] = fake.calls_to("PUT", r"/virtualNetworks/vmq-vnet$")
+        assert vnet.body["properties"]["subnets"] == [
+            {"name": "vmq-subnet", "properties": {"addressPrefix": "10.0.0.0/24"}}
+        ]
+        [nsg] = fake.calls_to("PUT", r"/networkSecurityGroups/vmq-nsg$")
+        [rule] = nsg.body["properties"]["securityRules"]
+        assert (rule["properties"]["destinationPortRange"], rule["properties"]["access"]) == ("22", "Allow")
+        [nic] = fake.calls_to("PUT", r"/networkInterfaces/")
+        assert nic.body["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"].endswith(
+            "/virtualNetworks/vmq-vnet/subnets/vmq-subnet"
+        )
+        fake.calls.clear()
+        provider.create_vm(make_spec(subnet_id=None, nsg_id=None, create_network=True), key(), job_id="job-1")
+        assert not fake.calls_to("PUT", r"/virtualNetworks/|/networkSecurityGroups/")  # exists: left alone
+
+    def test_create_resolves_image_alias(self, provider: AzureProvider, fake: FakeARM) -> None:
+        assert provider.prepare_spec(make_spec(image="ubuntu-22.04")).image == (
+            "Canonical:0001-com-ubuntu-server-jammy:22_04-lts-gen2:latest"
+        )
+        spec = provider.prepare_spec(make_spec(image="debian-12"))
+        provider.create_vm(spec, key(), job_id="job-1")
+        [put] = fake.calls_to("PUT", r"/virtualMachines/")
+        assert put.body["properties"]["storageProfile"]["imageReference"] == {
+            "publisher": "Debian",
+            "offer": "debian-12",
+            "sku": "12-gen2",
+            "version": "latest",
+        }
+        native = "Canonical:0001-com-ubuntu-server-jammy:22_04-lts:22.04.202601150"
+        assert provider.prepare_spec(make_spec(image=native)).image == native
+        with pytest.raises(InvalidSpecError, match="publisher:offer:sku:version"):
+            provider.prepare_spec(make_spec(image="ubuntu"))
+
+    def test_create_twice_same_job_one_vm(self, provider: AzureProvider, fake: FakeARM) -> None:
+        first = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
+        second = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
+
+        assert first.instance_id == second.instance_id == VM_ID
+        assert [c.query.get("$expand") for c in fake.calls_to("GET", r"/virtualMachines/")] == ["instanceView"]
+        assert len([r for r in fake.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"]) == 1
+        with pytest.raises(InvalidSpecError, match="another job"):
+            provider.create_vm(make_spec(), key(), job_id="job-2")
+
+    def test_create_lost_answer_one_vm(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.drop.append("PUT /virtualMachines/web-1")  # ARM accepts the VM, the answer is lost
+
+        with pytest.raises(TransientError):
+            provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
+        info = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")  # the task's retry
+
+        assert info.instance_id == VM_ID
+        assert len([r for r in fake.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"]) == 1
+
+    def test_create_waits_for_public_ip(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.fail(
+            "PUT", r"/publicIPAddresses/", (201, {}, '{"id": "x", "properties": {"provisioningState": "Updating"}}')
+        )
+        with pytest.raises(TransientError, match="Updating"):
+            provider.create_vm(make_spec(), key(), job_id="job-1")
+        assert not fake.calls_to("PUT", r"/networkInterfaces/")
+
+    @pytest.mark.parametrize(
+        ("provisioning", "power", "expected"),
+        [
+            ("Creating", None, VMStatus.pending),
+            ("Creating", "PowerState/starting", VMStatus.pending),
+            ("Migrating", "PowerState/running", VMStatus.pending),
+            ("Succeeded", None, VMStatus.pending),
+            ("Succeeded", "PowerState/starting", VMStatus.pending),
+            ("Succeeded", "PowerState/running", VMStatus.running),
+            ("Updating", "PowerState/running", VMStatus.running),
+            ("Succeeded", "PowerState/stopping", VMStatus.stopping),
+            ("Succeeded", "PowerState/deallocating", VMStatus.stopping),
+            ("Updating", "PowerState/stopped", VMStatus.stopped),
+            ("Succeeded", "PowerState/deallocated", VMStatus.stopped),
+            ("Deleting", "PowerState/running", VMStatus.terminating),
+            ("Failed", "PowerState/running", VMStatus.error),
+            ("Canceled", None, VMStatus.unknown),
+            ("Succeeded", "PowerState/unknown", VMStatus.unknown),
+        ],
+    )
+    def test_get_maps_every_documented_state(
+        self, provider: AzureProvider, fake: FakeARM, provisioning: str, power: str | None, expected: VMStatus
+    ) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        boot(fake, provisioning, power)
+
+        info = provider.get_vm(VM_ID)
+
+        assert info.status is expected
+        assert info.provider_status == " ".join(filter(None, (provisioning, power)))
+
+    def test_get_failed_names_the_failure(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        boot(fake, "Failed", None)
+        fake.vm("web-1")["_failure"] = "AllocationFailed"
+
+        info = provider.get_vm(VM_ID)
+
+        assert info.status is VMStatus.error
+        assert info.provider_status == "Failed ProvisioningState/failed/AllocationFailed"
+
+    def test_get_public_and_private_ips(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        boot(fake)
+
+        info = provider.get_vm(VM_ID)
+
+        assert (info.status, info.public_ipv4, info.private_ipv4, info.public_ipv6) == (
+            VMStatus.running,
+            "20.61.15.7",
+            "10.0.0.4",
+            None,
+        )
+        assert (info.region, info.instance_type, info.image) == (
+            "westeurope",
+            "Standard_B1s",
+            "Canonical:ubuntu-24_04-lts:server:latest",
+        )
+        assert info.labels == OWNED and info.created_at is not None
+        assert [c.path.rsplit("/", 1)[-1] for c in fake.calls_to("GET", "")] == ["web-1", "web-1-nic", "web-1-pip"]
+
+    def test_get_without_public_ip(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        nic = fake.get(f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/web-1-nic")
+        del nic["properties"]["ipConfigurations"][0]["properties"]["publicIPAddress"]
+
+        info = provider.get_vm(VM_ID)
+
+        assert info.public_ipv4 is None and info.private_ipv4 == "10.0.0.4"
+        assert not fake.calls_to("GET", r"/publicIPAddresses/")
+
+    def test_get_unknown_raises_not_found(self, provider: AzureProvider) -> None:
+        with pytest.raises(NotFoundError) as caught:
+            provider.get_vm(VM_ID)
+        assert caught.value.provider_code == "ResourceNotFound"
+        with pytest.raises(InvalidSpecError, match="ARM id"):
+            provider.get_vm("web-1")
+
+    def test_destroy(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+
+        assert provider.destroy_vm(VM_ID) is None
+
+        assert [(c.method, c.path.rsplit("/", 1)[-1]) for c in fake.calls if c.method != "PUT"] == [
+            ("DELETE", "web-1"),
+            ("GET", "web-1"),
+            ("DELETE", "web-1-nic"),
+            ("DELETE", "web-1-pip"),
+        ]
+        assert list(fake.resources) == [RG_PATH.lower()]  # nothing of the VM is left
+
+    def test_destroy_while_deleting_leaves_helpers_to_the_vm(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        fake.slow_delete = True
+
+        assert provider.destroy_vm(VM_ID) is None
+
+        assert not fake.calls_to("DELETE", r"-nic$|-pip$")  # they go with the VM (delete_option="Delete")
+        assert provider.get_vm(VM_ID).status is VMStatus.terminating
+
+    def test_destroy_half_done_create(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.fail(
+            "PUT",
+            r"/virtualMachines/",
+            error(
+                409,
+                "OperationNotAllowed",
+                "Operation could not be completed as it results in exceeding approved standardBSFamily Cores quota.",
+            ),
+        )
+        with pytest.raises(QuotaExceededError):
+            provider.create_vm(make_spec(), key(), job_id="job-1")
+        assert len(fake.resources) == 3  # the group, the NIC and the public IP
+
+        provider.destroy_vm(VM_ID)
+
+        assert list(fake.resources) == [RG_PATH.lower()]
+
+    def test_destroy_twice(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        provider.destroy_vm(VM_ID)
+
+        assert provider.destroy_vm(VM_ID) is None
+        assert list(fake.resources) == [RG_PATH.lower()]
+
+    def test_destroy_unknown_id(self, provider: AzureProvider, fake: FakeARM) -> None:
+        assert provider.destroy_vm(VM_ID.replace("web-1", "nope")) is None
+        assert len(fake.calls_to("DELETE", "")) == 3  # VM 204, then NIC and IP by name, absent: 204
+        gone_group = VM_ID.replace(RG, "deleted-rg")
+        assert provider.destroy_vm(gone_group) is None
+
+    def test_destroy_nic_still_reserved_is_transient(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.fail(
+            "DELETE", r"/networkInterfaces/", error(400, "NicReservedForAnotherVm", "Nic is reserved for another VM.")
+        )
+        with pytest.raises(TransientError) as caught:
+            provider.destroy_vm(VM_ID)
+        assert caught.value.provider_code == "NicReservedForAnotherVm"
+
+    @pytest.mark.parametrize(
+        ("status", "code", "expected"),
+        [
+            (401, "InvalidAuthenticationToken", AuthError),
+            (403, "AuthorizationFailed", AuthError),
+            (400, "InvalidParameter", InvalidSpecError),
+            (400, "BadRequest", InvalidSpecError),
+            (404, "ResourceGroupNotFound", InvalidSpecError),
+            (400, "PlatformImageNotFound", InvalidSpecError),
+            (409, "OperationNotAllowed", QuotaExceededError),
+            (409, "QuotaExceeded", QuotaExceededError),
+            (409, "SkuNotAvailable", CapacityError),
+            (409, "AllocationFailed", CapacityError),
+            (409, "ZonalAllocationFailed", CapacityError),
+            (500, "InternalServerError", TransientError),
+            (503, "ServiceUnavailable", TransientError),
+            (409, "Conflict", ProviderError),
+        ],
+    )
+    def test_errors_map_to_taxonomy(
+        self, provider: AzureProvider, fake: FakeARM, status: int, code: str, expected: type
+    ) -> None:
+        fake.fail("PUT", r"/virtualMachines/", error(status, code, f"{code}: details"))
+
+        with pytest.raises(ProviderError) as caught:
+            provider.create_vm(make_spec(), key(), job_id="job-1")
+
+        assert type(caught.value) is expected
+        assert (caught.value.provider_code, caught.value.message) == (code, f"{code}: details")
+
+    def test_async_allocation_failure_is_capacity(self, fake: FakeARM) -> None:
+        from azure.mgmt.compute import ComputeManagementClient
+        from azure.mgmt.compute.models import VirtualMachine
+
+        op = (
+            "https://management.azure.com/subscriptions/x/providers/Microsoft.Compute/locations/westeurope/operations/1"
+        )
+        fake.fail(
+            "PUT",
+            r"/virtualMachines/",
+            (201, {"Azure-AsyncOperation": op}, '{"properties": {"provisioningState": "Creating"}}'),
+        )
+        fake.fail(
+            "GET",
+            r"/operations/1$",
+            (200, {}, '{"status": "Failed", "error": {"code": "AllocationFailed", "message": "Allocation failed."}}'),
+        )
+        client = ComputeManagementClient(FakeCredential(), SUB, retry_total=0)
+        with pytest.raises(Exception) as caught:  # the SDK's own poller, which the adapter never uses
+            client.virtual_machines.begin_create_or_update(
+                RG, "web-1", VirtualMachine(location="westeurope"), polling_interval=0
+            ).result()
+
+        mapped = _map_error(caught.value)
+        assert (
+            caught.value.status_code == 200
+            and type(mapped) is CapacityError
+            and mapped.provider_code == "AllocationFailed"
+        )
+
+    def test_connection_error_is_transient(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.drop.append("GET /virtualMachines/")
+        with pytest.raises(TransientError):
+            provider.get_vm(VM_ID)
+
+    def test_rate_limited_carries_retry_after(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.fail(
+            "GET", r"/virtualMachines/", error(429, "TooManyRequests", "Too many requests", {"Retry-After": "17"})
+        )
+
+        with pytest.raises(RateLimitedError) as caught:
+            provider.get_vm(VM_ID)
+
+        assert caught.value.retry_after_s == 17.0 and caught.value.provider_code == "TooManyRequests"
+
+    def test_missing_credentials_auth_error(self, monkeypatch: pytest.MonkeyPatch, fake: FakeARM) -> None:
+        for var in AZURE_ENV:
+            monkeypatch.delenv(var, raising=False)
+        with pytest.raises(AuthError, match="AZURE_SUBSCRIPTION_ID.*AZURE_TENANT_ID.*AZURE_CLIENT_SECRET"):
+            AzureProvider().get_vm(VM_ID)
+
+        monkeypatch.setenv("AZURE_SUBSCRIPTION_ID", SUB)
+        monkeypatch.setenv("AZURE_TOKEN_CREDENTIALS", "EnvironmentCredential")  # no IMDS or CLI probes offline
+        with pytest.raises(AuthError, match="AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET"):
+            AzureProvider().get_vm(VM_ID)
+        assert not fake.calls
+
+    @pytest.mark.parametrize(("status", "code"), [(429, "TooManyRequests"), (500, "InternalServerError")])
+    def test_sdk_retries_off(self, provider: AzureProvider, fake: FakeARM, status: int, code: str) -> None:
+        for _ in range(3):
+            fake.fail("GET", r"/virtualMachines/", error(status, code, "no", {"Retry-After": "0"}))
+
+        with pytest.raises(ProviderError):
+            provider.get_vm(VM_ID)
+
+        assert len(fake.calls) == 1
+
+    def test_list_owned_vms(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        boot(fake)
+        stranger = {**fake.vm("web-1"), "id": "/" + VM_ID.replace("web-1", "other"), "name": "other", "tags": {}}
+        fake.resources[stranger["id"].lower()] = stranger
+
+        owned = provider.list_owned_vms()
+
+        assert [(vm.instance_id, vm.status) for vm in owned] == [(VM_ID, VMStatus.running)]
+        [call] = fake.calls_to("GET", r"/virtualMachines$")
+        assert call.path == f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines"
+        assert call.query["statusOnly"] == "true"
+
+    def test_local_http_endpoint(self, fake: FakeARM, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("VMQ_AZURE_ENDPOINT", "http://127.0.0.1:9")
+        with responses.RequestsMock() as mock:
+            mock.get(
+                re.compile(r"http://127\.0\.0\.1:9/subscriptions/.*"),
+                status=404,
+                json={"error": {"code": "ResourceNotFound", "message": "gone"}},
+            )
+            with pytest.raises(NotFoundError):
+                AzureProvider(credential=FakeCredential(), subscription_id=SUB).get_vm(VM_ID)
+            assert mock.calls[0].request.headers["Authorization"] == "Bearer fake-token"

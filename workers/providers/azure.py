@@ -1,0 +1,442 @@
+"""Microsoft Azure adapter (see the Provider protocol in ``base.py``).
+
+Credentials: ``DefaultAzureCredential`` (e.g. ``AZURE_TENANT_ID``/``AZURE_CLIENT_ID``/``AZURE_CLIENT_SECRET``)
+plus ``AZURE_SUBSCRIPTION_ID``. The instance id is the VM's ARM id without its leading "/", which the
+contract's instance-id pattern refuses (both forms are accepted):
+``subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>``.
+Per VM a Standard static public IP ``{vm}-pip`` and a NIC ``{vm}-nic``; they, the OS disk ``{vm}-osdisk``
+and the VM are deterministic names, so a repeated create PUTs the same resources, and the VM PUT carries
+``If-None-Match: *`` so a second one adopts the first (by its ``vmqueue-job`` tag) instead of replacing it.
+``VMQ_AZURE_ENDPOINT`` replaces the ARM endpoint (a local fake in system tests; plain http allowed there).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import threading
+from contextlib import suppress
+from typing import Any, NamedTuple
+
+from producer.images import IMAGES
+from producer.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
+from producer.options import AzureOptions
+from producer.sshkeys import SSHPublicKey
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+    map_errors,
+)
+
+ENDPOINT_ENV = "VMQ_AZURE_ENDPOINT"
+SUBSCRIPTION_ENV = "AZURE_SUBSCRIPTION_ID"
+CREDENTIAL_VARS = "AZURE_SUBSCRIPTION_ID and AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET"
+CLIENT_KWARGS: dict[str, Any] = {"retry_total": 0, "connection_timeout": 10, "read_timeout": 30}
+NETWORK_DEFAULTS = {"vnet": "vmq-vnet", "subnet": "vmq-subnet", "nsg": "vmq-nsg"}  # create_network's names
+_VM_ID = re.compile(
+    r"^/?subscriptions/[^/]+/resourceGroups/([^/]+)/providers/Microsoft\.Compute/virtualMachines/([^/]+)$", re.I
+)
+
+# Raw states are the VM's provisioningState and its instanceView "PowerState/..." code. A provisioning
+# state other than Succeeded/Updating decides alone; with those two the power state decides (libcloud
+# stopped at the first match and called a running VM "updating").
+STATUS_MAP: dict[str, VMStatus] = {
+    "Creating": VMStatus.pending,
+    "Migrating": VMStatus.pending,
+    "Succeeded": VMStatus.pending,  # no PowerState yet
+    "Updating": VMStatus.pending,  # no PowerState yet
+    "Deleting": VMStatus.terminating,
+    "Failed": VMStatus.error,
+    "PowerState/starting": VMStatus.pending,
+    "PowerState/running": VMStatus.running,
+    "PowerState/stopping": VMStatus.stopping,
+    "PowerState/deallocating": VMStatus.stopping,
+    "PowerState/stopped": VMStatus.stopped,  # still billed
+    "PowerState/deallocated": VMStatus.stopped,
+}
+
+# ARM puts quota and SKU errors in 409s like any conflict: the error code decides, then the status.
+ERROR_CODES: dict[str, type[ProviderError]] = {
+    "InvalidAuthenticationToken": AuthError,
+    "AuthenticationFailed": AuthError,
+    "AuthorizationFailed": AuthError,
+    "LinkedAuthorizationFailed": AuthError,
+    "InvalidParameter": InvalidSpecError,
+    "BadRequest": InvalidSpecError,
+    "InvalidResourceReference": InvalidSpecError,
+    "PlatformImageNotFound": InvalidSpecError,
+    "ResourceGroupNotFound": InvalidSpecError,  # the group is an option: the spec is wrong, not the VM gone
+    "ResourceNotFound": NotFoundError,
+    "NotFound": NotFoundError,
+    "OperationNotAllowed": QuotaExceededError,  # e.g. cores quota
+    "QuotaExceeded": QuotaExceededError,
+    "PublicIPCountLimitReached": QuotaExceededError,
+    "SkuNotAvailable": CapacityError,
+    "AllocationFailed": CapacityError,
+    "ZonalAllocationFailed": CapacityError,
+    "OverconstrainedAllocationRequest": CapacityError,
+    "TooManyRequests": RateLimitedError,
+    "SubscriptionRequestsThrottled": RateLimitedError,
+    "NicInUse": TransientError,  # a NIC stays reserved ~180 s after its VM is gone
+    "NicReservedForAnotherVm": TransientError,
+    "PublicIPAddressCannotBeDeleted": TransientError,  # its NIC is still being deleted
+    "InUsePublicIpAddressCannotBeDeleted": TransientError,
+    "ReferencedResourceNotProvisioned": TransientError,
+    "AnotherOperationInProgress": TransientError,
+    "RetryableError": TransientError,
+}
+
+
+def _map_error(exc: Exception) -> ProviderError:
+    from azure.core import exceptions as az
+
+    if isinstance(exc, az.ClientAuthenticationError) and not exc.status_code:  # the credential chain itself
+        return AuthError(f"no Azure credentials: set {CREDENTIAL_VARS} ({exc.message})")
+    if isinstance(exc, az.HttpResponseError):
+        status, code = exc.status_code or 0, exc.error.code if exc.error else None
+        message = (exc.error.message if exc.error else None) or exc.reason or str(exc)
+        cls = ERROR_CODES.get(code or "")
+        if cls is RateLimitedError or status == 429:
+            retry_after = exc.response.headers.get("Retry-After") if exc.response is not None else None
+            return RateLimitedError(message, provider_code=code, retry_after_s=_seconds(retry_after))
+        if cls is None:
+            if status in (401, 403):
+                cls = AuthError
+            elif status == 404:
+                cls = NotFoundError
+            elif status in (400, 422):
+                cls = InvalidSpecError
+            else:
+                cls = TransientError if status >= 500 or status == 408 else ProviderError
+        return cls(message, provider_code=code or str(status))
+    if isinstance(exc, (az.ServiceRequestError, az.ServiceResponseError)):  # connection errors, timeouts
+        return TransientError(f"Azure request failed: {exc}", provider_code=type(exc).__name__)
+    return ProviderError(str(exc), provider_code=type(exc).__name__)
+
+
+class _Clients(NamedTuple):
+    compute: Any
+    network: Any
+
+
+class AzureProvider:
+    """Azure Compute + Network; see the Provider protocol."""
+
+    name = "azure"
+
+    def __init__(self, credential: Any = None, subscription_id: str | None = None, endpoint: str | None = None) -> None:
+        self._credential = credential
+        self._subscription_id = subscription_id or os.environ.get(SUBSCRIPTION_ENV) or None
+        self._endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or None
+        self._clients: _Clients | None = None
+        self._lock = threading.Lock()
+
+    def _client(self) -> _Clients:
+        from azure.mgmt.compute import ComputeManagementClient
+        from azure.mgmt.network import NetworkManagementClient
+
+        with self._lock, map_errors(_map_error):
+            if self._clients is None:
+                if not self._subscription_id:
+                    raise AuthError(f"{SUBSCRIPTION_ENV} is not set: set {CREDENTIAL_VARS}")
+                if self._credential is None:
+                    from azure.identity import DefaultAzureCredential
+
+                    self._credential = DefaultAzureCredential()
+                kwargs = dict(CLIENT_KWARGS)
+                if self._endpoint:
+                    kwargs["base_url"] = self._endpoint
+                    kwargs["credential_scopes"] = ["https://management.azure.com/.default"]
+                    if self._endpoint.startswith("http://"):
+                        kwargs["authentication_policy"] = _plain_http_auth(self._credential)
+                self._clients = _Clients(
+                    ComputeManagementClient(self._credential, self._subscription_id, **kwargs),
+                    NetworkManagementClient(self._credential, self._subscription_id, **kwargs),
+                )
+            return self._clients
+
+    def prepare_spec(self, spec: VMSpec) -> VMSpec:
+        """Resolve an image alias to its publisher:offer:sku:version URN; a URN passes through."""
+        resolved = spec.model_copy(update={"image": IMAGES["azure"].get(spec.image, spec.image)})
+        _image_reference(resolved.image)
+        return resolved
+
+    def create_vm(
+        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+    ) -> VMInfo:
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceExistsError
+        from azure.mgmt.compute import models as cm
+        from azure.mgmt.network import models as nm
+
+        opts, name, tags = _options(spec), spec.name, spec.ownership_labels(job_id)
+        rg, clients = opts.resource_group, self._client()
+        subnet_id, nsg_id = self._network(spec, opts)
+        with map_errors(_map_error):
+            pip = clients.network.public_ip_addresses.begin_create_or_update(
+                rg,
+                f"{name}-pip",
+                nm.PublicIPAddress(
+                    location=spec.region,
+                    tags=tags,
+                    sku=nm.PublicIPAddressSku(name="Standard"),  # Basic is retired
+                    public_ip_allocation_method="Static",
+                    public_ip_address_version="IPv4",
+                    delete_option="Delete",
+                ),
+                polling=False,
+            ).result()
+            if (state := pip.provisioning_state) != "Succeeded":  # a NIC may only reference a provisioned IP
+                raise TransientError(f"public IP {name}-pip is {getattr(state, 'value', state)}; create again later")
+            nic = clients.network.network_interfaces.begin_create_or_update(
+                rg,
+                f"{name}-nic",
+                nm.NetworkInterface(
+                    location=spec.region,
+                    tags=tags,
+                    network_security_group=nm.NetworkSecurityGroup(id=nsg_id) if nsg_id else None,
+                    ip_configurations=[
+                        nm.NetworkInterfaceIPConfiguration(
+                            name="ipconfig1",
+                            primary=True,
+                            subnet=nm.Subnet(id=subnet_id),
+                            private_ip_allocation_method="Dynamic",
+                            public_ip_address=nm.PublicIPAddress(id=pip.id),
+                        )
+                    ],
+                ),
+                polling=False,
+            ).result()
+            vm = cm.VirtualMachine(
+                location=spec.region,
+                tags=tags,
+                hardware_profile=cm.HardwareProfile(vm_size=spec.instance_type),
+                storage_profile=cm.StorageProfile(
+                    image_reference=_image_reference(spec.image),
+                    os_disk=cm.OSDisk(name=f"{name}-osdisk", create_option="FromImage", delete_option="Delete"),
+                ),
+                os_profile=cm.OSProfile(
+                    computer_name=name,
+                    admin_username=opts.admin_username,
+                    custom_data=base64.b64encode(startup_script.encode()).decode() if startup_script else None,
+                    linux_configuration=cm.LinuxConfiguration(
+                        disable_password_authentication=True,
+                        ssh=cm.SshConfiguration(
+                            public_keys=[
+                                cm.SshPublicKey(
+                                    path=f"/home/{opts.admin_username}/.ssh/authorized_keys", key_data=ssh_key.openssh
+                                )
+                            ]
+                        ),
+                    ),
+                ),
+                network_profile=cm.NetworkProfile(
+                    network_interfaces=[cm.NetworkInterfaceReference(id=nic.id, primary=True, delete_option="Delete")]
+                ),
+            )
+            try:
+                created = clients.compute.virtual_machines.begin_create_or_update(
+                    rg, name, vm, match_condition=MatchConditions.IfMissing, polling=False
+                ).result()
+            except ResourceExistsError as exc:
+                if exc.status_code != 412:
+                    raise
+                created = clients.compute.virtual_machines.get(rg, name, expand="instanceView")
+                if (created.tags or {}).get(LABEL_JOB) != job_id:
+                    raise InvalidSpecError(f"a VM named {name!r} already exists in {rg} for another job") from exc
+        return _info(created)
+
+    def get_vm(self, instance_id: str) -> VMInfo:
+        rg, name = _parse_id(instance_id)
+        clients = self._client()
+        with map_errors(_map_error):
+            vm = clients.compute.virtual_machines.get(rg, name, expand="instanceView")
+            nic = pip = None
+            if vm.provisioning_state != "Deleting" and vm.network_profile and vm.network_profile.network_interfaces:
+                # Generic VM -> NIC -> PIP walk (3 GETs), so an adopted VM with other names reads the same.
+                nic = _get_or_none(clients.network.network_interfaces.get, vm.network_profile.network_interfaces[0].id)
+                ref = nic.ip_configurations[0].public_ip_address if nic and nic.ip_configurations else None
+                pip = _get_or_none(clients.network.public_ip_addresses.get, ref.id) if ref and ref.id else None
+        return _info(vm, nic, pip)
+
+    def destroy_vm(self, instance_id: str) -> None:
+        rg, name = _parse_id(instance_id)
+        clients = self._client()
+        vms = clients.compute.virtual_machines
+        try:
+            with map_errors(_map_error):
+                vms.begin_delete(rg, name, polling=False).result()  # a missing VM answers 204
+                vms.get(rg, name)
+            return None  # still deleting: NIC, IP and disk go with it (delete_option="Delete")
+        except NotFoundError:
+            pass  # gone, or never made (a half-done create): its helpers go by name below
+        except InvalidSpecError as exc:
+            if exc.provider_code != "ResourceGroupNotFound":
+                raise
+            return None  # the group is gone, and everything in it
+        with map_errors(_map_error):
+            clients.network.network_interfaces.begin_delete(rg, f"{name}-nic", polling=False).result()  # absent: 204
+            clients.network.public_ip_addresses.begin_delete(rg, f"{name}-pip", polling=False).result()
+        return None
+
+    def list_owned_vms(self) -> list[VMInfo]:
+        """VMs of the subscription tagged managed-by=vmqueue, with power states (statusOnly), no IPs.
+
+        ARM filters VM lists by scale set only, so the tag filter runs here, over one paged list call.
+        """
+        with map_errors(_map_error):
+            vms = list(self._client().compute.virtual_machines.list_all(status_only="true"))
+        return [_info(vm) for vm in vms if (vm.tags or {}).get(LABEL_MANAGED_BY) == "vmqueue"]
+
+    def _network(self, spec: VMSpec, opts: AzureOptions) -> tuple[str, str | None]:
+        """The subnet id and NSG id of the options; with create_network, made if missing (never silently)."""
+        if opts.subnet_id:
+            return opts.subnet_id, opts.nsg_id
+        vnet, subnet = opts.vnet_name, opts.subnet_name
+        if not opts.create_network and not (vnet and subnet):
+            raise InvalidSpecError(
+                "Azure needs options.subnet_id, or vnet_name and subnet_name, or create_network=true"
+            )
+        vnet, subnet = vnet or NETWORK_DEFAULTS["vnet"], subnet or NETWORK_DEFAULTS["subnet"]
+        rg_path = f"/subscriptions/{self._subscription_id}/resourceGroups/{opts.resource_group}"
+        subnet_id = f"{rg_path}/providers/Microsoft.Network/virtualNetworks/{vnet}/subnets/{subnet}"
+        if opts.create_network:
+            return subnet_id, self._create_network(spec, opts, rg_path, vnet, subnet)
+        return subnet_id, opts.nsg_id
+
+    def _create_network(self, spec: VMSpec, opts: AzureOptions, rg_path: str, vnet: str, subnet: str) -> str | None:
+        """Resource group, an NSG allowing TCP 22 and the vnet/subnet, each only when missing."""
+        from azure.core.exceptions import ResourceNotFoundError
+        from azure.core.rest import HttpRequest
+        from azure.mgmt.network import models as nm
+
+        network, rg, owned = self._client().network, opts.resource_group, {LABEL_MANAGED_BY: "vmqueue"}
+        with map_errors(_map_error):
+            group_url = f"{rg_path}?api-version=2022-09-01"
+            if network.send_request(HttpRequest("GET", group_url)).status_code == 404:
+                body = {"location": spec.region, "tags": owned}
+                network.send_request(HttpRequest("PUT", group_url, json=body)).raise_for_status()
+            try:
+                network.virtual_networks.get(rg, vnet)
+                return opts.nsg_id  # the subnet's own NSG, if any, applies
+            except ResourceNotFoundError:
+                pass
+            nsg_id = opts.nsg_id
+            if nsg_id is None:
+                ssh = nm.SecurityRule(
+                    name="ssh",
+                    priority=1000,
+                    direction="Inbound",
+                    access="Allow",
+                    protocol="Tcp",
+                    source_address_prefix="*",
+                    source_port_range="*",
+                    destination_address_prefix="*",
+                    destination_port_range="22",
+                )
+                group = nm.NetworkSecurityGroup(location=spec.region, tags=owned, security_rules=[ssh])
+                poller = network.network_security_groups.begin_create_or_update(
+                    rg, NETWORK_DEFAULTS["nsg"], group, polling=False
+                )
+                nsg_id = poller.result().id
+            network.virtual_networks.begin_create_or_update(
+                rg,
+                vnet,
+                nm.VirtualNetwork(
+                    location=spec.region,
+                    tags=owned,
+                    address_space=nm.AddressSpace(address_prefixes=["10.0.0.0/16"]),
+                    subnets=[nm.Subnet(name=subnet, address_prefix="10.0.0.0/24")],
+                ),
+                polling=False,
+            )
+        return nsg_id
+
+
+def _options(spec: VMSpec) -> AzureOptions:
+    if not isinstance(spec.options, AzureOptions):
+        raise InvalidSpecError("Azure needs options: resource_group and the network (subnet_id or vnet/subnet)")
+    return spec.options
+
+
+def _parse_id(instance_id: str) -> tuple[str, str]:
+    match = _VM_ID.match(instance_id)
+    if not match:
+        raise InvalidSpecError(
+            f"{instance_id!r} is not a VM's ARM id "
+            "(subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>)"
+        )
+    return match.group(1), match.group(2)
+
+
+def _image_reference(urn: str) -> Any:
+    from azure.mgmt.compute.models import ImageReference
+
+    parts = urn.split(":")
+    if len(parts) != 4 or not all(parts):
+        raise InvalidSpecError(f"Azure image {urn!r}: use an alias or a publisher:offer:sku:version URN")
+    return ImageReference(publisher=parts[0], offer=parts[1], sku=parts[2], version=parts[3])
+
+
+def _get_or_none(get: Any, resource_id: str) -> Any | None:
+    """GET a network resource by its ARM id; a missing one is None."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    parts = resource_id.split("/")
+    with suppress(ResourceNotFoundError):
+        return get(parts[4], parts[-1])
+    return None
+
+
+def _plain_http_auth(credential: Any) -> Any:
+    """Bearer auth that also works over http://, for a local fake endpoint only."""
+    from azure.mgmt.core.policies import ARMChallengeAuthenticationPolicy
+
+    class PlainHttpAuth(ARMChallengeAuthenticationPolicy):
+        def on_request(self, request: Any) -> None:
+            request.context.options["enforce_https"] = False
+            super().on_request(request)
+
+    return PlainHttpAuth(credential, "https://management.azure.com/.default")
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _status(provisioning: str | None, power: str | None) -> VMStatus:
+    raw = power if provisioning in ("Succeeded", "Updating") and power else provisioning
+    return STATUS_MAP.get(raw or "", VMStatus.unknown)
+
+
+def _info(vm: Any, nic: Any = None, pip: Any = None) -> VMInfo:
+    statuses = [s.code or "" for s in (vm.instance_view.statuses or [])] if vm.instance_view else []
+    power = next((code for code in statuses if code.startswith("PowerState/")), None)
+    failure = next((code for code in statuses if code.startswith("ProvisioningState/failed/")), None)
+    image = vm.storage_profile.image_reference if vm.storage_profile else None
+    ip_config = nic.ip_configurations[0] if nic and nic.ip_configurations else None
+    return VMInfo(
+        provider="azure",
+        instance_id=vm.id.lstrip("/"),  # vmqueue's instance-id pattern refuses a leading "/"
+        name=vm.name,
+        status=_status(vm.provisioning_state, power),
+        provider_status=" ".join(filter(None, (vm.provisioning_state, power, failure))) or None,
+        public_ipv4=pip.ip_address if pip and pip.public_ip_address_version != "IPv6" else None,
+        public_ipv6=pip.ip_address if pip and pip.public_ip_address_version == "IPv6" else None,
+        private_ipv4=ip_config.private_ip_address if ip_config else None,
+        region=vm.location,
+        instance_type=vm.hardware_profile.vm_size if vm.hardware_profile else None,
+        image=":".join(str(p) for p in (image.publisher, image.offer, image.sku, image.version)) if image else None,
+        labels=dict(vm.tags or {}),
+        created_at=vm.time_created,
+    )
