@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VMQ_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="VMQ_", extra="ignore", populate_by_name=True)
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",

@@ -1,0 +1,283 @@
+"""Real parts for the tests: a private redis-server per session and real Celery worker processes.
+
+Fixtures:
+- ``redis_server``: the session's own redis-server on a free loopback port (AOF on), restartable.
+- ``redis_url`` / ``redis_client``: its URL and a client; the database is flushed before each test.
+- ``test_env``: the environment a worker runs with (short polls, short visibility timeout).
+- ``worker_factory(provider, env=None, concurrency=8)``: starts a worker subprocess on ``vmq.<provider>``
+  and waits until it is ready; every worker it started is killed at the end of the test.
+- ``sim_worker``: one sim worker shared by the session (faster than one per test).
+- ``provisioner``: a ``producer.Provisioner`` with the same settings as the workers.
+- ``sim``: the simulated cloud's knobs and counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Test settings: everything that waits is shrunk so the suite stays within minutes on two cores.
+FAST_ENV = {
+    "VMQ_VISIBILITY_TIMEOUT_S": "8",
+    "VMQ_UNACKED_RESTORE_INTERVAL_S": "1",
+    "VMQ_POLL_INITIAL_S": "0.2",
+    "VMQ_POLL_MAX_S": "0.5",
+    "VMQ_RETRY_BASE_S": "0.2",
+    "VMQ_RETRY_MAX_S": "1",
+    "VMQ_CALL_WAIT_MAX_S": "0.5",
+    "VMQ_STEP_LEASE_S": "5",
+    "VMQ_NOT_FOUND_GRACE_S": "3",
+    "VMQ_DEADLINE_S": "30",
+    "VMQ_SIM_BOOT_S": "0.5",
+    "VMQ_SIM_DESTROY_S": "0.3",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test session's own, which a test may stop and start again."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.exit("redis-server is not installed (apt-get install redis-server)", returncode=3)
+        self.binary = binary
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="vmq-redis-")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def test_env(redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VMQ_", "REDIS_URL"))}
+    env.update(FAST_ENV, REDIS_URL=redis_url, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return env
+
+
+def flush_keeping_bindings(client: redis.Redis) -> None:
+    """Empty the database but for kombu's exchange bindings, which running workers declared once."""
+    doomed = [key for key in client.scan_iter(count=1000) if not key.startswith("_kombu.")]
+    for start in range(0, len(doomed), 1000):
+        client.delete(*doomed[start : start + 1000])
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port, decode_responses=True)
+    flush_keeping_bindings(client)
+    yield client
+    client.close()
+
+
+class Worker:
+    def __init__(self, provider: str, env: dict[str, str], concurrency: int, log_dir: Path):
+        self.provider = provider
+        self.name = f"{provider}-{time.monotonic_ns()}@{socket.gethostname()}"
+        self.log_path = log_dir / f"worker-{self.name}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "worker",
+                "-Q",
+                f"vmq.{provider}",
+                "-c",
+                str(concurrency),
+                "-n",
+                self.name,
+                "--loglevel=INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "-E",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 30) -> Worker:
+        deadline = time.monotonic() + timeout_s
+        while b" ready." not in self.log_path.read_bytes():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker for {self.provider} did not start:\n{self.log()}")
+            time.sleep(0.1)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL: the worker gets no chance to ack, requeue or clean up anything."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def _log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("worker-logs")
+
+
+@pytest.fixture
+def worker_factory(test_env: dict[str, str], _log_dir: Path) -> Iterator[Callable[..., Worker]]:
+    started: list[Worker] = []
+
+    def start(provider: str, env: dict[str, str] | None = None, concurrency: int = 8) -> Worker:
+        worker = Worker(provider, {**test_env, **(env or {})}, concurrency, _log_dir)
+        started.append(worker)
+        return worker.wait_ready()
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def sim_worker(test_env: dict[str, str], _log_dir: Path) -> Iterator[Worker]:
+    worker = Worker("sim", test_env, 16, _log_dir).wait_ready()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def sim_worker_paused(sim_worker: Worker, provisioner) -> Iterator[Worker]:
+    """The session's sim worker stops consuming for one test, which runs workers of its own."""
+    control = provisioner.celery.control
+    control.cancel_consumer("vmq.sim", destination=[sim_worker.name], reply=True, timeout=5)
+    yield sim_worker
+    control.add_consumer("vmq.sim", destination=[sim_worker.name], reply=True, timeout=5)
+
+
+@pytest.fixture
+def settings(test_env: dict[str, str]):
+    from producer.settings import Settings
+
+    fields = {k.removeprefix("VMQ_").lower(): v for k, v in test_env.items() if k.startswith("VMQ_")}
+    fields = {k: v for k, v in fields.items() if k in Settings.model_fields}
+    return Settings(redis_url=test_env["REDIS_URL"], **fields)
+
+
+@pytest.fixture
+def provisioner(settings, redis_client):
+    from producer import Provisioner
+
+    return Provisioner(settings)
+
+
+class Sim:
+    """The simulated cloud seen from a test: its knobs (live, through Redis) and its counters."""
+
+    def __init__(self, client: redis.Redis):
+        from workers.providers import sim
+
+        self.module = sim
+        self.redis = client
+
+    def configure(self, **knobs: object) -> None:
+        self.redis.hset(self.module.CONFIG_KEY, mapping={k: str(v) for k, v in knobs.items()})
+
+    def calls(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.redis.hgetall(self.module.CALLS_KEY).items()}
+
+    def call_log(self) -> list[dict]:
+        return [json.loads(e) for e in reversed(self.redis.lrange(self.module.LOG_KEY, 0, -1))]
+
+    def live_vms(self) -> list[dict[str, str]]:
+        """VMs the cloud still has (not deleted, or deleted but not yet gone)."""
+        return [self.redis.hgetall(f"{self.module.SIM_PREFIX}vm:{i}") for i in self.redis.smembers(self.module.VMS_KEY)]
+
+
+@pytest.fixture
+def sim(redis_client: redis.Redis) -> Sim:
+    return Sim(redis_client)
+
+
+@pytest.fixture
+def ssh_key() -> str:
+    from tests.providers.contract import make_ed25519_key
+
+    return make_ed25519_key()
