@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ SUB = "00000000-0000-0000-0000-000000000001"
 RG = "vmq-rg"
 RG_PATH = f"/subscriptions/{SUB}/resourceGroups/{RG}"
 SUBNET_ID = f"{RG_PATH}/providers/Microsoft.Network/virtualNetworks/vnet1/subnets/default"
+MSI_PATH = "/msi/token"
 NSG_ID = f"{RG_PATH}/providers/Microsoft.Network/networkSecurityGroups/ssh-nsg"
 
 _RESOURCE = re.compile(
@@ -56,6 +58,10 @@ class FakeARM(FakeAPI):
         return self.resources[f"{RG_PATH}/providers/Microsoft.Compute/virtualMachines/{name}".lower()]
 
     def route(self, call: Call) -> Response:
+        if call.path == MSI_PATH:  # App Service managed identity, the credential the system test's worker uses
+            expires_on = str(int(time.time()) + 3600)
+            token = {"access_token": "fake-token", "expires_on": expires_on, "token_type": "Bearer"}
+            return _ok({**token, "resource": call.query.get("resource"), "client_id": str(uuid.uuid4())})
         if call.method == "GET" and call.path.endswith("/providers/Microsoft.Compute/virtualMachines"):
             vms = [
                 self._view(r, True) for r in self.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"

@@ -13,10 +13,11 @@ import responses
 from azure.core.credentials import AccessToken, AccessTokenInfo
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
-from producer.models import VMSpec, VMStatus
+from producer.models import JobState, VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
-from tests.providers.azure_fake import NSG_ID, RG, RG_PATH, SUB, SUBNET_ID, FakeARM, error
+from tests.providers.azure_fake import MSI_PATH, NSG_ID, RG, RG_PATH, SUB, SUBNET_ID, FakeARM, error
 from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.fakeapi import serve
 from workers.providers.azure import AzureProvider, _map_error
 from workers.providers.errors import (
     AuthError,
@@ -451,3 +452,37 @@ class TestAzure(AdapterContract):
             with pytest.raises(NotFoundError):
                 AzureProvider(credential=FakeCredential(), subscription_id=SUB).get_vm(VM_ID)
             assert mock.calls[0].request.headers["Authorization"] == "Bearer fake-token"
+
+
+@pytest.mark.system
+def test_system_create_then_destroy_through_a_worker(
+    worker_factory: Any, provisioner: Any, httpserver: Any, ssh_key: str
+) -> None:
+    """Producer -> Redis -> a real Azure worker subprocess -> azure-mgmt -> the ARM fake on a local HTTP server.
+
+    The worker authenticates through DefaultAzureCredential's App Service managed identity, served by the fake.
+    """
+    fake = FakeARM(polls_to_run=1)
+    endpoint = serve(httpserver, fake)
+    env = {
+        "VMQ_AZURE_ENDPOINT": endpoint,
+        "AZURE_SUBSCRIPTION_ID": SUB,
+        "AZURE_TOKEN_CREDENTIALS": "ManagedIdentityCredential",
+        "IDENTITY_ENDPOINT": endpoint + MSI_PATH,
+        "IDENTITY_HEADER": "fake-identity-header",
+        "NO_PROXY": "*",
+    }
+    worker_factory("azure", env={**env, **{var: "" for var in AZURE_ENV[1:]}})
+
+    spec = make_spec(image="ubuntu-24.04")
+    job = provisioner.wait(provisioner.create_vm(spec, ssh_key, SCRIPT).id, timeout_s=30)
+    assert job.state == JobState.running, job.error
+    assert (job.instance_id, job.vm.status, job.vm.public_ipv4) == (VM_ID, VMStatus.running, "20.61.15.7")
+    assert fake.vm("web-1")["tags"] == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": job.id}
+    [put] = fake.calls_to("PUT", r"/virtualMachines/web-1$")
+    assert base64.b64decode(put.body["properties"]["osProfile"]["customData"]).decode() == SCRIPT
+    assert put.headers["authorization"] == "Bearer fake-token"
+
+    gone = provisioner.wait(provisioner.destroy_vm("azure", job.instance_id).id, timeout_s=30)
+    assert gone.state == JobState.gone, gone.error
+    assert list(fake.resources) == [RG_PATH.lower()]  # VM, NIC, public IP: nothing left

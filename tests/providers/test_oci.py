@@ -14,9 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
 
-from producer.models import VMSpec, VMStatus
+from producer.models import JobState, VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
 from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.fakeapi import serve
 from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error
 from workers.providers.errors import (
     AuthError,
@@ -330,3 +331,35 @@ class TestOCI(AdapterContract):
         [call] = fake.calls_to("POST", r"/resources$")
         body = call.body
         assert body["type"] == "Structured" and "freeformTags.key = 'managed-by'" in body["query"]
+
+
+@pytest.mark.system
+def test_system_create_then_destroy_through_a_worker(
+    worker_factory: Any, provisioner: Any, httpserver: Any, ssh_key: str, config: dict[str, str]
+) -> None:
+    """Producer -> Redis -> a real OCI worker subprocess -> oci SDK -> the fake on a local HTTP server."""
+    fake = FakeOCI(polls_to_run=1)
+    env = {
+        "VMQ_OCI_ENDPOINT": serve(httpserver, fake),
+        "OCI_CLI_USER": config["user"],
+        "OCI_CLI_TENANCY": config["tenancy"],
+        "OCI_CLI_FINGERPRINT": config["fingerprint"],
+        "OCI_CLI_KEY_CONTENT": config["key_content"],
+        "OCI_CLI_REGION": config["region"],
+        "OCI_AUTH": "",
+        "NO_PROXY": "*",
+    }
+    worker_factory("oci", env=env)
+
+    job = provisioner.wait(provisioner.create_vm(make_spec(image="ubuntu-22.04"), ssh_key, SCRIPT).id, timeout_s=30)
+    assert job.state == JobState.running, job.error
+    assert (job.vm.status, job.vm.public_ipv4, job.vm.image) == (VMStatus.running, "203.0.113.10", IMAGE_2204)
+    [instance] = fake.instances.values()
+    assert instance["id"] == job.instance_id
+    assert instance["freeformTags"] == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": job.id}
+    assert base64.b64decode(instance["metadata"]["user_data"]).decode() == SCRIPT
+    assert {c.headers["opc-retry-token"] for c in fake.calls_to("POST", r"/instances$")} == {f"vmq-create-{job.id}"}
+
+    gone = provisioner.wait(provisioner.destroy_vm("oci", job.instance_id).id, timeout_s=30)
+    assert gone.state == JobState.gone, gone.error
+    assert instance["lifecycleState"] == "TERMINATED"
