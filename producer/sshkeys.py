@@ -105,3 +105,15 @@ def _coerce(value: object) -> object:
 
 # Accepts a key line (str) or an already parsed key wherever a model field needs one.
 SSHKeyField = Annotated[SSHPublicKey, BeforeValidator(_coerce)]
+
+
+def throwaway_public_key(comment: str = "vmq-demo") -> str:
+    """A well-formed ed25519 public key line whose private half exists nowhere: nobody can log in
+    with it. For the demo and tests, where a VM needs a key but no one will ever use it."""
+    import os
+
+    def field(data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + data
+
+    blob = field(b"ssh-ed25519") + field(os.urandom(32))
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"

@@ -6,9 +6,7 @@ fails while any name below has no test, so no protocol method goes untested (hcl
 
 from __future__ import annotations
 
-import base64
-import os
-import struct
+from producer.sshkeys import throwaway_public_key
 
 REQUIRED_TESTS = (
     "test_create_sends_key_script_and_labels",
@@ -38,9 +36,4 @@ class AdapterContract:
 
 def make_ed25519_key(comment: str = "test@vmqueue") -> str:
     """A syntactically valid OpenSSH ed25519 public key line (random point; public data only)."""
-
-    def field(data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + data
-
-    blob = field(b"ssh-ed25519") + field(os.urandom(32))
-    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
+    return throwaway_public_key(comment)

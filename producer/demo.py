@@ -1,0 +1,158 @@
+"""``vmq demo``: the whole pipeline on one machine, with nothing but Python and redis-server.
+
+It uses the Redis at REDIS_URL when one answers, else starts a private redis-server on a free
+loopback port; starts a sim worker; creates VMs and shows them reach running with their IPs;
+destroys them and shows them gone; then stops what it started, also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import redis
+from rich.console import Console
+from rich.live import Live
+
+from producer.models import Job
+from producer.settings import Settings
+from producer.sshkeys import throwaway_public_key
+
+DEMO_SCRIPT = "#!/bin/sh\necho 'hello from vmqueue' > /etc/motd\n"
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not happen within {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+def _start_redis(stack: ExitStack, console: Console) -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError(
+            "no Redis answers at REDIS_URL and redis-server is not installed: "
+            "install it (apt-get install redis-server) or set REDIS_URL to a running Redis"
+        )
+    port = _free_port()
+    workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="vmq-demo-redis-"))
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    stack.callback(_stop, process)
+    url = f"redis://127.0.0.1:{port}/0"
+    _wait_until(lambda: _answers(url), 10, "redis-server start")
+    console.print(f"[dim]Started a private redis-server on 127.0.0.1:{port}[/]")
+    return url
+
+
+def _start_worker(stack: ExitStack, console: Console, url: str, boot_s: float) -> None:
+    log = stack.enter_context(tempfile.NamedTemporaryFile(prefix="vmq-demo-worker-", suffix=".log", delete=False))
+    env = {
+        **os.environ,
+        "REDIS_URL": url,
+        "VMQ_SIM_BOOT_S": str(boot_s),
+        "VMQ_SIM_DESTROY_S": "1",
+        "VMQ_POLL_INITIAL_S": "1",
+        "VMQ_POLL_MAX_S": "2",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "vmq.sim", "-c", "16",
+         "-n", f"demo-{os.getpid()}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    stack.callback(_stop, process)
+    path = Path(log.name)
+    _wait_until(lambda: b" ready." in path.read_bytes() or process.poll() is not None, 60, "the sim worker start")
+    if process.poll() is not None:
+        raise RuntimeError(f"the sim worker exited; its log:\n{path.read_text(errors='replace')[-2000:]}")
+    console.print(f"[dim]Started a sim worker (log: {path})[/]")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _follow(provisioner, jobs: list[Job], console: Console, title: str, timeout_s: float) -> list[Job]:
+    from producer.cli import job_table
+
+    with Live(job_table(jobs), console=console, refresh_per_second=4) as live:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            jobs = [provisioner.get_job(job.id) for job in jobs]
+            table = job_table(jobs)
+            table.title = title
+            live.update(table)
+            if all(job.finished for job in jobs) or time.monotonic() > deadline:
+                break
+    console.print()
+    return jobs
+            time.sleep(0.25)
+
+
+def run_demo(console: Console, count: int, boot_s: float, redis_url: str) -> int:
+    from producer.client import Provisioner
+
+    with ExitStack() as stack:
+        try:
+            if _answers(redis_url):
+                console.print(f"[dim]Using the Redis at {redis_url.split('@')[-1]}[/]")
+            else:
+                redis_url = _start_redis(stack, console)
+            _start_worker(stack, console, redis_url, boot_s)
+        except RuntimeError as exc:
+            console.print(f"[bold red]Cannot run the demo:[/] {exc}")
+            return 1
+        provisioner = Provisioner(Settings(redis_url=redis_url))
+        key = throwaway_public_key()
+        run = f"{os.getpid() % 10000}"
+        created = [
+            provisioner.create_vm(
+                {"provider": "sim", "name": f"demo-{run}-{i}", "region": "sim-1", "instance_type": "small",
+                 "image": "ubuntu-24.04", "labels": {"app": "demo"}},
+                key,
+                DEMO_SCRIPT,
+            )
+            for i in range(1, count + 1)
+        ]
+        created = _follow(provisioner, created, console, f"Creating {count} VMs on the simulated cloud", 120)
+        running = [job for job in created if job.state == "running"]
+        destroyed = [provisioner.destroy_vm("sim", job.instance_id) for job in running]
+        destroyed = _follow(provisioner, destroyed, console, f"Destroying {len(running)} VMs", 120)
+        gone = sum(job.state == "gone" for job in destroyed)
+        ok = len(running) == count and gone == count
+        colour = "green" if ok else "red"
+        console.print(f"[bold {colour}]{len(running)}/{count} VMs reached running, {gone}/{count} are gone.[/]")
+        return 0 if ok else 1
