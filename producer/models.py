@@ -197,7 +197,8 @@ class InstanceRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     provider: ProviderName
-    instance_id: str = Field(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    # Native ids: numbers, i-..., OCIDs, ARM ids (which start with "/" and may hold parentheses).
+    instance_id: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z0-9/][A-Za-z0-9._:/@+()-]*$")
 
 
 class VMInfo(BaseModel):
