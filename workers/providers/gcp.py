@@ -1,0 +1,356 @@
+"""Google Compute Engine through google-cloud-compute; see the protocol in ``base.py`` and PROVIDERS.md "GCP".
+
+Instance ids are ``<project>/<zone>/<name>`` (the tail of the instance's selfLink): a GCE instance is
+addressed by all three, and the name is fixed before the insert, so the id is known even when the
+insert's answer is lost.
+
+Credentials are Application Default Credentials; the project is ``options.project``, else
+``GOOGLE_CLOUD_PROJECT``, else ADC's own. ``VMQ_GCP_ENDPOINT`` overrides the API endpoint; a plain
+``http://`` endpoint is taken for an emulator and gets anonymous credentials (as Google's emulators do),
+so a real token never travels unencrypted.
+
+Insert errors often arrive after the insert was accepted (quota, ZONE_RESOURCE_POOL_EXHAUSTED): the
+instance never appears, or appears and vanishes. ``get_vm`` resolves a 404 through the instance's latest
+insert operation (one filtered zoneOperations.list), so a failed insert raises its own error, an insert
+still running reads as pending, and only a finished insert whose instance is gone reads as NotFound.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import uuid
+from datetime import datetime
+from typing import Any
+
+import google.auth
+import requests
+from google.api_core.exceptions import GoogleAPICallError
+from google.auth.credentials import AnonymousCredentials, Credentials
+from google.auth.exceptions import GoogleAuthError, TransportError
+from google.cloud import compute_v1
+
+from producer.images import IMAGES
+from producer.models import LABEL_JOB, VMInfo, VMSpec, VMStatus
+from producer.options import GCPOptions
+from producer.sshkeys import SSHPublicKey
+from workers.providers.errors import (
+    AuthError,
+    CapacityError,
+    InvalidSpecError,
+    NotFoundError,
+    ProviderError,
+    QuotaExceededError,
+    RateLimitedError,
+    TransientError,
+    map_errors,
+)
+
+CALL_TIMEOUT_S = 30.0
+SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+# Fixed forever: a new namespace would give every in-flight job a new request_id.
+REQUEST_ID_NAMESPACE = uuid.UUID("6f1c1f0e-3a55-4d0e-9a8e-7d3c2b1a0f99")
+CREDENTIAL_HINT = (
+    "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or run "
+    "'gcloud auth application-default login') and GOOGLE_CLOUD_PROJECT"
+)
+
+STATUS_MAP: dict[str, VMStatus] = {
+    "PROVISIONING": VMStatus.pending,
+    "STAGING": VMStatus.pending,
+    "PENDING": VMStatus.pending,
+    "RUNNING": VMStatus.running,
+    "STOPPING": VMStatus.stopping,
+    "PENDING_STOP": VMStatus.stopping,
+    "SUSPENDING": VMStatus.stopping,
+    "DEPROVISIONING": VMStatus.stopping,
+    "STOPPED": VMStatus.stopped,
+    "SUSPENDED": VMStatus.stopped,
+    "TERMINATED": VMStatus.stopped,  # stopped, not deleted: a deleted instance is a 404
+    "REPAIRING": VMStatus.unknown,
+}
+
+# ``error.errors[].reason`` of an HTTP error; 403 alone covers IAM, rate limits and quota.
+REASONS: dict[str, type[ProviderError]] = {
+    "rateLimitExceeded": RateLimitedError,
+    "userRateLimitExceeded": RateLimitedError,
+    "quotaExceeded": QuotaExceededError,
+    "forbidden": AuthError,
+    "accessNotConfigured": AuthError,
+    "insufficientPermissions": AuthError,
+    "authError": AuthError,
+    "resourceNotReady": TransientError,  # a 400: the resource is busy with another operation
+    "backendError": TransientError,
+}
+HTTP_STATUSES: dict[int, type[ProviderError]] = {
+    400: InvalidSpecError,
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    429: RateLimitedError,
+}
+# ``error.errors[].code`` of a zone operation that failed after it was accepted.
+OPERATION_ERRORS: dict[str, type[ProviderError]] = {
+    "QUOTA_EXCEEDED": QuotaExceededError,
+    "ZONE_RESOURCE_POOL_EXHAUSTED": CapacityError,
+    "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS": CapacityError,
+    "RESOURCE_NOT_FOUND": InvalidSpecError,
+    "INVALID_FIELD_VALUE": InvalidSpecError,
+    "UNSUPPORTED_OPERATION": InvalidSpecError,
+    "RATE_LIMIT_EXCEEDED": RateLimitedError,
+}
+
+
+def _map_error(exc: Exception) -> ProviderError:
+    if isinstance(exc, requests.ConnectionError | requests.Timeout | TransportError):
+        return TransientError(str(exc), provider_code=type(exc).__name__)
+    if isinstance(exc, GoogleAuthError):  # DefaultCredentialsError, RefreshError, ...
+        return AuthError(f"no usable Google credentials ({exc}): {CREDENTIAL_HINT}", provider_code=type(exc).__name__)
+    if not isinstance(exc, GoogleAPICallError):
+        return ProviderError(str(exc), provider_code=type(exc).__name__)
+    reasons = [e.get("reason") for e in exc.errors or () if isinstance(e, dict)] + [exc.reason]
+    reason = next((r for r in reasons if r), None)
+    cls = next((REASONS[r] for r in reasons if r in REASONS), None) or HTTP_STATUSES.get(exc.code or 0)
+    if cls is None:
+        cls = TransientError if (exc.code or 0) >= 500 else ProviderError
+    retry_after = exc.response.headers.get("Retry-After", "") if exc.response is not None else ""
+    return cls(
+        exc.message,
+        provider_code=reason or str(exc.code),
+        retry_after_s=float(retry_after) if retry_after.isdigit() else None,
+    )
+
+
+def _map_insert_error(exc: Exception) -> ProviderError:
+    """An insert's 404 names a missing image, machine type, zone or network: the spec, not the VM."""
+    error = _map_error(exc)
+    return InvalidSpecError(error.message, provider_code=error.provider_code) if type(error) is NotFoundError else error
+
+
+class GCPProvider:
+    """Compute Engine instances; see the ``Provider`` protocol."""
+
+    name = "gcp"
+
+    def __init__(
+        self,
+        credentials: Credentials | None = None,
+        *,
+        project: str | None = None,
+        api_endpoint: str | None = None,
+        timeout_s: float = CALL_TIMEOUT_S,
+    ):
+        self._credentials = credentials
+        self._project = project or os.getenv("GOOGLE_CLOUD_PROJECT")
+        self.api_endpoint = api_endpoint or os.getenv("VMQ_GCP_ENDPOINT")
+        self.timeout_s = timeout_s
+        self._clients: dict[type, Any] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, client_cls: type) -> Any:
+        """One REST client per class, made on first use: the constructor resolves credentials."""
+        with self._lock, map_errors(_map_error):
+            if client_cls not in self._clients:
+                options = {"api_endpoint": self.api_endpoint} if self.api_endpoint else None
+                self._clients[client_cls] = client_cls(
+                    credentials=self._adc(), client_options=options, transport="rest"
+                )
+            return self._clients[client_cls]
+
+    def prepare_spec(self, spec: VMSpec) -> VMSpec:
+        """Aliases are public image families: the family, not today's image, is the fixed parameter."""
+        family = IMAGES["gcp"].get(spec.image)
+        return spec.model_copy(update={"image": family}) if family else spec
+
+    def create_vm(
+        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+    ) -> VMInfo:
+        opts = spec.options if isinstance(spec.options, GCPOptions) else GCPOptions()
+        project, zone = opts.project or self._default_project(), spec.region
+        labels = {key: _label_value(value) for key, value in spec.ownership_labels(job_id).items()}
+        metadata = _metadata(opts.ssh_user, ssh_key, startup_script, spec.image)
+        nat = [compute_v1.AccessConfig(type_="ONE_TO_ONE_NAT", name="External NAT")] if opts.external_ip else []
+        instance = compute_v1.Instance(
+            name=spec.name,
+            machine_type=f"zones/{zone}/machineTypes/{spec.instance_type}",
+            disks=[
+                compute_v1.AttachedDisk(
+                    boot=True,
+                    auto_delete=True,  # the boot disk goes with the VM
+                    initialize_params=compute_v1.AttachedDiskInitializeParams(
+                        source_image=spec.image, disk_size_gb=opts.disk_size_gb
+                    ),
+                )
+            ],
+            network_interfaces=[
+                compute_v1.NetworkInterface(network=opts.network, subnetwork=opts.subnetwork, access_configs=nat)
+            ],
+            metadata=compute_v1.Metadata(items=[compute_v1.Items(key=k, value=v) for k, v in metadata.items()]),
+            labels=labels,
+        )
+        instance_id = f"{project}/{zone}/{spec.name}"
+        request = compute_v1.InsertInstanceRequest(
+            project=project,
+            zone=zone,
+            instance_resource=instance,
+            request_id=str(uuid.uuid5(REQUEST_ID_NAMESPACE, f"{job_id}:create")),
+        )
+        try:
+            with map_errors(_map_insert_error):
+                op = self._client(compute_v1.InstancesClient).insert_unary(
+                    request=request, retry=None, timeout=self.timeout_s
+                )
+        except ProviderError as exc:
+            if exc.provider_code != "alreadyExists":
+                raise
+            return self._adopt(instance_id, labels[LABEL_JOB])
+        if op.error.errors:
+            raise _operation_error(op)
+        return VMInfo(
+            provider="gcp",
+            instance_id=instance_id,
+            name=spec.name,
+            status=VMStatus.pending,
+            region=zone,
+            instance_type=spec.instance_type,
+            image=spec.image,
+            labels=labels,
+        )
+
+    def get_vm(self, instance_id: str) -> VMInfo:
+        project, zone, name = _split_id(instance_id)
+        try:
+            with map_errors(_map_error):
+                instance = self._client(compute_v1.InstancesClient).get(
+                    project=project, zone=zone, instance=name, retry=None, timeout=self.timeout_s
+                )
+        except NotFoundError as exc:
+            op = self._last_insert(project, zone, name)
+            if op is None or (op.status == compute_v1.Operation.Status.DONE and not op.error.errors):
+                raise
+            if op.error.errors:
+                raise _operation_error(op) from exc
+            return VMInfo(
+                provider="gcp",
+                instance_id=instance_id,
+                name=name,
+                status=VMStatus.pending,
+                provider_status=f"insert {op.status.name}",
+                region=zone,
+            )
+        return _vm_info(project, instance)
+
+    def destroy_vm(self, instance_id: str) -> None:
+        """Delete; the boot disk goes with it (auto_delete). Unknown or gone: success.
+
+        No request_id: names are reused after a delete, and a fixed id would make GCP ignore the
+        delete of a later VM of the same name as a duplicate.
+        """
+        project, zone, name = _split_id(instance_id)
+        try:
+            with map_errors(_map_error):
+                self._client(compute_v1.InstancesClient).delete_unary(
+                    project=project, zone=zone, instance=name, retry=None, timeout=self.timeout_s
+                )
+        except NotFoundError:
+            return None
+
+    def list_owned_vms(self) -> list[VMInfo]:
+        """One filtered aggregated list (paged) over every zone of the default project."""
+        project = self._default_project()
+        request = compute_v1.AggregatedListInstancesRequest(project=project, filter='labels.managed-by = "vmqueue"')
+        with map_errors(_map_error):
+            pages = self._client(compute_v1.InstancesClient).aggregated_list(
+                request=request, retry=None, timeout=self.timeout_s
+            )
+            return [_vm_info(project, instance) for _zone, scoped in pages for instance in scoped.instances]
+
+    def _adc(self) -> Credentials:
+        if self._credentials is None:
+            if (self.api_endpoint or "").startswith("http://"):
+                self._credentials = AnonymousCredentials()
+            else:
+                self._credentials, adc_project = google.auth.default(scopes=SCOPES)
+                self._project = self._project or adc_project
+        return self._credentials
+
+    def _default_project(self) -> str:
+        self._client(compute_v1.InstancesClient)  # resolves ADC, which may name the project
+        if not self._project:
+            raise AuthError(f"no Google Cloud project: set options.project or GOOGLE_CLOUD_PROJECT ({CREDENTIAL_HINT})")
+        return self._project
+
+    def _adopt(self, instance_id: str, job_label: str) -> VMInfo:
+        """409 on insert: the name is taken. Ours if it carries this job's label (a lost answer)."""
+        vm = self.get_vm(instance_id)
+        if vm.labels.get(LABEL_JOB) != job_label:
+            raise InvalidSpecError(
+                f"an instance {instance_id} already exists and is not this job's; choose another name",
+                provider_code="alreadyExists",
+            )
+        return vm
+
+    def _last_insert(self, project: str, zone: str, name: str) -> compute_v1.Operation | None:
+        request = compute_v1.ListZoneOperationsRequest(
+            project=project,
+            zone=zone,
+            filter=f"(operationType eq insert) (targetLink eq .*/zones/{zone}/instances/{name})",
+            order_by="creationTimestamp desc",
+            max_results=1,
+        )
+        with map_errors(_map_error):
+            pages = self._client(compute_v1.ZoneOperationsClient).list(
+                request=request, retry=None, timeout=self.timeout_s
+            )
+            return next(iter(pages), None)
+
+
+def _split_id(instance_id: str) -> tuple[str, str, str]:
+    parts = instance_id.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise InvalidSpecError(f"GCP instance id {instance_id!r} is not '<project>/<zone>/<name>'")
+    return parts[0], parts[1], parts[2]
+
+
+def _label_value(value: str) -> str:
+    """GCP label values: at most 63 of lowercase letters, digits, '_' and '-'."""
+    return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
+
+
+def _metadata(ssh_user: str, ssh_key: SSHPublicKey, script: str | None, image: str) -> dict[str, str]:
+    items = {"ssh-keys": f"{ssh_user}:{ssh_key.openssh}"}
+    if script and "debian" in image:
+        # Debian images have no cloud-init; the guest agent runs startup-script instead.
+        if not script.lstrip().startswith("#!"):
+            raise InvalidSpecError("GCP Debian images have no cloud-init: the startup script must start with '#!'")
+        items["startup-script"] = script
+    elif script:
+        items["user-data"] = script
+    return items
+
+
+def _operation_error(op: compute_v1.Operation) -> ProviderError:
+    codes = [error.code for error in op.error.errors]
+    cls = next((OPERATION_ERRORS[code] for code in codes if code in OPERATION_ERRORS), ProviderError)
+    message = "; ".join(error.message for error in op.error.errors) or op.http_error_message
+    return cls(f"operation {op.name} failed: {message}", provider_code=codes[0] if codes else None)
+
+
+def _vm_info(project: str, instance: compute_v1.Instance) -> VMInfo:
+    zone = instance.zone.rsplit("/", 1)[-1]
+    nics = list(instance.network_interfaces)
+    return VMInfo(
+        provider="gcp",
+        instance_id=f"{project}/{zone}/{instance.name}",
+        name=instance.name,
+        status=STATUS_MAP.get(instance.status, VMStatus.unknown),
+        provider_status=instance.status,
+        public_ipv4=next((a.nat_i_p for n in nics for a in n.access_configs if a.nat_i_p), None),
+        public_ipv6=next((a.external_ipv6 for n in nics for a in n.ipv6_access_configs if a.external_ipv6), None),
+        private_ipv4=next((n.network_i_p for n in nics if n.network_i_p), None),
+        region=zone,
+        instance_type=instance.machine_type.rsplit("/", 1)[-1] or None,
+        labels=dict(instance.labels),
+        created_at=datetime.fromisoformat(instance.creation_timestamp) if instance.creation_timestamp else None,
+    )
