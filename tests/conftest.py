@@ -15,20 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.harness import ROOT, RedisServer, Worker
 
 # Test settings: everything that waits is shrunk so the suite stays within minutes on two cores.
 FAST_ENV = {
@@ -47,69 +40,15 @@ FAST_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server of the test session's own, which a test may stop and start again."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.exit("redis-server is not installed (apt-get install redis-server)", returncode=3)
-        self.binary = binary
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="vmq-redis-")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                self.dir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
+    try:
+        server = RedisServer()
+    except RuntimeError as exc:
+        pytest.exit(str(exc), returncode=3)
     server.start()
     yield server
-    server.stop()
-    shutil.rmtree(server.dir, ignore_errors=True)
+    server.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -137,64 +76,6 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     flush_keeping_bindings(client)
     yield client
     client.close()
-
-
-class Worker:
-    def __init__(self, provider: str, env: dict[str, str], concurrency: int, log_dir: Path):
-        self.provider = provider
-        self.name = f"{provider}-{time.monotonic_ns()}@{socket.gethostname()}"
-        self.log_path = log_dir / f"worker-{self.name}.log"
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers.app",
-                "worker",
-                "-Q",
-                f"vmq.{provider}",
-                "-c",
-                str(concurrency),
-                "-n",
-                self.name,
-                "--loglevel=INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "-E",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout_s: float = 30) -> Worker:
-        deadline = time.monotonic() + timeout_s
-        while b" ready." not in self.log_path.read_bytes():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker for {self.provider} did not start:\n{self.log()}")
-            time.sleep(0.1)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL: the worker gets no chance to ack, requeue or clean up anything."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._log.close()
 
 
 @pytest.fixture(scope="session")
