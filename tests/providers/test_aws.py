@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import email
 import io
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -80,9 +81,10 @@ def make_spec(image: str = "ami-12c6146b", **update: Any) -> VMSpec:
     return VMSpec(**{**fields, "labels": {"team": "infra"}, **update})
 
 
-def publish_ami(alias: str, region: str = REGION) -> str:
+def publish_ami(alias: str, region: str = REGION, ec2: Any = None) -> str:
     """Put a real moto AMI under the alias's public SSM parameter, which moto does not ship."""
-    ami = boto3.client("ec2", region_name=region).describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    ec2 = ec2 or boto3.client("ec2", region_name=region)
+    ami = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
     name = IMAGES["aws"][alias]
     # moto refuses put_parameter under /aws/, so write to the backend the way moto loads its own.
     ssm_backends[DEFAULT_ACCOUNT_ID][region]._parameters[name].append(
@@ -442,3 +444,47 @@ class TestAWS(AdapterContract):
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
         assert AWSProvider()._client("ec2", REGION).meta.endpoint_url == "http://127.0.0.1:5000"
         assert AWSProvider()._client("ssm", REGION).meta.endpoint_url == "http://127.0.0.1:5000"
+
+
+@pytest.mark.system
+def test_system_create_and_destroy_through_a_worker(worker_factory: Any, provisioner: Any, ssh_key: str) -> None:
+    """Producer -> Redis -> a real Celery worker whose boto3 talks to a moto server through AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    from producer.models import JobState
+
+    with socket.socket() as probe:  # a free loopback port for the server
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint)
+        ami = publish_ami("ubuntu-24.04", ec2=ec2)  # the server runs in this process: same backends
+        worker_factory(
+            "aws",
+            {
+                "AWS_ACCESS_KEY_ID": "fake-" + "key-id",
+                "AWS_SECRET_ACCESS_KEY": "fake-" + "secret",
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_REGION": REGION,
+                "AWS_EC2_METADATA_DISABLED": "true",
+            },
+        )
+        job = provisioner.wait(provisioner.create_vm(make_spec(image="ubuntu-24.04"), ssh_key, SCRIPT).id, timeout_s=60)
+        assert job.state == JobState.running, job.error
+        assert job.instance_id.startswith(f"{REGION}/i-") and job.vm.image == ami and job.vm.public_ipv4
+        [instance] = [i for r in ec2.describe_instances()["Reservations"] for i in r["Instances"]]
+        assert {t["Key"]: t["Value"] for t in instance["Tags"]}["vmqueue-job"] == job.id
+
+        gone = provisioner.wait(provisioner.destroy_vm("aws", job.instance_id).id, timeout_s=60)
+        assert gone.state == JobState.gone, gone.error
+        assert (
+            ec2.describe_instances(InstanceIds=[instance["InstanceId"]])["Reservations"][0]["Instances"][0]["State"][
+                "Name"
+            ]
+            == "terminated"
+        )
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ bodies directly. Credentials are ``AnonymousCredentials``; nothing leaves the pr
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -339,3 +340,31 @@ class TestGCP(AdapterContract):
         provider = GCPProvider()
         assert provider._default_project() == "env-project"
         assert isinstance(provider._adc(), AnonymousCredentials)  # a plain-http emulator gets no real token
+
+
+@pytest.mark.system
+def test_system_create_destroy_and_failed_insert_through_a_worker(
+    worker_factory: Any, provisioner: Any, ssh_key: str, httpserver: Any
+) -> None:
+    """Producer -> Redis -> a real Celery worker whose SDK talks to FakeCompute at VMQ_GCP_ENDPOINT."""
+    from producer.models import JobState
+    from tests.providers.gcp_fake import werkzeug_handler
+
+    fake = FakeCompute()
+    httpserver.expect_request(re.compile(r"^/compute/v1/.*")).respond_with_handler(werkzeug_handler(fake))
+    endpoint = f"http://{httpserver.host}:{httpserver.port}"
+    worker_factory("gcp", {"VMQ_GCP_ENDPOINT": endpoint, "GOOGLE_CLOUD_PROJECT": PROJECT})
+
+    job = provisioner.wait(provisioner.create_vm(make_spec(image="ubuntu-24.04"), ssh_key, SCRIPT).id, timeout_s=60)
+    assert job.state == JobState.running, job.error
+    assert job.instance_id == ID and job.vm.public_ipv4 and job.vm.labels["vmqueue-job"] == job.id
+    [instance] = fake.instances.values()
+    assert {i["key"]: i["value"] for i in instance["metadata"]["items"]}["user-data"] == SCRIPT
+
+    gone = provisioner.wait(provisioner.destroy_vm("gcp", job.instance_id).id, timeout_s=60)
+    assert gone.state == JobState.gone, gone.error
+    assert fake.instances == {}
+
+    fake.fail_inserts = "ZONE_RESOURCE_POOL_EXHAUSTED"  # accepted, then failed in the zone operation
+    failed = provisioner.wait(provisioner.create_vm(make_spec(name="web-2"), ssh_key).id, timeout_s=60)
+    assert failed.state == JobState.failed and failed.error.code == "capacity", failed.error
