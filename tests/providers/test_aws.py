@@ -243,6 +243,14 @@ class TestAWS(AdapterContract):
             provider.create_vm(make_spec(options=options), key, None, job_id="job-1")
         stub.assert_no_pending_responses()
 
+    def test_create_sizes_root_volume_on_the_amis_root_device(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        ami = publish_ami("ubuntu-24.04")
+        provider.create_vm(make_spec(image=ami, options={"root_volume_gb": 30}), key, None, job_id="job-1")
+        [mapping] = all_instances()[0]["BlockDeviceMappings"]
+        root = boto3.client("ec2", region_name=REGION).describe_images(ImageIds=[ami])["Images"][0]["RootDeviceName"]
+        volume = boto3.client("ec2", region_name=REGION).describe_volumes(VolumeIds=[mapping["Ebs"]["VolumeId"]])
+        assert mapping["DeviceName"] == root and volume["Volumes"][0]["Size"] == 30
+
     def test_create_resolves_image_alias(self, provider: AWSProvider, key: SSHPublicKey) -> None:
         ami = publish_ami("ubuntu-24.04")
         prepared = provider.prepare_spec(make_spec(image="ubuntu-24.04"))
