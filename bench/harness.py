@@ -25,7 +25,8 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server of the test session's own, which a test may stop and start again."""
 
-    def __init__(self) -> None:
+    def __init__(self, aof: bool = True) -> None:
+        self.aof = aof
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -46,9 +47,9 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "yes",
+                "yes" if self.aof else "no",
                 "--appendfsync",
-                "always",
+                "everysec",
                 "--dir",
                 self.dir,
             ],
@@ -77,8 +78,17 @@ class RedisServer:
 
 
 class Worker:
-    def __init__(self, provider: str, env: dict[str, str], concurrency: int, log_dir: Path, pool: str = "threads"):
+    def __init__(
+        self,
+        provider: str,
+        env: dict[str, str],
+        concurrency: int,
+        log_dir: Path,
+        pool: str = "threads",
+        loglevel: str = "INFO",
+    ):
         self.provider = provider
+        self.env = env
         self.name = f"{provider}-{time.monotonic_ns()}@{socket.gethostname()}"
         self.log_path = log_dir / f"worker-{self.name}.log"
         self._log = self.log_path.open("wb")
@@ -92,11 +102,13 @@ class Worker:
                 "worker",
                 "-Q",
                 f"vmq.{provider}",
+                "-P",
+                pool,
                 "-c",
                 str(concurrency),
                 "-n",
                 self.name,
-                "--loglevel=INFO",
+                f"--loglevel={loglevel}",
                 "--without-gossip",
                 "--without-mingle",
                 "-E",
@@ -108,11 +120,15 @@ class Worker:
         )
 
     def wait_ready(self, timeout_s: float = 30) -> Worker:
+        """Until the worker answers a ping over the broker (whatever its log level)."""
+        from producer.celery_config import make_celery
+        from producer.settings import Settings
+
+        control = make_celery(Settings(redis_url=self.env["REDIS_URL"])).control
         deadline = time.monotonic() + timeout_s
-        while b" ready." not in self.log_path.read_bytes():
+        while not control.ping(destination=[self.name], timeout=0.5):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker for {self.provider} did not start:\n{self.log()}")
-            time.sleep(0.1)
         return self
 
     def log(self) -> str:

@@ -1,0 +1,152 @@
+"""P1 in flight + P2 API economy: many creates on the simulated cloud against ONE worker process.
+
+Measures, in one run, on a private redis-server:
+  vmqueue   N create jobs through the whole pipeline (producer -> Redis -> one worker process with
+            --slots threads -> sim), with the default poll schedule: wall time from the first enqueue
+            until every job is running, divided by the boot time (goal <= 1.25), and provider API
+            calls per created VM from the sim's counters (goal <= 6).
+  blocking  the baseline: a thread per VM that creates it and then calls get_vm in a sleep loop,
+            with the same number of slots (--slots) -- what a blocking waiter does.
+
+    python -m bench.inflight                       # 1,000 VMs, 20 s boot, 64 slots
+    python -m bench.inflight --vms 200 --boot 5    # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import redis
+
+from bench.harness import ROOT, RedisServer, Worker
+from producer import keys
+from producer.models import Job, JobState, VMSpec
+from producer.settings import Settings
+from producer.sshkeys import SSHPublicKey, throwaway_public_key
+
+
+def _spec(i: int) -> dict:
+    return {
+        "provider": "sim",
+        "name": f"bench-{i}",
+        "region": "sim-1",
+        "instance_type": "small",
+        "image": "ubuntu-24.04",
+    }
+
+
+def _sim_calls(client: redis.Redis) -> dict[str, int]:
+    from workers.providers.sim import CALLS_KEY
+
+    return {k: int(v) for k, v in client.hgetall(CALLS_KEY).items()}
+
+
+def _reset(client: redis.Redis) -> None:
+    keep = [k for k in client.scan_iter(count=1000) if not k.startswith("_kombu.")]
+    for i in range(0, len(keep), 1000):
+        client.delete(*keep[i : i + 1000])
+
+
+def run_pipeline(server: RedisServer, vms: int, boot_s: float, slots: int, env_extra: dict[str, str]) -> dict:
+    from producer import Provisioner
+
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    _reset(client)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
+    env.update(REDIS_URL=server.url, PYTHONPATH=str(ROOT), VMQ_SIM_BOOT_S=str(boot_s), **env_extra)
+    worker = Worker("sim", env, slots, Path(tempfile.mkdtemp(prefix="vmq-bench-")), loglevel="WARNING").wait_ready()
+    try:
+        provisioner = Provisioner(Settings(redis_url=server.url))
+        key = throwaway_public_key()
+        started = time.monotonic()
+        jobs = [provisioner.create_vm(_spec(i), key).id for i in range(vms)]
+        enqueued_s = time.monotonic() - started
+        pending = set(jobs)
+        while pending and time.monotonic() - started < boot_s * 10 + 120:
+            ids = list(pending)
+            for job_id, raw in zip(ids, client.mget([keys.job_key(j) for j in ids]), strict=True):
+                job = Job.model_validate_json(raw)
+                if job.state == JobState.running:
+                    pending.discard(job_id)
+                elif job.state == JobState.failed:
+                    raise SystemExit(f"FAIL: job {job_id} failed: {job.error}")
+            time.sleep(0.2)
+        wall_s = time.monotonic() - started
+        if pending:
+            raise SystemExit(f"FAIL: {len(pending)} jobs still not running after {wall_s:.0f}s")
+        calls = _sim_calls(client)
+        api_calls = sum(v for k, v in calls.items() if ":" not in k)
+        return {"enqueue_s": enqueued_s, "wall_s": wall_s, "calls": calls, "calls_per_vm": api_calls / vms}
+    finally:
+        worker.stop()
+
+
+def run_blocking(server: RedisServer, vms: int, boot_s: float, slots: int, poll_s: float) -> dict:
+    """The baseline: one thread per VM (``slots`` at a time) holding its slot while it polls."""
+    from workers.providers.sim import SimProvider
+
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    _reset(client)
+    client.hset("vmq:sim:config", mapping={"boot_s": boot_s})
+    sim = SimProvider(redis_client=client)
+    key = SSHPublicKey.parse(throwaway_public_key())
+
+    def one(i: int) -> None:
+        vm = sim.create_vm(VMSpec(**_spec(i)), key, job_id=f"blocking-{i}")
+        while sim.get_vm(vm.instance_id).status != "running":
+            time.sleep(poll_s)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=slots) as pool:
+        list(pool.map(one, range(vms)))
+    wall_s = time.monotonic() - started
+    calls = _sim_calls(client)
+    return {"wall_s": wall_s, "calls": calls, "calls_per_vm": sum(v for k, v in calls.items() if ":" not in k) / vms}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vms", type=int, default=1000, help="create jobs (default 1000)")
+    parser.add_argument("--boot", type=float, default=20.0, help="simulated boot time, s (default 20)")
+    parser.add_argument("--slots", type=int, default=64, help="worker threads, and baseline threads (default 64)")
+    parser.add_argument("--baseline-poll", type=float, default=2.0, help="the blocking waiter's sleep, s")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the (slow) blocking baseline")
+    parser.add_argument("--env", action="append", default=[], help="extra worker env KEY=VALUE (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+
+    server = RedisServer(aof=False)
+    server.start()
+    try:
+        extra = dict(item.split("=", 1) for item in args.env)
+        ours = run_pipeline(server, args.vms, args.boot, args.slots, extra)
+        base = None if args.no_baseline else run_blocking(server, args.vms, args.boot, args.slots, args.baseline_poll)
+    finally:
+        server.cleanup()
+
+    figures = {"vms": args.vms, "boot_s": args.boot, "slots": args.slots, "vmqueue": ours, "blocking": base}
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    print(f"P1/P2: {args.vms} creates on sim, {args.boot:.0f} s boot, one worker process, {args.slots} slots")
+    print(
+        f"  vmqueue   enqueue {ours['enqueue_s']:.2f} s, all running after {ours['wall_s']:.1f} s"
+        f" -> {ours['wall_s'] / args.boot:.2f} x boot (goal <= 1.25);"
+        f" {ours['calls_per_vm']:.2f} API calls per VM (goal <= 6)  {ours['calls']}"
+    )
+    if base:
+        print(
+            f"  blocking  all running after {base['wall_s']:.1f} s -> {base['wall_s'] / args.boot:.2f} x boot;"
+            f" {base['calls_per_vm']:.2f} API calls per VM"
+        )
+        print(f"  ratio     blocking / vmqueue wall time = {base['wall_s'] / ours['wall_s']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
