@@ -193,13 +193,23 @@ def get(
 
 @app.command()
 def destroy(
-    provider: Annotated[str, typer.Argument(help=f"one of: {', '.join(PROVIDERS)}")],
-    instance_id: Annotated[str, typer.Argument(help="the provider-native instance id")],
+    provider: Annotated[str | None, typer.Argument(help=f"one of: {', '.join(PROVIDERS)}")] = None,
+    instance_id: Annotated[str | None, typer.Argument(help="the provider-native instance id")] = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 900.0,
     as_json: JsonOpt = False,
+    fleet: Annotated[Path | None, typer.Option(help="destroy every VM this fleet file created (and wait)")] = None,
 ) -> None:
-    """Destroy a VM and what vmqueue created with it; an already gone VM counts as destroyed."""
+    """Destroy a VM and what vmqueue created with it; an already gone VM counts as destroyed.
+
+    vmq destroy PROVIDER INSTANCE_ID, or vmq destroy --fleet fleet.yaml
+    """
+    if (fleet is None) == (provider is None or instance_id is None) or (fleet and (provider or instance_id)):
+        raise _bad_input(ValueError("give PROVIDER and INSTANCE_ID, or --fleet FILE alone"))
+    if fleet is not None:
+        from producer.cli_fleet import destroy_fleet
+
+        return destroy_fleet(fleet, timeout, as_json)
     try:
         job = _provisioner().destroy_vm(provider, instance_id)
     except (ValidationError, ValueError) as exc:
@@ -284,6 +294,8 @@ def demo(
 
     raise typer.Exit(run_demo(console, count=count, boot_s=boot, redis_url=get_settings().redis_url))
 
+
+from producer import cli_fleet, cli_web  # noqa: E402,F401 - they register their commands on ``app``
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -9,6 +9,7 @@ IDEMPOTENCY_PREFIX = "vmq:idem:"
 LOCK_PREFIX = "vmq:lock:"
 RATE_LIMIT_PREFIX = "vmq:ratelimit"
 SIM_PREFIX = "vmq:sim:"
+FLEET_PREFIX = "vmq:fleet:"  # hash per fleet: "<provider>/<name>" -> the VM's create job; no TTL
 
 TASK_CREATE = "vmq.create"
 TASK_DESTROY = "vmq.destroy"
@@ -34,3 +35,7 @@ def idempotency_key(key: str) -> str:
 
 def lock_key(job_id: str) -> str:
     return f"{LOCK_PREFIX}{job_id}"
+
+
+def fleet_key(fleet: str) -> str:
+    return f"{FLEET_PREFIX}{fleet}"

@@ -1,0 +1,116 @@
+"""``vmq apply FLEET`` and ``vmq destroy --fleet FLEET``: many VMs from one file (see producer/fleet.py).
+
+Exit codes as everywhere in the CLI: 2 when the file is invalid (nothing enqueued), 1 when a VM is
+not running after apply (or not gone after destroy, or the wait timed out), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from producer.cli import JsonOpt, TimeoutOpt, _provisioner, app, console, err
+from producer.fleet import FleetError, load_fleet
+from producer.fleetrun import FleetRunner, Tracked, all_gone, all_running
+
+FleetArg = Annotated[Path, typer.Argument(help="the fleet file (YAML); see examples/fleet.yaml")]
+
+
+@app.command()
+def apply(
+    fleet_file: FleetArg,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the jobs until every VM runs")] = True,
+    timeout: TimeoutOpt = 900.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create every VM of a fleet file that does not exist yet; re-running it creates nothing new.
+
+    The whole file is validated first: every problem is listed with its line, and nothing is
+    enqueued. Exit 0 when every VM is running, 1 otherwise.
+    """
+    fleet = _load(fleet_file)
+    runner = FleetRunner(_provisioner(), fleet.name)
+    tracked = runner.apply(fleet)
+    done = _follow(runner, tracked, timeout, as_json, "running") if wait else True
+    _report(fleet.name, tracked, as_json, done)
+    if wait and not (done and all_running(tracked)):
+        raise typer.Exit(1)
+
+
+def destroy_fleet(fleet_file: Path, timeout: float, as_json: bool) -> None:
+    """``vmq destroy --fleet``: destroy every VM the fleet created, and follow until they are gone."""
+    fleet = _load(fleet_file)
+    runner = FleetRunner(_provisioner(), fleet.name)
+    tracked = runner.destroy(timeout)
+    done = _follow(runner, tracked, timeout, as_json, "gone")
+    runner.settle_destroyed(tracked)
+    _report(fleet.name, tracked, as_json, done)
+    if not (done and all_gone(tracked)):
+        raise typer.Exit(1)
+
+
+def _load(path: Path):
+    try:
+        return load_fleet(path)
+    except FleetError as exc:
+        err.print(f"[bold red]Invalid fleet file[/] ({len(exc.problems)} problem(s)):")
+        for problem in exc.problems:
+            err.print(f"  {problem.format(path)}", markup=False, highlight=False, soft_wrap=True)
+        err.print("Nothing was enqueued.")
+        raise typer.Exit(2) from None
+
+
+def _follow(runner: FleetRunner, tracked: list[Tracked], timeout_s: float, as_json: bool, goal: str) -> bool:
+    """Follow the jobs with one progress bar per provider (none with --json: stdout is for the JSON)."""
+    if as_json:
+        return runner.follow(tracked, timeout_s)
+    totals = Counter(t.provider for t in tracked)
+    columns = (
+        TextColumn("[bold]{task.description:<13}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bars: dict[str, TaskID] = {p: progress.add_task(p, total=n, detail="") for p, n in sorted(totals.items())}
+
+        def update(items: list[Tracked]) -> None:
+            for provider, bar in bars.items():
+                mine = [t for t in items if t.provider == provider]
+                states = Counter(t.state for t in mine if t.finished)
+                detail = " ".join(f"{state} {n}" for state, n in sorted(states.items()))
+                progress.update(bar, completed=sum(t.finished for t in mine), detail=detail)
+
+        return runner.follow(tracked, timeout_s, update)
+
+
+def _report(fleet: str, tracked: list[Tracked], as_json: bool, done: bool) -> None:
+    if as_json:
+        rows = [t.row() for t in tracked]
+        print(json.dumps({"fleet": fleet, "finished": done, "vms": rows}, indent=2))
+        return
+    table = Table(title=f"fleet {fleet}")
+    for column in ("name", "provider", "instance", "ips", "state"):
+        table.add_column(column, no_wrap=True, overflow="fold")
+    table.add_column("error", ratio=1, overflow="fold")
+    for item in tracked:
+        row = item.row()
+        colour = {"running": "green", "gone": "green", "failed": "red"}.get(row["state"], "yellow")
+        private = f"{row['private_ipv4']} (private)" if row["private_ipv4"] else None
+        ips = "\n".join(ip for ip in (row["public_ipv4"], row["public_ipv6"], private) if ip)
+        problem = " ".join(p for p in (row["error"], row["note"]) if p)
+        table.add_row(
+            row["name"], row["provider"], row["instance_id"] or "", ips, f"[{colour}]{row['state']}[/]", problem
+        )
+    console.print(table)
+    actions = Counter(t.action for t in tracked)
+    console.print(", ".join(f"{n} {action}" for action, n in sorted(actions.items())) or "no VMs")
+    if not done:
+        console.print("[yellow]Timed out before every job finished;[/] run the same command again to follow them.")

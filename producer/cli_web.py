@@ -1,0 +1,24 @@
+"""``vmq web``: serve the HTTP API (producer/web.py) with uvicorn; needs ``pip install 'vmqueue[web]'``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from producer.cli import app, err
+
+
+@app.command()
+def web(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the HTTP API (POST /vms, GET /jobs/ID, ...; OpenAPI at /docs). Keys from VMQ_API_KEYS."""
+    try:
+        import uvicorn
+    except ImportError:
+        err.print("[red]The HTTP API needs its extra:[/] pip install 'vmqueue[web]'")
+        raise typer.Exit(2) from None
+    uvicorn.run("producer.web:app", host=host, port=port, workers=workers, proxy_headers=True)

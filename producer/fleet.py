@@ -1,0 +1,318 @@
+"""Fleet files: many VMs across providers in one YAML file, validated as a whole before anything runs.
+
+```yaml
+fleet: web-demo                 # the fleet's name: part of every VM's idempotency key and label
+defaults:                       # any VM field; a VM's own value wins (labels and options merge)
+  provider: sim
+  region: sim-1
+  instance_type: small
+  image: ubuntu-24.04
+  ssh_key: ~/.ssh/id_ed25519.pub   # a file (relative to this file) or a key line
+  script: init.sh                  # a startup script file (relative to this file)
+  labels: {team: web}
+vms:
+  - name: web                   # with count: web-1, web-2, web-3
+    count: 3
+  - name: db-1
+    instance_type: large
+    labels: {role: db}
+```
+
+``load_fleet`` reports every problem at once, each with the line of the file it comes from: the
+file is composed into a YAML node tree beside the data, and each pydantic error location is walked
+down that tree to the node it names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from producer.models import CreateRequest, VMSpec
+from producer.options import ProviderName
+
+# Every VM of a fleet carries this label, so the fleet's VMs can be found at the provider too.
+LABEL_FLEET = "vmqueue-fleet"
+MAX_COUNT = 1000
+_KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-")  # a value starting like this is a key line, not a path
+
+
+class VMFields(BaseModel):
+    """What a VM entry and the fleet's ``defaults`` may set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: ProviderName | None = None
+    region: str | None = None
+    instance_type: str | None = None
+    image: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+    ssh_key: str | None = Field(None, description="public key file (relative to the fleet file) or key line")
+    script: str | None = Field(None, description="startup script file, relative to the fleet file")
+    deadline_s: float | None = Field(None, gt=0, description="seconds until running, else fail and destroy")
+
+
+class VMEntry(VMFields):
+    name: str = Field(min_length=1, description="the VM's hostname; with count, NAME-1 ... NAME-<count>")
+    count: int | None = Field(None, ge=1, le=MAX_COUNT)
+
+
+class FleetFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fleet: str = Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$", description="the fleet's name")
+    defaults: VMFields = Field(default_factory=VMFields)
+    vms: list[VMEntry] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Problem:
+    line: int | None  # 1-based line in the fleet file
+    where: str
+    message: str
+
+    def format(self, path: Path) -> str:
+        at = f"{path}:{self.line}" if self.line else str(path)
+        return f"{at}: {self.where}: {self.message}" if self.where else f"{at}: {self.message}"
+
+
+class FleetError(ValueError):
+    """The fleet file is invalid; ``problems`` lists every problem found, in file order."""
+
+    def __init__(self, path: Path, problems: list[Problem]):
+        self.path = path
+        self.problems = sorted(problems, key=lambda p: (p.line or 0, p.where))
+        super().__init__("\n".join(p.format(path) for p in self.problems))
+
+
+@dataclass(frozen=True)
+class FleetVM:
+    """One VM of the fleet, fully validated and ready to enqueue."""
+
+    ident: str  # "<provider>/<name>": the VM's identity inside its fleet
+    request: CreateRequest
+    deadline_s: float | None
+    line: int | None
+
+    @property
+    def name(self) -> str:
+        return self.request.spec.name
+
+    @property
+    def provider(self) -> str:
+        return self.request.spec.provider
+
+
+@dataclass(frozen=True)
+class Fleet:
+    name: str
+    path: Path
+    vms: list[FleetVM]
+
+
+def load_fleet(path: Path) -> Fleet:
+    """Read and validate a fleet file; raises ``FleetError`` listing every problem with its line."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FleetError(path, [Problem(None, "", f"cannot read the fleet file: {exc.strerror or exc}")]) from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise FleetError(path, [Problem(mark.line + 1 if mark else None, "", f"not valid YAML: {exc}")]) from None
+    if not isinstance(data, dict) or root is None:
+        raise FleetError(path, [Problem(1, "", "a fleet file is a mapping with 'fleet', 'defaults' and 'vms'")])
+    problems: list[Problem] = []
+    try:
+        parsed = FleetFile.model_validate(data)
+        entries = list(enumerate(parsed.vms))
+    except ValidationError as exc:
+        problems = [_problem(root, e["loc"], e["msg"]) for e in exc.errors()]
+        parsed, entries = _valid_part(data, exc)
+    if parsed is not None:
+        problems += _expand(parsed, entries, root, path, vms := [])
+    if problems:
+        raise FleetError(path, list(dict.fromkeys(problems)))
+    return Fleet(parsed.fleet, path, vms)
+
+
+def _valid_part(data: dict, exc: ValidationError) -> tuple[FleetFile | None, list[tuple[int, VMEntry]]]:
+    """The file without its invalid VM entries, so the others are checked too (all problems at once)."""
+    bad = {e["loc"][1] for e in exc.errors() if e["loc"][:1] == ("vms",) and len(e["loc"]) > 1}
+    if any(e["loc"][:1] != ("vms",) or len(e["loc"]) < 2 for e in exc.errors()):
+        return None, []  # the header or the list itself is broken: nothing to expand reliably
+    raw = data["vms"]
+    entries = [(i, VMEntry.model_validate(v)) for i, v in enumerate(raw) if i not in bad]
+    # Every error is inside an entry, so the header is valid as it stands.
+    header = FleetFile.model_construct(
+        fleet=data["fleet"], defaults=VMFields.model_validate(data.get("defaults") or {})
+    )
+    return header, entries
+
+
+def _expand(
+    parsed: FleetFile, entries: list[tuple[int, VMEntry]], root: yaml.Node, path: Path, vms: list[FleetVM]
+) -> list[Problem]:
+    """Turn entries into validated VMs (appended to ``vms``); returns the problems found."""
+    problems: list[Problem] = []
+    files = _Files(path.parent)
+    seen: dict[str, int | None] = {}
+    for index, entry in entries:
+        fields = _merge(parsed.defaults, entry)
+        names = [f"{entry.name}-{n}" for n in range(1, entry.count + 1)] if entry.count else [entry.name]
+        entry_line = _line(root, ("vms", index))
+        where = f"vms[{index}]"
+        inputs: dict[str, Any] = {}
+        for field, loader in (("ssh_key", files.key), ("script", files.script)):
+            try:
+                inputs[field] = loader(fields[field])
+            except ValueError as exc:
+                problems.append(_field_problem(root, index, entry, field, str(exc)))
+        for name in names:
+            spec = {
+                "provider": fields["provider"],
+                "name": name,
+                "region": fields["region"],
+                "instance_type": fields["instance_type"],
+                "image": fields["image"],
+                "labels": {**fields["labels"], LABEL_FLEET: parsed.fleet},
+                "options": fields["options"],
+            }
+            spec = {k: v for k, v in spec.items() if v is not None}  # unset reads "missing", not "not a string"
+            try:
+                # The spec on its own first: its problems show even when the key file is missing.
+                valid = VMSpec.model_validate(spec)
+                if len(inputs) < 2:
+                    break
+                request = CreateRequest(spec=valid, ssh_key=inputs["ssh_key"], startup_script=inputs["script"])
+            except ValidationError as exc:
+                for error in exc.errors():
+                    problems.append(_request_problem(root, index, entry, name, error))
+                break  # the members of a group share every field but the name: one report is enough
+            ident = f"{request.spec.provider}/{name}"
+            if ident in seen:
+                problems.append(Problem(entry_line, where, f"{ident} is already defined on line {seen[ident]}"))
+                continue
+            seen[ident] = entry_line
+            vms.append(FleetVM(ident, request, fields["deadline_s"], entry_line))
+    return problems
+
+
+def _merge(defaults: VMFields, entry: VMEntry) -> dict[str, Any]:
+    merged = defaults.model_dump()
+    merged.update({k: v for k, v in entry.model_dump(exclude={"name", "count"}).items() if v is not None})
+    merged["labels"] = {**defaults.labels, **entry.labels}
+    merged["options"] = {**defaults.options, **entry.options}
+    return merged
+
+
+class _Files:
+    """Reads the key and script files a fleet names, once each, relative to the fleet file."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self._cache: dict[str, str] = {}
+
+    def key(self, value: str | None) -> str:
+        if value is None:
+            raise ValueError("no ssh_key: set one on the VM or in defaults (a .pub file or a key line)")
+        if value.startswith(_KEY_PREFIXES):
+            return value
+        return self._read(value, "ssh_key file")
+
+    def script(self, value: str | None) -> str | None:
+        return None if value is None else self._read(value, "script file")
+
+    def _read(self, value: str, what: str) -> str:
+        if value not in self._cache:
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else self.base / path
+            try:
+                self._cache[value] = path.read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+        return self._cache[value]
+
+
+# -- error locations -> file lines ----------------------------------------------------------------
+_REQUEST_FIELDS = {"ssh_key": "ssh_key", "startup_script": "script"}
+
+
+def _request_problem(root: yaml.Node, index: int, entry: VMEntry, name: str, error: dict) -> Problem:
+    """A contract error of one VM, placed on the line of the entry (or default) that set the field."""
+    loc = tuple(error["loc"])
+    if loc[:1] == ("spec",):
+        loc = loc[1:]
+    elif loc[:1] and loc[0] in _REQUEST_FIELDS:
+        loc = (_REQUEST_FIELDS[loc[0]], *loc[1:])
+    field = str(loc[0]) if loc else ""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        message = "required: set it on the VM or in defaults"
+    where = f"vms[{index}] ({name})" + (f".{'.'.join(str(p) for p in loc)}" if loc else "")
+    if field and field in entry.model_fields_set:
+        line = _line(root, ("vms", index, *loc))
+    elif field and _find(root, ("defaults", field)) is not None:
+        line = _line(root, ("defaults", *loc))
+    else:
+        line = _line(root, ("vms", index))
+    return Problem(line, where, message)
+
+
+def _field_problem(root: yaml.Node, index: int, entry: VMEntry, field: str, message: str) -> Problem:
+    if field in entry.model_fields_set or _find(root, ("defaults", field)) is None:
+        return Problem(_line(root, ("vms", index, field)), f"vms[{index}].{field}", message)
+    return Problem(_line(root, ("defaults", field)), f"defaults.{field}", message)
+
+
+def _problem(root: yaml.Node, loc: tuple, message: str) -> Problem:
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    return Problem(_line(root, loc), where, message.removeprefix("Value error, "))
+
+
+def _find(node: yaml.Node, loc: tuple) -> yaml.Node | None:
+    for part in loc:
+        node = _child(node, part)
+        if node is None:
+            return None
+    return node
+
+
+def _line(node: yaml.Node, loc: tuple) -> int:
+    """The line of the deepest node ``loc`` reaches; parts the tree lacks are skipped, because pydantic
+    adds its own (a union's tag such as ``options.sim``) and a missing field's place is its parent."""
+    line = node.start_mark.line + 1
+    for part in loc:
+        child = _child(node, part)
+        if child is None:
+            continue
+        key_line = _key_line(node, part)
+        node = child
+        line = key_line if key_line is not None else node.start_mark.line + 1
+    return line
+
+
+def _child(node: yaml.Node, part: object) -> yaml.Node | None:
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if key.value == str(part):
+                return value
+    elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+        return node.value[part]
+    return None
+
+
+def _key_line(node: yaml.Node, part: object) -> int | None:
+    # A mapping's value may start on the next line; the key's own line is where a reader looks.
+    if isinstance(node, yaml.MappingNode):
+        for key, _value in node.value:
+            if key.value == str(part):
+                return key.start_mark.line + 1
+    return None

@@ -1,0 +1,170 @@
+"""Fleet files: validation with line numbers, and `vmq apply` / `vmq destroy --fleet` end to end on the sim."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from producer import keys
+from producer.cli import app
+from producer.fleet import FleetError, load_fleet
+from tests.test_cli import cli_env  # noqa: F401 - the CLI's environment fixture
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "fleet.yaml"
+runner = CliRunner()
+
+BAD = """\
+fleet: demo
+defaults:
+  provider: sim
+  region: sim-1
+  image: ubuntu-24.04
+  ssh_key: example.pub
+  script: missing.sh
+vms:
+  - name: web
+    count: 2
+    instance_type: small
+  - name: Bad_Name
+    instance_type: small
+    labels: {Team: x}
+  - name: db
+    provider: aws
+    instance_type: t3.micro
+    options:
+      zone: a
+  - name: x
+    count: 0
+    colour: red
+  - name: nothing-set
+"""
+
+
+def _fleet_dir(tmp_path: Path, text: str | None = None) -> Path:
+    """A copy of the example (key and script beside it); ``text`` replaces the fleet file."""
+    for name in ("fleet.yaml", "example.pub", "init.sh"):
+        shutil.copy(EXAMPLE.parent / name, tmp_path / name)
+    if text is not None:
+        (tmp_path / "fleet.yaml").write_text(text)
+    return tmp_path / "fleet.yaml"
+
+
+def test_the_example_fleet_is_valid():
+    fleet = load_fleet(EXAMPLE)
+    assert fleet.name == "example"
+    assert [vm.ident for vm in fleet.vms] == ["sim/web-1", "sim/web-2", "sim/web-3", "sim/db-1"]
+    db = fleet.vms[-1].request
+    assert db.spec.labels == {"team": "web", "role": "db", "vmqueue-fleet": "example"}
+    assert db.spec.image == "debian-12" and db.startup_script.startswith("#!/bin/sh")
+
+
+def test_every_problem_is_reported_with_its_line(tmp_path):
+    with pytest.raises(FleetError) as caught:
+        load_fleet(_fleet_dir(tmp_path, BAD))
+    found = {(p.line, p.where) for p in caught.value.problems}
+    assert found == {
+        (7, "defaults.script"),  # the file is missing: reported where the default sets it
+        (12, "vms[1] (Bad_Name).name"),
+        (14, "vms[1] (Bad_Name).labels"),
+        (19, "vms[2] (db).options.aws.zone"),
+        (21, "vms[3].count"),
+        (22, "vms[3].colour"),
+        (23, "vms[4] (nothing-set).instance_type"),
+    }
+    text = str(caught.value)
+    assert "fleet.yaml:14: vms[1] (Bad_Name).labels: label key 'Team'" in text
+    assert "instance_type: required: set it on the VM or in defaults" in text
+
+
+def test_duplicate_names_and_broken_yaml(tmp_path):
+    duplicate = "fleet: d\ndefaults: {provider: sim, region: r, instance_type: s, image: debian-12, ssh_key: x.pub}\n"
+    duplicate += "vms:\n  - name: web\n    count: 2\n  - name: web-2\n"
+    with pytest.raises(FleetError, match=r"fleet.yaml:6: vms\[1\]: sim/web-2 is already defined on line 4"):
+        load_fleet(_fleet_dir(tmp_path, duplicate.replace("x.pub", "example.pub")))
+    with pytest.raises(FleetError, match=r"fleet.yaml:4: not valid YAML"):
+        load_fleet(_fleet_dir(tmp_path, "fleet: d\nvms:\n  - name: [\n"))
+
+
+def test_apply_of_an_invalid_file_exits_2_and_enqueues_nothing(cli_env, redis_client, tmp_path):  # noqa: F811
+    result = runner.invoke(app, ["apply", str(_fleet_dir(tmp_path, BAD))])
+    assert result.exit_code == 2
+    assert "7 problem(s)" in result.output and "fleet.yaml:19: vms[2] (db).options.aws.zone" in result.output
+    assert "Nothing was enqueued" in result.output
+    assert [k for k in redis_client.scan_iter() if not k.startswith("_kombu.")] == []
+
+
+def test_destroy_needs_an_instance_or_a_fleet_but_not_both(cli_env):  # noqa: F811
+    assert runner.invoke(app, ["destroy", "sim"]).exit_code == 2
+    both = runner.invoke(app, ["destroy", "sim", "sim-1", "--fleet", str(EXAMPLE)])
+    assert both.exit_code == 2 and "--fleet FILE alone" in both.output
+
+
+def _apply(path: Path, *extra: str) -> tuple[int, dict]:
+    result = runner.invoke(app, ["apply", str(path), "--json", "--timeout", "60", *extra])
+    return result.exit_code, json.loads(result.stdout)
+
+
+@pytest.mark.system
+def test_apply_is_idempotent_and_destroy_fleet_removes_it(cli_env, sim_worker, sim, redis_client):  # noqa: F811
+    code, first = _apply(EXAMPLE)
+    assert code == 0, first
+    assert [(vm["name"], vm["action"], vm["state"]) for vm in first["vms"]] == [
+        ("web-1", "created", "running"),
+        ("web-2", "created", "running"),
+        ("web-3", "created", "running"),
+        ("db-1", "created", "running"),
+    ]
+    assert all(vm["instance_id"] and vm["public_ipv4"] and vm["private_ipv4"] for vm in first["vms"])
+    creates = sim.calls()["create"]
+    assert len(sim.live_vms()) == 4
+
+    # Again, with the human output: nothing new is created.
+    again = runner.invoke(app, ["apply", str(EXAMPLE), "--timeout", "60"])
+    assert again.exit_code == 0, again.output
+    assert "4 existing" in again.output and "web-3" in again.output and "4/4 running 4" in again.output
+    assert sim.calls()["create"] == creates and len(sim.live_vms()) == 4
+
+    # Past the job records' TTL the fleet record still knows the VMs: they are read, not created.
+    redis_client.delete(keys.job_key(first["vms"][0]["job_id"]))
+    code, third = _apply(EXAMPLE)
+    assert code == 0 and third["vms"][0]["action"] == "checked" and third["vms"][0]["state"] == "running"
+    assert [vm["job_id"] for vm in third["vms"][1:]] == [vm["job_id"] for vm in first["vms"][1:]]
+    assert sim.calls()["create"] == creates
+
+    gone = runner.invoke(app, ["destroy", "--fleet", str(EXAMPLE), "--json", "--timeout", "60"])
+    assert gone.exit_code == 0, gone.output
+    assert {vm["state"] for vm in json.loads(gone.stdout)["vms"]} == {"gone"}
+    assert sim.live_vms() == []
+    assert redis_client.hgetall(keys.fleet_key("example")) == {}
+
+    # Destroyed and forgotten: the next apply creates the fleet anew.
+    code, fourth = _apply(EXAMPLE)
+    assert code == 0 and {vm["action"] for vm in fourth["vms"]} == {"created"}
+    assert len(sim.live_vms()) == 4
+    assert runner.invoke(app, ["destroy", "--fleet", str(EXAMPLE), "--timeout", "60"]).exit_code == 0
+
+
+@pytest.mark.system
+def test_a_failed_create_exits_1_and_is_created_again_by_the_next_apply(
+    cli_env,
+    sim_worker,
+    sim,
+    tmp_path,  # noqa: F811
+):
+    path = _fleet_dir(tmp_path)
+    sim.configure(capacity_rate=1.0)
+    code, first = _apply(path)
+    assert code == 1
+    assert {(vm["state"], vm["error"].split(":")[0]) for vm in first["vms"]} == {("failed", "capacity")}
+
+    sim.configure(capacity_rate=0.0)
+    code, second = _apply(path)
+    assert code == 0 and {(vm["action"], vm["state"]) for vm in second["vms"]} == {("created", "running")}
+    assert len(sim.live_vms()) == 4
+    assert runner.invoke(app, ["destroy", "--fleet", str(path), "--timeout", "60"]).exit_code == 0
+    assert sim.live_vms() == []
