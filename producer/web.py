@@ -1,0 +1,170 @@
+"""An optional HTTP API over the ``Provisioner`` for web backends: ``pip install 'vmqueue[web]'``.
+
+Run it with ``vmq web`` or ``uvicorn producer.web:app``. Every call validates with the same
+pydantic contract as the Python API, enqueues, and answers 202 with the ``Job`` at once; a client
+follows ``GET /jobs/{id}``. The endpoints are plain ``def``: the Provisioner is synchronous (Redis
+and the broker), so FastAPI runs them in its threadpool and the event loop never blocks.
+
+Auth: an API key from ``VMQ_API_KEYS`` (comma-separated, so keys can be rotated), sent as
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The app refuses to start without a key
+unless ``VMQ_WEB_ALLOW_NO_AUTH=true`` says so explicitly (e.g. behind an authenticating proxy).
+Startup scripts may hold secrets: no response echoes one, 422 errors included.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis
+from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from kombu.exceptions import OperationalError
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.client import IdempotencyConflict, JobNotFound, Provisioner
+from producer.models import CreateRequest, Job
+from producer.options import ProviderName
+from producer.sshkeys import SSHKeyField
+
+
+class WebSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VMQ_", extra="ignore")
+
+    api_keys: str = Field("", description="comma-separated API keys; any of them is accepted")
+    web_allow_no_auth: bool = Field(False, description="start without API keys (only behind another auth layer)")
+
+
+class CreateVMBody(CreateRequest):
+    """``POST /vms``: the contract's create request, plus the options of ``Provisioner.create_vm``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ssh_key: Annotated[SSHKeyField, WithJsonSchema({"type": "string", "description": "an OpenSSH public key line"})]
+    idempotency_key: str | None = Field(
+        None, min_length=1, max_length=200, description="the same key never creates twice (kept 1 day)"
+    )
+    deadline_s: float | None = Field(None, gt=0, le=86_400, description="seconds until running, else fail")
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <API key>")
+
+
+def _authorize(
+    request: Request,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    header: Annotated[str | None, Depends(_header)],
+) -> None:
+    keys: list[str] = request.app.state.api_keys
+    if not keys:  # started with VMQ_WEB_ALLOW_NO_AUTH
+        return
+    given = (bearer.credentials if bearer else None) or header or ""
+    # compare_digest against every key (no early exit): the time taken says nothing about the keys.
+    matches = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
+    if not given or not any(matches):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def _provisioner(request: Request) -> Provisioner:
+    return request.app.state.provisioner
+
+
+Auth = Depends(_authorize)
+Vmq = Annotated[Provisioner, Depends(_provisioner)]
+
+
+def create_app(
+    provisioner: Provisioner | None = None, api_keys: list[str] | None = None, allow_no_auth: bool | None = None
+) -> FastAPI:
+    """The API; arguments left ``None`` come from the environment when the app starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings = WebSettings()
+        keys = api_keys if api_keys is not None else [k.strip() for k in settings.api_keys.split(",") if k.strip()]
+        no_auth = settings.web_allow_no_auth if allow_no_auth is None else allow_no_auth
+        if not keys and not no_auth:
+            raise RuntimeError(
+                "refusing to start without an API key: set VMQ_API_KEYS (comma-separated), "
+                "or VMQ_WEB_ALLOW_NO_AUTH=true when another layer authenticates"
+            )
+        app.state.api_keys = keys
+        app.state.provisioner = provisioner or Provisioner()
+        yield
+
+    app = FastAPI(
+        title="vmqueue",
+        version="0.1.0",
+        summary="Create, inspect and destroy cloud VMs as jobs on a queue.",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(ValidationError, _invalid)
+    app.add_exception_handler(JobNotFound, _error(status.HTTP_404_NOT_FOUND))
+    app.add_exception_handler(IdempotencyConflict, _error(status.HTTP_409_CONFLICT))
+    for unavailable in (redis.ConnectionError, redis.TimeoutError, OperationalError):
+        app.add_exception_handler(unavailable, _error(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable"))
+
+    @app.post("/vms", status_code=202, response_model=Job, dependencies=[Auth], tags=["vms"])
+    def create_vm(body: CreateVMBody, response: Response, vmq: Vmq) -> Job:
+        """Validate and enqueue a create; follow the returned job at ``GET /jobs/{id}``."""
+        job = vmq.create_vm(
+            body.spec,
+            body.ssh_key,
+            body.startup_script,
+            idempotency_key=body.idempotency_key,
+            deadline_s=body.deadline_s,
+        )
+        response.headers["Location"] = f"/jobs/{job.id}"
+        return job
+
+    @app.get("/jobs/{job_id}", response_model=Job, dependencies=[Auth], tags=["jobs"])
+    def get_job(job_id: Annotated[str, Path(max_length=128)], vmq: Vmq) -> Job:
+        """A job's state, VM, error and history."""
+        return vmq.get_job(job_id)
+
+    @app.get("/vms/{provider}/{instance_id:path}", status_code=202, response_model=Job, dependencies=[Auth])
+    def get_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:
+        """Enqueue a read of one VM (through a worker, like every provider call)."""
+        job = vmq.get_vm(provider, instance_id)
+        response.headers["Location"] = f"/jobs/{job.id}"
+        return job
+
+    @app.delete("/vms/{provider}/{instance_id:path}", status_code=202, response_model=Job, dependencies=[Auth])
+    def destroy_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:
+        """Enqueue a destroy; a VM that is already gone ends the job ``gone`` too."""
+        job = vmq.destroy_vm(provider, instance_id)
+        response.headers["Location"] = f"/jobs/{job.id}"
+        return job
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """Liveness, without auth (it reveals nothing)."""
+        return {"status": "ok"}
+
+    return app
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming each bad field, without pydantic's ``input``: it could echo a startup script."""
+    errors: list[Any] = exc.errors()  # type: ignore[attr-defined]
+    detail = [{"loc": list(e["loc"]), "msg": e["msg"].removeprefix("Value error, "), "type": e["type"]} for e in errors]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _error(code: int, message: str | None = None):
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": message or str(exc)}, status_code=code)
+
+    return handler
+
+
+app = create_app()
