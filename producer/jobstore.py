@@ -25,6 +25,11 @@ return 0
 """
 
 
+# Called with the job after every state change this process made; the workers count finished jobs
+# for their Prometheus metrics here (workers/metrics.py), the one place every final state passes.
+TRANSITION_HOOKS: list[Callable[[Job], None]] = []
+
+
 class InvalidTransition(RuntimeError):
     """A state change the transition table forbids: another delivery got there first."""
 
@@ -123,4 +128,7 @@ class JobStore:
                 setattr(job, name, value)
             job.record(message or f"{before} -> {to}")
 
-        return self.update(job_id, change)
+        job = self.update(job_id, change)
+        for hook in TRANSITION_HOOKS:  # after the compare-and-set: each hook sees each change once
+            hook(job)
+        return job

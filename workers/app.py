@@ -12,4 +12,4 @@ from producer.settings import get_settings
 settings = get_settings()
 app = make_celery(settings, main="vmqueue")
 app.conf.update(worker_pool="threads", worker_concurrency=settings.worker_concurrency)
-app.conf.include = ["workers.tasks"]
+app.conf.include = ["workers.tasks", "workers.metrics", "workers.logctx"]  # the last two: signal handlers

@@ -18,6 +18,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from producer import keys
 from producer.settings import Settings, rate_limit_for
+from workers import metrics
 from workers.backoff import full_jitter_backoff
 from workers.providers.errors import ProviderError, RateLimitedError
 
@@ -77,7 +78,8 @@ class ProviderCalls:
             with attempt:
                 self.limit.acquire(self.provider)
                 self.count += 1
-                return fn(*args, **kwargs)
+                with metrics.provider_call(self.provider, getattr(fn, "__name__", "call")):
+                    return fn(*args, **kwargs)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def _quick_retry(self, exc: BaseException) -> bool:
