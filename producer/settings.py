@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     poll_initial_s: float = 2.0
     poll_max_s: float = 15.0
     poll_factor: float = 1.5
+    batch_poll_s: float = Field(
+        2.0, description="one batched status read per provider this often, for providers that have one"
+    )
     max_attempts: int = Field(6, description="task-level attempts of one provider call before the job fails")
     retry_base_s: float = 2.0
     retry_max_s: float = 60.0

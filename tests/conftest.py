@@ -29,6 +29,7 @@ FAST_ENV = {
     "VMQ_UNACKED_RESTORE_INTERVAL_S": "1",
     "VMQ_POLL_INITIAL_S": "0.2",
     "VMQ_POLL_MAX_S": "0.5",
+    "VMQ_BATCH_POLL_S": "0.3",
     "VMQ_RETRY_BASE_S": "0.2",
     "VMQ_RETRY_MAX_S": "1",
     "VMQ_CALL_WAIT_MAX_S": "0.5",

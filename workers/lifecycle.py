@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from producer.jobstore import InvalidTransition, JobStore
-from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMStatus, utcnow
+from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMStatus, utcnow
 from producer.settings import Settings
 from producer.sshkeys import SSHPublicKey
 from workers.backoff import exponential_backoff, full_jitter_backoff
 from workers.calls import ProviderCalls, SharedRateLimit
-from workers.providers.base import Provider
+from workers.providers.base import BatchReads, Provider
 from workers.providers.errors import NotFoundError, ProviderError
+from workers.watchlist import WatchList
 
 log = logging.getLogger("vmqueue.worker")
 
@@ -28,6 +29,7 @@ log = logging.getLogger("vmqueue.worker")
 EARLY_TOLERANCE_S = 0.5
 GONE = (VMStatus.terminated,)
 DEAD = (VMStatus.error, VMStatus.terminated, VMStatus.terminating)
+SETTLED = (VMStatus.running, *DEAD)  # a create job has nothing more to wait for
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,17 @@ class Next:
 
 class JobRunner:
     def __init__(
-        self, store: JobStore, settings: Settings, providers: Callable[[str], Provider], limit: SharedRateLimit
+        self,
+        store: JobStore,
+        settings: Settings,
+        providers: Callable[[str], Provider],
+        limit: SharedRateLimit,
+        start_ticker: Callable[[str, str], None] | None = None,
     ):
         self.store = store
+        # Starts the batch-read chain of a provider (provider, lease token); None: every job reads alone.
+        self.start_ticker = start_ticker
+        self.watch = WatchList(store.redis, settings.batch_poll_s)
         self.settings = settings
         self.providers = providers  # name -> Provider: the lazy registry's get_provider
         self.limit = limit
@@ -121,42 +131,108 @@ class JobRunner:
             api_calls=job.api_calls + calls.count,
         )
         log.info("job=%s provider=%s instance=%s created; polling", job.id, job.provider, vm.instance_id)
+        if self._batched(provider):
+            self.watch.add(job.provider, vm.instance_id, job.id)
+            self._ensure_ticker(job.provider)
         return Next(self.poll_delay(0))
 
     def _poll_create(self, job: Job) -> Next | None:
         provider = self.providers(job.provider)
+        if self._batched(provider):
+            self.watch.add(job.provider, job.instance_id, job.id)  # again: a restarted Redis may have lost it
+            if not self._ensure_ticker(job.provider):
+                # The tick chain reads this VM with all the others; this chain only minds the deadline.
+                return self._observe_create(job, job.vm, 0, read=False)
         calls = ProviderCalls(job.provider, self.limit, self.settings)
-        since_submit = (utcnow() - job.submitted_at).total_seconds()
         try:
             vm = calls(provider.get_vm, job.instance_id)
-        except NotFoundError as exc:
-            if since_submit > self.settings.not_found_grace_s:  # consistency window over: it vanished
-                return self._fail(job, JobError(code="vm_vanished", message=f"the VM disappeared: {exc}"), calls.count)
+        except NotFoundError:
             vm = None
         except ProviderError as exc:
             return self._call_failed(job, exc, calls.count)
+        return self._observe_create(job, vm, calls.count)
+
+    def _observe_create(self, job: Job, vm: VMInfo | None, count: int, read: bool = True) -> Next | None:
+        """Apply what a read found (``vm`` None: not found) to a provisioning job."""
+        since_submit = (utcnow() - job.submitted_at).total_seconds()
+        if read and vm is None and since_submit > self.settings.not_found_grace_s:
+            # Past the consistency window a NotFound is real: the VM vanished.
+            return self._fail(job, JobError(code="vm_vanished", message="the VM disappeared while booting"), count)
         polls = job.polls + 1
-        if vm is not None and vm.status == VMStatus.running:
+        if read and vm is not None and vm.status == VMStatus.running:
             job = self.store.transition(
-                job.id, JobState.running, "running", vm=vm, polls=polls, api_calls=job.api_calls + calls.count
+                job.id, JobState.running, "running", vm=vm, polls=polls, api_calls=job.api_calls + count
             )
+            self._unwatch(job)
             self.store.drop_script(job.id)
             log.info(
                 "job=%s provider=%s instance=%s running ip=%s", job.id, job.provider, vm.instance_id, vm.public_ipv4
             )
             return None
-        if vm is not None and vm.status in DEAD:
+        if read and vm is not None and vm.status in DEAD:
             error = JobError(code="vm_error", message=f"the VM ended in {vm.provider_status} instead of running")
-            return self._fail(job, error, calls.count, vm=vm)
+            return self._fail(job, error, count, vm=vm)
         if since_submit > job.deadline_s:
             error = JobError(
                 code="deadline_exceeded",
                 message=f"not running after {job.deadline_s:.0f}s (last status {vm.status if vm else 'not found'})",
                 retryable=True,
             )
-            return self._fail(job, error, calls.count, vm=vm)
-        self.store.update(job.id, lambda j: _set(j, polls=polls, api_calls=j.api_calls + calls.count, vm=vm or j.vm))
+            return self._fail(job, error, count, vm=vm)
+        self.store.update(job.id, lambda j: _set(j, polls=polls, api_calls=j.api_calls + count, vm=vm or j.vm))
         return Next(self.poll_delay(polls))
+
+    # -- coalesced reads: one tick chain per provider ----------------------------------------
+    def tick(self, provider_name: str, token: str) -> Next | None:
+        """Read every watched VM of a provider at once and settle the jobs whose VM settled."""
+        if not self.watch.renew(provider_name, token):
+            return None  # a stale chain (its lease ran out and another took over)
+        members = self.watch.members(provider_name)
+        if not members:
+            self.watch.release(provider_name, token)
+            return None
+        calls = ProviderCalls(provider_name, self.limit, self.settings)
+        try:
+            vms = calls(self.providers(provider_name).get_vms, sorted(members))
+        except ProviderError as exc:
+            log.warning("provider=%s batched read failed (%s: %s); next tick", provider_name, exc.code, exc)
+            return Next(self.settings.batch_poll_s)
+        for instance_id, job_id in members.items():
+            vm = vms.get(instance_id)
+            if vm is None or vm.status in SETTLED:
+                self._settle(provider_name, instance_id, job_id, vm)
+        return Next(self.settings.batch_poll_s)
+
+    def _settle(self, provider_name: str, instance_id: str, job_id: str, vm: VMInfo | None) -> None:
+        lease = self.store.acquire(job_id, self.settings.step_lease_s)
+        if lease is None:
+            return  # the job's own chain is acting on it now
+        try:
+            job = self.store.get(job_id)
+            if job is None or job.state != JobState.provisioning or job.instance_id != instance_id:
+                self.watch.remove(provider_name, instance_id)
+                return
+            self._observe_create(job, vm, 0)
+        except InvalidTransition:
+            pass
+        finally:
+            self.store.release(job_id, lease)
+
+    def _batched(self, provider: Provider) -> bool:
+        return self.start_ticker is not None and isinstance(provider, BatchReads)
+
+    def _ensure_ticker(self, provider_name: str) -> bool:
+        """True when this call had to start the tick chain (so the caller reads for itself this once)."""
+        if self.watch.ticking(provider_name):
+            return False
+        token = self.watch.claim_ticker(provider_name)
+        if token:
+            self.start_ticker(provider_name, token)
+        return True
+
+    def _unwatch(self, job: Job) -> None:
+        if job.kind == JobKind.create and job.instance_id:
+            self.watch.remove(job.provider, job.instance_id)
 
     # -- destroy (a destroy job, or the cleanup of a failed create) -------------------------
     def _destroy(self, job: Job) -> Next | None:
@@ -252,6 +328,7 @@ class JobRunner:
             vm=vm or job.vm,
         )
         self.store.drop_script(job.id)
+        self._unwatch(job)
         log.error("job=%s provider=%s failed: %s: %s", job.id, job.provider, error.code, error.message)
         if cleanup == CleanupState.pending:
             return Next(0)

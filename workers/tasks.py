@@ -29,7 +29,11 @@ BROKER_RETRY_S = 5.0
 @cache
 def runner() -> JobRunner:
     store = JobStore(connect(settings), settings)
-    return JobRunner(store, settings, get_provider, SharedRateLimit(settings))
+    return JobRunner(store, settings, get_provider, SharedRateLimit(settings), start_ticker=_start_ticker)
+
+
+def _start_ticker(provider: str, token: str) -> None:
+    tick.apply_async(args=[provider, token], queue=keys.queue_name(provider), argsrepr=f"({provider})")
 
 
 def _step(task: Task, job_id: object, kind: JobKind) -> None:
@@ -76,3 +80,15 @@ def destroy(self: Task, job_id: str) -> None:
 def get(self: Task, job_id: str) -> None:
     """Read a VM once into the job."""
     _step(self, job_id, JobKind.get)
+
+
+@app.task(bind=True, name=keys.TASK_TICK, max_retries=None)
+def tick(self: Task, provider: str, token: str) -> None:
+    """Read every VM of a provider that jobs wait for, in one call, and settle the jobs whose VM settled."""
+    try:
+        outcome = runner().tick(provider, token)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        log.warning("provider=%s tick: Redis unavailable (%s); the next job poll restarts the tick", provider, exc)
+        return
+    if outcome is not None:
+        raise self.retry(countdown=outcome.countdown_s, max_retries=None)

@@ -54,6 +54,15 @@ class Provider(Protocol):
         ...
 
 
+@runtime_checkable
+class BatchReads(Protocol):
+    """Optional: adapters whose API reads many VMs in one call (coalesced polling, workers/watchlist.py)."""
+
+    def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
+        """The VMs of ``instance_ids`` that exist, in as few calls as the API allows; absent = not found."""
+        ...
+
+
 def resolve_alias(provider: str, spec: VMSpec) -> VMSpec:
     """``prepare_spec`` for providers whose alias table holds the native image name itself."""
     if spec.image not in IMAGES[provider] and spec.image in ("ubuntu-22.04", "ubuntu-24.04", "debian-12"):

@@ -44,6 +44,7 @@ CALLS_PER_S_KEY = f"{SIM_PREFIX}calls_per_s"  # hash: epoch second -> calls in t
 LOG_KEY = f"{SIM_PREFIX}log"  # list of recent calls, newest first: {"t", "kind", "outcome"}
 VMS_KEY = f"{SIM_PREFIX}vms"  # set of live instance ids
 LOG_LENGTH = 20_000
+BATCH_SIZE = 1000  # VMs one get_vms call reads, like AWS DescribeInstances' page
 
 
 class SimConfig(BaseSettings):
@@ -135,6 +136,20 @@ class SimProvider:
         if not record or self._gone(record):
             raise NotFoundError(f"instance {instance_id} not found", provider_code="not_found")
         return self._info(record)
+
+    def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
+        """One call reads up to ``BATCH_SIZE`` VMs, as a filtered list call would."""
+        found: dict[str, VMInfo] = {}
+        for start in range(0, len(instance_ids), BATCH_SIZE):
+            chunk = instance_ids[start : start + BATCH_SIZE]
+            self._begin("get_many")
+            pipe = self._redis.pipeline(transaction=False)
+            for instance_id in chunk:
+                pipe.hgetall(_vm_key(instance_id))
+            for record in pipe.execute():
+                if record and not self._gone(record):
+                    found[record["instance_id"]] = self._info(record)
+        return found
 
     def destroy_vm(self, instance_id: str) -> None:
         config = self._begin("destroy")
