@@ -9,12 +9,14 @@ IDEMPOTENCY_PREFIX = "vmq:idem:"
 LOCK_PREFIX = "vmq:lock:"
 RATE_LIMIT_PREFIX = "vmq:ratelimit"
 SIM_PREFIX = "vmq:sim:"
+WATCH_PREFIX = "vmq:watch:"  # hash per provider: instance id -> job id of VMs being waited for
+TICKER_PREFIX = "vmq:ticker:"  # per provider: the token of the one live batch-read chain
 FLEET_PREFIX = "vmq:fleet:"  # hash per fleet: "<provider>/<name>" -> the VM's create job; no TTL
 
 TASK_CREATE = "vmq.create"
 TASK_DESTROY = "vmq.destroy"
 TASK_GET = "vmq.get"
-TASK_CLEANUP = "vmq.cleanup"
+TASK_TICK = "vmq.tick"
 
 
 def queue_name(provider: str) -> str:
@@ -39,3 +41,11 @@ def lock_key(job_id: str) -> str:
 
 def fleet_key(fleet: str) -> str:
     return f"{FLEET_PREFIX}{fleet}"
+
+
+def watch_key(provider: str) -> str:
+    return f"{WATCH_PREFIX}{provider}"
+
+
+def ticker_key(provider: str) -> str:
+    return f"{TICKER_PREFIX}{provider}"
