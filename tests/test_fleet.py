@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 from producer import keys
 from producer.cli import app
 from producer.fleet import FleetError, load_fleet
-from tests.test_cli import cli_env  # noqa: F401 - the CLI's environment fixture
+from tests import test_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fleet.yaml"
 runner = CliRunner()
+cli_env = test_cli.cli_env  # the CLI's environment fixture: REDIS_URL and VMQ_* of the test session
 
 BAD = """\
 fleet: demo
@@ -90,7 +91,7 @@ def test_duplicate_names_and_broken_yaml(tmp_path):
         load_fleet(_fleet_dir(tmp_path, "fleet: d\nvms:\n  - name: [\n"))
 
 
-def test_apply_of_an_invalid_file_exits_2_and_enqueues_nothing(cli_env, redis_client, tmp_path):  # noqa: F811
+def test_apply_of_an_invalid_file_exits_2_and_enqueues_nothing(cli_env, redis_client, tmp_path):
     result = runner.invoke(app, ["apply", str(_fleet_dir(tmp_path, BAD))])
     assert result.exit_code == 2
     assert "7 problem(s)" in result.output and "fleet.yaml:19: vms[2] (db).options.aws.zone" in result.output
@@ -98,7 +99,7 @@ def test_apply_of_an_invalid_file_exits_2_and_enqueues_nothing(cli_env, redis_cl
     assert [k for k in redis_client.scan_iter() if not k.startswith("_kombu.")] == []
 
 
-def test_destroy_needs_an_instance_or_a_fleet_but_not_both(cli_env):  # noqa: F811
+def test_destroy_needs_an_instance_or_a_fleet_but_not_both(cli_env):
     assert runner.invoke(app, ["destroy", "sim"]).exit_code == 2
     both = runner.invoke(app, ["destroy", "sim", "sim-1", "--fleet", str(EXAMPLE)])
     assert both.exit_code == 2 and "--fleet FILE alone" in both.output
@@ -110,7 +111,7 @@ def _apply(path: Path, *extra: str) -> tuple[int, dict]:
 
 
 @pytest.mark.system
-def test_apply_is_idempotent_and_destroy_fleet_removes_it(cli_env, sim_worker, sim, redis_client):  # noqa: F811
+def test_apply_is_idempotent_and_destroy_fleet_removes_it(cli_env, sim_worker, sim, redis_client):
     code, first = _apply(EXAMPLE)
     assert code == 0, first
     assert [(vm["name"], vm["action"], vm["state"]) for vm in first["vms"]] == [
@@ -154,7 +155,7 @@ def test_a_failed_create_exits_1_and_is_created_again_by_the_next_apply(
     cli_env,
     sim_worker,
     sim,
-    tmp_path,  # noqa: F811
+    tmp_path,
 ):
     path = _fleet_dir(tmp_path)
     sim.configure(capacity_rate=1.0)
@@ -166,5 +167,11 @@ def test_a_failed_create_exits_1_and_is_created_again_by_the_next_apply(
     code, second = _apply(path)
     assert code == 0 and {(vm["action"], vm["state"]) for vm in second["vms"]} == {("created", "running")}
     assert len(sim.live_vms()) == 4
+
+    # A changed entry is reported, not replaced: apply never destroys.
+    path.write_text(path.read_text().replace("instance_type: large", "instance_type: xlarge"))
+    code, third = _apply(path)
+    assert code == 0 and len(sim.live_vms()) == 4
+    assert [vm["name"] for vm in third["vms"] if vm["note"]] == ["db-1"]
     assert runner.invoke(app, ["destroy", "--fleet", str(path), "--timeout", "60"]).exit_code == 0
     assert sim.live_vms() == []
