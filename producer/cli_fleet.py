@@ -38,6 +38,7 @@ def apply(
     runner = FleetRunner(_provisioner(), fleet.name)
     tracked = runner.apply(fleet)
     done = _follow(runner, tracked, timeout, as_json, "running") if wait else True
+    runner.settle_applied(tracked)
     _report(fleet.name, tracked, as_json, done)
     if wait and not (done and all_running(tracked)):
         raise typer.Exit(1)

@@ -121,6 +121,16 @@ class FleetRunner:
         self._record(vm.ident, job.id)
         return Tracked(vm.ident, "created" if job.created_at >= before else "existing", job.id, job)
 
+    def settle_applied(self, tracked: list[Tracked]) -> None:
+        """Forget the VMs that a read found gone: the next apply creates them anew."""
+        records = self._records()
+        for item in tracked:
+            job = item.job
+            if item.action == "checked" and job and job.error and job.error.code == "not_found":
+                if item.ident in records:
+                    self._forget(item.ident, records[item.ident]["job_id"])
+                item.note = "the VM no longer exists; the next apply creates it"
+
     # -- destroy ----------------------------------------------------------------------------
     def destroy(self, timeout_s: float) -> list[Tracked]:
         """Enqueue a destroy for every VM the fleet record holds; creates still in flight are awaited

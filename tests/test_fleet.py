@@ -137,6 +137,15 @@ def test_apply_is_idempotent_and_destroy_fleet_removes_it(cli_env, sim_worker, s
     assert [vm["job_id"] for vm in third["vms"][1:]] == [vm["job_id"] for vm in first["vms"][1:]]
     assert sim.calls()["create"] == creates
 
+    # A VM destroyed behind the fleet's back, past its job's TTL: reported, then created again.
+    web1 = third["vms"][0]
+    assert runner.invoke(app, ["destroy", "sim", web1["instance_id"], "--wait"]).exit_code == 0
+    redis_client.delete(keys.job_key(web1["job_id"]))
+    code, lost = _apply(EXAMPLE)
+    assert code == 1 and lost["vms"][0]["note"] == "the VM no longer exists; the next apply creates it"
+    code, back = _apply(EXAMPLE)
+    assert code == 0 and back["vms"][0]["action"] == "created" and len(sim.live_vms()) == 4
+
     gone = runner.invoke(app, ["destroy", "--fleet", str(EXAMPLE), "--json", "--timeout", "60"])
     assert gone.exit_code == 0, gone.output
     assert {vm["state"] for vm in json.loads(gone.stdout)["vms"]} == {"gone"}
