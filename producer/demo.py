@@ -117,9 +117,9 @@ def _follow(provisioner, jobs: list[Job], console: Console, title: str, timeout_
             live.update(table)
             if all(job.finished for job in jobs) or time.monotonic() > deadline:
                 break
+            time.sleep(0.25)
     console.print()
     return jobs
-            time.sleep(0.25)
 
 
 def run_demo(console: Console, count: int, boot_s: float, redis_url: str) -> int:

@@ -6,7 +6,10 @@ message, a log line or anything ``Job`` serializes; it is deleted once the creat
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 
 import redis
@@ -17,6 +20,14 @@ from producer import keys
 from producer.celery_config import redis_ssl_options
 from producer.models import TRANSITIONS, Job, JobState, utcnow
 from producer.settings import Settings
+
+# Compare-and-set in one round trip: writes only if the record is still what this process last saw.
+_CAS = """
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL') return 1 end
+return 0
+"""
+# How many records a process remembers (as last read or written) for one-round-trip updates.
+RAW_CACHE_SIZE = 20_000
 
 # Deletes the lock only if it still holds our token (a lease that ran out may be someone else's now).
 _RELEASE = """
@@ -54,6 +65,9 @@ class JobStore:
         self.ttl_s = settings.job_ttl_s
         self.idempotency_ttl_s = settings.idempotency_ttl_s
         self._release = client.register_script(_RELEASE)
+        self._cas = client.register_script(_CAS)
+        self._raw: OrderedDict[str, str] = OrderedDict()
+        self._raw_lock = threading.Lock()
 
     # -- records ---------------------------------------------------------------------------
     def add(self, job: Job, startup_script: str | None = None) -> Job:
@@ -75,8 +89,22 @@ class JobStore:
             self.redis.delete(keys.idempotency_key(key))
 
     def get(self, job_id: str) -> Job | None:
-        raw = self.redis.get(keys.job_key(job_id))
-        return Job.model_validate_json(raw) if raw else None
+        return self._parse(job_id, self.redis.get(keys.job_key(job_id)))
+
+    def acquire_and_get(self, job_id: str, lease_s: float) -> tuple[str | None, Job | None, float | None]:
+        """In one round trip: the job's lease, its record, and when its next step is due (epoch s).
+
+        The record and due time are None when the lease is not ours.
+        """
+        token = uuid.uuid4().hex
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(keys.lock_key(job_id), token, nx=True, px=int(lease_s * 1000))
+        pipe.get(keys.job_key(job_id))
+        pipe.get(keys.due_key(job_id))
+        acquired, raw, due = pipe.execute()
+        if not acquired:
+            return None, None, None
+        return token, self._parse(job_id, raw), float(due) if due else None
 
     def script(self, job_id: str) -> str | None:
         return self.redis.get(keys.script_key(job_id))
@@ -85,28 +113,59 @@ class JobStore:
         self.redis.delete(keys.script_key(job_id))
 
     def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
-        """Apply ``change`` to the current record atomically (WATCH/MULTI, retried on a race).
+        """Apply ``change`` to the current record atomically, retried on a race.
 
-        Raises ``InvalidTransition`` when the change moves the state along an edge the table
-        forbids, and ``KeyError`` when the job does not exist.
+        First as one compare-and-set against the record as this process last saw it; if another
+        process changed it since, with WATCH/MULTI on a fresh read. Raises ``InvalidTransition``
+        when the change moves the state along an edge the table forbids, and ``KeyError`` when
+        the job does not exist.
         """
         key = keys.job_key(job_id)
+        with self._raw_lock:
+            seen = self._raw.get(job_id)
+        if seen is not None:
+            job, new_raw = self._changed(job_id, seen, change)
+            if self._cas(keys=[key], args=[seen, new_raw]):
+                self._remember(job_id, new_raw)
+                return job
+        written: list[str] = []
 
         def attempt(pipe: redis.client.Pipeline) -> Job:
             raw = pipe.get(key)
             if raw is None:
                 raise KeyError(job_id)
-            job = Job.model_validate_json(raw)
-            before = job.state
-            change(job)
-            if job.state != before and job.state not in TRANSITIONS[before]:
-                raise InvalidTransition(f"job {job_id}: {before} -> {job.state} is not allowed")
-            job.updated_at = utcnow()
+            job, new_raw = self._changed(job_id, raw, change)
             pipe.multi()
-            pipe.set(key, job.model_dump_json(), keepttl=True)
+            pipe.set(key, new_raw, keepttl=True)
+            written.append(new_raw)
             return job
 
-        return self.redis.transaction(attempt, key, value_from_callable=True)
+        job = self.redis.transaction(attempt, key, value_from_callable=True)
+        self._remember(job_id, written[-1])
+        return job
+
+    @staticmethod
+    def _changed(job_id: str, raw: str, change: Callable[[Job], None]) -> tuple[Job, str]:
+        job = Job.model_validate_json(raw)
+        before = job.state
+        change(job)
+        if job.state != before and job.state not in TRANSITIONS[before]:
+            raise InvalidTransition(f"job {job_id}: {before} -> {job.state} is not allowed")
+        job.updated_at = utcnow()
+        return job, job.model_dump_json()
+
+    def _parse(self, job_id: str, raw: str | None) -> Job | None:
+        if raw is None:
+            return None
+        self._remember(job_id, raw)
+        return Job.model_validate_json(raw)
+
+    def _remember(self, job_id: str, raw: str) -> None:
+        with self._raw_lock:
+            self._raw[job_id] = raw
+            self._raw.move_to_end(job_id)
+            if len(self._raw) > RAW_CACHE_SIZE:
+                self._raw.popitem(last=False)
 
     # -- per-job lease: two deliveries of one job never act at once ------------------------
     def acquire(self, job_id: str, lease_s: float) -> str | None:
@@ -115,8 +174,16 @@ class JobStore:
             return token
         return None
 
-    def release(self, job_id: str, token: str) -> None:
-        self._release(keys=[keys.lock_key(job_id)], args=[token])
+    def release(self, job_id: str, token: str, next_due_in_s: float | None = None) -> None:
+        """Give the lease back; with ``next_due_in_s``, note when the job's next step is due."""
+        if next_due_in_s is None:
+            self._release(keys=[keys.lock_key(job_id)], args=[token])
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        due = time.time() + next_due_in_s
+        pipe.set(keys.due_key(job_id), f"{due:.3f}", px=int((next_due_in_s + 3600) * 1000))
+        self._release(keys=[keys.lock_key(job_id)], args=[token], client=pipe)
+        pipe.execute()
 
     def transition(self, job_id: str, to: JobState, message: str = "", **fields: object) -> Job:
         """Move to ``to`` (compare-and-set against the table), set ``fields``, note it in the history."""

@@ -7,6 +7,7 @@ JOB_PREFIX = "vmq:job:"
 SCRIPT_SUFFIX = ":script"
 IDEMPOTENCY_PREFIX = "vmq:idem:"
 LOCK_PREFIX = "vmq:lock:"
+DUE_PREFIX = "vmq:due:"  # when a job's next scheduled step is due; an earlier message is a duplicate
 RATE_LIMIT_PREFIX = "vmq:ratelimit"
 SIM_PREFIX = "vmq:sim:"
 WATCH_PREFIX = "vmq:watch:"  # hash per provider: instance id -> job id of VMs being waited for
@@ -37,6 +38,10 @@ def idempotency_key(key: str) -> str:
 
 def lock_key(job_id: str) -> str:
     return f"{LOCK_PREFIX}{job_id}"
+
+
+def due_key(job_id: str) -> str:
+    return f"{DUE_PREFIX}{job_id}"
 
 
 def fleet_key(fleet: str) -> str:

@@ -292,7 +292,6 @@ class Job(BaseModel):
     api_calls: int = 0
     prepared: bool = False  # spec fixed by the adapter's prepare_spec (e.g. the AMI an alias named)
     polls: int = 0
-    next_step_at: datetime | None = None  # when the scheduled step is due; an earlier message is a duplicate
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     submitted_at: datetime | None = None  # the create call was first sent

@@ -9,9 +9,9 @@ idempotency make a redelivered or duplicated message harmless.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 from producer.jobstore import InvalidTransition, JobStore
 from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMStatus, utcnow
@@ -61,33 +61,29 @@ class JobRunner:
     # -- entry points, one per task ---------------------------------------------------------
     def run(self, job_id: str, kind: JobKind) -> Next | None:
         """One step of a job; ``None`` when the job needs no further step from this chain."""
-        token = self.store.acquire(job_id, self.settings.step_lease_s)
+        token, job, due = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
         if token is None:  # another delivery of this job is acting now; look again later
             return Next(min(self.settings.poll_initial_s, 5.0))
+        outcome = None
         try:
-            job = self.store.get(job_id)
             if job is None:
                 log.warning("job=%s dropped: no such job in the store (expired or never enqueued)", job_id)
                 return None
             if job.kind != kind:
                 log.warning("job=%s dropped: a %s message for a %s job", job_id, kind, job.kind)
                 return None
-            if job.next_step_at and utcnow() < job.next_step_at - timedelta(seconds=EARLY_TOLERANCE_S):
+            if due and time.time() < due - EARLY_TOLERANCE_S:
                 log.info(
                     "job=%s provider=%s duplicate message dropped; the job's own chain goes on", job.id, job.provider
                 )
                 return None
-            step = getattr(self, f"_{kind}")
-            outcome = step(job)
-            if outcome is not None:
-                due = utcnow() + timedelta(seconds=outcome.countdown_s)
-                self.store.update(job.id, lambda j: setattr(j, "next_step_at", due))
+            outcome = getattr(self, f"_{kind}")(job)
             return outcome
         except InvalidTransition as exc:
             log.info("job=%s: %s; another delivery finished this step", job_id, exc)
             return None
         finally:
-            self.store.release(job_id, token)
+            self.store.release(job_id, token, outcome.countdown_s if outcome else None)
 
     # -- create -----------------------------------------------------------------------------
     def _create(self, job: Job) -> Next | None:
@@ -102,17 +98,21 @@ class JobRunner:
     def _submit(self, job: Job) -> Next | None:
         provider = self.providers(job.provider)
         calls = ProviderCalls(job.provider, self.limit, self.settings)
+        try:
+            # Every create parameter is fixed once and stored, so each retry sends the identical request.
+            spec = job.spec if job.prepared else provider.prepare_spec(job.spec)
+        except ProviderError as exc:
+            return self._call_failed(job, exc, calls.count)
         job = self.store.transition(
             job.id,
             JobState.submitting,
             f"create attempt {job.attempts + 1}",
             attempts=job.attempts + 1,
             submitted_at=job.submitted_at or utcnow(),
+            spec=spec,
+            prepared=True,
         )
         try:
-            if not job.prepared:
-                spec = calls(provider.prepare_spec, job.spec)
-                job = self.store.update(job.id, lambda j: _set(j, spec=spec, prepared=True))
             vm = calls(
                 provider.create_vm,
                 job.spec,
@@ -131,18 +131,16 @@ class JobRunner:
             api_calls=job.api_calls + calls.count,
         )
         log.info("job=%s provider=%s instance=%s created; polling", job.id, job.provider, vm.instance_id)
-        if self._batched(provider):
-            self.watch.add(job.provider, vm.instance_id, job.id)
-            self._ensure_ticker(job.provider)
+        if self._batched(provider) and not self._watch(job.provider, vm.instance_id, job.id):
+            return Next(self.settings.poll_max_s)  # the tick chain reads it; see _poll_create
         return Next(self.poll_delay(0))
 
     def _poll_create(self, job: Job) -> Next | None:
         provider = self.providers(job.provider)
-        if self._batched(provider):
-            self.watch.add(job.provider, job.instance_id, job.id)  # again: a restarted Redis may have lost it
-            if not self._ensure_ticker(job.provider):
-                # The tick chain reads this VM with all the others; this chain only minds the deadline.
-                return self._observe_create(job, job.vm, 0, read=False)
+        # Watched again each time: a restarted Redis may have lost the entry.
+        if self._batched(provider) and not self._watch(job.provider, job.instance_id, job.id):
+            # The tick chain reads this VM with all the others; this chain only minds the deadline.
+            return self._observe_create(job, job.vm, 0, read=False)
         calls = ProviderCalls(job.provider, self.limit, self.settings)
         try:
             vm = calls(provider.get_vm, job.instance_id)
@@ -180,6 +178,8 @@ class JobRunner:
             )
             return self._fail(job, error, count, vm=vm)
         self.store.update(job.id, lambda j: _set(j, polls=polls, api_calls=j.api_calls + count, vm=vm or j.vm))
+        if not read:  # the tick chain reads for this job: wake only to mind the deadline
+            return Next(min(self.settings.poll_max_s, max(job.deadline_s - since_submit, 0.0) + 0.1))
         return Next(self.poll_delay(polls))
 
     # -- coalesced reads: one tick chain per provider ----------------------------------------
@@ -221,9 +221,9 @@ class JobRunner:
     def _batched(self, provider: Provider) -> bool:
         return self.start_ticker is not None and isinstance(provider, BatchReads)
 
-    def _ensure_ticker(self, provider_name: str) -> bool:
-        """True when this call had to start the tick chain (so the caller reads for itself this once)."""
-        if self.watch.ticking(provider_name):
+    def _watch(self, provider_name: str, instance_id: str, job_id: str) -> bool:
+        """Put the VM on the watch list; True when no tick chain was alive (the caller reads this once)."""
+        if self.watch.add(provider_name, instance_id, job_id):
             return False
         token = self.watch.claim_ticker(provider_name)
         if token:

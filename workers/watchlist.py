@@ -32,8 +32,12 @@ class WatchList:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
-    def add(self, provider: str, instance_id: str, job_id: str) -> None:
-        self.redis.hset(keys.watch_key(provider), instance_id, job_id)
+    def add(self, provider: str, instance_id: str, job_id: str) -> bool:
+        """Watch a VM; returns whether a tick chain is alive to read it (both in one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.watch_key(provider), instance_id, job_id)
+        pipe.exists(keys.ticker_key(provider))
+        return bool(pipe.execute()[1])
 
     def remove(self, provider: str, instance_id: str) -> None:
         self.redis.hdel(keys.watch_key(provider), instance_id)
@@ -41,9 +45,6 @@ class WatchList:
     def members(self, provider: str) -> dict[str, str]:
         """instance id -> job id"""
         return self.redis.hgetall(keys.watch_key(provider))
-
-    def ticking(self, provider: str) -> bool:
-        return bool(self.redis.exists(keys.ticker_key(provider)))
 
     def claim_ticker(self, provider: str) -> str | None:
         """A token when no tick chain is alive for ``provider`` (the caller must start one), else None."""

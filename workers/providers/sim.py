@@ -13,6 +13,7 @@ import random
 import time
 from datetime import UTC, datetime
 
+import redis
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -83,7 +84,9 @@ class SimProvider:
         from producer.jobstore import connect
 
         self._redis = redis_client or connect(get_settings())
-        self._caller_token = caller_token if caller_token is not None else SimConfig().token
+        self._env = SimConfig()  # read once: building settings from the environment costs ~1 ms
+        self._caller_token = caller_token if caller_token is not None else self._env.token
+        self._configs: dict[frozenset, SimConfig] = {}
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:
         return resolve_alias(self.name, spec)
@@ -96,11 +99,8 @@ class SimProvider:
             self._count("create", "capacity")
             raise CapacityError(f"no capacity for {spec.instance_type} in {spec.region}", provider_code="capacity")
         token_key = f"{SIM_PREFIX}token:{job_id}"
-        existing = self._redis.get(token_key)
-        if existing:  # the ClientToken: the same job id gets the same VM back
-            return self.get_vm(existing, _counted=True)
         instance_id = f"sim-{self._redis.incr(f'{SIM_PREFIX}next_id')}"
-        if not self._redis.set(token_key, instance_id, nx=True):
+        if not self._redis.set(token_key, instance_id, nx=True):  # the ClientToken: same job, same VM
             return self.get_vm(self._redis.get(token_key), _counted=True)
         now = _now_ms()
         boot_ms = int((config.boot_s + random.uniform(0, config.boot_jitter_s)) * 1000)
@@ -169,18 +169,28 @@ class SimProvider:
 
     # -- the simulated API's machinery ------------------------------------------------------
     def config(self) -> SimConfig:
-        overrides = self._redis.hgetall(CONFIG_KEY)
-        try:
-            return SimConfig(**overrides)
-        except ValidationError as exc:
-            raise ProviderError(f"bad {CONFIG_KEY}: {exc}", provider_code="sim_config") from exc
+        return self._parse_config(self._redis.hgetall(CONFIG_KEY))
+
+    def _parse_config(self, overrides: dict[str, str]) -> SimConfig:
+        """The environment's settings with the Redis overrides on top (parsed once per distinct set)."""
+        if not overrides:
+            return self._env
+        cache_key = frozenset(overrides.items())
+        if cache_key not in self._configs:
+            try:
+                self._configs[cache_key] = SimConfig.model_validate({**self._env.model_dump(), **overrides})
+            except ValidationError as exc:
+                raise ProviderError(f"bad {CONFIG_KEY}: {exc}", provider_code="sim_config") from exc
+        return self._configs[cache_key]
 
     def _begin(self, kind: str) -> SimConfig:
-        """One API call: latency, the counters, then the faults any call may meet."""
-        config = self.config()
+        """One API call: the config and the counters in one round trip, latency, then the faults."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(CONFIG_KEY)
+        self._count(kind, pipe=pipe)
+        config = self._parse_config(pipe.execute()[0])
         if config.latency_ms:
             time.sleep(config.latency_ms / 1000)
-        self._count(kind)
         if config.token and self._caller_token != config.token:
             self._count(kind, "auth")
             raise AuthError("the simulated cloud rejected the token: set VMQ_SIM_TOKEN", provider_code="unauthorized")
@@ -194,15 +204,16 @@ class SimProvider:
             raise TransientError("503 service unavailable", provider_code="unavailable")
         return config
 
-    def _count(self, kind: str, outcome: str = "") -> None:
+    def _count(self, kind: str, outcome: str = "", pipe: redis.client.Pipeline | None = None) -> None:
         now = time.time()
-        pipe = self._redis.pipeline(transaction=False)
+        run, pipe = pipe is None, pipe or self._redis.pipeline(transaction=False)
         pipe.hincrby(CALLS_KEY, f"{kind}:{outcome}" if outcome else kind, 1)
         if not outcome:
             pipe.hincrby(CALLS_PER_S_KEY, str(int(now)), 1)
         pipe.lpush(LOG_KEY, json.dumps({"t": now, "kind": kind, "outcome": outcome or "call"}))
         pipe.ltrim(LOG_KEY, 0, LOG_LENGTH - 1)
-        pipe.execute()
+        if run:
+            pipe.execute()
 
     def _gone(self, record: dict[str, str]) -> bool:
         delete_at = record.get("delete_at_ms")
