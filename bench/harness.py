@@ -126,10 +126,18 @@ class Worker:
 
         control = make_celery(Settings(redis_url=self.env["REDIS_URL"])).control
         deadline = time.monotonic() + timeout_s
-        while not control.ping(destination=[self.name], timeout=0.5):
+        while not self._pings(control):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker for {self.provider} did not start:\n{self.log()}")
         return self
+
+    def _pings(self, control) -> bool:
+        try:
+            return bool(control.ping(destination=[self.name], timeout=0.5))
+        except redis.ConnectionError:
+            # kombu pools broker connections per URL process-wide: after a Redis restart the first
+            # broadcast meets a stale one (and drops it); ask again.
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -13,7 +13,6 @@ Fixtures:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import redis
 
 from bench.harness import ROOT, RedisServer, Worker
+from bench.probes import Sim
 
 # Test settings: everything that waits is shrunk so the suite stays within minutes on two cores.
 FAST_ENV = {
@@ -128,29 +128,6 @@ def provisioner(settings, redis_client):
     from producer import Provisioner
 
     return Provisioner(settings)
-
-
-class Sim:
-    """The simulated cloud seen from a test: its knobs (live, through Redis) and its counters."""
-
-    def __init__(self, client: redis.Redis):
-        from workers.providers import sim
-
-        self.module = sim
-        self.redis = client
-
-    def configure(self, **knobs: object) -> None:
-        self.redis.hset(self.module.CONFIG_KEY, mapping={k: str(v) for k, v in knobs.items()})
-
-    def calls(self) -> dict[str, int]:
-        return {k: int(v) for k, v in self.redis.hgetall(self.module.CALLS_KEY).items()}
-
-    def call_log(self) -> list[dict]:
-        return [json.loads(e) for e in reversed(self.redis.lrange(self.module.LOG_KEY, 0, -1))]
-
-    def live_vms(self) -> list[dict[str, str]]:
-        """VMs the cloud still has (not deleted, or deleted but not yet gone)."""
-        return [self.redis.hgetall(f"{self.module.SIM_PREFIX}vm:{i}") for i in self.redis.smembers(self.module.VMS_KEY)]
 
 
 @pytest.fixture

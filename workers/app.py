@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from producer.celery_config import make_celery
 from producer.settings import get_settings
+from workers import broker_fixes
+
+broker_fixes.apply()  # a Redis restart must not kill the worker (celery/kombu 5.7; see the module)
 
 settings = get_settings()
 app = make_celery(settings, main="vmqueue")

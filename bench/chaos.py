@@ -1,0 +1,436 @@
+"""Chaos suite: a realistic load on the simulated cloud while things break; prints what it counted.
+
+    python -m bench.chaos                       # R1-R6 at full size (200 jobs, 5 kills)
+    python -m bench.chaos --only R1 R3 --jobs 50
+
+It starts its own redis-server (AOF on, free loopback port), several real sim worker processes and,
+for R5, a real Flower. Each scenario prints its figures and one PASS/FAIL line per check; any FAIL
+makes the exit status 1. Tests run the same scenarios smaller (tests/test_chaos.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.cluster import Cluster, ClusterConfig
+from bench.probes import Sim, scan_values, wait_for
+from producer.models import CleanupState, Job, JobState
+from producer.sshkeys import throwaway_public_key
+
+SCENARIOS = {
+    "R1": "create N VMs while one worker is SIGKILLed K times (and restarted): exactly N VMs, no duplicates",
+    "R2": "Redis stopped and restarted mid-run (AOF on): no job lost, producers and workers reconnect",
+    "R3": "the sim answers 20%% transient errors, 5%% 429 + Retry-After, 5%% no capacity: every job ends "
+    "running or failed with its own code, no VM without a running job, the shared API limit holds",
+    "R4": "a VM stuck pending past its deadline and a VM ending in error: both jobs fail, both VMs destroyed",
+    "R5": "a marker secret in every startup script never shows in Redis (queues, unacked, job records), a "
+    "result backend, Flower's API and task pages, or any worker/Flower log line",
+    "R6": "destroy N VMs while one worker is SIGKILLed K times: every job gone, no VM left",
+}
+
+
+@dataclass
+class Sizes:
+    jobs: int = 200
+    kills: int = 5
+    kill_every_s: float = 2.0
+    boot_s: float = 2.0
+    boot_jitter_s: float = 3.0
+    outage_s: float = 3.0
+    deadline_s: float = 3.0  # R4's stuck VM
+    flower_pages: int = 20  # R5: task pages fetched from Flower
+    timeout_s: float = 300.0  # the longest any scenario waits for its jobs
+
+
+@dataclass
+class Result:
+    name: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    checks: list[tuple[bool, str]] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list, repr=False)  # not printed; for explaining a failure
+
+    def check(self, ok: bool, what: str) -> bool:
+        self.checks.append((bool(ok), what))
+        return bool(ok)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(ok for ok, _ in self.checks)
+
+    def render(self) -> str:
+        lines = [f"{self.name}  {SCENARIOS[self.name]}"]
+        lines.append("    " + "  ".join(f"{k}={v}" for k, v in self.figures.items()))
+        lines += [f"    {'PASS' if ok else 'FAIL'} {what}" for ok, what in self.checks]
+        return "\n".join(lines)
+
+
+def spec(name: str) -> dict[str, Any]:
+    return {"provider": "sim", "name": name, "region": "sim-1", "instance_type": "small", "image": "ubuntu-24.04"}
+
+
+# -- shared pieces ----------------------------------------------------------------------------
+def _create(cluster: Cluster, tag: str, count: int, script: str | None = None, **kw: Any) -> list[str]:
+    key = throwaway_public_key()
+    return [cluster.provisioner.create_vm(spec(f"{tag}-{i}"), key, script, **kw).id for i in range(count)]
+
+
+def _states(jobs: list[Job | None]) -> dict[str, int]:
+    return dict(Counter("lost" if j is None else str(j.state) for j in jobs))
+
+
+def _waves(cluster: Cluster, total: int, sizes: Sizes, submit: Callable[[int, int], list[str]]) -> tuple[list, list]:
+    """Submit ``total`` jobs in waves, a SIGKILL (and restart) of worker 0 after each wave but the last.
+
+    Each kill lands on work just enqueued (creates/deletes sent, VMs booting), not on an idle cluster.
+    """
+    waves = sizes.kills + 1
+    ids: list[str] = []
+    in_flight: list[int] = []
+    for wave in range(waves):
+        count = total // waves + (1 if wave < total % waves else 0)
+        ids += submit(len(ids), count)
+        if wave < sizes.kills:
+            time.sleep(sizes.kill_every_s)
+            in_flight.append(cluster.unfinished(ids))
+            cluster.kill_and_restart(0)
+    return ids, in_flight
+
+
+def _vms_by_job(cluster: Cluster) -> tuple[list[dict[str, str]], Counter]:
+    vms = cluster.sim.existing_vms()
+    return vms, Counter(Sim.job_of(vm) for vm in vms)
+
+
+# -- the scenarios ----------------------------------------------------------------------------
+def r1(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R1")
+    cluster.sim.configure(boot_s=sizes.boot_s, boot_jitter_s=sizes.boot_jitter_s)
+    began = time.monotonic()
+    ids, in_flight = _waves(cluster, sizes.jobs, sizes, lambda start, n: _create(cluster, f"r1-{start}", n))
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    vms, per_job = _vms_by_job(cluster)
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        kills=len(in_flight),
+        unfinished_at_each_kill=in_flight,
+        states=_states(jobs),
+        vms=len(vms),
+        create_attempts_gt1=sum(j.attempts > 1 for j in jobs),
+        sim_create_calls=cluster.sim.calls().get("create", 0),
+        elapsed_s=round(time.monotonic() - began, 1),
+    )
+    result.check(len(in_flight) == sizes.kills and all(in_flight), f"{sizes.kills} kills, each with jobs in flight")
+    result.check(all(j.state == JobState.running for j in jobs), f"all {len(ids)} jobs ended running")
+    result.check(len(vms) == len(ids), f"exactly {len(ids)} VMs exist (saw {len(vms)})")
+    dupes = {job: n for job, n in per_job.items() if n > 1}
+    result.check(not dupes, f"no job has two VMs (vmqueue-job labels; duplicates: {dupes or 'none'})")
+    result.check(set(per_job) == set(ids), "every VM carries the label of one of the jobs")
+    result.check({j.instance_id for j in jobs} == {vm["instance_id"] for vm in vms}, "each job recorded its own VM")
+    return result
+
+
+def r2(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R2")
+    cluster.sim.configure(boot_s=sizes.boot_s, boot_jitter_s=sizes.boot_jitter_s)
+    first = sizes.jobs // 2
+    ids = _create(cluster, "r2-a", first)
+    producer_errors: list[str] = []
+    late: list[str] = []
+
+    def keep_producing() -> None:  # a producer that goes on through the outage, one job at a time
+        pace = (sizes.outage_s + 2.0) / max(sizes.jobs - first, 1)
+        key = throwaway_public_key()
+        for i in range(sizes.jobs - first):
+            try:
+                late.append(cluster.provisioner.create_vm(spec(f"r2-b-{i}"), key).id)
+            except Exception as exc:  # noqa: BLE001 - counted and reported: a producer that gave up
+                producer_errors.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(pace)
+
+    time.sleep(min(sizes.boot_s, 1.0))  # creates sent, VMs booting, polls scheduled
+    in_flight = cluster.unfinished(ids)
+    producer = threading.Thread(target=keep_producing, daemon=True)
+    producer.start()
+    down = cluster.restart_redis(sizes.outage_s)
+    back = time.monotonic()
+    producer.join(sizes.timeout_s)
+    ids += late
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    vms, per_job = _vms_by_job(cluster)
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        in_flight_at_stop=in_flight,
+        redis_down_s=round(down, 1),
+        producer_errors=len(producer_errors),
+        states=_states(jobs),
+        vms=len(vms),
+        recovered_in_s=round(time.monotonic() - back, 1),
+    )
+    result.check(in_flight > 0, f"jobs were in flight when Redis stopped ({in_flight})")
+    alive = sum(w.process.poll() is None for w in cluster.workers)
+    result.check(
+        alive == len(cluster.workers), f"every worker survived the restart ({alive}/{len(cluster.workers)} alive)"
+    )
+    result.check(not producer_errors, f"the producer rode out the restart ({producer_errors[:1] or 'no errors'})")
+    result.check(len(ids) == sizes.jobs and all(j is not None for j in jobs), f"no job lost ({len(ids)} recorded)")
+    result.check(all(j.state == JobState.running for j in jobs), f"all {len(ids)} jobs ended running")
+    result.check(len(vms) == len(ids) and set(per_job) == set(ids), f"one VM per job ({len(vms)} VMs)")
+    return result
+
+
+R3_CODES = {"transient", "rate_limited", "capacity"}
+
+
+def r3(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R3")
+    limit = cluster.config.rate_limit_per_s
+    cluster.sim.configure(
+        boot_s=sizes.boot_s, transient_rate=0.2, rate_limit_rate=0.05, retry_after_s=1, capacity_rate=0.05
+    )
+    began = time.monotonic()
+    ids = _create(cluster, "r3", sizes.jobs)
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    cluster.sim.reset()
+    vms, per_job = _vms_by_job(cluster)
+    running = {j.id: j for j in jobs if j.state == JobState.running}
+    codes = Counter(j.error.code for j in jobs if j.state == JobState.failed and j.error)
+    per_s = cluster.sim.calls_per_s()
+    calls = cluster.sim.calls()
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        states=_states(jobs),
+        failed_by_code=dict(codes),
+        faults={k: v for k, v in calls.items() if ":" in k},
+        api_calls=sum(per_s.values()),
+        limit_per_s=limit,
+        max_calls_in_a_second=max(per_s.values(), default=0),
+        seconds_at_90pct_of_limit=sum(v >= 0.9 * limit for v in per_s.values()),
+        elapsed_s=round(time.monotonic() - began, 1),
+    )
+    ended = all(j.state in (JobState.running, JobState.failed) for j in jobs)
+    result.check(ended, "every job ended running or failed")
+    result.check(set(codes) <= R3_CODES, f"every failure has its specific code ({dict(codes)} within {R3_CODES})")
+    result.check(all(j.error for j in jobs if j.state == JobState.failed), "every failed job says why")
+    orphans = [vm["instance_id"] for vm in vms if Sim.job_of(vm) not in running]
+    result.check(not orphans, f"no VM exists without a running job (orphans: {orphans[:5] or 'none'})")
+    result.check(len(vms) == len(running), f"one VM per running job ({len(vms)} VMs, {len(running)} running)")
+    result.check(max(per_s.values(), default=0) <= limit, f"never more than {limit} sim calls in one second")
+    return result
+
+
+def r4(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R4")
+    store = cluster.provisioner.store
+    cluster.sim.configure(boot_s=sizes.boot_s, stuck_rate=1)
+    (stuck,) = _create(cluster, "r4-stuck", 1, deadline_s=sizes.deadline_s)
+    wait_for(lambda: store.get(stuck).instance_id, 30, "the stuck VM is created")
+    cluster.sim.configure(stuck_rate=0, error_rate=1)
+    (broken,) = _create(cluster, "r4-error", 1)
+    wait_for(lambda: store.get(broken).instance_id, 30, "the failing VM is created")
+    cluster.sim.configure(error_rate=0)
+    others = _create(cluster, "r4-ok", max(sizes.jobs // 10, 1))  # the rest of the cloud carries on
+    jobs = cluster.wait_finished([stuck, broken, *others], sizes.timeout_s)
+    vms, per_job = _vms_by_job(cluster)
+    stuck_job, broken_job = jobs[0], jobs[1]
+    result.job_ids = [stuck, broken, *others]
+    result.figures.update(
+        stuck=f"{stuck_job.state}/{stuck_job.error and stuck_job.error.code}/cleanup {stuck_job.cleanup}",
+        error=f"{broken_job.state}/{broken_job.error and broken_job.error.code}/cleanup {broken_job.cleanup}",
+        background=_states(jobs[2:]),
+        vms=len(vms),
+    )
+    for job, code in ((stuck_job, "deadline_exceeded"), (broken_job, "vm_error")):
+        result.check(
+            job.state == JobState.failed and job.error.code == code and job.cleanup == CleanupState.done,
+            f"{job.spec.name}: failed with {code}, cleanup done",
+        )
+        result.check(per_job[job.id] == 0, f"{job.spec.name}: its VM {job.instance_id} is destroyed")
+    result.check(all(j.state == JobState.running for j in jobs[2:]), f"the {len(others)} other jobs ended running")
+    return result
+
+
+def r5(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R5")
+    marker = f"VMQ-CHAOS-SECRET-{uuid.uuid4().hex}"
+    script = f"#!/bin/sh\nexport API_TOKEN={marker}\n"
+    flower = cluster.start_flower()
+    cluster.sim.configure(boot_s=sizes.boot_s)
+    hits: set[str] = set()
+    scans = [0]
+    stop = threading.Event()
+
+    def scan() -> None:  # everything in Redis but the script's own key, again and again while jobs run
+        while not stop.is_set():
+            hits.update(
+                key for key, value in scan_values(cluster.client, lambda k: k.endswith(":script")) if marker in value
+            )
+            scans[0] += 1
+
+    scanner = threading.Thread(target=scan, daemon=True)
+    scanner.start()
+    ids = _create(cluster, "r5", sizes.jobs, script)
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    stop.set()
+    scanner.join(60)
+    vms, _ = _vms_by_job(cluster)
+    meta = list(cluster.client.scan_iter(match="celery-task-meta-*", count=1000))
+    tasks = wait_for(lambda: _flower_tasks(flower, ids), 30, "Flower has seen the tasks", 0.5)
+    pages = [flower.get(f"/task/{task_id}") for task_id in list(tasks)[: sizes.flower_pages]]
+    api_text = flower.get("/api/tasks").text
+    logs = cluster.logs()
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        states=_states(jobs),
+        redis_scans=scans[0],
+        result_backend=cluster.provisioner.celery.conf.result_backend or "none",
+        celery_task_meta_keys=len(meta),
+        flower_tasks=len(tasks),
+        flower_pages=len(pages),
+        logs_scanned=len(logs),
+        log_lines=sum(text.count("\n") for text in logs.values()),
+    )
+    result.check(all(j.state == JobState.running for j in jobs), f"all {len(ids)} jobs ended running")
+    result.check(all(int(vm["user_data_bytes"]) == len(script) for vm in vms) and len(vms) == len(ids),
+                 "every VM got its startup script (the secret really travelled)")  # fmt: skip
+    result.check(scans[0] > 0 and not hits, f"not in Redis: {scans[0]} full scans, keys holding it: {hits or 'none'}")
+    result.check(not list(cluster.client.scan_iter(match="*:script")), "no script key outlives its create")
+    result.check(not meta and cluster.provisioner.celery.conf.result_backend is None,
+                 "no result backend is configured and no celery-task-meta key exists")  # fmt: skip
+    result.check(flower.get("/", auth=False).status_code == 401, "Flower's UI refuses requests without auth")
+    result.check(all(p.status_code == 200 for p in pages) and any(i in api_text for i in ids),
+                 "Flower's task pages and /api/tasks answer with auth and show the job ids")  # fmt: skip
+    result.check(marker not in api_text and not any(marker in p.text for p in pages), "not in Flower's API or pages")
+    leaked = [name for name, text in logs.items() if marker in text]
+    result.check(not leaked, f"not in any of {len(logs)} worker/Flower logs ({leaked or 'none'})")
+    return result
+
+
+def _flower_tasks(flower, ids: list[str]) -> dict[str, Any]:
+    tasks = flower.get("/api/tasks").json()
+    return tasks if sum(1 for t in tasks.values() if any(i in str(t.get("args")) for i in ids)) >= len(ids) else {}
+
+
+def r6(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R6")
+    # Deletes outlast the gap between kills, so each kill lands on destroys in flight.
+    cluster.sim.configure(boot_s=0.2, destroy_s=sizes.kill_every_s + sizes.boot_s, boot_jitter_s=0)
+    created = cluster.wait_finished(_create(cluster, "r6", sizes.jobs), sizes.timeout_s)
+    targets = [j.instance_id for j in created if j.state == JobState.running]
+    began = time.monotonic()
+
+    def destroy(start: int, count: int) -> list[str]:
+        return [cluster.provisioner.destroy_vm("sim", i).id for i in targets[start : start + count]]
+
+    ids, in_flight = _waves(cluster, len(targets), sizes, destroy)
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    vms = cluster.sim.existing_vms()
+    result.job_ids = ids
+    result.figures.update(
+        vms_created=len(targets),
+        destroy_jobs=len(ids),
+        kills=len(in_flight),
+        unfinished_at_each_kill=in_flight,
+        states=_states(jobs),
+        vms_left=len(vms),
+        elapsed_s=round(time.monotonic() - began, 1),
+    )
+    result.check(len(targets) == sizes.jobs, f"{sizes.jobs} VMs to destroy were created")
+    result.check(len(in_flight) == sizes.kills and all(in_flight), f"{sizes.kills} kills, each with jobs in flight")
+    result.check(all(j.state == JobState.gone for j in jobs), f"every destroy job is gone ({_states(jobs)})")
+    result.check(not vms, f"no VM is left ({len(vms)})")
+    return result
+
+
+RUNNERS: dict[str, Callable[[Cluster, Sizes], Result]] = {"R1": r1, "R2": r2, "R3": r3, "R4": r4, "R5": r5, "R6": r6}
+
+
+def _explain_unfinished(cluster: Cluster, result: Result) -> None:
+    """A scenario that ended with jobs unfinished shows the story of the first one (for the report)."""
+    stuck = [j for j in cluster.jobs(result.job_ids) if j is not None and not j.finished]
+    if stuck:
+        job = stuck[0]
+        story = "; ".join(f"{e.at:%H:%M:%S.%f} {e.state} {e.message}" for e in job.history)
+        result.figures["first_unfinished"] = f"{job.id} {job.kind} {job.state} {job.instance_id}: {story}"
+
+
+def run(cluster: Cluster, name: str, sizes: Sizes) -> Result:
+    """One scenario on a clean cloud; an exception (a wait that timed out) is a FAIL, not a crash."""
+    cluster.reset()
+    try:
+        result = RUNNERS[name](cluster, sizes)
+        if not result.ok:
+            _explain_unfinished(cluster, result)
+        return result
+    except Exception as exc:  # noqa: BLE001 - reported as the scenario's failure
+        traceback.print_exc()
+        result = Result(name)
+        result.check(False, f"scenario raised {type(exc).__name__}: {exc}")
+        return result
+    finally:
+        cluster.sim.reset()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.chaos",
+        description="Break vmqueue while it works, on the simulated cloud, and count what survived.",
+        epilog="Scenarios:\n" + "\n".join(f"  {k}  {v}" for k, v in SCENARIOS.items()).replace("%%", "%"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    defaults = Sizes()
+    parser.add_argument("--only", nargs="+", choices=sorted(RUNNERS), default=sorted(RUNNERS), help="scenarios to run")
+    parser.add_argument("--jobs", type=int, default=defaults.jobs, help="jobs per scenario (R4: a tenth as load)")
+    parser.add_argument("--kills", type=int, default=defaults.kills, help="SIGKILLs of a worker in R1 and R6")
+    parser.add_argument("--kill-every", type=float, default=defaults.kill_every_s, help="seconds between kills")
+    parser.add_argument("--boot", type=float, default=defaults.boot_s, help="sim boot time, s (R6: delete time)")
+    parser.add_argument("--boot-jitter", type=float, default=defaults.boot_jitter_s, help="extra random boot, s")
+    parser.add_argument("--outage", type=float, default=defaults.outage_s, help="R2: seconds Redis stays down")
+    parser.add_argument("--workers", type=int, default=3, help="sim worker processes")
+    parser.add_argument("--concurrency", type=int, default=16, help="threads per worker")
+    parser.add_argument("--rate-limit", type=int, default=100, help="shared sim API limit, calls/second (R3)")
+    parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="longest wait per scenario, s")
+    parser.add_argument("--workdir", type=Path, help="where logs go (default: a new temp dir)")
+    args = parser.parse_args(argv)
+    sizes = Sizes(
+        jobs=args.jobs,
+        kills=args.kills,
+        kill_every_s=args.kill_every,
+        boot_s=args.boot,
+        boot_jitter_s=args.boot_jitter,
+        outage_s=args.outage,
+        timeout_s=args.timeout,
+    )
+    config = ClusterConfig(args.workers, args.concurrency, args.rate_limit, args.workdir)
+    results = []
+    with Cluster(config) as cluster:
+        url = cluster.env["REDIS_URL"]
+        print(f"vmqueue chaos: {args.workers} sim workers x {args.concurrency} threads, redis {url}, "
+              f"limit {args.rate_limit}/s, logs in {cluster.workdir}", flush=True)  # fmt: skip
+        for name in args.only:
+            began = time.monotonic()
+            results.append(run(cluster, name, sizes))
+            print(results[-1].render(), f"\n    ({time.monotonic() - began:.1f}s)", flush=True)
+    failed = [r.name for r in results if not r.ok]
+    print(f"FAIL: {', '.join(failed)}" if failed else f"ALL PASS: {', '.join(r.name for r in results)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
