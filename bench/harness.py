@@ -86,6 +86,7 @@ class Worker:
         log_dir: Path,
         pool: str = "threads",
         loglevel: str = "INFO",
+        events: bool = True,
     ):
         self.provider = provider
         self.env = env
@@ -111,7 +112,7 @@ class Worker:
                 f"--loglevel={loglevel}",
                 "--without-gossip",
                 "--without-mingle",
-                "-E",
+                *(["-E"] if events else []),
             ],
             cwd=ROOT,
             env=env,

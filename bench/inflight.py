@@ -53,14 +53,18 @@ def _reset(client: redis.Redis) -> None:
         client.delete(*keep[i : i + 1000])
 
 
-def run_pipeline(server: RedisServer, vms: int, boot_s: float, slots: int, env_extra: dict[str, str]) -> dict:
+def run_pipeline(
+    server: RedisServer, vms: int, boot_s: float, slots: int, env_extra: dict[str, str], events: bool = True
+) -> dict:
     from producer import Provisioner
 
     client = redis.Redis.from_url(server.url, decode_responses=True)
     _reset(client)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
     env.update(REDIS_URL=server.url, PYTHONPATH=str(ROOT), VMQ_SIM_BOOT_S=str(boot_s), **env_extra)
-    worker = Worker("sim", env, slots, Path(tempfile.mkdtemp(prefix="vmq-bench-")), loglevel="WARNING").wait_ready()
+    worker = Worker(
+        "sim", env, slots, Path(tempfile.mkdtemp(prefix="vmq-bench-")), loglevel="WARNING", events=events
+    ).wait_ready()
     try:
         provisioner = Provisioner(Settings(redis_url=server.url))
         key = throwaway_public_key()
@@ -86,9 +90,7 @@ def run_pipeline(server: RedisServer, vms: int, boot_s: float, slots: int, env_e
         api_calls = sum(v for k, v in calls.items() if ":" not in k)
         # Where the time went: enqueue -> create sent (queueing), and booted -> seen running (polling).
         submit_lag = sorted((j.submitted_at - j.created_at).total_seconds() for j in finished.values())
-        detect_lag = sorted(
-            (j.updated_at - j.vm.created_at).total_seconds() - boot_s for j in finished.values()
-        )
+        detect_lag = sorted((j.updated_at - j.vm.created_at).total_seconds() - boot_s for j in finished.values())
         return {
             "enqueue_s": enqueued_s,
             "wall_s": wall_s,
@@ -132,6 +134,7 @@ def main() -> None:
     parser.add_argument("--baseline-poll", type=float, default=2.0, help="the blocking waiter's sleep, s")
     parser.add_argument("--no-baseline", action="store_true", help="skip the (slow) blocking baseline")
     parser.add_argument("--env", action="append", default=[], help="extra worker env KEY=VALUE (repeatable)")
+    parser.add_argument("--no-events", action="store_true", help="worker without -E (Flower sees no tasks)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
@@ -139,7 +142,7 @@ def main() -> None:
     server.start()
     try:
         extra = dict(item.split("=", 1) for item in args.env)
-        ours = run_pipeline(server, args.vms, args.boot, args.slots, extra)
+        ours = run_pipeline(server, args.vms, args.boot, args.slots, extra, events=not args.no_events)
         base = None if args.no_baseline else run_blocking(server, args.vms, args.boot, args.slots, args.baseline_poll)
     finally:
         server.cleanup()

@@ -6,6 +6,8 @@ job id on the provider's own queue, and returns the ``Job`` at once; ``wait`` fo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -109,6 +111,7 @@ class Provisioner:
     # -----------------------------------------------------------------------------------------
     def _submit(self, job: Job, startup_script: str | None = None) -> Job:
         if job.idempotency_key:
+            job.request_hash = request_hash(job, startup_script)
             existing = self.store.claim_idempotency_key(job.idempotency_key, job.id)
             if existing:
                 return self._existing(existing, job)
@@ -133,15 +136,16 @@ class Provisioner:
 
     def _existing(self, job_id: str, request: Job) -> Job:
         job = self.get_job(job_id)
-        same = (job.kind, job.provider, job.spec, job.instance_id, job.ssh_key) == (
-            request.kind,
-            request.provider,
-            request.spec,
-            request.instance_id,
-            request.ssh_key,
-        )
-        if not same:
+        # Compared by fingerprint: the stored spec changes once a worker fixes its parameters.
+        if job.request_hash != request.request_hash:
             raise IdempotencyConflict(
                 f"idempotency key {request.idempotency_key!r} was used for job {job_id} with another request"
             )
         return job
+
+
+def request_hash(job: Job, startup_script: str | None) -> str:
+    """What makes two requests "the same" for an idempotency key, computed before any worker acts."""
+    fields = job.model_dump(mode="json", include={"kind", "provider", "spec", "instance_id", "ssh_key"})
+    fields["startup_script"] = startup_script
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()

@@ -182,8 +182,12 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         due = time.time() + next_due_in_s
         pipe.set(keys.due_key(job_id), f"{due:.3f}", px=int((next_due_in_s + 3600) * 1000))
-        self._release(keys=[keys.lock_key(job_id)], args=[token], client=pipe)
-        pipe.execute()
+        # EVALSHA straight away: a Script object in a pipeline first asks SCRIPT EXISTS (a round trip).
+        pipe.evalsha(self._release.sha, 1, keys.lock_key(job_id), token)
+        try:
+            pipe.execute()
+        except redis.exceptions.NoScriptError:  # a restarted Redis forgot the script
+            self._release(keys=[keys.lock_key(job_id)], args=[token])
 
     def transition(self, job_id: str, to: JobState, message: str = "", **fields: object) -> Job:
         """Move to ``to`` (compare-and-set against the table), set ``fields``, note it in the history."""

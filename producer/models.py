@@ -300,6 +300,7 @@ class Job(BaseModel):
     destroy_on_failure: bool = True
     cleanup: CleanupState | None = None
     idempotency_key: str | None = None
+    request_hash: str | None = None  # fingerprint of the request, for idempotency-key reuse checks
     history: list[JobEvent] = Field(default_factory=list)
 
     @property

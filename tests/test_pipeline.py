@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from producer.client import IdempotencyConflict
 from producer.models import CleanupState, JobState, VMStatus
 
 pytestmark = pytest.mark.system
@@ -100,6 +101,10 @@ def test_idempotency_key_dedups_at_the_producer(sim_worker, provisioner, sim, ss
     second = provisioner.create_vm(spec(), ssh_key, idempotency_key="order-42")
     assert second.id == first.id
     provisioner.wait(first.id, timeout_s=30)
+    # Also once the worker has fixed the job's parameters (the alias resolved in the stored spec).
+    assert provisioner.create_vm(spec(), ssh_key, idempotency_key="order-42").id == first.id
+    with pytest.raises(IdempotencyConflict):
+        provisioner.create_vm(spec(name="other"), ssh_key, idempotency_key="order-42")
     assert len(sim.live_vms()) == 1
 
 

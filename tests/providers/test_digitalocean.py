@@ -306,11 +306,19 @@ class TestDigitalOcean(AdapterContract):
 
     @pytest.mark.parametrize(
         ("headers", "low", "high"),
-        [({"retry-after": "7"}, 7, 7), ({"ratelimit-reset": str(int(time.time()) + 30)}, 0.001, 30)],
+        # A reset is an epoch second: built when the test runs, not when it is collected.
+        [({"retry-after": "7"}, 7, 7), ({"ratelimit-reset": 30}, 0.001, 30)],
     )
     def test_rate_limited_carries_retry_after(
-        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, headers: dict[str, str], low: float, high: float
+        self,
+        fake: FakeDigitalOcean,
+        provider: DigitalOceanProvider,
+        headers: dict[str, object],
+        low: float,
+        high: float,
     ) -> None:
+        if "ratelimit-reset" in headers:
+            headers = {"ratelimit-reset": str(int(time.time()) + int(headers["ratelimit-reset"]))}
         limits = {"ratelimit-limit": "5000", "ratelimit-remaining": "0", **headers}
         fake.fail(
             "GET",

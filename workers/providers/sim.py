@@ -67,6 +67,18 @@ class SimConfig(BaseSettings):
     token: str = ""  # when set, the API rejects callers whose VMQ_SIM_TOKEN differs
 
 
+# Create-or-return-existing by token in one round trip: [created?, instance id].
+_CREATE = """
+local existing = redis.call('get', KEYS[1])
+if existing then return {0, existing} end
+local id = 'sim-' .. redis.call('incr', KEYS[2])
+redis.call('set', KEYS[1], id)
+redis.call('hset', ARGV[1] .. id, 'instance_id', id, unpack(ARGV, 2))
+redis.call('sadd', KEYS[3], id)
+return {1, id}
+"""
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -87,6 +99,7 @@ class SimProvider:
         self._env = SimConfig()  # read once: building settings from the environment costs ~1 ms
         self._caller_token = caller_token if caller_token is not None else self._env.token
         self._configs: dict[frozenset, SimConfig] = {}
+        self._create = self._redis.register_script(_CREATE)
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:
         return resolve_alias(self.name, spec)
@@ -98,17 +111,12 @@ class SimProvider:
         if random.random() < config.capacity_rate:
             self._count("create", "capacity")
             raise CapacityError(f"no capacity for {spec.instance_type} in {spec.region}", provider_code="capacity")
-        token_key = f"{SIM_PREFIX}token:{job_id}"
-        instance_id = f"sim-{self._redis.incr(f'{SIM_PREFIX}next_id')}"
-        if not self._redis.set(token_key, instance_id, nx=True):  # the ClientToken: same job, same VM
-            return self.get_vm(self._redis.get(token_key), _counted=True)
         now = _now_ms()
         boot_ms = int((config.boot_s + random.uniform(0, config.boot_jitter_s)) * 1000)
         fate = (
             "stuck" if random.random() < config.stuck_rate else "error" if random.random() < config.error_rate else "ok"
         )
         record = {
-            "instance_id": instance_id,
             "name": spec.name,
             "region": spec.region,
             "instance_type": spec.instance_type,
@@ -120,10 +128,14 @@ class SimProvider:
             "boot_at_ms": now + boot_ms,
             "fate": fate,
         }
-        pipe = self._redis.pipeline()
-        pipe.hset(_vm_key(instance_id), mapping=record)
-        pipe.sadd(VMS_KEY, instance_id)
-        pipe.execute()
+        # The ClientToken: the same job id gets the same VM back, decided atomically in Redis.
+        created, instance_id = self._create(
+            keys=[f"{SIM_PREFIX}token:{job_id}", f"{SIM_PREFIX}next_id", VMS_KEY],
+            args=[f"{SIM_PREFIX}vm:", *(str(x) for kv in record.items() for x in kv)],
+        )
+        if not created:
+            return self.get_vm(instance_id, _counted=True)
+        record["instance_id"] = instance_id
         if random.random() < config.lost_response_rate:
             self._count("create", "lost_response")
             raise TransientError("read timeout: the create was accepted but its answer was lost")
