@@ -82,8 +82,23 @@ def _start_worker(stack: ExitStack, console: Console, url: str, boot_s: float) -
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "vmq.sim", "-c", "16",
-         "-n", f"demo-{os.getpid()}@%h", "--loglevel=INFO", "--without-gossip", "--without-mingle"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "workers.app",
+            "worker",
+            "-Q",
+            "vmq.sim",
+            "-c",
+            "16",
+            "-n",
+            f"demo-{os.getpid()}@%h",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -140,8 +155,14 @@ def run_demo(console: Console, count: int, boot_s: float, redis_url: str) -> int
         run = f"{os.getpid() % 10000}"
         created = [
             provisioner.create_vm(
-                {"provider": "sim", "name": f"demo-{run}-{i}", "region": "sim-1", "instance_type": "small",
-                 "image": "ubuntu-24.04", "labels": {"app": "demo"}},
+                {
+                    "provider": "sim",
+                    "name": f"demo-{run}-{i}",
+                    "region": "sim-1",
+                    "instance_type": "small",
+                    "image": "ubuntu-24.04",
+                    "labels": {"app": "demo"},
+                },
                 key,
                 DEMO_SCRIPT,
             )

@@ -221,9 +221,7 @@ def _replaceable(job: Job) -> bool:
 
 
 def _drift(job: Job, vm: FleetVM) -> str:
-    # The worker stores the spec with the image alias resolved; compare everything else.
-    wanted = vm.request.spec.model_copy(update={"image": job.spec.image}) if job.prepared else vm.request.spec
-    if job.spec == wanted:
+    if job.spec == vm.request.spec:  # the job keeps the spec as requested
         return ""
     return "the file changed since this VM was created; destroy --fleet and apply to re-create it"
 

@@ -63,6 +63,19 @@ class VMStatus(StrEnum):
     unknown = "unknown"
 
 
+_NATIVE = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
+MAX_FALLBACKS = 10
+
+
+class Placement(BaseModel):
+    """Another place to try when the provider has no capacity: a region (GCP: zone), and a type."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    region: str = Field(min_length=1, max_length=128, pattern=_NATIVE)
+    instance_type: str | None = Field(None, min_length=1, max_length=128, pattern=_NATIVE)
+
+
 class VMSpec(BaseModel):
     """What to create. ``options`` is parsed into the provider's own options model."""
 
@@ -85,6 +98,11 @@ class VMSpec(BaseModel):
     )
     labels: dict[str, str] = Field(default_factory=dict)
     options: ProviderOptions | None = None
+    fallbacks: list[Placement] = Field(
+        default_factory=list,
+        max_length=MAX_FALLBACKS,
+        description="tried in order when the provider reports no capacity (region and/or instance type)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -145,9 +163,31 @@ class VMSpec(BaseModel):
                 raise ValueError("options: OCI Flex shapes need options.ocpus and options.memory_gb")
         return self
 
+    def at_placement(self, index: int) -> VMSpec:
+        """The spec to send for placement ``index``: 0 is the spec itself, then each fallback in order."""
+        if index == 0:
+            return self.model_copy(update={"fallbacks": []})
+        place = self.fallbacks[index - 1]
+        return self.model_copy(
+            update={"region": place.region, "instance_type": place.instance_type or self.instance_type, "fallbacks": []}
+        )
+
     def ownership_labels(self, job_id: str) -> dict[str, str]:
         """The user's labels plus the ownership labels every VM carries."""
         return {**self.labels, LABEL_MANAGED_BY: "vmqueue", LABEL_JOB: job_id}
+
+
+def attempt_key(job_id: str, placement: int) -> str:
+    """The job id an adapter gets (its idempotency token and ``vmqueue-job`` label) for one placement.
+
+    It changes only with the placement, so a failover never reuses the token of the attempt before.
+    """
+    return job_id if placement == 0 else f"{job_id}-p{placement}"
+
+
+def job_id_of(label_value: str) -> str:
+    """The job id behind a ``vmqueue-job`` label value (see ``attempt_key``)."""
+    return re.sub(r"-p\d+$", "", label_value)
 
 
 def check_startup_script(provider: str, script: str | None) -> str | None:
@@ -240,7 +280,8 @@ FINAL_STATES = frozenset({JobState.running, JobState.gone, JobState.done, JobSta
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.queued: frozenset({JobState.submitting, JobState.destroying, JobState.done, JobState.failed}),
     JobState.submitting: frozenset({JobState.submitting, JobState.provisioning, JobState.failed}),
-    JobState.provisioning: frozenset({JobState.provisioning, JobState.running, JobState.failed}),
+    # provisioning -> submitting: a capacity failover after the provider reported the VM never came to be.
+    JobState.provisioning: frozenset({JobState.provisioning, JobState.running, JobState.failed, JobState.submitting}),
     JobState.destroying: frozenset({JobState.destroying, JobState.gone, JobState.failed}),
     JobState.running: frozenset(),
     JobState.gone: frozenset(),
@@ -290,7 +331,10 @@ class Job(BaseModel):
     error: JobError | None = None
     attempts: int = 0
     api_calls: int = 0
-    prepared: bool = False  # spec fixed by the adapter's prepare_spec (e.g. the AMI an alias named)
+    placement: int = 0  # which of spec's placements is being tried: 0 the spec, then its fallbacks
+    # What is sent to the provider for the current placement, fixed once by the adapter's prepare_spec
+    # (e.g. the AMI an alias resolved to), so every retry sends the identical request.
+    prepared_spec: VMSpec | None = None
     polls: int = 0
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)

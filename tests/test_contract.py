@@ -103,6 +103,9 @@ def test_startup_script_format(script, says):
         ),
         ({"provider": "oci", "options": {}}, "options.oci.compartment_id", "Field required"),
         ({"provider": "oci", "image": "debian-12", "options": OPTIONS["oci"]}, "", "no oci image"),
+        ({"fallbacks": [{"region": "eu west"}]}, "fallbacks.0.region", "pattern"),
+        ({"fallbacks": [{"region": "r2", "zone": "a"}]}, "fallbacks.0.zone", "Extra inputs"),
+        ({"fallbacks": [{"region": f"r{i}"} for i in range(11)]}, "fallbacks", "at most 10"),
         ({"provider": "oci", "instance_type": "VM.Standard.E4.Flex", "options": OPTIONS["oci"]}, "", "ocpus"),
     ],
 )
@@ -154,3 +157,13 @@ def test_bad_requests_enqueue_nothing(provisioner, redis_client, bad, script):
     with pytest.raises(ValidationError):
         provisioner.create_vm({**GOOD, **bad}, throwaway_public_key(), script)
     assert set(redis_client.scan_iter(count=1000)) == before  # no job record, no message, no key
+
+
+def test_placements_in_order():
+    spec = VMSpec(**{**GOOD, "fallbacks": [{"region": "r2"}, {"region": "r3", "instance_type": "big"}]})
+    assert [(p.region, p.instance_type) for p in (spec.at_placement(i) for i in range(3))] == [
+        ("sim-1", "small"),
+        ("r2", "small"),
+        ("r3", "big"),
+    ]
+    assert all(spec.at_placement(i).fallbacks == [] for i in range(3))

@@ -249,3 +249,27 @@ def _wait_for(predicate, timeout_s: float):
             return value
         time.sleep(0.05)
     raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def test_capacity_failover_moves_to_the_next_placement(sim_worker, provisioner, sim, ssh_key):
+    sim.configure(full_regions="sim-1,sim-2")
+    fallbacks = [{"region": "sim-2"}, {"region": "sim-3", "instance_type": "large"}, {"region": "sim-4"}]
+    job = provisioner.wait(provisioner.create_vm(spec(fallbacks=fallbacks), ssh_key).id, timeout_s=30)
+    assert job.state == JobState.running
+    assert (job.vm.region, job.vm.instance_type) == ("sim-3", "large")
+    assert job.placement == 2
+    assert [e.message for e in job.history if "failing over" in e.message] == [
+        "no capacity in sim-1 (small): no capacity for small in sim-1; failing over to sim-2 (small)",
+        "no capacity in sim-2 (small): no capacity for small in sim-2; failing over to sim-3 (large)",
+    ]
+    assert len(sim.live_vms()) == 1 and sim.calls()["create:capacity"] == 2
+    # The new placement's VM carries its attempt's key, which names the job.
+    assert job.vm.labels["vmqueue-job"] == f"{job.id}-p2"
+
+
+def test_capacity_everywhere_fails_with_every_placement_named(sim_worker, provisioner, sim, ssh_key):
+    sim.configure(full_regions="sim-1,sim-2")
+    job = provisioner.wait(provisioner.create_vm(spec(fallbacks=[{"region": "sim-2"}]), ssh_key).id, timeout_s=30)
+    assert job.state == JobState.failed and job.error.code == "capacity"
+    assert "no capacity in any placement tried: sim-1 (small), sim-2 (small)" in job.error.message
+    assert sim.live_vms() == []

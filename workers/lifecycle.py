@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from producer.jobstore import InvalidTransition, JobStore
-from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMStatus, utcnow
+from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMStatus, attempt_key, utcnow
 from producer.settings import Settings
 from producer.sshkeys import SSHPublicKey
 from workers.backoff import exponential_backoff, full_jitter_backoff
 from workers.calls import ProviderCalls, SharedRateLimit
 from workers.providers.base import BatchReads, Provider
-from workers.providers.errors import NotFoundError, ProviderError
+from workers.providers.errors import CapacityError, NotFoundError, ProviderError
 from workers.watchlist import WatchList
 
 log = logging.getLogger("vmqueue.worker")
@@ -100,26 +100,27 @@ class JobRunner:
         calls = ProviderCalls(job.provider, self.limit, self.settings)
         try:
             # Every create parameter is fixed once and stored, so each retry sends the identical request.
-            spec = job.spec if job.prepared else provider.prepare_spec(job.spec)
+            spec = job.prepared_spec or provider.prepare_spec(job.spec.at_placement(job.placement))
         except ProviderError as exc:
             return self._call_failed(job, exc, calls.count)
         job = self.store.transition(
             job.id,
             JobState.submitting,
-            f"create attempt {job.attempts + 1}",
+            f"create attempt {job.attempts + 1} in {spec.region} ({spec.instance_type})",
             attempts=job.attempts + 1,
             submitted_at=job.submitted_at or utcnow(),
-            spec=spec,
-            prepared=True,
+            prepared_spec=spec,
         )
         try:
             vm = calls(
                 provider.create_vm,
-                job.spec,
+                spec,
                 SSHPublicKey.parse(job.ssh_key),
                 self.store.script(job.id),
-                job_id=job.id,
+                job_id=attempt_key(job.id, job.placement),
             )
+        except CapacityError as exc:
+            return self._fail_over(job, exc, calls.count)
         except ProviderError as exc:
             return self._call_failed(job, exc, calls.count)
         job = self.store.transition(
@@ -146,6 +147,8 @@ class JobRunner:
             vm = calls(provider.get_vm, job.instance_id)
         except NotFoundError:
             vm = None
+        except CapacityError as exc:  # an asynchronous create failure: no VM came to be (GCP)
+            return self._fail_over(job, exc, calls.count)
         except ProviderError as exc:
             return self._call_failed(job, exc, calls.count)
         return self._observe_create(job, vm, calls.count)
@@ -302,6 +305,41 @@ class JobRunner:
         return None
 
     # -- failure ----------------------------------------------------------------------------
+    def _fail_over(self, job: Job, exc: CapacityError, count: int) -> Next | None:
+        """No capacity here: try the spec's next placement, or fail once every one said no.
+
+        Adapters raise CapacityError only when the provider refused the VM, so no VM of this attempt
+        exists; the next attempt gets a new idempotency token (``attempt_key``) and a fresh
+        ``prepare_spec`` (an image id may differ per region).
+        """
+        placements = [job.spec.at_placement(i) for i in range(len(job.spec.fallbacks) + 1)]
+        here = placements[job.placement]
+        if job.placement + 1 >= len(placements):
+            tried = ", ".join(f"{p.region} ({p.instance_type})" for p in placements)
+            message = (
+                f"{exc.message}; no capacity in any placement tried: {tried}" if len(placements) > 1 else exc.message
+            )
+            error = JobError(code=exc.code, message=message, provider_code=exc.provider_code)
+            return self._fail(job, error, count)
+        there = placements[job.placement + 1]
+        message = (
+            f"no capacity in {here.region} ({here.instance_type}): {exc.message}; "
+            f"failing over to {there.region} ({there.instance_type})"
+        )
+        self._unwatch(job)
+        self.store.transition(
+            job.id,
+            JobState.submitting,
+            message,
+            placement=job.placement + 1,
+            prepared_spec=None,
+            instance_id=None,
+            vm=None,
+            api_calls=job.api_calls + count,
+        )
+        log.warning("job=%s provider=%s %s", job.id, job.provider, message)
+        return Next(0)
+
     def _call_failed(self, job: Job, exc: ProviderError, count: int) -> Next | None:
         """Layer 2: a retryable error retries the step later, honouring Retry-After; others fail."""
         error = _job_error(exc)

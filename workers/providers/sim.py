@@ -61,6 +61,7 @@ class SimConfig(BaseSettings):
     rate_limit_rate: float = 0.0  # 429 on any call
     retry_after_s: float = 2.0  # the Retry-After of those 429s
     capacity_rate: float = 0.0  # "no capacity" on create
+    full_regions: str = ""  # comma-separated regions where every create meets "no capacity"
     lost_response_rate: float = 0.0  # create succeeds but the answer is lost (a timeout)
     stuck_rate: float = 0.0  # VM never leaves pending
     error_rate: float = 0.0  # VM ends in error instead of running
@@ -108,7 +109,7 @@ class SimProvider:
         self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
     ) -> VMInfo:
         config = self._begin("create")
-        if random.random() < config.capacity_rate:
+        if random.random() < config.capacity_rate or spec.region in config.full_regions.split(","):
             self._count("create", "capacity")
             raise CapacityError(f"no capacity for {spec.instance_type} in {spec.region}", provider_code="capacity")
         now = _now_ms()
