@@ -31,8 +31,8 @@ SMALL = Sizes(
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    # A low shared limit, so R3's burst really meets it.
-    config = ClusterConfig(workers=2, concurrency=8, rate_limit_per_s=20, workdir=tmp_path_factory.mktemp("chaos"))
+    # A low shared limit, so R3's burst of creates really meets it.
+    config = ClusterConfig(workers=2, concurrency=8, rate_limit_per_s=5, workdir=tmp_path_factory.mktemp("chaos"))
     with Cluster(config) as started:
         yield started
 
