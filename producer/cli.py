@@ -295,7 +295,7 @@ def demo(
     raise typer.Exit(run_demo(console, count=count, boot_s=boot, redis_url=get_settings().redis_url))
 
 
-from producer import cli_fleet, cli_web  # noqa: E402,F401 - they register their commands on ``app``
+from producer import cli_fleet, cli_sweep, cli_web  # noqa: E402,F401 - they register their commands on ``app``
 
 if __name__ == "__main__":  # pragma: no cover
     app()

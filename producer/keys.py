@@ -13,11 +13,13 @@ SIM_PREFIX = "vmq:sim:"
 WATCH_PREFIX = "vmq:watch:"  # hash per provider: instance id -> job id of VMs being waited for
 TICKER_PREFIX = "vmq:ticker:"  # per provider: the token of the one live batch-read chain
 FLEET_PREFIX = "vmq:fleet:"  # hash per fleet: "<provider>/<name>" -> the VM's create job; no TTL
+SWEEP_PREFIX = "vmq:sweep:"  # seen:<provider> (orphan -> first seen), report:<id>, lock:<provider>
 
 TASK_CREATE = "vmq.create"
 TASK_DESTROY = "vmq.destroy"
 TASK_GET = "vmq.get"
 TASK_TICK = "vmq.tick"
+TASK_SWEEP = "vmq.sweep"
 
 
 def queue_name(provider: str) -> str:
@@ -54,3 +56,15 @@ def watch_key(provider: str) -> str:
 
 def ticker_key(provider: str) -> str:
     return f"{TICKER_PREFIX}{provider}"
+
+
+def sweep_seen_key(provider: str) -> str:
+    return f"{SWEEP_PREFIX}seen:{provider}"
+
+
+def sweep_report_key(sweep_id: str) -> str:
+    return f"{SWEEP_PREFIX}report:{sweep_id}"
+
+
+def sweep_lock_key(provider: str) -> str:
+    return f"{SWEEP_PREFIX}lock:{provider}"

@@ -16,7 +16,7 @@ from producer import keys
 from producer.jobstore import JobStore, connect
 from producer.models import JobError, JobKind, JobState
 from workers.app import app, settings
-from workers.calls import SharedRateLimit
+from workers.calls import ProviderCalls, SharedRateLimit
 from workers.lifecycle import JobRunner
 from workers.providers.registry import get_provider
 
@@ -92,3 +92,26 @@ def tick(self: Task, provider: str, token: str) -> None:
         return
     if outcome is not None:
         raise self.retry(countdown=outcome.countdown_s, max_retries=None)
+
+
+@app.task(name=keys.TASK_SWEEP)
+def sweep(request: object) -> None:
+    """One orphan-sweep pass over the provider's VMs; the report goes to Redis (see workers/sweeper.py)."""
+    from pydantic import ValidationError
+
+    from producer.sweep import SweepRequest
+    from workers.sweeper import Sweeper
+
+    try:
+        parsed = SweepRequest.model_validate(request)
+    except ValidationError as exc:
+        log.error("vmq.sweep message rejected: %s", str(exc).replace("\n", "; "))
+        return
+    run = runner()
+    calls = ProviderCalls(parsed.provider, run.limit, settings)
+    report = Sweeper(run.store, run.providers(parsed.provider), calls).run(parsed)
+    mode = "dry run" if parsed.dry_run else "pass"
+    log.info(
+        "provider=%s sweep %s (%s): %d listed, %d owned, %d orphans",
+        parsed.provider, parsed.id, mode, report.listed, report.owned, len(report.orphans),
+    )  # fmt: skip

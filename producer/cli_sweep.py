@@ -1,0 +1,77 @@
+"""``vmq sweep --provider NAME``: find (and, on a later pass, destroy) VMs that no live job owns.
+
+The pass runs on a worker of that provider (the producer imports no cloud SDK); this command
+enqueues it and prints the report. ``--every S`` repeats it forever: the periodic sweeper.
+Exit codes: 2 bad input, 1 the sweep failed or no report came, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from producer.cli import JsonOpt, ProviderOpt, TimeoutOpt, _provisioner, app, console, err
+from producer.models import PROVIDERS
+from producer.sweep import DEFAULT_DELAY_S, SweepReport, SweepRequest, SweepTimeout, request_sweep, wait_report
+
+
+@app.command()
+def sweep(
+    provider: ProviderOpt,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what a pass would do; change nothing")] = False,
+    delay: Annotated[
+        float, typer.Option(min=0, help="seconds between reporting an orphan and destroying it")
+    ] = DEFAULT_DELAY_S,
+    every: Annotated[
+        float | None, typer.Option(min=1, help="repeat every S seconds until interrupted (the periodic sweeper)")
+    ] = None,
+    timeout: TimeoutOpt = 300.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the VMs carrying vmqueue's ownership label and compare them with the job store.
+
+    A VM no live job owns is reported on a first pass and remembered.
+    A later pass, at least --delay seconds after, destroys it if it is still orphaned.
+    Example, a sweep every 10 minutes:
+
+    vmq sweep --provider hetzner --every 600 --delay 1800
+    """
+    if provider not in PROVIDERS:
+        err.print(f"[red]Unknown provider {provider!r}[/]; one of: {', '.join(PROVIDERS)}")
+        raise typer.Exit(2)
+    provisioner = _provisioner()
+    while True:
+        request = SweepRequest(provider=provider, dry_run=dry_run, delay_s=delay)
+        request_sweep(provisioner.celery, request)
+        try:
+            report = wait_report(provisioner.store.redis, request.id, timeout)
+        except SweepTimeout as exc:
+            err.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
+        _show(report, as_json)
+        if every is None:
+            raise typer.Exit(1 if report.error else 0)
+        time.sleep(every)
+
+
+def _show(report: SweepReport, as_json: bool) -> None:
+    if as_json:
+        console.print_json(report.model_dump_json())
+        return
+    mode = " (dry run: nothing changed)" if report.dry_run else ""
+    console.print(
+        f"[bold]sweep {report.provider}[/]{mode}: {report.listed} VMs carry the ownership label, "
+        f"{report.owned} belong to live jobs, {len(report.orphans)} orphaned"
+    )
+    if report.error:
+        err.print(f"[red]{report.error}[/]")
+    if report.orphans:
+        table = Table()
+        for column in ("instance", "name", "status", "job", "why orphaned", "action"):
+            table.add_column(column)
+        for o in report.orphans:
+            table.add_row(o.instance_id, o.name or "", o.status, (o.job_id or "")[:12], o.reason, o.action)
+        console.print(table)
