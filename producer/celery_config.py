@@ -49,6 +49,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": transport,
         "broker_use_ssl": redis_ssl_options(settings),
         "broker_connection_retry_on_startup": True,
+        # A producer rides out a Redis restart (about a minute) instead of failing the enqueue.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 30,
+            "interval_start": 0.1,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
         "broker_connection_max_retries": None,
         "task_serializer": "json",
         "result_serializer": "json",
