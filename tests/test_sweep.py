@@ -14,7 +14,7 @@ from producer.cli import app
 from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
 from tests import test_cli
-from workers.sweeper import orphan_reason
+from workers.sweeper import orphan_reason, owner_of
 
 cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session for the CLI
 runner = CliRunner()
@@ -56,6 +56,14 @@ def test_who_owns_a_vm(job, orphan):
 def test_a_vm_without_job_label_is_an_orphan_and_a_fleet_keeps_its_vm():
     assert "no vmqueue-job label" in orphan_reason(_vm(job_id=None), None, set())
     assert orphan_reason(_vm(), None, fleet_jobs={"j1"}) is None  # the fleet outlives the job record's TTL
+
+
+def test_a_failed_over_vm_belongs_to_its_job():
+    # A capacity failover's attempt labels its VM "<job id>-p<n>": still the job's own VM.
+    vm = _vm(job_id="j1-p2")
+    assert owner_of(vm) == "j1"
+    assert orphan_reason(vm, _job(JobState.running), fleet_jobs=set()) is None
+    assert orphan_reason(vm, None, fleet_jobs={"j1"}) is None
 
 
 def _sweep(*args: str) -> dict:

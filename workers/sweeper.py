@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 
 from producer import keys
 from producer.jobstore import JobStore
-from producer.models import LABEL_JOB, CleanupState, Job, JobKind, JobState, VMInfo, VMStatus
+from producer.models import LABEL_JOB, CleanupState, Job, JobKind, JobState, VMInfo, VMStatus, job_id_of
 from producer.sweep import REPORT_TTL_S, Action, Orphan, SweepReport, SweepRequest
 from workers.providers.base import Provider
 from workers.providers.errors import ProviderError
@@ -42,9 +42,15 @@ DELETING = (VMStatus.terminating, VMStatus.terminated)
 LOCK_S = 300  # one sweep per provider at a time; a crashed sweep frees it after this
 
 
+def owner_of(vm: VMInfo) -> str | None:
+    """The job id a VM's ``vmqueue-job`` label names (a failover attempt's label carries a suffix)."""
+    label = vm.labels.get(LABEL_JOB)
+    return job_id_of(label) if label else None
+
+
 def orphan_reason(vm: VMInfo, job: Job | None, fleet_jobs: set[str]) -> str | None:
     """Why no live job owns ``vm``; ``None`` when one does (or the VM is kept on purpose)."""
-    job_id = vm.labels.get(LABEL_JOB)
+    job_id = owner_of(vm)
     if not job_id:
         return f"no {LABEL_JOB} label"
     if job_id in fleet_jobs:
@@ -91,14 +97,14 @@ class Sweeper:
     def _pass(self, request: SweepRequest, report: SweepReport) -> None:
         vms = [vm for vm in self.calls(self.provider.list_owned_vms) if vm.status not in DELETING]
         report.listed = len(vms)
-        jobs = self._jobs([vm.labels.get(LABEL_JOB) for vm in vms])
+        jobs = self._jobs([owner_of(vm) for vm in vms])
         fleet_jobs = self._fleet_jobs()
         seen_key = keys.sweep_seen_key(request.provider)
         seen = {k: float(v) for k, v in self.redis.hgetall(seen_key).items()}
         now = time.time()
         orphan_ids = set()
         for vm in vms:
-            job_id = vm.labels.get(LABEL_JOB)
+            job_id = owner_of(vm)
             reason = orphan_reason(vm, jobs.get(job_id), fleet_jobs)
             if reason is None:
                 report.owned += 1
