@@ -7,12 +7,15 @@ only what each scenario counted, never how long it took.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
 
-from bench.chaos import RUNNERS, Sizes, run
+from bench.chaos import RUNNERS, Sizes, run, spec
 from bench.cluster import Cluster, ClusterConfig
+from producer.models import JobState
+from producer.sshkeys import throwaway_public_key
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(150)]
 
@@ -42,3 +45,26 @@ def test_scenario(cluster: Cluster, scenario: str) -> None:
     result = run(cluster, scenario, SMALL)
     print(result.render())
     assert result.ok, result.render()
+
+
+def test_an_enqueue_rides_out_a_redis_restart_between_record_and_publish(cluster: Cluster, monkeypatch) -> None:
+    # The worst moment for a producer: the job is recorded, then Redis goes away before the publish.
+    # The publish must wait for Redis (task_publish_retry_policy), not fail the enqueue (R2 found it).
+    store = cluster.provisioner.store
+    add = store.add
+    restart = threading.Timer(3.0, cluster.redis_server.start)
+
+    def add_then_outage(job, startup_script=None):
+        added = add(job, startup_script)
+        cluster.redis_server.stop()
+        restart.start()
+        return added
+
+    monkeypatch.setattr(store, "add", add_then_outage)
+    try:
+        job = cluster.provisioner.create_vm(spec("outage-1"), throwaway_public_key())
+    finally:
+        restart.join(30)
+    monkeypatch.undo()
+    (done,) = cluster.wait_finished([job.id], 60)
+    assert done.state == JobState.running, done.history
