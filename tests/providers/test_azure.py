@@ -169,10 +169,12 @@ class TestAzure(AdapterContract):
         second = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
 
         assert first.instance_id == second.instance_id == VM_ID
-        assert [c.query.get("$expand") for c in fake.calls_to("GET", r"/virtualMachines/")] == ["instanceView"]
+        assert [c.query.get("$expand") for c in fake.calls_to("GET", r"/virtualMachines/")] == ["instanceView"] * 2
         assert len([r for r in fake.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"]) == 1
+        puts = len(fake.calls_to("PUT", ""))
         with pytest.raises(InvalidSpecError, match="another job"):
             provider.create_vm(make_spec(), key(), job_id="job-2")
+        assert len(fake.calls_to("PUT", "")) == puts  # another job's NIC and IP were not touched
 
     def test_create_lost_answer_one_vm(self, provider: AzureProvider, fake: FakeARM) -> None:
         fake.drop.append("PUT /virtualMachines/web-1")  # ARM accepts the VM, the answer is lost
@@ -236,6 +238,7 @@ class TestAzure(AdapterContract):
     def test_get_public_and_private_ips(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
         boot(fake)
+        fake.calls.clear()
 
         info = provider.get_vm(VM_ID)
 
@@ -272,6 +275,7 @@ class TestAzure(AdapterContract):
 
     def test_destroy(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
+        fake.calls.clear()
 
         assert provider.destroy_vm(VM_ID) is None
 
@@ -304,11 +308,20 @@ class TestAzure(AdapterContract):
         )
         with pytest.raises(QuotaExceededError):
             provider.create_vm(make_spec(), key(), job_id="job-1")
-        assert len(fake.resources) == 3  # the group, the NIC and the public IP
+        # Refused for good: the NIC and public IP made for it are deleted before the error is raised.
+        assert list(fake.resources) == [RG_PATH.lower()]
 
         provider.destroy_vm(VM_ID)
 
         assert list(fake.resources) == [RG_PATH.lower()]
+
+    def test_retryable_vm_failure_keeps_helpers_for_the_retry(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.fail("PUT", r"/virtualMachines/", error(503, "ServiceUnavailable", "try later"))
+        with pytest.raises(TransientError):
+            provider.create_vm(make_spec(), key(), job_id="job-1")
+        assert len(fake.resources) == 3  # the group, the NIC and the public IP
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        assert len(fake.resources) == 4
 
     def test_destroy_twice(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")

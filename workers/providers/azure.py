@@ -178,7 +178,12 @@ class AzureProvider:
 
         opts, name, tags = _options(spec), spec.name, spec.ownership_labels(job_id)
         rg, clients = opts.resource_group, self._client()
+        # A VM of this name already: ours (a redelivery) is adopted; another job's must not have its
+        # NIC and IP rewritten by our PUTs, so this is decided before any of them.
         subnet_id, nsg_id = self._network(spec, opts)
+        existing = self._adopt(rg, name, job_id, missing_ok=True)
+        if existing is not None:
+            return existing
         with map_errors(_map_error):
             pip = clients.network.public_ip_addresses.begin_create_or_update(
                 rg,
@@ -241,17 +246,23 @@ class AzureProvider:
                     network_interfaces=[cm.NetworkInterfaceReference(id=nic.id, primary=True, delete_option="Delete")]
                 ),
             )
-            try:
-                created = clients.compute.virtual_machines.begin_create_or_update(
-                    rg, name, vm, match_condition=MatchConditions.IfMissing, polling=False
-                ).result()
-            except ResourceExistsError as exc:
-                if exc.status_code != 412:
-                    raise
-                created = clients.compute.virtual_machines.get(rg, name, expand="instanceView")
-                if (created.tags or {}).get(LABEL_JOB) != job_id:
-                    raise InvalidSpecError(f"a VM named {name!r} already exists in {rg} for another job") from exc
-        return _info(created)
+        try:
+            with map_errors(_map_error):
+                try:
+                    created = clients.compute.virtual_machines.begin_create_or_update(
+                        rg, name, vm, match_condition=MatchConditions.IfMissing, polling=False
+                    ).result()
+                except ResourceExistsError as exc:
+                    if exc.status_code != 412:
+                        raise
+                    created = None  # another create of this name got there first: look at it below
+        except ProviderError as exc:
+            # Refused for good (quota, capacity, bad size): no VM will ever own this NIC and IP, and
+            # the job has no instance id to destroy later. A retryable error keeps them for the retry.
+            if not exc.retryable:
+                self._delete_helpers(rg, name)
+            raise
+        return _info(created) if created is not None else self._adopt(rg, name, job_id)
 
     def get_vm(self, instance_id: str) -> VMInfo:
         rg, name = _parse_id(instance_id)
@@ -281,10 +292,28 @@ class AzureProvider:
             if exc.provider_code != "ResourceGroupNotFound":
                 raise
             return None  # the group is gone, and everything in it
-        with map_errors(_map_error):
-            clients.network.network_interfaces.begin_delete(rg, f"{name}-nic", polling=False).result()  # absent: 204
-            clients.network.public_ip_addresses.begin_delete(rg, f"{name}-pip", polling=False).result()
+        self._delete_helpers(rg, name)
         return None
+
+    def _adopt(self, rg: str, name: str, job_id: str, missing_ok: bool = False) -> VMInfo | None:
+        """The VM of this name if this job made it; another job's is an error; none: None (if allowed)."""
+        try:
+            with map_errors(_map_error):
+                vm = self._client().compute.virtual_machines.get(rg, name, expand="instanceView")
+        except NotFoundError:
+            if missing_ok:
+                return None
+            raise
+        if (vm.tags or {}).get(LABEL_JOB) != job_id:
+            raise InvalidSpecError(f"a VM named {name!r} already exists in {rg} for another job; pick another name")
+        return _info(vm)
+
+    def _delete_helpers(self, rg: str, name: str) -> None:
+        """The VM's NIC, then its public IP, by their deterministic names (absent: 204)."""
+        network = self._client().network
+        with map_errors(_map_error):
+            network.network_interfaces.begin_delete(rg, f"{name}-nic", polling=False).result()
+            network.public_ip_addresses.begin_delete(rg, f"{name}-pip", polling=False).result()
 
     def list_owned_vms(self) -> list[VMInfo]:
         """VMs of the subscription tagged managed-by=vmqueue, with power states (statusOnly), no IPs.
