@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import socket
@@ -87,7 +88,9 @@ class Worker:
         pool: str = "threads",
         loglevel: str = "INFO",
         events: bool = True,
+        app: str = "workers.app",
     ):
+        # ``app``: another module may wrap the worker app (benchmarks add a no-op task or import every SDK).
         self.provider = provider
         self.env = env
         self.name = f"{provider}-{time.monotonic_ns()}@{socket.gethostname()}"
@@ -99,7 +102,7 @@ class Worker:
                 "-m",
                 "celery",
                 "-A",
-                "workers.app",
+                app,
                 "worker",
                 "-Q",
                 f"vmq.{provider}",
@@ -120,25 +123,34 @@ class Worker:
             stderr=subprocess.STDOUT,
         )
 
-    def wait_ready(self, timeout_s: float = 30) -> Worker:
-        """Until the worker answers a ping over the broker (whatever its log level)."""
+    def wait_ready(self, timeout_s: float = 30, ping_timeout_s: float = 0.5) -> Worker:
+        """Until the worker answers a ping over the broker (whatever its log level).
+
+        A ping sent before the worker listens is lost, so ``ping_timeout_s`` is also how finely this
+        notices the worker came up (the start-up benchmark asks often).
+        """
         from producer.celery_config import make_celery
         from producer.settings import Settings
 
         control = make_celery(Settings(redis_url=self.env["REDIS_URL"])).control
         deadline = time.monotonic() + timeout_s
-        while not self._pings(control):
+        while not self._pings(control, ping_timeout_s):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker for {self.provider} did not start:\n{self.log()}")
         return self
 
-    def _pings(self, control) -> bool:
+    def _pings(self, control, timeout_s: float) -> bool:
         try:
-            return bool(control.ping(destination=[self.name], timeout=0.5))
+            return bool(control.ping(destination=[self.name], timeout=timeout_s))
         except redis.ConnectionError:
             # kombu pools broker connections per URL process-wide: after a Redis restart the first
             # broadcast meets a stale one (and drops it); ask again.
             return False
+
+    def peak_rss_kib(self) -> int:
+        """The worker process's peak resident set so far (VmHWM; Linux). The threads pool is one process."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

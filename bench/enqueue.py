@@ -1,0 +1,111 @@
+"""P4 enqueue: validated create jobs from Provisioner.create_vm vs raw Celery send_task calls.
+
+Measures, in one run, on a private redis-server (no worker: the messages stay queued and are purged
+after each batch):
+  vmqueue   N Provisioner.create_vm calls on the sim: the spec and SSH key validated with pydantic,
+            the job record written to Redis, one message holding the job id published.
+  raw       N celery_app.send_task calls of the same size (one job-id argument, the same argsrepr)
+            from the same producer app, to the same queue.
+Rounds alternate the two, the order flipped each round; medians are reported.
+Goal: vmqueue <= 1.5 x raw.
+
+    python -m bench.enqueue                         # 3 rounds of 10,000 of each
+    python -m bench.enqueue --jobs 1000 --rounds 1  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+
+import redis
+
+from bench.harness import RedisServer
+from bench.probes import flush_keeping_bindings
+from producer import keys
+from producer.settings import Settings
+from producer.sshkeys import throwaway_public_key
+
+QUEUE = keys.queue_name("sim")
+
+
+def spec(i: int) -> dict:
+    return {
+        "provider": "sim",
+        "name": f"bench-{i}",
+        "region": "sim-1",
+        "instance_type": "small",
+        "image": "ubuntu-24.04",
+        "labels": {"team": "bench"},
+    }
+
+
+def timed(jobs: int, send: Callable[[int], object]) -> float:
+    started = time.perf_counter()
+    for i in range(jobs):
+        send(i)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=10_000, help="calls per batch, of each kind (default 10000)")
+    parser.add_argument("--rounds", type=int, default=3, help="batches of each kind, alternated (default 3)")
+    parser.add_argument("--script", action="store_true", help="give every create a startup script too")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+
+    server = RedisServer(aof=False)
+    server.start()
+    try:
+        from producer import Provisioner
+
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        provisioner = Provisioner(Settings(redis_url=server.url))
+        key = throwaway_public_key()  # a caller passes the key as text, as read from a .pub file
+        script = "#!/bin/sh\necho hello\n" if args.script else None
+
+        def create(i: int) -> object:
+            return provisioner.create_vm(spec(i), key, script)
+
+        def raw(_: int) -> object:
+            job_id = uuid.uuid4().hex
+            return provisioner.celery.send_task(
+                keys.TASK_CREATE, args=[job_id], queue=QUEUE, argsrepr=f"(create sim job={job_id})", kwargsrepr="{}"
+            )
+
+        kinds = {"vmqueue": create, "raw": raw}
+        for send in kinds.values():  # warm-up: imports, connections, declarations
+            timed(min(200, args.jobs), send)
+        flush_keeping_bindings(client)
+        times: dict[str, list[float]] = {name: [] for name in kinds}
+        for round_no in range(args.rounds):
+            order = list(kinds) if round_no % 2 == 0 else list(reversed(kinds))
+            for name in order:
+                times[name].append(timed(args.jobs, kinds[name]))
+                queued = client.llen(QUEUE)
+                if queued != args.jobs:
+                    raise SystemExit(f"FAIL: {queued} messages queued after {args.jobs} {name} calls")
+                flush_keeping_bindings(client)  # purge: the queue and the job records
+    finally:
+        server.cleanup()
+
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    ratio = medians["vmqueue"] / medians["raw"]
+    figures = {"jobs": args.jobs, "rounds": args.rounds, "seconds": medians, "ratio": ratio, "runs": times}
+    if args.json:
+        print(json.dumps(figures, indent=2))
+        return
+    print(f"P4 enqueue: {args.rounds} x {args.jobs} calls of each kind, one producer thread, median")
+    for name, label in (("vmqueue", "Provisioner.create_vm"), ("raw", "raw send_task")):
+        s = medians[name]
+        print(f"  {label:22s} {s:6.2f} s  ({args.jobs / s:5.0f} /s, {s / args.jobs * 1e6:4.0f} us each)")
+    print(f"  ratio                  {ratio:.2f} x raw (goal <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
