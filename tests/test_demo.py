@@ -1,0 +1,31 @@
+"""`vmq demo`, the quick start's main job, run as a user runs it: a subprocess, on its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.harness import ROOT
+
+pytestmark = pytest.mark.system
+
+
+@pytest.mark.parametrize("redis", ["answers", "absent"])
+def test_demo_creates_and_destroys_on_the_simulated_cloud(redis, redis_url, redis_client):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
+    # "absent": nothing listens there, so the demo starts (and stops) a private redis-server.
+    env["REDIS_URL"] = redis_url if redis == "answers" else "redis://127.0.0.1:1/0"
+    result = subprocess.run(
+        [sys.executable, "-m", "producer.cli", "demo", "--count", "2", "--boot", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2/2 VMs reached running, 2/2 are gone." in result.stdout
+    assert ("private redis-server" in result.stdout) == (redis == "absent")
