@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +130,35 @@ class Cluster:
         out = {str(w.log_path.name): w.log() for w in self.workers + self.retired}
         out.update({str(f.log_path.name): f.log() for f in self.flowers})
         return out
+
+    @contextmanager
+    def sweeping(self, every_s: float = 5.0) -> Iterator[list]:
+        """The deployment's periodic sweeper (``vmq sweep --every``) in a thread; yields its reports.
+
+        Its delay is far beyond a run, so it never destroys anything here: what it does is send
+        again the task of a job whose message the broker lost (workers/rescue.py).
+        """
+        from producer.sweep import SweepRequest, SweepTimeout, request_sweep, wait_report
+
+        reports: list = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(every_s):
+                request = SweepRequest(provider="sim", delay_s=24 * 3600)
+                request_sweep(self.provisioner.celery, request)
+                try:
+                    reports.append(wait_report(self.client, request.id, 60))
+                except SweepTimeout:
+                    pass  # a pass lost with a killed worker; the next one comes
+
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        try:
+            yield reports
+        finally:
+            stop.set()
+            thread.join(90)
 
     # -- jobs --------------------------------------------------------------------------------
     def jobs(self, ids: list[str]) -> list[Job | None]:

@@ -66,6 +66,11 @@ def _show(report: SweepReport, as_json: bool) -> None:
         f"[bold]sweep {report.provider}[/]{mode}: {report.listed} VMs carry the ownership label, "
         f"{report.owned} belong to live jobs, {len(report.orphans)} orphaned"
     )
+    if report.rescued:
+        verb = "would send again" if report.dry_run else "sent again"
+        console.print(
+            f"{len(report.rescued)} stalled job(s) whose message was lost: {verb}: {', '.join(report.rescued)}"
+        )
     if report.error:
         err.print(f"[red]{report.error}[/]")
     if report.orphans:

@@ -60,6 +60,7 @@ class SweepReport(BaseModel):
     listed: int = 0  # VMs carrying managed-by=vmqueue
     owned: int = 0  # of those, owned by a live job (or being deleted, or kept on purpose)
     orphans: list[Orphan] = Field(default_factory=list)
+    rescued: list[str] = Field(default_factory=list)  # stalled jobs whose task was sent again (dry run: would be)
     error: str | None = None
     finished_at: datetime = Field(default_factory=utcnow)
 

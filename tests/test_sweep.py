@@ -132,3 +132,25 @@ def test_malformed_sweep_request_is_rejected_and_logged(sim_worker, provisioner)
         assert time.monotonic() < deadline, "no rejection logged"
         time.sleep(0.1)
     assert "delay_s" in sim_worker.log()
+
+
+@pytest.mark.system
+def test_a_pass_sends_again_the_jobs_whose_message_was_lost(
+    cli_env, sim_worker, provisioner, redis_client, sim, ssh_key
+):
+    # A running VM, and a destroy job for it that started and then lost its message (as a SIGKILL
+    # between kombu's BRPOP and its unacked record does): state destroying, next step long overdue.
+    created = provisioner.wait(provisioner.create_vm({**SPEC, "name": "doomed"}, ssh_key).id, timeout_s=30)
+    lost = Job(kind=JobKind.destroy, provider="sim", state=JobState.destroying, instance_id=created.instance_id)
+    provisioner.store.add(lost)
+    redis_client.set(keys.due_key(lost.id), f"{time.time() - 100:.3f}")
+    # Not stalled: a job whose next step is due soon, and a finished one.
+    waiting = Job(kind=JobKind.destroy, provider="sim", state=JobState.destroying, instance_id="sim-999")
+    provisioner.store.add(waiting)
+    redis_client.set(keys.due_key(waiting.id), f"{time.time() + 60:.3f}")
+
+    assert _sweep("--dry-run")["rescued"] == [lost.id]
+    assert provisioner.get_job(lost.id).state == JobState.destroying  # a dry run sends nothing
+    assert _sweep()["rescued"] == [lost.id]
+    assert provisioner.wait(lost.id, timeout_s=30).state == JobState.gone
+    assert provisioner.get_job(waiting.id).state == JobState.destroying

@@ -18,6 +18,9 @@ Everything else is an orphan: no label, no record (expired after ``VMQ_JOB_TTL_S
 written), a job of another kind, a job that recorded another instance, a failed create whose
 cleanup failed or finished (yet the VM is still here), or one that failed before recording it.
 A VM already terminating is left alone.
+
+Each pass also sends again the task of every stalled job of the provider: one whose message the
+broker lost (workers/rescue.py).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from producer.models import LABEL_JOB, CleanupState, Job, JobKind, JobState, VMI
 from producer.sweep import REPORT_TTL_S, Action, Orphan, SweepReport, SweepRequest
 from workers.providers.base import Provider
 from workers.providers.errors import ProviderError
+from workers.rescue import stalled_jobs
 
 log = logging.getLogger("vmqueue.sweeper")
 
@@ -71,11 +75,20 @@ def orphan_reason(vm: VMInfo, job: Job | None, fleet_jobs: set[str]) -> str | No
 
 
 class Sweeper:
-    def __init__(self, store: JobStore, provider: Provider, calls: Callable[..., object]):
+    def __init__(
+        self,
+        store: JobStore,
+        provider: Provider,
+        calls: Callable[..., object],
+        resend: Callable[[Job], None] | None = None,
+        stalled_after_s: float = 0.0,
+    ):
         self.store = store
         self.redis = store.redis
         self.provider = provider
         self.calls = calls  # ProviderCalls: the shared rate limit and quick retries
+        self.resend = resend  # sends a stalled job's task again (workers/rescue.py); None: don't look
+        self.stalled_after_s = stalled_after_s
 
     def run(self, request: SweepRequest) -> SweepReport:
         """One pass; the report is also stored in Redis for whoever asked."""
@@ -85,6 +98,7 @@ class Sweeper:
             report.error = f"another sweep of {request.provider} is running (sweep {self.redis.get(lock)})"
         else:
             try:
+                self._rescue(request, report)
                 self._pass(request, report)
             except ProviderError as exc:
                 report.error = f"listing the VMs failed: {exc.code}: {exc}"
@@ -93,6 +107,15 @@ class Sweeper:
                     self.redis.delete(lock)
         self.redis.set(keys.sweep_report_key(request.id), report.model_dump_json(), ex=REPORT_TTL_S)
         return report
+
+    def _rescue(self, request: SweepRequest, report: SweepReport) -> None:
+        if self.resend is None:
+            return
+        for job in stalled_jobs(self.store, request.provider, self.stalled_after_s):
+            if not request.dry_run:
+                self.resend(job)
+            report.rescued.append(job.id)
+            log.warning("job=%s provider=%s stalled %s job sent again", job.id, job.provider, job.state)
 
     def _pass(self, request: SweepRequest, report: SweepReport) -> None:
         vms = [vm for vm in self.calls(self.provider.list_owned_vms) if vm.status not in DELETING]

@@ -100,6 +100,7 @@ def sweep(request: object) -> None:
     from pydantic import ValidationError
 
     from producer.sweep import SweepRequest
+    from workers.rescue import stalled_after_s
     from workers.sweeper import Sweeper
 
     try:
@@ -109,9 +110,17 @@ def sweep(request: object) -> None:
         return
     run = runner()
     calls = ProviderCalls(parsed.provider, run.limit, settings)
-    report = Sweeper(run.store, run.providers(parsed.provider), calls).run(parsed)
+    sweeper = Sweeper(run.store, run.providers(parsed.provider), calls, _resend, stalled_after_s(settings))
+    report = sweeper.run(parsed)
     mode = "dry run" if parsed.dry_run else "pass"
     log.info(
-        "provider=%s sweep %s (%s): %d listed, %d owned, %d orphans",
-        parsed.provider, parsed.id, mode, report.listed, report.owned, len(report.orphans),
+        "provider=%s sweep %s (%s): %d listed, %d owned, %d orphans, %d stalled jobs",
+        parsed.provider, parsed.id, mode, report.listed, report.owned, len(report.orphans), len(report.rescued),
     )  # fmt: skip
+
+
+def _resend(job) -> None:
+    """A stalled job's task again, as the producer sent it (workers/rescue.py says why it is safe)."""
+    task = {JobKind.create: create, JobKind.destroy: destroy, JobKind.get: get}[job.kind]
+    argsrepr = f"({job.kind} {job.provider} job={job.id})"
+    task.apply_async(args=[job.id], queue=keys.queue_name(job.provider), argsrepr=argsrepr)
