@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -151,6 +152,11 @@ class Worker:
         """The worker process's peak resident set so far (VmHWM; Linux). The threads pool is one process."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1))
+
+    def cpu_s(self) -> float:
+        """CPU time (user + system) the worker process has used so far (Linux)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

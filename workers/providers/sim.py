@@ -143,9 +143,10 @@ class SimProvider:
         return self._info(record)
 
     def get_vm(self, instance_id: str, _counted: bool = False) -> VMInfo:
-        if not _counted:
-            self._begin("get")
-        record = self._redis.hgetall(_vm_key(instance_id))
+        if _counted:
+            record = self._redis.hgetall(_vm_key(instance_id))
+        else:  # the record rides in the call's own round trip (a get is the hot path of polling)
+            record = self._call("get", read=_vm_key(instance_id))[1]
         if not record or self._gone(record):
             raise NotFoundError(f"instance {instance_id} not found", provider_code="not_found")
         return self._info(record)
@@ -197,11 +198,18 @@ class SimProvider:
         return self._configs[cache_key]
 
     def _begin(self, kind: str) -> SimConfig:
-        """One API call: the config and the counters in one round trip, latency, then the faults."""
+        return self._call(kind)[0]
+
+    def _call(self, kind: str, read: str | None = None) -> tuple[SimConfig, dict[str, str] | None]:
+        """One API call: the config, the counters and the hash ``read`` (if any; as it was when the
+        call arrived) in one round trip, then the latency and the faults."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(CONFIG_KEY)
+        if read is not None:
+            pipe.hgetall(read)
         self._count(kind, pipe=pipe)
-        config = self._parse_config(pipe.execute()[0])
+        replies = pipe.execute()
+        config = self._parse_config(replies[0])
         if config.latency_ms:
             time.sleep(config.latency_ms / 1000)
         if config.token and self._caller_token != config.token:
@@ -215,7 +223,7 @@ class SimProvider:
         if random.random() < config.transient_rate:
             self._count(kind, "transient")
             raise TransientError("503 service unavailable", provider_code="unavailable")
-        return config
+        return config, replies[1] if read is not None else None
 
     def _count(self, kind: str, outcome: str = "", pipe: redis.client.Pipeline | None = None) -> None:
         now = time.time()
