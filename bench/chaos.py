@@ -49,6 +49,7 @@ class Sizes:
     kill_every_s: float = 2.0
     boot_s: float = 2.0
     boot_jitter_s: float = 3.0
+    latency_ms: float = 100.0  # R1/R6: every sim call takes this long, so kills land inside calls too
     outage_s: float = 3.0
     deadline_s: float = 3.0  # R4's stuck VM
     flower_pages: int = 20  # R5: task pages fetched from Flower
@@ -118,7 +119,7 @@ def _vms_by_job(cluster: Cluster) -> tuple[list[dict[str, str]], Counter]:
 # -- the scenarios ----------------------------------------------------------------------------
 def r1(cluster: Cluster, sizes: Sizes) -> Result:
     result = Result("R1")
-    cluster.sim.configure(boot_s=sizes.boot_s, boot_jitter_s=sizes.boot_jitter_s)
+    cluster.sim.configure(boot_s=sizes.boot_s, boot_jitter_s=sizes.boot_jitter_s, latency_ms=sizes.latency_ms)
     began = time.monotonic()
     ids, in_flight = _waves(cluster, sizes.jobs, sizes, lambda start, n: _create(cluster, f"r1-{start}", n))
     jobs = cluster.wait_finished(ids, sizes.timeout_s)
@@ -338,6 +339,7 @@ def r6(cluster: Cluster, sizes: Sizes) -> Result:
     # Deletes outlast the gap between kills, so each kill lands on destroys in flight.
     cluster.sim.configure(boot_s=0.2, destroy_s=sizes.kill_every_s + sizes.boot_s, boot_jitter_s=0)
     created = cluster.wait_finished(_create(cluster, "r6", sizes.jobs), sizes.timeout_s)
+    cluster.sim.configure(latency_ms=sizes.latency_ms)
     targets = [j.instance_id for j in created if j.state == JobState.running]
     began = time.monotonic()
 
@@ -409,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=float, default=defaults.kill_every_s, help="seconds between kills")
     parser.add_argument("--boot", type=float, default=defaults.boot_s, help="sim boot time, s (R6: delete time)")
     parser.add_argument("--boot-jitter", type=float, default=defaults.boot_jitter_s, help="extra random boot, s")
+    parser.add_argument("--latency", type=float, default=defaults.latency_ms, help="R1/R6: ms per sim call")
     parser.add_argument("--outage", type=float, default=defaults.outage_s, help="R2: seconds Redis stays down")
     parser.add_argument("--workers", type=int, default=3, help="sim worker processes")
     parser.add_argument("--concurrency", type=int, default=16, help="threads per worker")
@@ -422,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         kill_every_s=args.kill_every,
         boot_s=args.boot,
         boot_jitter_s=args.boot_jitter,
+        latency_ms=args.latency,
         outage_s=args.outage,
         timeout_s=args.timeout,
     )
