@@ -46,10 +46,10 @@ SCENARIOS = {
 class Sizes:
     jobs: int = 200
     kills: int = 5
-    kill_every_s: float = 2.0
+    kill_every_s: float = 0.5  # after each wave: its creates (or deletes) are still in flight
     boot_s: float = 2.0
     boot_jitter_s: float = 3.0
-    latency_ms: float = 100.0  # R1/R6: every sim call takes this long, so kills land inside calls too
+    latency_ms: float = 1000.0  # R1/R6: every sim call takes this long, so kills land inside calls
     outage_s: float = 3.0
     deadline_s: float = 3.0  # R4's stuck VM
     flower_pages: int = 20  # R5: task pages fetched from Flower
