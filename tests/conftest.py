@@ -71,6 +71,16 @@ def flush_keeping_bindings(client: redis.Redis) -> None:
         client.delete(*doomed[start : start + 1000])
 
 
+# kombu's own bookkeeping, written by any running worker at any time (the unacked-message sweep).
+KOMBU_KEYS = ("_kombu.", "unacked")
+
+
+@pytest.fixture
+def app_keys(redis_client: redis.Redis) -> Callable[[], set[str]]:
+    """The keys vmqueue itself has written (queues, jobs, ...), not kombu's bookkeeping."""
+    return lambda: {k for k in redis_client.scan_iter(count=1000) if not k.startswith(KOMBU_KEYS)}
+
+
 @pytest.fixture
 def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis(port=redis_server.port, decode_responses=True)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from producer.cli import app
 from producer.sshkeys import throwaway_public_key
 from tests import test_cli
+from tests.conftest import KOMBU_KEYS
 
 pytestmark = pytest.mark.system
 
@@ -81,7 +82,7 @@ def named(exc: ValidationError) -> str:
 
 
 def keys_in(redis_client) -> set[str]:
-    return {k for k in redis_client.scan_iter(count=1000) if not k.startswith("_kombu.")}
+    return {k for k in redis_client.scan_iter(count=1000) if not k.startswith(KOMBU_KEYS)}
 
 
 # -- the producer ----------------------------------------------------------------------------------
