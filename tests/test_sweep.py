@@ -151,6 +151,11 @@ def test_a_pass_sends_again_the_jobs_whose_message_was_lost(
 
     assert _sweep("--dry-run")["rescued"] == [lost.id]
     assert provisioner.get_job(lost.id).state == JobState.destroying  # a dry run sends nothing
-    assert _sweep()["rescued"] == [lost.id]
+    # A sweep killed with its worker left its lock behind: the orphan pass waits, the rescue does not.
+    redis_client.set(keys.sweep_lock_key("sim"), "a-dead-sweep", ex=60)
+    result = runner.invoke(app, ["sweep", "-p", "sim", "--json", "--timeout", "30"])
+    report = json.loads(result.output)
+    assert result.exit_code == 1 and "another sweep" in report["error"]
+    assert report["rescued"] == [lost.id]
     assert provisioner.wait(lost.id, timeout_s=30).state == JobState.gone
     assert provisioner.get_job(waiting.id).state == JobState.destroying

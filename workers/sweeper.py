@@ -43,7 +43,7 @@ log = logging.getLogger("vmqueue.sweeper")
 
 IN_FLIGHT = (JobState.queued, JobState.submitting, JobState.provisioning)
 DELETING = (VMStatus.terminating, VMStatus.terminated)
-LOCK_S = 300  # one sweep per provider at a time; a crashed sweep frees it after this
+LOCK_S = 60  # one orphan pass per provider at a time; a sweep killed with its worker frees it after this
 
 
 def owner_of(vm: VMInfo) -> str | None:
@@ -93,17 +93,19 @@ class Sweeper:
     def run(self, request: SweepRequest) -> SweepReport:
         """One pass; the report is also stored in Redis for whoever asked."""
         report = SweepReport(id=request.id, provider=request.provider, dry_run=request.dry_run, delay_s=request.delay_s)
+        # Stalled jobs first, and whatever the lock says: sending a task twice is harmless, and a
+        # sweep killed with its worker must not hold the rescue up until its lock expires.
+        self._rescue(request, report)
         lock = keys.sweep_lock_key(request.provider)
         if not request.dry_run and not self.redis.set(lock, request.id, nx=True, ex=LOCK_S):
             report.error = f"another sweep of {request.provider} is running (sweep {self.redis.get(lock)})"
         else:
             try:
-                self._rescue(request, report)
                 self._pass(request, report)
             except ProviderError as exc:
                 report.error = f"listing the VMs failed: {exc.code}: {exc}"
             finally:
-                if not request.dry_run:
+                if not request.dry_run and self.redis.get(lock) == request.id:
                     self.redis.delete(lock)
         self.redis.set(keys.sweep_report_key(request.id), report.model_dump_json(), ex=REPORT_TTL_S)
         return report
