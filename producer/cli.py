@@ -248,6 +248,12 @@ def wait_cmd(job_id: str, timeout: TimeoutOpt = 900.0, as_json: JsonOpt = False)
     _finish(found, True, timeout, as_json)
 
 
+def worker_argv(provider: str, concurrency: int, name: str, loglevel: str = "INFO") -> list[str]:
+    """The standard Celery worker command for one provider's queue, as `vmq worker` and the demo run it."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", f"vmq.{provider}",
+            "-P", "threads", "-c", str(concurrency), "-n", name, f"--loglevel={loglevel}", "-E"]  # fmt: skip
+
+
 @app.command()
 def worker(
     provider: ProviderOpt,
@@ -258,24 +264,7 @@ def worker(
     if provider not in PROVIDERS:
         err.print(f"[red]Unknown provider {provider!r}[/]; one of: {', '.join(PROVIDERS)}")
         raise typer.Exit(2)
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.app",
-        "worker",
-        "-Q",
-        f"vmq.{provider}",
-        "-P",
-        "threads",
-        "-c",
-        str(concurrency),
-        "-n",
-        f"{provider}@%h",
-        f"--loglevel={loglevel}",
-        "-E",
-    ]
+    argv = worker_argv(provider, concurrency, name=f"{provider}@%h", loglevel=loglevel)
     console.print(f"[dim]exec {' '.join(argv[2:])}[/]")
     os.execv(sys.executable, argv)
 

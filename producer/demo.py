@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -81,24 +80,10 @@ def _start_worker(stack: ExitStack, console: Console, url: str, boot_s: float) -
         "VMQ_POLL_MAX_S": "2",
         "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
+    from producer.cli import worker_argv
+
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers.app",
-            "worker",
-            "-Q",
-            "vmq.sim",
-            "-c",
-            "16",
-            "-n",
-            f"demo-{os.getpid()}@%h",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ],
+        worker_argv("sim", 16, name=f"demo-{os.getpid()}@%h"),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
