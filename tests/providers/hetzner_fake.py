@@ -1,6 +1,6 @@
 """A small stateful fake of the Hetzner Cloud API; payloads follow the spec (docs.hetzner.cloud, cloud.spec).
 
-A server appears on POST as ``initializing``, is ``running`` from the next GET, and is gone after DELETE.
+A server appears on POST as ``initializing``, is ``running`` from the next read (GET or list), and is gone after DELETE.
 Names are unique per project (409 ``uniqueness_error``), like the real API.
 """
 
@@ -171,7 +171,7 @@ class FakeHetzner(FakeAPI):
             return self._server(method, int(match[1]))
         if (method, path) == ("GET", "/servers"):
             found = [
-                s
+                self._read(s["id"])
                 for s in self.servers.values()
                 if query.get("name", s["name"]) == s["name"] and _matches(s["labels"], query.get("label_selector"))
             ]
@@ -227,7 +227,11 @@ class FakeHetzner(FakeAPI):
         if method == "DELETE":
             del self.servers[server_id]
             return 200, {}, {"action": action(next(self._ids), "delete_server", server_id)}
+        return 200, {}, {"server": self._read(server_id)}
+
+    def _read(self, server_id: int) -> dict[str, Any]:
+        """A server as a read (GET or list) sees it: a booting one is running from its first read."""
         if server_id in self._booting:
             self._booting.discard(server_id)
             self.servers[server_id]["status"] = "running"
-        return 200, {}, {"server": self.servers[server_id]}
+        return self.servers[server_id]

@@ -305,6 +305,36 @@ class TestHetzner(AdapterContract):
             provider.list_owned_vms()
             assert rsps.calls[0].request.req_kwargs["timeout"] == (5.0, 30.0)
 
+    def test_get_vms_reads_many_in_few_calls(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        owned = {"managed-by": "vmqueue"}
+        running = fake.add_server("web-1", labels=owned, private_ipv4="10.0.0.2")
+        booting = fake.add_server("web-2", status="initializing", labels=owned)
+        fake.add_server("their-db")  # not ours: the label filter leaves it out
+        ids = [str(running["id"]), str(booting["id"]), "999999"]
+
+        vms = provider.get_vms(ids)
+
+        assert set(vms) == {str(running["id"]), str(booting["id"])}
+        assert vms[str(running["id"])].status == VMStatus.running
+        assert vms[str(running["id"])].public_ipv4 == "203.0.113.10"
+        assert vms[str(booting["id"])].status == VMStatus.pending
+        # One list call for all three ids, filtered by the ownership label.
+        assert [(m, p, q.get("label_selector")) for m, p, q, _ in fake.requests] == [
+            ("GET", "/servers", "managed-by=vmqueue")
+        ]
+        assert provider.get_vms([]) == {} and len(fake.requests) == 1
+
+    def test_get_vms_matches_get_vm(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        server = fake.add_server("web-1", labels={"managed-by": "vmqueue"}, private_ipv4="10.0.0.2")
+        batched = provider.get_vms([str(server["id"])])[str(server["id"])]
+        single = provider.get_vm(str(server["id"]))
+        assert batched == single
+        assert (batched.status, batched.public_ipv4, batched.private_ipv4) == (
+            VMStatus.running,
+            "203.0.113.10",
+            "10.0.0.2",
+        )
+
     def test_list_owned_vms(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
         ours = fake.add_server("web-1", labels={"managed-by": "vmqueue", "vmqueue-job": JOB})
         fake.add_server("their-db")
