@@ -1,7 +1,7 @@
 """A small stateful fake of the DigitalOcean API v2; payloads follow digitalocean/openapi's examples.
 
-A droplet appears on POST as ``new`` without networks, is ``active`` with its IPs from the next GET, and
-is gone after DELETE. Names are not unique, like the real API.
+A droplet appears on POST as ``new`` without networks, is ``active`` with its IPs from the next read (GET or
+list), and is gone after DELETE. Names are not unique, like the real API.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class FakeDigitalOcean(FakeAPI):
             return self._droplet(method, int(match[1]))
         if (method, path) == ("GET", "/droplets"):
             tag = query.get("tag_name")
-            found = [d for d in self.droplets.values() if tag is None or tag in d["tags"]]
+            found = [self._read(d["id"]) for d in list(self.droplets.values()) if tag is None or tag in d["tags"]]
             return 200, RATE_HEADERS, {"droplets": found, "links": {"pages": {}}, "meta": {"total": len(found)}}
         if (method, path) == ("POST", "/droplets"):
             return self._create_droplet(body)
@@ -171,7 +171,11 @@ class FakeDigitalOcean(FakeAPI):
         if method == "DELETE":
             del self.droplets[droplet_id]
             return 204, RATE_HEADERS, None
+        return 200, RATE_HEADERS, {"droplet": self._read(droplet_id)}
+
+    def _read(self, droplet_id: int) -> dict[str, Any]:
+        """A droplet as a read (GET or list) sees it: a booting one is active from its first read."""
         if fields := self._booting.pop(droplet_id, None):
             name = self.droplets[droplet_id]["name"]
             self.droplets[droplet_id] = droplet_payload(droplet_id, name, status="active", **fields)
-        return 200, RATE_HEADERS, {"droplet": self.droplets[droplet_id]}
+        return self.droplets[droplet_id]

@@ -379,6 +379,36 @@ class TestDigitalOcean(AdapterContract):
             provider.list_owned_vms()
             assert rsps.calls[0].request.req_kwargs["timeout"] == (5, 30)
 
+    def test_get_vms_reads_many_in_few_calls(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        owned = ["managed-by:vmqueue"]
+        running = fake.add_droplet("web-1", tags=[*owned, "vmqueue-job:a"])
+        booting = fake.add_droplet("web-2", status="new", tags=[*owned, "vmqueue-job:b"])
+        fake.add_droplet("their-db", tags=["db"])  # not ours: the tag filter leaves it out
+        ids = [str(running["id"]), str(booting["id"]), "999999"]
+
+        vms = provider.get_vms(ids)
+
+        assert set(vms) == {str(running["id"]), str(booting["id"])}
+        assert vms[str(running["id"])].status == VMStatus.running
+        assert vms[str(running["id"])].public_ipv4 == "192.241.165.154"
+        assert vms[str(booting["id"])].status == VMStatus.pending
+        # One list call for all three ids, filtered by the ownership tag, at the API's largest page.
+        assert [(m, p, q.get("tag_name"), q.get("per_page")) for m, p, q, _ in fake.requests] == [
+            ("GET", "/droplets", "managed-by:vmqueue", "200")
+        ]
+        assert provider.get_vms([]) == {} and len(fake.requests) == 1
+
+    def test_get_vms_matches_get_vm(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        droplet = fake.add_droplet("web-1", tags=["managed-by:vmqueue", f"vmqueue-job:{JOB}"])
+        batched = provider.get_vms([str(droplet["id"])])[str(droplet["id"])]
+        single = provider.get_vm(str(droplet["id"]))
+        assert batched == single
+        assert (batched.status, batched.public_ipv4, batched.private_ipv4) == (
+            VMStatus.running,
+            "192.241.165.154",
+            "10.128.192.124",
+        )
+
     def test_list_owned_vms(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
         ours = fake.add_droplet("web-1", tags=["managed-by:vmqueue", f"vmqueue-job:{JOB}"])
         fake.add_droplet("their-db", tags=["db"])

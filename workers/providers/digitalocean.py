@@ -148,6 +148,20 @@ class DigitalOceanProvider:
             raise NotFoundError(f"DigitalOcean: no droplet {instance_id}", provider_code=body.get("id"))
         return _vm_info(body["droplet"])
 
+    @map_errors(_map_error)
+    def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
+        """The account's ``managed-by:vmqueue`` droplets in one tag-filtered list, kept to ``instance_ids``.
+
+        Calls: one per 200 vmqueue droplets on the account (the API's largest page), however many ids are
+        asked. The API lists by tag, not by id: a droplet without the tag is not seen here (reads as not
+        found), and every droplet vmqueue creates carries it.
+        """
+        wanted = set(instance_ids)
+        if not wanted:
+            return {}
+        droplets = self._list(f"{LABEL_MANAGED_BY}:vmqueue")
+        return {str(droplet["id"]): _vm_info(droplet) for droplet in droplets if str(droplet["id"]) in wanted}
+
     def destroy_vm(self, instance_id: str) -> None:
         # A 404 comes back from pydo as an error body, not an exception: already gone is success either way.
         with suppress(NotFoundError), map_errors(_map_error):
