@@ -22,6 +22,7 @@ from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 from botocore.stub import ANY, Stubber
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ec2.models import ec2_backends
 from moto.ssm.models import Parameter, ssm_backends
 
 from producer.images import IMAGES
@@ -171,6 +172,18 @@ def with_client_tokens(provider: AWSProvider) -> ClientTokens:
     tokens = ClientTokens(ec2)
     tokens.remember_body(ec2)
     return tokens
+
+
+def describe_calls(provider: AWSProvider, *regions: str) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(region, Filters) of every DescribeInstances the provider's clients of ``regions`` send from now on."""
+    calls: list[tuple[str, list[dict[str, Any]]]] = []
+    for region in regions:
+
+        def record(params: dict, region: str = region, **_: Any) -> None:
+            calls.append((region, params.get("Filters", [])))
+
+        provider._client("ec2", region).meta.events.register("before-parameter-build.ec2.DescribeInstances", record)
+    return calls
 
 
 def described(state: str, **extra: Any) -> dict[str, Any]:
@@ -437,6 +450,44 @@ class TestAWS(AdapterContract):
         with pytest.raises(ProviderError):
             provider.create_vm(make_spec(), key, None, job_id="job-1")
         assert len(sent) == 1
+
+    def test_get_vms_reads_many_in_few_calls(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        running = provider.create_vm(make_spec(name="web-1"), key, None, job_id="job-1").instance_id
+        booting = provider.create_vm(make_spec(name="web-2"), key, None, job_id="job-2").instance_id
+        gone = provider.create_vm(make_spec(name="web-3"), key, None, job_id="job-3").instance_id
+        west = provider.create_vm(make_spec(name="web-4", region="us-west-2"), key, None, job_id="job-4").instance_id
+        provider.destroy_vm(gone)
+        # moto answers running from the first read; put one back in pending, as EC2 shows a booting VM.
+        ec2_backends[DEFAULT_ACCOUNT_ID][REGION].get_instance(booting.split("/")[1])._state.name = "pending"
+        unknown = f"{REGION}/i-0123456789abcdef0"
+        bare = running.split("/")[1]  # a bare id reads in AWS_REGION and keys the answer as given
+        calls = describe_calls(provider, REGION, "us-west-2")
+
+        vms = provider.get_vms([bare, booting, gone, unknown, west])
+
+        assert set(vms) == {bare, booting, gone, west}
+        assert vms[bare].instance_id == running and vms[bare].status == VMStatus.running
+        assert vms[bare].public_ipv4 == next(i for i in all_instances() if i["InstanceId"] == bare)["PublicIpAddress"]
+        assert (vms[booting].status, vms[gone].status, vms[west].status) == (
+            VMStatus.pending,
+            VMStatus.terminated,
+            VMStatus.running,
+        )
+        # One DescribeInstances per region, the ids as an instance-id filter (an unknown id fails no call).
+        assert sorted((region, sorted(f["Values"])) for region, [f] in calls) == [
+            (REGION, sorted(i.split("/")[-1] for i in (bare, booting, gone, unknown))),
+            ("us-west-2", [west.split("/")[1]]),
+        ]
+        calls.clear()
+        assert provider.get_vms([f"{REGION}/i-{n:017x}" for n in range(401)]) == {}
+        assert [len(f["Values"]) for _, [f] in calls] == [200, 200, 1]
+
+    def test_get_vms_matches_get_vm(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        vm_id = provider.create_vm(make_spec(), key, None, job_id="job-1").instance_id
+        batched = provider.get_vms([vm_id])[vm_id]
+        single = provider.get_vm(vm_id)
+        assert batched == single
+        assert batched.status == VMStatus.running and batched.public_ipv4 and batched.private_ipv4
 
     def test_list_owned_vms(self, provider: AWSProvider, key: SSHPublicKey, session: boto3.Session) -> None:
         owned = {

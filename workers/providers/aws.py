@@ -50,6 +50,7 @@ from workers.providers.errors import (
 
 # The SDK's retries are off: our task layer decides when to send again (PROVIDERS.md, DESIGN §4).
 BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=60)
+FILTER_CHUNK = 200  # ids per DescribeInstances filter; conservative: no value limit is published for it (unverified)
 USER_DATA_LIMIT_BYTES = 16 * 1024  # raw, before boto3's base64
 # cloud-init's MIME type of each kind of startup script check_startup_script accepts.
 SCRIPT_TYPES = (("#cloud-config", "cloud-config"), ("#include", "x-include-url"), ("#!", "x-shellscript"))
@@ -215,6 +216,34 @@ class AWSProvider:
         if not instances:
             raise NotFoundError(f"no EC2 instance {native_id} in {region}", provider_code="InvalidInstanceID.NotFound")
         return _vm_info(region, instances[0])
+
+    def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
+        """DescribeInstances with an ``instance-id`` filter: one call per region per ``FILTER_CHUNK`` ids.
+
+        A filter, unlike ``InstanceIds``, skips an unknown id instead of failing the whole call with
+        ``InvalidInstanceID.NotFound``, so one vanished VM does not blind the read of the others. The
+        paginator follows a NextToken should EC2 split an answer. Keys are the ids as the caller gave
+        them (``<region>/<i-...>`` or a bare ``i-...``).
+        """
+        by_region: dict[str, dict[str, str]] = {}  # region -> native id -> the caller's id
+        for instance_id in instance_ids:
+            try:
+                region, native_id = self._split_id(instance_id)
+            except InvalidSpecError:
+                continue  # a bare id without a default region: get_vm says why; here it must not sink the batch
+            by_region.setdefault(region, {})[native_id] = instance_id
+        found: dict[str, VMInfo] = {}
+        for region, asked in by_region.items():
+            natives = list(asked)
+            paginator = self._client("ec2", region).get_paginator("describe_instances")
+            for start in range(0, len(natives), FILTER_CHUNK):
+                chunk = natives[start : start + FILTER_CHUNK]
+                with map_errors(_map_error):
+                    for page in paginator.paginate(Filters=[{"Name": "instance-id", "Values": chunk}]):
+                        for instance in (i for r in page["Reservations"] for i in r["Instances"]):
+                            if (caller_id := asked.get(instance["InstanceId"])) is not None:
+                                found[caller_id] = _vm_info(region, instance)
+        return found
 
     def destroy_vm(self, instance_id: str) -> None:
         """Terminate; the root volume goes with it (DeleteOnTermination). Unknown or gone: success."""
