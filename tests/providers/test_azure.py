@@ -441,6 +441,40 @@ class TestAzure(AdapterContract):
 
         assert len(fake.calls) == 1
 
+    def test_get_vms_reads_many_in_few_calls(self, provider: AzureProvider, fake: FakeARM) -> None:
+        for n in (1, 2, 3):
+            provider.create_vm(make_spec().model_copy(update={"name": f"web-{n}"}), key(), job_id=f"job-{n}")
+        boot(fake)  # web-1 runs, web-2 is still Creating
+        provider.destroy_vm(VM_ID.replace("web-1", "web-3"))
+        ids = [VM_ID.replace("web-1", f"web-{n}") for n in (1, 2, 3, 9)]
+        fake.calls.clear()
+
+        vms = provider.get_vms(ids)
+
+        assert set(vms) == set(ids[:2])
+        assert (vms[ids[0]].status, vms[ids[0]].public_ipv4, vms[ids[0]].private_ipv4) == (
+            VMStatus.running,
+            "20.61.15.7",
+            "10.0.0.4",
+        )
+        assert (vms[ids[1]].status, vms[ids[1]].public_ipv4) == (VMStatus.pending, None)
+        # One list for all four ids, then get_vm's three GETs for the one VM that settled (it ran).
+        assert [c.path for c in fake.calls][0] == f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines"
+        assert fake.calls[0].query["statusOnly"] == "true"
+        assert [c.path.rsplit("/", 1)[-1] for c in fake.calls[1:]] == ["web-1", "web-1-nic", "web-1-pip"]
+
+    def test_get_vms_matches_get_vm(self, provider: AzureProvider, fake: FakeARM) -> None:
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        boot(fake)
+        batched = provider.get_vms([VM_ID.upper()])[VM_ID.upper()]  # ARM compares names case-blind
+        single = provider.get_vm(VM_ID)
+        assert batched == single
+        assert (batched.status, batched.public_ipv4, batched.private_ipv4) == (
+            VMStatus.running,
+            "20.61.15.7",
+            "10.0.0.4",
+        )
+
     def test_list_owned_vms(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
         boot(fake)

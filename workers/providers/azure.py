@@ -23,6 +23,7 @@ from producer.images import IMAGES
 from producer.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from producer.options import AzureOptions
 from producer.sshkeys import SSHPublicKey
+from workers.providers.base import SETTLED_STATUSES
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -276,6 +277,40 @@ class AzureProvider:
                 ref = nic.ip_configurations[0].public_ip_address if nic and nic.ip_configurations else None
                 pip = _get_or_none(clients.network.public_ip_addresses.get, ref.id) if ref and ref.id else None
         return _info(vm, nic, pip)
+
+    def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
+        """One list of the subscription's VMs with their power states (``statusOnly``, paged), kept to the ids.
+
+        Calls: one per page of the subscription's VMs, plus ``get_vm``'s three GETs (VM, NIC, public
+        IP) for each VM the list shows settled (running, failed, deleting), so a VM that ends a job's
+        wait reads exactly as ``get_vm`` reads it, IPs included; each VM settles once, then leaves the
+        watch list. ARM's per-group list cannot carry power states ($expand=instanceView needs a scale
+        set filter), hence the subscription-wide list; any VM of the subscription is found, tag or not.
+        """
+        asked: dict[tuple[str, str], str] = {}  # (group, name), lower-case as ARM compares them -> the caller's id
+        for instance_id in instance_ids:
+            try:
+                rg, name = _parse_id(instance_id)
+            except InvalidSpecError:
+                continue  # not an ARM id: get_vm says why; here it must not sink the batch
+            asked[rg.lower(), name.lower()] = instance_id
+        if not asked:
+            return {}
+        with map_errors(_map_error):
+            listed = list(self._client().compute.virtual_machines.list_all(status_only="true"))
+        found: dict[str, VMInfo] = {}
+        for vm in listed:
+            match = _VM_ID.match(vm.id or "")
+            if not match or (instance_id := asked.get((match[1].lower(), match[2].lower()))) is None:
+                continue
+            info = _info(vm)
+            if info.status in SETTLED_STATUSES:
+                try:
+                    info = self.get_vm(instance_id)
+                except NotFoundError:
+                    continue  # deleted since the list
+            found[instance_id] = info
+        return found
 
     def destroy_vm(self, instance_id: str) -> None:
         rg, name = _parse_id(instance_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from producer.images import IMAGES
-from producer.models import VMInfo, VMSpec
+from producer.models import VMInfo, VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
 from workers.providers.errors import InvalidSpecError
 
@@ -52,6 +52,13 @@ class Provider(Protocol):
     def list_owned_vms(self) -> list[VMInfo]:
         """VMs that carry ``managed-by=vmqueue``, in one filtered list call where the API has one."""
         ...
+
+
+# The statuses that end a create's wait. An adapter whose batched list is coarser than ``get_vm``
+# (no IPs, say) reads a VM in one of these once more through ``get_vm``, since its VMInfo becomes the job's.
+SETTLED_STATUSES: frozenset[VMStatus] = frozenset(
+    {VMStatus.running, VMStatus.error, VMStatus.terminated, VMStatus.terminating}
+)
 
 
 @runtime_checkable
