@@ -39,7 +39,8 @@ class FakeOCI(FakeAPI):
     attachments: list[dict[str, Any]] = field(default_factory=list)
     tokens: dict[str, str] = field(default_factory=dict)
     public_ip: str | None = "203.0.113.10"
-    polls_to_run: int | None = None  # GETs a PROVISIONING instance answers before RUNNING; None: stays
+    polls_to_run: int | None = None  # reads a PROVISIONING instance answers before RUNNING; None: stays
+    unindexed: set[str] = field(default_factory=set)  # instance ids Resource Search does not find (yet)
 
     def route(self, call: Call) -> Response:
         method, path, query, data = call.method, call.path, call.query, call.body
@@ -60,11 +61,7 @@ class FakeOCI(FakeAPI):
             if instance is None:
                 return error(404, "NotAuthorizedOrNotFound", "Authorization failed or requested resource not found.")
             if method == "GET":
-                if instance["lifecycleState"] == "PROVISIONING" and self.polls_to_run is not None:
-                    instance["_polls"] = instance.get("_polls", 0) + 1
-                    if instance["_polls"] > self.polls_to_run:
-                        instance["lifecycleState"] = "RUNNING"
-                return ok({k: v for k, v in instance.items() if not k.startswith("_")})
+                return ok({k: v for k, v in self._read(instance).items() if not k.startswith("_")})
             if method == "DELETE":
                 if instance["lifecycleState"] == "TERMINATED":
                     return error(409, "IncorrectState", "Instance is already terminated.")
@@ -77,8 +74,26 @@ class FakeOCI(FakeAPI):
         if method == "GET" and path.endswith("/images"):
             return ok(images(query))
         if method == "POST" and path.endswith("/resources"):
-            return ok({"items": [summary(i) for i in self.instances.values() if i["freeformTags"].get("managed-by")]})
+            return ok({"items": [summary(i) for i in self.search(data["query"])]})
         return error(404, "NotFound", f"no route {method} {path}")
+
+    def search(self, query: str) -> list[dict[str, Any]]:
+        """Structured Search: ``identifier = '...'`` terms pick instances by OCID, else the ones with a
+        managed-by tag (list_owned_vms' query). Instances in ``unindexed`` are not found, as Search
+        indexes new instances late."""
+        wanted = re.findall(r"identifier = '([^']+)'", query)
+        found = [self._read(i) for i in self.instances.values() if i["id"] not in self.unindexed]
+        if wanted:
+            return [i for i in found if i["id"] in wanted]
+        return [i for i in found if i["freeformTags"].get("managed-by")]
+
+    def _read(self, instance: dict[str, Any]) -> dict[str, Any]:
+        """An instance as a read (GET or Search) sees it: with ``polls_to_run``, PROVISIONING ends after that many."""
+        if instance["lifecycleState"] == "PROVISIONING" and self.polls_to_run is not None:
+            instance["_polls"] = instance.get("_polls", 0) + 1
+            if instance["_polls"] > self.polls_to_run:
+                instance["lifecycleState"] = "RUNNING"
+        return instance
 
     def launch(self, details: dict[str, Any], token: str | None) -> dict[str, Any]:
         if token in self.tokens:  # OCI answers a repeated retry token with the first result

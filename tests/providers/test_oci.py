@@ -320,6 +320,49 @@ class TestOCI(AdapterContract):
 
         assert len(fake.calls) == 1
 
+    def test_get_vms_reads_many_in_few_calls(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        running, booting, hidden, gone = (
+            provider.create_vm(
+                make_spec().model_copy(update={"name": f"web-{n}"}), key(), job_id=f"job-{n}"
+            ).instance_id
+            for n in (1, 2, 3, 4)
+        )
+        fake.instances[running]["lifecycleState"] = "RUNNING"
+        fake.unindexed.add(hidden)  # launched a moment ago: Search does not show it yet
+        del fake.instances[gone]
+        unknown = gone.replace(gone[-6:], "abcdef")
+        fake.calls.clear()
+
+        vms = provider.get_vms([running, booting, hidden, gone, unknown])
+
+        assert set(vms) == {running, booting, hidden}
+        assert (vms[running].status, vms[running].public_ipv4, vms[running].private_ipv4) == (
+            VMStatus.running,
+            "203.0.113.10",
+            "10.0.0.12",
+        )
+        assert (vms[booting].status, vms[hidden].status) == (VMStatus.pending, VMStatus.pending)
+        # One search for all five ids; then get_instance for each it lacks or shows settled, and the
+        # VNIC (attachments, VNIC) for the running one alone.
+        [search] = fake.calls_to("POST", r"/resources$")
+        assert search.body["query"].count("identifier = ") == 5
+        read = sorted(c.path.rsplit("/", 1)[-1] for c in fake.calls_to("GET", r"/instances/"))
+        assert read == sorted([running, hidden, gone, unknown])
+        assert len(fake.calls_to("GET", r"/vnicAttachments$")) == len(fake.calls_to("GET", r"/vnics/")) == 1
+        assert len(fake.calls) == 1 + 4 + 2
+
+    def test_get_vms_matches_get_vm(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        vm_id = provider.create_vm(make_spec(), key(), job_id="job-1").instance_id
+        fake.instances[vm_id]["lifecycleState"] = "RUNNING"
+        batched = provider.get_vms([vm_id])[vm_id]
+        single = provider.get_vm(vm_id)
+        assert batched == single
+        assert (batched.status, batched.public_ipv4, batched.private_ipv4) == (
+            VMStatus.running,
+            "203.0.113.10",
+            "10.0.0.12",
+        )
+
     def test_list_owned_vms(self, provider: OCIProvider, fake: FakeOCI) -> None:
         mine = provider.create_vm(make_spec(), key(), job_id="job-1")
         fake.launch({**json.loads(json.dumps(fake.instances[mine.instance_id])), "freeformTags": {}}, None)

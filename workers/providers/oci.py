@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import threading
 from typing import Any, NamedTuple
 
@@ -18,6 +19,7 @@ from producer.images import IMAGES
 from producer.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from producer.options import OCIOptions
 from producer.sshkeys import SSHPublicKey
+from workers.providers.base import SETTLED_STATUSES
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -49,6 +51,8 @@ STATUS_MAP: dict[str, VMStatus] = {
     "MOVING": VMStatus.unknown,
 }
 GONE_STATES = ("TERMINATING", "TERMINATED")
+_OCID = re.compile(r"ocid1\.[\w.-]+")  # nothing in it needs quoting inside a Search query's '...'
+SEARCH_CHUNK = 50  # ids per Search query: keeps the query short (no length limit is published; unverified)
 
 _AUTH_CODES = {"NotAuthenticated", "NotAuthorized"}
 _SPEC_CODES = {
@@ -205,11 +209,57 @@ class OCIProvider:
         return _info(instance)
 
     def get_vm(self, instance_id: str) -> VMInfo:
+        return self._read(instance_id)
+
+    def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
+        """One Resource Search query per region per ``SEARCH_CHUNK`` ids (``identifier = ... || ...``).
+
+        An OCID names its region but not its compartment, and ``list_instances`` needs the compartment,
+        so the tenancy-wide Search is the one call that reads many instances by id. It has no IPs and
+        indexes new instances late (a PROVISIONING one may be missing), so it answers only for VMs
+        still on their way (pending, stopped...). A VM it shows settled (running, terminated...) or does
+        not show at all is read through ``get_instance`` (absent on 404), plus its VNIC (2 calls) when
+        RUNNING, so a VM that ends a job's wait reads as ``get_vm`` reads it, IPs included. Calls:
+        ⌈M/50⌉ searches per region, plus 1 per VM Search lacks and 3 once per VM as it settles.
+        Search shows only what the credentials may inspect; what it misses takes the per-id read,
+        so a narrow policy costs calls, never a wrong answer.
+        """
+        from oci.resource_search.models import StructuredSearchDetails
+
+        by_region: dict[str | None, list[str]] = {}
+        for instance_id in dict.fromkeys(instance_ids):
+            if _OCID.fullmatch(instance_id):  # anything else cannot go in a query: the per-id read below 404s it
+                by_region.setdefault(_region_of(instance_id), []).append(instance_id)
+        found: dict[str, VMInfo] = {}
+        for region, ids in by_region.items():
+            search = self._client(region).search
+            for start in range(0, len(ids), SEARCH_CHUNK):
+                chunk = ids[start : start + SEARCH_CHUNK]
+                terms = " || ".join(f"identifier = '{instance_id}'" for instance_id in chunk)
+                query = f"query instance resources where ({terms})"
+                with map_errors(_map_error):
+                    items = search.search_resources(StructuredSearchDetails(query=query), limit=len(chunk)).data.items
+                for item in items:
+                    vm = _summary_info(item)
+                    if item.identifier in chunk and vm.status not in SETTLED_STATUSES:
+                        found[item.identifier] = vm
+        for instance_id in dict.fromkeys(instance_ids):
+            if instance_id not in found:
+                try:
+                    found[instance_id] = self._read(instance_id, vnic_states=("RUNNING",))
+                except NotFoundError:
+                    continue
+        return found
+
+    def _read(self, instance_id: str, vnic_states: tuple[str, ...] | None = None) -> VMInfo:
+        """``get_instance``, then the VNIC (2 calls) in ``vnic_states`` (default: any state but gone)."""
         clients = self._client(_region_of(instance_id))
         with map_errors(_map_error):
             instance = clients.compute.get_instance(instance_id).data
+            state = instance.lifecycle_state
+            wants_vnic = state not in GONE_STATES if vnic_states is None else state in vnic_states
             vnic = None
-            if instance.lifecycle_state not in GONE_STATES:
+            if wants_vnic:
                 attachments = clients.compute.list_vnic_attachments(
                     compartment_id=instance.compartment_id, instance_id=instance_id
                 ).data
@@ -244,18 +294,7 @@ class OCIProvider:
         )
         with map_errors(_map_error):
             found = self._client().search.search_resources(StructuredSearchDetails(query=query)).data.items
-        return [
-            VMInfo(
-                provider=self.name,
-                instance_id=item.identifier,
-                name=item.display_name,
-                status=STATUS_MAP.get(item.lifecycle_state, VMStatus.unknown),
-                provider_status=item.lifecycle_state,
-                labels=item.freeform_tags or {},
-                created_at=item.time_created,
-            )
-            for item in found
-        ]
+        return [_summary_info(item) for item in found]
 
     def _find_job_instance(self, compute: Any, spec: VMSpec, job_id: str) -> Any | None:
         """The live instance this job launched, when the retry token could not tell us."""
@@ -318,6 +357,19 @@ def _retry_after(headers: Any) -> float | None:
         return float((headers or {}).get("retry-after"))
     except (TypeError, ValueError):
         return None
+
+
+def _summary_info(item: Any) -> VMInfo:
+    """What a Resource Search summary tells of an instance: state, name, tags; no IPs, shape or image."""
+    return VMInfo(
+        provider="oci",
+        instance_id=item.identifier,
+        name=item.display_name,
+        status=STATUS_MAP.get(item.lifecycle_state, VMStatus.unknown),
+        provider_status=item.lifecycle_state,
+        labels=item.freeform_tags or {},
+        created_at=item.time_created,
+    )
 
 
 def _info(instance: Any, vnic: Any = None) -> VMInfo:
