@@ -19,7 +19,7 @@ from producer.settings import Settings
 from producer.sshkeys import SSHPublicKey
 from workers.backoff import exponential_backoff, full_jitter_backoff
 from workers.calls import ProviderCalls, SharedRateLimit
-from workers.providers.base import BatchReads, Provider
+from workers.providers.base import SETTLED_STATUSES, BatchReads, Provider
 from workers.providers.errors import CapacityError, NotFoundError, ProviderError
 from workers.watchlist import WatchList
 
@@ -29,7 +29,6 @@ log = logging.getLogger("vmqueue.worker")
 EARLY_TOLERANCE_S = 0.5
 GONE = (VMStatus.terminated,)
 DEAD = (VMStatus.error, VMStatus.terminated, VMStatus.terminating)
-SETTLED = (VMStatus.running, *DEAD)  # a create job has nothing more to wait for
 
 
 @dataclass(frozen=True)
@@ -142,9 +141,13 @@ class JobRunner:
         if self._batched(provider) and not self._watch(job.provider, job.instance_id, job.id):
             # The tick chain reads this VM with all the others; this chain only minds the deadline.
             return self._observe_create(job, job.vm, 0, read=False)
+        return self._read_create(job)
+
+    def _read_create(self, job: Job) -> Next | None:
+        """One targeted read of a provisioning job's VM, applied to the job."""
         calls = ProviderCalls(job.provider, self.limit, self.settings)
         try:
-            vm = calls(provider.get_vm, job.instance_id)
+            vm = calls(self.providers(job.provider).get_vm, job.instance_id)
         except NotFoundError:
             vm = None
         except CapacityError as exc:  # an asynchronous create failure: no VM came to be (GCP)
@@ -202,7 +205,7 @@ class JobRunner:
             return Next(self.settings.batch_poll_s)
         for instance_id, job_id in members.items():
             vm = vms.get(instance_id)
-            if vm is None or vm.status in SETTLED:
+            if vm is None or vm.status in SETTLED_STATUSES:
                 self._settle(provider_name, instance_id, job_id, vm)
         return Next(self.settings.batch_poll_s)
 
@@ -215,7 +218,12 @@ class JobRunner:
             if job is None or job.state != JobState.provisioning or job.instance_id != instance_id:
                 self.watch.remove(provider_name, instance_id)
                 return
-            self._observe_create(job, vm, 0)
+            if vm is not None and vm.status == VMStatus.running:
+                self._observe_create(job, vm, 0)
+            else:
+                # Absent or dead in the batch: one targeted read says why (a GCP insert that failed
+                # for capacity raises CapacityError there, and the job fails over instead of failing).
+                self._read_create(job)
         except InvalidTransition:
             pass
         finally:

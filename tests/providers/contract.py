@@ -17,6 +17,8 @@ REQUIRED_TESTS = (
     "test_get_public_and_private_ips",
     "test_get_without_public_ip",
     "test_get_unknown_raises_not_found",
+    "test_get_vms_reads_many_in_few_calls",
+    "test_get_vms_matches_get_vm",
     "test_destroy",
     "test_destroy_twice",
     "test_destroy_unknown_id",

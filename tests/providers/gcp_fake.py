@@ -4,7 +4,8 @@ Payloads follow compute.v1.json (discovery document) and libcloud's gce fixtures
 transport-neutral (``handle``), served by ``responses`` in unit tests and pytest-httpserver in the
 system test. Behaviour it keeps from the real API: requestId dedup (a repeat returns the first
 operation), 409 ``alreadyExists`` on a taken name, insert operations that fail after the insert was
-accepted, a 404 once deleted, and instances that boot PROVISIONING -> STAGING -> RUNNING over reads.
+accepted, a 404 once deleted, and instances that boot PROVISIONING -> STAGING -> RUNNING over reads
+(GET or aggregated list).
 """
 
 from __future__ import annotations
@@ -96,13 +97,17 @@ class FakeCompute:
         instance = self.instances.get((project, zone, name))
         if instance is None:
             return 404, self._not_found(project, zone, name)
+        return 200, self._read(instance)
+
+    def _read(self, instance: dict[str, Any]) -> dict[str, Any]:
+        """An instance as a read (GET or list) sees it: each read moves a booting one a step on."""
         if self.boot and instance["status"] in BOOT_STEPS[:-1]:
             instance["status"] = BOOT_STEPS[BOOT_STEPS.index(instance["status"]) + 1]
             if instance["status"] == "RUNNING":
                 for n, nic in enumerate(instance["networkInterfaces"]):
                     for config in nic.get("accessConfigs", []):
                         config["natIP"] = f"34.118.{len(self.instances)}.{n + 10}"
-        return 200, instance
+        return instance
 
     def _delete(self, project: str, zone: str, name: str, **_: Any) -> tuple[int, dict[str, Any]]:
         if self.instances.pop((project, zone, name), None) is None:
@@ -130,7 +135,7 @@ class FakeCompute:
         items: dict[str, dict[str, list]] = {}
         for (p, zone, _name), instance in self.instances.items():
             if p == project and all(instance.get("labels", {}).get(k) == v for k, v in wanted.items()):
-                items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(instance)
+                items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(self._read(instance))
         return 200, {
             "kind": "compute#instanceAggregatedList",
             "id": f"projects/{project}/aggregated/instances",

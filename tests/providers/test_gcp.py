@@ -323,6 +323,48 @@ class TestGCP(AdapterContract):
             provider.create_vm(make_spec(), key, None, job_id="job-1") if method == "POST" else provider.get_vm(ID)
         assert len(rsps.calls) == 1
 
+    def test_get_vms_reads_many_in_few_calls(
+        self, provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey
+    ) -> None:
+        fake.boot = False
+        owned = {"managed-by": "vmqueue"}
+        nic = {"name": "nic0", "networkIP": "10.128.0.9", "accessConfigs": [{"type": "ONE_TO_ONE_NAT"}]}
+        nic["accessConfigs"][0]["natIP"] = "34.118.0.9"
+        fake.add_instance(PROJECT, ZONE, "web-1", labels=owned, networkInterfaces=[nic])
+        fake.add_instance(PROJECT, ZONE, "web-2", status="STAGING", labels=owned)
+        fake.add_instance(PROJECT, "us-central1-a", "web-3", labels=owned)
+        fake.fail_inserts = "ZONE_RESOURCE_POOL_EXHAUSTED"  # accepted, then failed: it never appears
+        failed = provider.create_vm(make_spec(name="web-4"), key, None, job_id="job-4").instance_id
+        ids = [ID, f"{PROJECT}/{ZONE}/web-2", f"{PROJECT}/us-central1-a/web-3", failed, f"{PROJECT}/{ZONE}/gone"]
+        rsps.calls.reset()
+
+        vms = provider.get_vms(ids)
+
+        assert set(vms) == set(ids[:4])
+        assert (vms[ID].status, vms[ID].public_ipv4, vms[ID].private_ipv4) == (
+            VMStatus.running,
+            "34.118.0.9",
+            "10.128.0.9",
+        )
+        assert [vms[i].status for i in ids[1:4]] == [VMStatus.pending, VMStatus.running, VMStatus.error]
+        assert "ZONE_RESOURCE_POOL_EXHAUSTED" in (vms[failed].provider_status or "")
+        # One aggregated list covers both zones; each id it lacks costs a GET and an operations list.
+        paths = [urlparse(c.request.url).path.rsplit("/", 2)[-2:] for c in rsps.calls]
+        assert paths[0] == ["aggregated", "instances"] and len(paths) == 5
+        unlisted = [["instances", "gone"], ["instances", "web-4"], [ZONE, "operations"], [ZONE, "operations"]]
+        assert sorted(paths[1:]) == sorted(unlisted)
+        [(query, _)] = sent(rsps, "GET")[:1]
+        assert query["filter"] == 'labels.managed-by = "vmqueue"'
+
+    def test_get_vms_matches_get_vm(self, provider: GCPProvider, fake: FakeCompute, key: SSHPublicKey) -> None:
+        provider.create_vm(make_spec(), key, None, job_id="job-1")
+        while provider.get_vm(ID).status != VMStatus.running:  # PROVISIONING, STAGING, RUNNING
+            pass
+        batched = provider.get_vms([ID])[ID]
+        single = provider.get_vm(ID)
+        assert batched == single
+        assert batched.status == VMStatus.running and batched.public_ipv4 and batched.private_ipv4
+
     def test_list_owned_vms(
         self, provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey
     ) -> None:

@@ -48,6 +48,8 @@ from workers.providers.errors import (
 )
 
 CALL_TIMEOUT_S = 30.0
+OWNED_FILTER = 'labels.managed-by = "vmqueue"'
+LIST_PAGE_SIZE = 500  # the API's largest page
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 # Fixed forever: a new namespace would give every in-flight job a new request_id.
 REQUEST_ID_NAMESPACE = uuid.UUID("6f1c1f0e-3a55-4d0e-9a8e-7d3c2b1a0f99")
@@ -219,6 +221,53 @@ class GCPProvider:
         )
 
     def get_vm(self, instance_id: str) -> VMInfo:
+        vm = self._read(instance_id)
+        if isinstance(vm, ProviderError):
+            raise vm
+        return vm
+
+    def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
+        """One label-filtered aggregated list per project (every zone at once), kept to ``instance_ids``.
+
+        Calls: one per project per 500 vmqueue instances, plus two (a GET, an operations list) for each
+        asked id the list lacks. Those go through ``get_vm``'s read because on GCP "not listed" is not
+        "not found": an insert may still run (pending) or have failed after it was accepted (quota,
+        ZONE_RESOURCE_POOL_EXHAUSTED). A failed insert reads as a VM in ``error`` whose provider_status
+        names the operation's error, rather than raising it: raised, it would fail the read of every
+        other VM in the batch, tick after tick. Only an insert that succeeded and whose instance is
+        gone reads as absent. A VM without the ``managed-by=vmqueue`` label costs these two calls
+        each time (every VM vmqueue creates carries it).
+        """
+        by_project: dict[str, set[str]] = {}
+        for instance_id in instance_ids:
+            try:
+                by_project.setdefault(_split_id(instance_id)[0], set()).add(instance_id)
+            except InvalidSpecError:
+                continue  # not a GCP id: get_vm says why; here it must not sink the batch
+        found: dict[str, VMInfo] = {}
+        for project, asked in by_project.items():
+            request = compute_v1.AggregatedListInstancesRequest(
+                project=project, filter=OWNED_FILTER, max_results=LIST_PAGE_SIZE
+            )
+            with map_errors(_map_error):
+                pages = self._client(compute_v1.InstancesClient).aggregated_list(
+                    request=request, retry=None, timeout=self.timeout_s
+                )
+                for _zone, scoped in pages:
+                    for instance in scoped.instances:
+                        vm = _vm_info(project, instance)
+                        if vm.instance_id in asked:
+                            found[vm.instance_id] = vm
+            for instance_id in asked - found.keys():
+                try:
+                    vm = self._read(instance_id)
+                except NotFoundError:
+                    continue
+                found[instance_id] = vm if isinstance(vm, VMInfo) else _failed_insert(instance_id, vm)
+        return found
+
+    def _read(self, instance_id: str) -> VMInfo | ProviderError:
+        """``get_vm``'s read; an insert that failed after it was accepted is returned (its error), not raised."""
         project, zone, name = _split_id(instance_id)
         try:
             with map_errors(_map_error):
@@ -230,7 +279,9 @@ class GCPProvider:
             if op is None or (op.status == compute_v1.Operation.Status.DONE and not op.error.errors):
                 raise
             if op.error.errors:
-                raise _operation_error(op) from exc
+                failure = _operation_error(op)
+                failure.__cause__ = exc  # as ``raise ... from exc`` would, for get_vm's caller
+                return failure
             return VMInfo(
                 provider="gcp",
                 instance_id=instance_id,
@@ -259,7 +310,7 @@ class GCPProvider:
     def list_owned_vms(self) -> list[VMInfo]:
         """One filtered aggregated list (paged) over every zone of the default project."""
         project = self._default_project()
-        request = compute_v1.AggregatedListInstancesRequest(project=project, filter='labels.managed-by = "vmqueue"')
+        request = compute_v1.AggregatedListInstancesRequest(project=project, filter=OWNED_FILTER)
         with map_errors(_map_error):
             pages = self._client(compute_v1.InstancesClient).aggregated_list(
                 request=request, retry=None, timeout=self.timeout_s
@@ -335,6 +386,19 @@ def _operation_error(op: compute_v1.Operation) -> ProviderError:
     cls = next((OPERATION_ERRORS[code] for code in codes if code in OPERATION_ERRORS), ProviderError)
     message = "; ".join(error.message for error in op.error.errors) or op.http_error_message
     return cls(f"operation {op.name} failed: {message}", provider_code=codes[0] if codes else None)
+
+
+def _failed_insert(instance_id: str, failure: ProviderError) -> VMInfo:
+    """A VM whose insert failed after it was accepted: in error, the operation's error as its raw status."""
+    _, zone, name = _split_id(instance_id)
+    return VMInfo(
+        provider="gcp",
+        instance_id=instance_id,
+        name=name,
+        status=VMStatus.error,
+        provider_status=f"insert failed: {failure}",
+        region=zone,
+    )
 
 
 def _vm_info(project: str, instance: compute_v1.Instance) -> VMInfo:
