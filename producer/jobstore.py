@@ -116,6 +116,10 @@ class JobStore:
     def drop_script(self, job_id: str) -> None:
         self.redis.delete(keys.script_key(job_id))
 
+    def keep(self, job_id: str) -> None:
+        """No expiry for this record: it is what tells the sweeper a living VM is owned."""
+        self.redis.persist(keys.job_key(job_id))
+
     def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
         """Apply ``change`` to the current record atomically, retried on a race.
 

@@ -28,7 +28,7 @@ def spec(name: str = "web-1", **extra: object) -> dict:
     }
 
 
-def test_create_running_with_ip_then_destroy_gone(sim_worker, provisioner, sim, ssh_key):
+def test_create_running_with_ip_then_destroy_gone(sim_worker, provisioner, sim, redis_client, ssh_key):
     job = provisioner.create_vm(spec(), ssh_key, "#!/bin/sh\necho hello\n")
     assert job.state == JobState.queued
 
@@ -38,6 +38,7 @@ def test_create_running_with_ip_then_destroy_gone(sim_worker, provisioner, sim, 
     assert job.vm.public_ipv4 and job.vm.private_ipv4
     assert job.vm.image == "sim-ubuntu-2404"  # the alias was resolved once and stored with the job
     assert job.vm.labels == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": job.id}
+    assert redis_client.ttl(f"vmq:job:{job.id}") == -1  # a running VM's record never expires
     states = [event.state for event in job.history]
     assert states[0] == JobState.submitting and JobState.provisioning in states and states[-1] == JobState.running
 

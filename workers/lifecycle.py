@@ -169,6 +169,9 @@ class JobRunner:
             )
             self._unwatch(job)
             self.store.drop_script(job.id)
+            # A running VM may live for years; its job record must outlive VMQ_JOB_TTL_S, or the
+            # sweeper would take the VM for an orphan.
+            self.store.keep(job.id)
             log.info(
                 "job=%s provider=%s instance=%s running ip=%s", job.id, job.provider, vm.instance_id, vm.public_ipv4
             )
@@ -375,6 +378,8 @@ class JobRunner:
         )
         self.store.drop_script(job.id)
         self._unwatch(job)
+        if cleanup == CleanupState.skipped:
+            self.store.keep(job.id)  # its VM is kept on purpose, like a running one
         log.error("job=%s provider=%s failed: %s: %s", job.id, job.provider, error.code, error.message)
         if cleanup == CleanupState.pending:
             return Next(0)
