@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cluster import Cluster, ClusterConfig
+from bench.harness import sim_spec
 from bench.probes import Sim, scan_values, wait_for
 from producer.models import CleanupState, Job, JobState
 from producer.sshkeys import throwaway_public_key
@@ -79,14 +80,10 @@ class Result:
         return "\n".join(lines)
 
 
-def spec(name: str) -> dict[str, Any]:
-    return {"provider": "sim", "name": name, "region": "sim-1", "instance_type": "small", "image": "ubuntu-24.04"}
-
-
 # -- shared pieces ----------------------------------------------------------------------------
 def _create(cluster: Cluster, tag: str, count: int, script: str | None = None, **kw: Any) -> list[str]:
     key = throwaway_public_key()
-    return [cluster.provisioner.create_vm(spec(f"{tag}-{i}"), key, script, **kw).id for i in range(count)]
+    return [cluster.provisioner.create_vm(sim_spec(f"{tag}-{i}"), key, script, **kw).id for i in range(count)]
 
 
 def _states(jobs: list[Job | None]) -> dict[str, int]:
@@ -158,7 +155,7 @@ def r2(cluster: Cluster, sizes: Sizes) -> Result:
         key = throwaway_public_key()
         for i in range(sizes.jobs - first):
             try:
-                late.append(cluster.provisioner.create_vm(spec(f"r2-b-{i}"), key).id)
+                late.append(cluster.provisioner.create_vm(sim_spec(f"r2-b-{i}"), key).id)
             except Exception as exc:  # noqa: BLE001 - counted and reported: a producer that gave up
                 producer_errors.append(f"{type(exc).__name__}: {exc}")
             time.sleep(pace)

@@ -25,24 +25,13 @@ from collections.abc import Callable
 
 import redis
 
-from bench.harness import RedisServer
+from bench.harness import RedisServer, sim_spec
 from bench.probes import flush_keeping_bindings
 from producer import keys
 from producer.settings import Settings
 from producer.sshkeys import throwaway_public_key
 
 QUEUE = keys.queue_name("sim")
-
-
-def spec(i: int) -> dict:
-    return {
-        "provider": "sim",
-        "name": f"bench-{i}",
-        "region": "sim-1",
-        "instance_type": "small",
-        "image": "ubuntu-24.04",
-        "labels": {"team": "bench"},
-    }
 
 
 def timed(jobs: int, send: Callable[[int], object]) -> float:
@@ -72,7 +61,7 @@ def main() -> None:
         script = "#!/bin/sh\necho hello\n" if args.script else None
 
         def create(i: int) -> object:
-            return provisioner.create_vm(spec(i), key, script)
+            return provisioner.create_vm(sim_spec(f"bench-{i}", labels={"team": "bench"}), key, script)
 
         def raw(_: int) -> object:
             job_id = uuid.uuid4().hex

@@ -18,6 +18,18 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def sim_spec(name: str, **extra: object) -> dict:
+    """A create request for the simulated cloud, as the benchmarks send it."""
+    return {
+        "provider": "sim",
+        "name": name,
+        "region": "sim-1",
+        "instance_type": "small",
+        "image": "ubuntu-24.04",
+        **extra,
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

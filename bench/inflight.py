@@ -24,21 +24,11 @@ from pathlib import Path
 
 import redis
 
-from bench.harness import ROOT, RedisServer, Worker
+from bench.harness import ROOT, RedisServer, Worker, sim_spec
 from producer import keys
 from producer.models import Job, JobState, VMSpec
 from producer.settings import Settings
 from producer.sshkeys import SSHPublicKey, throwaway_public_key
-
-
-def _spec(i: int) -> dict:
-    return {
-        "provider": "sim",
-        "name": f"bench-{i}",
-        "region": "sim-1",
-        "instance_type": "small",
-        "image": "ubuntu-24.04",
-    }
 
 
 def _sim_calls(client: redis.Redis) -> dict[str, int]:
@@ -69,7 +59,7 @@ def run_pipeline(
         provisioner = Provisioner(Settings(redis_url=server.url))
         key = throwaway_public_key()
         started = time.monotonic()
-        jobs = [provisioner.create_vm(_spec(i), key).id for i in range(vms)]
+        jobs = [provisioner.create_vm(sim_spec(f"bench-{i}"), key).id for i in range(vms)]
         enqueued_s = time.monotonic() - started
         pending = set(jobs)
         finished: dict[str, Job] = {}
@@ -114,7 +104,7 @@ def run_blocking(server: RedisServer, vms: int, boot_s: float, slots: int, poll_
     key = SSHPublicKey.parse(throwaway_public_key())
 
     def one(i: int) -> None:
-        vm = sim.create_vm(VMSpec(**_spec(i)), key, job_id=f"blocking-{i}")
+        vm = sim.create_vm(VMSpec(**sim_spec(f"bench-{i}")), key, job_id=f"blocking-{i}")
         while sim.get_vm(vm.instance_id).status != "running":
             time.sleep(poll_s)
 

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.chaos import RUNNERS, Sizes, run, spec
+from bench.chaos import RUNNERS, Sizes, run
 from bench.cluster import Cluster, ClusterConfig
+from bench.harness import sim_spec
 from producer.models import JobState
 from producer.sshkeys import throwaway_public_key
 
@@ -63,7 +64,7 @@ def test_an_enqueue_rides_out_a_redis_restart_between_record_and_publish(cluster
 
     monkeypatch.setattr(store, "add", add_then_outage)
     try:
-        job = cluster.provisioner.create_vm(spec("outage-1"), throwaway_public_key())
+        job = cluster.provisioner.create_vm(sim_spec("outage-1"), throwaway_public_key())
     finally:
         restart.join(30)
     monkeypatch.undo()

@@ -1,4 +1,4 @@
-"""Operations files: the compose file is valid and consistent, flower.conf loads, the Dockerfile builds from what exists.
+"""Operations files: the compose file is valid and consistent, flower.conf loads, the Dockerfile copies what exists.
 
 No Docker engine runs here, so the compose file is validated against the Compose Specification's
 JSON Schema and checked against what the project really has.
