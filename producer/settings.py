@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     poll_initial_s: float = 2.0
     poll_max_s: float = 15.0
     poll_factor: float = 1.5
-    batch_poll_s: float = Field(
-        2.0, description="one batched status read per provider this often, for providers that have one"
+    batch_poll_s: float | None = Field(
+        None,
+        description="one batched status read per provider this often; default: from the provider's API limit",
     )
     max_attempts: int = Field(6, description="task-level attempts of one provider call before the job fails")
     retry_base_s: float = 2.0
@@ -62,6 +63,24 @@ DEFAULT_RATE_LIMITS: dict[str, str] = {
 
 def rate_limit_for(settings: Settings, provider: str) -> str:
     return settings.rate_limit.get(provider) or DEFAULT_RATE_LIMITS[provider]
+
+
+# Batched status reads may spend this share of a provider's API limit; within these bounds.
+TICK_SHARE_OF_LIMIT = 0.1
+TICK_BOUNDS_S = (1.0, 30.0)
+
+
+def tick_interval_s(settings: Settings, provider: str) -> float:
+    """How often a provider's tick chain reads its VMs: VMQ_BATCH_POLL_S, else a tenth of its API limit
+    (Hetzner's 3,600/h gives a read every 10 s, AWS or the sim one a second)."""
+    if settings.batch_poll_s is not None:
+        return settings.batch_poll_s
+    from limits import parse
+
+    limit = parse(rate_limit_for(settings, provider))
+    calls_per_s = limit.amount / limit.get_expiry()
+    low, high = TICK_BOUNDS_S
+    return min(high, max(low, 1 / (TICK_SHARE_OF_LIMIT * calls_per_s)))
 
 
 @lru_cache

@@ -199,7 +199,9 @@ def test_lost_create_answer_still_makes_one_vm(sim_worker, provisioner, sim, ssh
 
 
 def test_startup_script_never_travels_in_messages_or_task_args(sim_worker, provisioner, redis_client, sim, ssh_key):
-    sim.configure(boot_s=3)  # polls wait as scheduled (countdown) tasks the worker can be asked about
+    # A 429 makes the create step wait as a scheduled (countdown) retry the worker can be asked about:
+    # the retry is where argsrepr would be lost (DESIGN §6), so its args are what must stay clean.
+    sim.configure(rate_limit_rate=1.0, retry_after_s=3)
     seen: list[str] = []
     stop = threading.Event()
 
@@ -225,6 +227,7 @@ def test_startup_script_never_travels_in_messages_or_task_args(sim_worker, provi
     job = provisioner.create_vm(spec(), ssh_key, f"#!/bin/sh\nexport TOKEN={SECRET}\n")
     assert provisioner.store.script(job.id) is not None  # stored beside the job for the worker...
     scheduled = _wait_for(lambda: [t for t in _scheduled_tasks(provisioner) if job.id in json.dumps(t)], timeout_s=10)
+    sim.configure(rate_limit_rate=0.0)
     job = provisioner.wait(job.id, timeout_s=30)
     stop.set()
     scanner.join()

@@ -8,6 +8,7 @@ idempotency make a redelivered or duplicated message harmless.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from producer.jobstore import InvalidTransition, JobStore
 from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMStatus, attempt_key, utcnow
-from producer.settings import Settings
+from producer.settings import Settings, tick_interval_s
 from producer.sshkeys import SSHPublicKey
 from workers.backoff import exponential_backoff, full_jitter_backoff
 from workers.calls import ProviderCalls, SharedRateLimit
@@ -33,9 +34,14 @@ DEAD = (VMStatus.error, VMStatus.terminated, VMStatus.terminating)
 
 @dataclass(frozen=True)
 class Next:
-    """Run the same task again for this job after ``countdown_s``."""
+    """Run the same task again for this job after ``countdown_s``.
+
+    ``message=False``: send nothing; the tick chain carries the job until then (its deadline), and
+    ``countdown_s`` only tells when the job's next step is due (for duplicate and stall checks).
+    """
 
     countdown_s: float
+    message: bool = True
 
 
 class JobRunner:
@@ -46,11 +52,15 @@ class JobRunner:
         providers: Callable[[str], Provider],
         limit: SharedRateLimit,
         start_ticker: Callable[[str, str], None] | None = None,
+        start_job: Callable[[str, float], None] | None = None,
     ):
         self.store = store
         # Starts the batch-read chain of a provider (provider, lease token); None: every job reads alone.
         self.start_ticker = start_ticker
-        self.watch = WatchList(store.redis, settings.batch_poll_s)
+        # Sends a create job's step again (job id, countdown): a watched job the tick settled into
+        # something that needs its own chain (a cleanup, a failover).
+        self.start_job = start_job
+        self.watch = WatchList(store.redis, self.tick_s)
         self.settings = settings
         self.providers = providers  # name -> Provider: the lazy registry's get_provider
         self.limit = limit
@@ -131,16 +141,15 @@ class JobRunner:
             api_calls=job.api_calls + calls.count,
         )
         log.info("job=%s provider=%s instance=%s created; polling", job.id, job.provider, vm.instance_id)
-        if self._batched(provider) and not self._watch(job.provider, vm.instance_id, job.id):
-            return Next(self.settings.poll_max_s)  # the tick chain reads it; see _poll_create
+        if self._batched(provider) and not self._watch(job):
+            return self._watched(job)
         return Next(self.poll_delay(0))
 
     def _poll_create(self, job: Job) -> Next | None:
         provider = self.providers(job.provider)
         # Watched again each time: a restarted Redis may have lost the entry.
-        if self._batched(provider) and not self._watch(job.provider, job.instance_id, job.id):
-            # The tick chain reads this VM with all the others; this chain only minds the deadline.
-            return self._observe_create(job, job.vm, 0, read=False)
+        if self._batched(provider) and not self._watch(job):
+            return self._watched(job)
         return self._read_create(job)
 
     def _read_create(self, job: Job) -> Next | None:
@@ -156,14 +165,14 @@ class JobRunner:
             return self._call_failed(job, exc, calls.count)
         return self._observe_create(job, vm, calls.count)
 
-    def _observe_create(self, job: Job, vm: VMInfo | None, count: int, read: bool = True) -> Next | None:
+    def _observe_create(self, job: Job, vm: VMInfo | None, count: int) -> Next | None:
         """Apply what a read found (``vm`` None: not found) to a provisioning job."""
         since_submit = (utcnow() - job.submitted_at).total_seconds()
-        if read and vm is None and since_submit > self.settings.not_found_grace_s:
+        if vm is None and since_submit > self.settings.not_found_grace_s:
             # Past the consistency window a NotFound is real: the VM vanished.
             return self._fail(job, JobError(code="vm_vanished", message="the VM disappeared while booting"), count)
         polls = job.polls + 1
-        if read and vm is not None and vm.status == VMStatus.running:
+        if vm is not None and vm.status == VMStatus.running:
             job = self.store.transition(
                 job.id, JobState.running, "running", vm=vm, polls=polls, api_calls=job.api_calls + count
             )
@@ -176,7 +185,7 @@ class JobRunner:
                 "job=%s provider=%s instance=%s running ip=%s", job.id, job.provider, vm.instance_id, vm.public_ipv4
             )
             return None
-        if read and vm is not None and vm.status in DEAD:
+        if vm is not None and vm.status in DEAD:
             error = JobError(code="vm_error", message=f"the VM ended in {vm.provider_status} instead of running")
             return self._fail(job, error, count, vm=vm)
         if since_submit > job.deadline_s:
@@ -187,13 +196,11 @@ class JobRunner:
             )
             return self._fail(job, error, count, vm=vm)
         self.store.update(job.id, lambda j: _set(j, polls=polls, api_calls=j.api_calls + count, vm=vm or j.vm))
-        if not read:  # the tick chain reads for this job: wake only to mind the deadline
-            return Next(min(self.settings.poll_max_s, max(job.deadline_s - since_submit, 0.0) + 0.1))
         return Next(self.poll_delay(polls))
 
     # -- coalesced reads: one tick chain per provider ----------------------------------------
     def tick(self, provider_name: str, token: str) -> Next | None:
-        """Read every watched VM of a provider at once and settle the jobs whose VM settled."""
+        """Read every watched VM of a provider at once; settle the jobs whose VM settled or whose deadline passed."""
         if not self.watch.renew(provider_name, token):
             return None  # a stale chain (its lease ran out and another took over)
         members = self.watch.members(provider_name)
@@ -201,48 +208,71 @@ class JobRunner:
             self.watch.release(provider_name, token)
             return None
         calls = ProviderCalls(provider_name, self.limit, self.settings)
+        now = time.time()
         try:
             vms = calls(self.providers(provider_name).get_vms, sorted(members))
         except ProviderError as exc:
             log.warning("provider=%s batched read failed (%s: %s); next tick", provider_name, exc.code, exc)
-            return Next(self.settings.batch_poll_s)
-        for instance_id, job_id in members.items():
-            vm = vms.get(instance_id)
-            if vm is None or vm.status in SETTLED_STATUSES:
-                self._settle(provider_name, instance_id, job_id, vm)
-        return Next(self.settings.batch_poll_s)
+            vms = None  # deadlines still hold: those past theirs are read one by one below
+        settle = []
+        for instance_id, (job_id, deadline) in members.items():
+            vm = vms.get(instance_id) if vms is not None else None
+            if now > deadline or (vms is not None and (vm is None or vm.status in SETTLED_STATUSES)):
+                settle.append((provider_name, instance_id, job_id, vm, vm is None or vm.status != VMStatus.running))
+        for args in settle:
+            self._settle(*args)
+        return Next(self.tick_s(provider_name))
 
-    def _settle(self, provider_name: str, instance_id: str, job_id: str, vm: VMInfo | None) -> None:
+    def revive_ticks(self, providers: list[str]) -> None:
+        """Start a tick chain for each of ``providers`` that has VMs watched but no live chain."""
+        for provider_name in self.watch.providers_waiting(providers):
+            if token := self.watch.claim_ticker(provider_name):
+                log.warning("provider=%s no tick chain alive for watched VMs; starting one", provider_name)
+                self.start_ticker(provider_name, token)
+
+    def _settle(self, provider_name: str, instance_id: str, job_id: str, vm: VMInfo | None, reread: bool) -> None:
         lease = self.store.acquire(job_id, self.settings.step_lease_s)
         if lease is None:
             return  # the job's own chain is acting on it now
+        kick = None
         try:
             job = self.store.get(job_id)
             if job is None or job.state != JobState.provisioning or job.instance_id != instance_id:
                 self.watch.remove(provider_name, instance_id)
                 return
-            if vm is not None and vm.status == VMStatus.running:
-                self._observe_create(job, vm, 0)
-            else:
-                # Absent or dead in the batch: one targeted read says why (a GCP insert that failed
-                # for capacity raises CapacityError there, and the job fails over instead of failing).
-                self._read_create(job)
+            # Absent, dead or overdue in the batch: one targeted read says why (a GCP insert that failed
+            # for capacity raises CapacityError there, and the job fails over instead of failing).
+            outcome = self._read_create(job) if reread else self._observe_create(job, vm, 0)
+            if outcome is not None and self.store.get(job_id).state != JobState.provisioning:
+                kick = outcome  # a cleanup or a failover: the job needs its own chain again
         except InvalidTransition:
             pass
         finally:
-            self.store.release(job_id, lease)
+            self.store.release(job_id, lease, 0.0 if kick else None)
+        if kick is not None and self.start_job is not None:
+            self.start_job(job_id, kick.countdown_s)
+
+    @functools.cache  # noqa: B019 - one runner per process, a handful of providers
+    def tick_s(self, provider_name: str) -> float:
+        return tick_interval_s(self.settings, provider_name)
 
     def _batched(self, provider: Provider) -> bool:
         return self.start_ticker is not None and isinstance(provider, BatchReads)
 
-    def _watch(self, provider_name: str, instance_id: str, job_id: str) -> bool:
-        """Put the VM on the watch list; True when no tick chain was alive (the caller reads this once)."""
-        if self.watch.add(provider_name, instance_id, job_id):
+    def _watch(self, job: Job) -> bool:
+        """Put the job's VM on the watch list; True when no tick chain was alive (the caller reads this once)."""
+        deadline = job.submitted_at.timestamp() + job.deadline_s
+        if self.watch.add(job.provider, job.instance_id, job.id, deadline):
             return False
-        token = self.watch.claim_ticker(provider_name)
+        token = self.watch.claim_ticker(job.provider)
         if token:
-            self.start_ticker(provider_name, token)
+            self.start_ticker(job.provider, token)
         return True
+
+    def _watched(self, job: Job) -> Next:
+        """The tick chain carries this job to its deadline: no message of its own until then."""
+        remaining = job.submitted_at.timestamp() + job.deadline_s - time.time()
+        return Next(max(remaining, 0.0) + self.tick_s(job.provider), message=False)
 
     def _unwatch(self, job: Job) -> None:
         if job.kind == JobKind.create and job.instance_id:

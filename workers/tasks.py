@@ -7,10 +7,13 @@ no secret is ever in a message, a retry, Flower or the worker's log.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from functools import cache
 
 import redis
 from celery import Task
+from celery.signals import worker_ready
 
 from producer import keys
 from producer.jobstore import JobStore, connect
@@ -29,11 +32,42 @@ BROKER_RETRY_S = 5.0
 @cache
 def runner() -> JobRunner:
     store = JobStore(connect(settings), settings)
-    return JobRunner(store, settings, get_provider, SharedRateLimit(settings), start_ticker=_start_ticker)
+    return JobRunner(
+        store, settings, get_provider, SharedRateLimit(settings), start_ticker=_start_ticker, start_job=_start_job
+    )
 
 
 def _start_ticker(provider: str, token: str) -> None:
     tick.apply_async(args=[provider, token], queue=keys.queue_name(provider), argsrepr=f"({provider})")
+
+
+def _start_job(job_id: str, countdown_s: float) -> None:
+    job = runner().store.get(job_id)
+    if job is not None:
+        create.apply_async(
+            args=[job_id],
+            countdown=countdown_s,
+            queue=keys.queue_name(job.provider),
+            argsrepr=f"({job.kind} {job.provider} job={job.id})",
+        )
+
+
+@worker_ready.connect
+def _supervise_ticks(sender, **_: object) -> None:
+    """A thread per worker process that restarts a provider's tick chain if it died (its lease ran
+    out while VMs are still watched), so watched jobs never wait on a dead chain for long."""
+    providers = [q.name.removeprefix(keys.QUEUE_PREFIX) for q in sender.task_consumer.queues]
+    period_s = max(1.0, 2 * min((runner().tick_s(p) for p in providers), default=1.0))
+
+    def supervise() -> None:
+        while True:
+            time.sleep(period_s)
+            try:
+                runner().revive_ticks(providers)
+            except Exception as exc:  # noqa: BLE001 - a supervisor must outlive a Redis outage
+                log.debug("tick supervisor: %s", exc)
+
+    threading.Thread(target=supervise, name="vmq-tick-supervisor", daemon=True).start()
 
 
 def _step(task: Task, job_id: object, kind: JobKind) -> None:
@@ -49,7 +83,7 @@ def _step(task: Task, job_id: object, kind: JobKind) -> None:
         # A bug must not make a job vanish silently: record it on the job, then let Celery log it.
         _fail_internal(job_id, exc)
         raise
-    if outcome is not None:
+    if outcome is not None and outcome.message:
         raise task.retry(countdown=outcome.countdown_s, max_retries=None)
 
 
