@@ -113,12 +113,14 @@ class JobStore:
     def script(self, job_id: str) -> str | None:
         return self.redis.get(keys.script_key(job_id))
 
-    def drop_script(self, job_id: str) -> None:
-        self.redis.delete(keys.script_key(job_id))
-
-    def keep(self, job_id: str) -> None:
-        """No expiry for this record: it is what tells the sweeper a living VM is owned."""
-        self.redis.persist(keys.job_key(job_id))
+    def create_ended(self, job_id: str, vm_lives: bool) -> None:
+        """A create is over: its startup script goes; if its VM lives on, its record never expires,
+        since it is what tells the sweeper that VM is owned (one round trip)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.delete(keys.script_key(job_id))
+        if vm_lives:
+            pipe.persist(keys.job_key(job_id))
+        pipe.execute()
 
     def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
         """Apply ``change`` to the current record atomically, retried on a race.

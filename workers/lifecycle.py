@@ -177,10 +177,9 @@ class JobRunner:
                 job.id, JobState.running, "running", vm=vm, polls=polls, api_calls=job.api_calls + count
             )
             self._unwatch(job)
-            self.store.drop_script(job.id)
             # A running VM may live for years; its job record must outlive VMQ_JOB_TTL_S, or the
             # sweeper would take the VM for an orphan.
-            self.store.keep(job.id)
+            self.store.create_ended(job.id, vm_lives=True)
             log.info(
                 "job=%s provider=%s instance=%s running ip=%s", job.id, job.provider, vm.instance_id, vm.public_ipv4
             )
@@ -231,12 +230,11 @@ class JobRunner:
                 self.start_ticker(provider_name, token)
 
     def _settle(self, provider_name: str, instance_id: str, job_id: str, vm: VMInfo | None, reread: bool) -> None:
-        lease = self.store.acquire(job_id, self.settings.step_lease_s)
+        lease, job, _ = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
         if lease is None:
             return  # the job's own chain is acting on it now
         kick = None
         try:
-            job = self.store.get(job_id)
             if job is None or job.state != JobState.provisioning or job.instance_id != instance_id:
                 self.watch.remove(provider_name, instance_id)
                 return
@@ -406,10 +404,9 @@ class JobRunner:
             api_calls=job.api_calls + count,
             vm=vm or job.vm,
         )
-        self.store.drop_script(job.id)
+        # A VM kept on purpose (cleanup skipped) lives on like a running one.
+        self.store.create_ended(job.id, vm_lives=cleanup == CleanupState.skipped)
         self._unwatch(job)
-        if cleanup == CleanupState.skipped:
-            self.store.keep(job.id)  # its VM is kept on purpose, like a running one
         log.error("job=%s provider=%s failed: %s: %s", job.id, job.provider, error.code, error.message)
         if cleanup == CleanupState.pending:
             return Next(0)
