@@ -124,7 +124,13 @@ class Cluster:
     def start_flower(self) -> Flower:
         flower = Flower(self.env, self.workdir)
         self.flowers.append(flower)
-        return flower.wait_ready(60)
+        flower.wait_ready(60)
+        # Its HTTP side answers before its event receiver listens: tasks sent in between are never
+        # seen. A probe job proves the event stream is live before anything is counted.
+        probe = self.provisioner.get_vm("sim", "sim-flower-probe").id
+        wait_for(lambda: any(probe in str(t.get("args")) for t in flower.get("/api/tasks").json().values()),
+                 60, "Flower sees task events", 0.5)  # fmt: skip
+        return flower
 
     def logs(self) -> dict[str, str]:
         out = {str(w.log_path.name): w.log() for w in self.workers + self.retired}
