@@ -6,7 +6,7 @@ fails while any name below has no test, so no protocol method goes untested (hcl
 
 from __future__ import annotations
 
-from producer.sshkeys import throwaway_public_key
+from producer.sshkeys import SSHPublicKey, throwaway_public_key
 
 REQUIRED_TESTS = (
     "test_create_sends_key_script_and_labels",
@@ -39,3 +39,8 @@ class AdapterContract:
 def make_ed25519_key(comment: str = "test@vmqueue") -> str:
     """A syntactically valid OpenSSH ed25519 public key line (random point; public data only)."""
     return throwaway_public_key(comment)
+
+
+def parsed_key() -> SSHPublicKey:
+    """A fresh parsed public key, as the pipeline hands one to an adapter."""
+    return SSHPublicKey.parse(make_ed25519_key())

@@ -28,7 +28,7 @@ from moto.ssm.models import Parameter, ssm_backends
 from producer.images import IMAGES
 from producer.models import VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
-from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.contract import AdapterContract
 from workers.providers.aws import STATUS_MAP, AWSProvider
 from workers.providers.errors import (
     AuthError,
@@ -70,11 +70,6 @@ def session() -> boto3.Session:
 def provider(session: boto3.Session) -> Iterator[AWSProvider]:
     with mock_aws():
         yield AWSProvider(session)
-
-
-@pytest.fixture
-def key() -> SSHPublicKey:
-    return SSHPublicKey.parse(make_ed25519_key())
 
 
 def make_spec(image: str = "ami-12c6146b", **update: Any) -> VMSpec:

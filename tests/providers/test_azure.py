@@ -14,9 +14,9 @@ from azure.core.credentials import AccessToken, AccessTokenInfo
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
 from producer.models import JobState, VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
 from tests.providers.azure_fake import MSI_PATH, NSG_ID, RG, RG_PATH, SUB, SUBNET_ID, FakeARM, error
-from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.contract import AdapterContract
+from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
 from workers.providers.azure import AzureProvider, _map_error
 from workers.providers.errors import (
@@ -71,10 +71,6 @@ def make_spec(image: str = "Canonical:ubuntu-24_04-lts:server:latest", **options
         labels={"team": "infra"},
         options={**opts, **options},
     )
-
-
-def key() -> SSHPublicKey:
-    return SSHPublicKey.parse(make_ed25519_key())
 
 
 def boot(fake: FakeARM, provisioning: str = "Succeeded", power: str | None = "PowerState/running") -> None:

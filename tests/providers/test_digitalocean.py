@@ -12,7 +12,7 @@ from pytest_httpserver import HTTPServer
 
 from producer.models import JobState, VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
-from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.contract import AdapterContract
 from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, error
 from tests.providers.fakehttp import mocked, serve
 from workers.providers.digitalocean import DigitalOceanProvider
@@ -67,11 +67,6 @@ def fake() -> Iterator[FakeDigitalOcean]:
 def provider(monkeypatch: pytest.MonkeyPatch) -> DigitalOceanProvider:
     monkeypatch.delenv("DIGITALOCEAN_ENDPOINT", raising=False)
     return DigitalOceanProvider(token=FAKE_TOKEN)
-
-
-@pytest.fixture
-def key() -> SSHPublicKey:
-    return SSHPublicKey.parse(make_ed25519_key())
 
 
 class TestDigitalOcean(AdapterContract):

@@ -21,7 +21,7 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 
 from producer.models import VMSpec, VMStatus
 from producer.sshkeys import SSHPublicKey
-from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.contract import AdapterContract
 from tests.providers.gcp_fake import FakeCompute, api_error, serve_with_responses
 from workers.providers.errors import (
     AuthError,
@@ -72,11 +72,6 @@ class FakeToken(Credentials):
 @pytest.fixture
 def provider() -> GCPProvider:
     return GCPProvider(FakeToken(), project=PROJECT)
-
-
-@pytest.fixture
-def key() -> SSHPublicKey:
-    return SSHPublicKey.parse(make_ed25519_key())
 
 
 def make_spec(

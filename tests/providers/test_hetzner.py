@@ -63,11 +63,6 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> HetznerProvider:
     return HetznerProvider(token=FAKE_TOKEN)
 
 
-@pytest.fixture
-def key() -> SSHPublicKey:
-    return SSHPublicKey.parse(make_ed25519_key())
-
-
 class TestHetzner(AdapterContract):
     def test_create_sends_key_script_and_labels(
         self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
 
 from producer.models import JobState, VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
-from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.contract import AdapterContract
+from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
 from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error
 from workers.providers.errors import (
@@ -83,10 +83,6 @@ def make_spec(image: str = IMAGE_2204, **options: Any) -> VMSpec:
         labels={"team": "infra"},
         options={**opts, **options},
     )
-
-
-def key() -> SSHPublicKey:
-    return SSHPublicKey.parse(make_ed25519_key())
 
 
 class TestOCI(AdapterContract):
