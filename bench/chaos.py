@@ -28,8 +28,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from bench.cluster import Cluster, ClusterConfig
 from bench.harness import sim_spec
 from bench.probes import Sim, scan_values, wait_for
-from producer.models import CleanupState, Job, JobState
-from producer.sshkeys import throwaway_public_key
+from vmqueue.models import CleanupState, Job, JobState
+from vmqueue.sshkeys import throwaway_public_key
 
 SCENARIOS = {
     "R1": "create N VMs while one worker is SIGKILLed K times (and restarted): exactly N VMs, no duplicates",

@@ -19,7 +19,7 @@ import redis
 
 from bench.harness import ROOT, RedisServer, Worker
 from bench.probes import Flower, Sim, flush_keeping_bindings, wait_for
-from producer.models import Job
+from vmqueue.models import Job
 
 # Short but realistic: every countdown (polls <= 1 s, retries <= 1 s, Retry-After 1 s) stays far
 # below the visibility timeout, which decides how soon a SIGKILLed worker's messages come back.
@@ -75,7 +75,7 @@ class Cluster:
     # -- life --------------------------------------------------------------------------------
     def start(self) -> Cluster:
         from producer.client import Provisioner
-        from producer.jobstore import connect
+        from vmqueue.connection import connect
 
         self.redis_server.start()
         self.client = connect(self.settings)  # rides out the Redis restart of R2, like every client we ship
@@ -144,7 +144,8 @@ class Cluster:
         Its delay is far beyond a run, so it never destroys anything here: what it does is send
         again the task of a job whose message the broker lost (workers/rescue.py).
         """
-        from producer.sweep import SweepRequest, SweepTimeout, request_sweep, wait_report
+        from producer.sweep import SweepTimeout, request_sweep, wait_report
+        from vmqueue.sweep import SweepRequest
 
         reports: list = []
         stop = threading.Event()
@@ -168,7 +169,7 @@ class Cluster:
 
     # -- jobs --------------------------------------------------------------------------------
     def jobs(self, ids: list[str]) -> list[Job | None]:
-        from producer import keys
+        from vmqueue import keys
 
         out: list[Job | None] = []
         for start in range(0, len(ids), 500):
@@ -192,7 +193,7 @@ class Cluster:
 
 
 def _settings(env: dict[str, str]):
-    from producer.settings import Settings
+    from vmqueue.settings import Settings
 
     fields = {k.removeprefix("VMQ_").lower(): v for k, v in env.items() if k.startswith("VMQ_")}
     fields = {k: v for k, v in fields.items() if k in Settings.model_fields}

@@ -27,9 +27,9 @@ import redis
 
 from bench.harness import RedisServer, sim_spec
 from bench.probes import flush_keeping_bindings
-from producer import keys
-from producer.settings import Settings
-from producer.sshkeys import throwaway_public_key
+from vmqueue import keys
+from vmqueue.settings import Settings
+from vmqueue.sshkeys import throwaway_public_key
 
 QUEUE = keys.queue_name("sim")
 

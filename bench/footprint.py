@@ -34,7 +34,7 @@ import redis
 
 from bench.harness import ROOT, RedisServer, Worker
 from bench.throughput import sim_vm
-from producer.settings import Settings
+from vmqueue.settings import Settings
 
 # name -> (Celery app module, queue's provider)
 VARIANTS: dict[str, tuple[str, str]] = {

@@ -142,8 +142,8 @@ class Worker:
         A ping sent before the worker listens is lost, so ``ping_timeout_s`` is also how finely this
         notices the worker came up (the start-up benchmark asks often).
         """
-        from producer.celery_config import make_celery
-        from producer.settings import Settings
+        from vmqueue.celery_config import make_celery
+        from vmqueue.settings import Settings
 
         control = make_celery(Settings(redis_url=self.env["REDIS_URL"])).control
         deadline = time.monotonic() + timeout_s

@@ -25,10 +25,10 @@ from pathlib import Path
 import redis
 
 from bench.harness import ROOT, RedisServer, Worker, sim_spec
-from producer import keys
-from producer.models import Job, JobState, VMSpec
-from producer.settings import Settings
-from producer.sshkeys import SSHPublicKey, throwaway_public_key
+from vmqueue import keys
+from vmqueue.models import Job, JobState, VMSpec
+from vmqueue.settings import Settings
+from vmqueue.sshkeys import SSHPublicKey, throwaway_public_key
 
 
 def _sim_calls(client: redis.Redis) -> dict[str, int]:

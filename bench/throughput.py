@@ -2,7 +2,7 @@
 
 Measures, in one run, on a private redis-server, with ONE worker process started as
 ``celery -A bench.noop_app`` (the real sim worker plus a no-op task, so both kinds run in the same
-process with the same app config from producer/celery_config.py, pool and concurrency):
+process with the same app config from vmqueue/celery_config.py, pool and concurrency):
   vmqueue   N get jobs: Provisioner.get_vm("sim", id) -> Redis -> worker (lease + record, the sim's
             get_vm through the shared rate limit, compare-and-set to done) -> job store; the sim
             answers at once (zero latency) about a VM created beforehand.
@@ -36,10 +36,10 @@ import redis
 from bench.harness import ROOT, RedisServer, Worker
 from bench.noop_app import NOOP_TASK
 from bench.probes import flush_keeping_bindings
-from producer import keys
-from producer.models import JobState, VMSpec
-from producer.settings import Settings
-from producer.sshkeys import SSHPublicKey, throwaway_public_key
+from vmqueue import keys
+from vmqueue.models import JobState, VMSpec
+from vmqueue.settings import Settings
+from vmqueue.sshkeys import SSHPublicKey, throwaway_public_key
 
 QUEUE = keys.queue_name("sim")
 UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, not yet acknowledged messages here

@@ -1,8 +1,8 @@
 """vmqueue's producer: the contract, the ``Provisioner`` client API and the ``vmq`` CLI."""
 
 from producer.client import IdempotencyConflict, JobNotFound, JobTimeout, Provisioner
-from producer.models import Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
+from vmqueue.models import Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
+from vmqueue.sshkeys import SSHPublicKey
 
 __all__ = [
     "IdempotencyConflict",

@@ -14,12 +14,13 @@ from typing import Any
 
 from celery import Celery
 
-from producer import keys
-from producer.celery_config import make_celery
-from producer.jobstore import JobStore, connect
-from producer.models import CreateRequest, InstanceRef, Job, JobError, JobKind, JobState, VMSpec
-from producer.settings import Settings, get_settings
-from producer.sshkeys import SSHPublicKey
+from vmqueue import keys
+from vmqueue.celery_config import make_celery
+from vmqueue.connection import connect
+from vmqueue.jobstore import JobStore
+from vmqueue.models import CreateRequest, InstanceRef, Job, JobError, JobKind, JobState, VMSpec
+from vmqueue.settings import Settings, get_settings
+from vmqueue.sshkeys import SSHPublicKey
 
 _TASKS = {JobKind.create: keys.TASK_CREATE, JobKind.destroy: keys.TASK_DESTROY, JobKind.get: keys.TASK_GET}
 

@@ -32,8 +32,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.models import CreateRequest, VMSpec
-from producer.options import ProviderName
+from vmqueue.models import CreateRequest, VMSpec
+from vmqueue.options import ProviderName
 
 # Every VM of a fleet carries this label, so the fleet's VMs can be found at the provider too.
 LABEL_FLEET = "vmqueue-fleet"

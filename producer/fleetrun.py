@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from producer import keys
 from producer.client import IdempotencyConflict, Provisioner
 from producer.fleet import Fleet, FleetVM
-from producer.models import CleanupState, Job, JobKind, JobState, VMStatus, utcnow
+from vmqueue import keys
+from vmqueue.models import CleanupState, Job, JobKind, JobState, VMStatus, utcnow
 
 POLL_S = 0.5
 

@@ -28,9 +28,9 @@ from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.client import IdempotencyConflict, JobNotFound, Provisioner
-from producer.models import CreateRequest, Job
-from producer.options import ProviderName
-from producer.sshkeys import SSHKeyField
+from vmqueue.models import CreateRequest, Job
+from vmqueue.options import ProviderName
+from vmqueue.sshkeys import SSHKeyField
 
 
 class WebSettings(BaseSettings):

@@ -126,7 +126,7 @@ def sim_worker_paused(sim_worker: Worker, provisioner) -> Iterator[Worker]:
 
 @pytest.fixture
 def settings(test_env: dict[str, str]):
-    from producer.settings import Settings
+    from vmqueue.settings import Settings
 
     fields = {k.removeprefix("VMQ_").lower(): v for k, v in test_env.items() if k.startswith("VMQ_")}
     fields = {k: v for k, v in fields.items() if k in Settings.model_fields}

@@ -22,9 +22,9 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from producer.cli import app
-from producer.sshkeys import throwaway_public_key
 from tests import test_cli
 from tests.conftest import KOMBU_KEYS
+from vmqueue.sshkeys import throwaway_public_key
 
 pytestmark = pytest.mark.system
 

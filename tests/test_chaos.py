@@ -15,8 +15,8 @@ import pytest
 from bench.chaos import RUNNERS, Sizes, run
 from bench.cluster import Cluster, ClusterConfig
 from bench.harness import sim_spec
-from producer.models import JobState
-from producer.sshkeys import throwaway_public_key
+from vmqueue.models import JobState
+from vmqueue.sshkeys import throwaway_public_key
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(150)]
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from producer.cli import app
-from producer.settings import get_settings
+from vmqueue.settings import get_settings
 
 runner = CliRunner()
 CREATE = ["create", "-p", "sim", "--name", "cli-1", "--region", "sim-1", "--type", "small", "--image", "debian-12"]

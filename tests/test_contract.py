@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from producer.models import USER_DATA_LIMIT_BYTES, CreateRequest, VMSpec
-from producer.sshkeys import SSHPublicKey, throwaway_public_key
+from vmqueue.models import USER_DATA_LIMIT_BYTES, CreateRequest, VMSpec
+from vmqueue.sshkeys import SSHPublicKey, throwaway_public_key
 
 GOOD = {"provider": "sim", "name": "web-1", "region": "sim-1", "instance_type": "small", "image": "ubuntu-24.04"}
 OPTIONS = {

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from producer import keys
 from producer.cli import app
 from producer.fleet import FleetError, load_fleet
 from tests import test_cli
+from vmqueue import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fleet.yaml"

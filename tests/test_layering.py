@@ -10,9 +10,9 @@ import pytest
 from celery.exceptions import QueueNotFound
 
 from bench.harness import ROOT
-from producer.celery_config import make_celery
-from producer.models import PROVIDERS
-from producer.settings import Settings
+from vmqueue.celery_config import make_celery
+from vmqueue.models import PROVIDERS
+from vmqueue.settings import Settings
 from workers.providers.registry import PROVIDER_FACTORIES, UnknownProviderError, get_provider
 
 SDK_MODULES = ["hcloud", "pydo", "boto3", "botocore", "google.cloud.compute_v1", "oci", "azure.mgmt.compute"]

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.harness import free_port
-from producer.models import JobState
+from vmqueue.models import JobState
 
 pytestmark = pytest.mark.system
 

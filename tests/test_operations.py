@@ -15,7 +15,7 @@ import yaml
 from jsonschema import Draft7Validator
 
 from producer.cli import app
-from producer.models import PROVIDERS
+from vmqueue.models import PROVIDERS
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT.parent / "shared" / "reference" / "compose" / "compose-spec.json"

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from producer.client import IdempotencyConflict
-from producer.models import CleanupState, JobState, VMStatus
+from vmqueue.models import CleanupState, JobState, VMStatus
 
 pytestmark = pytest.mark.system
 

@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from bench.harness import free_port
 from bench.probes import Flower, wait_for
-from producer.settings import Settings
+from vmqueue.settings import Settings
 
 
 @pytest.mark.system
@@ -78,7 +78,7 @@ def _pings(client: redis.Redis) -> bool:
 
 
 def _job_store(settings: Settings) -> None:
-    from producer.jobstore import connect
+    from vmqueue.connection import connect
 
     client = connect(settings)
     client.set_retry(Retry(NoBackoff(), 0))  # a refused certificate is final; don't ride it out
@@ -92,7 +92,7 @@ def _rate_limit(settings: Settings) -> None:
 
 
 def _broker(settings: Settings) -> None:
-    from producer.celery_config import make_celery
+    from vmqueue.celery_config import make_celery
 
     connection = make_celery(settings).connection_for_write()
     try:
@@ -106,13 +106,13 @@ def _flower_broker(settings: Settings) -> None:
     # Flower reads queue lengths with a Redis client of its own, built from the app's broker_use_ssl.
     from flower.utils.broker import Broker
 
-    from producer.celery_config import make_celery
+    from vmqueue.celery_config import make_celery
 
     broker = Broker(settings.redis_url, broker_use_ssl=make_celery(settings).conf.broker_use_ssl)
     asyncio.run(broker.redis.ping())  # an asyncio client
 
 
-# The simulated cloud, the workers' job store and the producer all connect through producer.jobstore.connect.
+# The simulated cloud, the workers' job store and the producer all connect through vmqueue.jobstore.connect.
 CLIENTS: dict[str, Callable[[Settings], None]] = {
     "job store": _job_store,
     "rate limit": _rate_limit,
@@ -142,7 +142,7 @@ def test_rediss_opt_out_skips_the_check(tls_redis, client):
 
 
 def test_a_misspelt_opt_out_is_refused():
-    from producer.celery_config import redis_ssl_options
+    from vmqueue.connection import redis_ssl_options
 
     with pytest.raises(ValueError, match="VMQ_REDIS_SSL_CERT_REQS"):
         redis_ssl_options(Settings(redis_url="rediss://127.0.0.1:1/0", redis_ssl_cert_reqs="off"))

@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from bench.probes import wait_for
-from producer import keys
 from producer.cli import app
-from producer.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
 from tests import test_cli
+from vmqueue import keys
+from vmqueue.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
+from vmqueue.sshkeys import SSHPublicKey
 from workers.sweeper import orphan_reason, owner_of
 
 cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session for the CLI

@@ -1,13 +1,13 @@
 """The Celery app of the workers: ``celery -A workers.app worker -Q vmq.<provider>``.
 
-Built from the one shared configuration (producer/celery_config.py); the threads pool suits the
+Built from the one shared configuration (vmqueue/celery_config.py); the threads pool suits the
 I/O-bound provider calls, and a poll waiting for its countdown holds no thread.
 """
 
 from __future__ import annotations
 
-from producer.celery_config import make_celery
-from producer.settings import get_settings
+from vmqueue.celery_config import make_celery
+from vmqueue.settings import get_settings
 from workers import broker_fixes
 
 broker_fixes.apply()  # a Redis restart must not kill the worker (celery/kombu 5.7; see the module)

@@ -16,8 +16,8 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from producer import keys
-from producer.settings import Settings, rate_limit_for
+from vmqueue import keys
+from vmqueue.settings import Settings, rate_limit_for
 from workers import metrics
 from workers.backoff import full_jitter_backoff
 from workers.providers.errors import ProviderError, RateLimitedError

@@ -23,7 +23,7 @@ from typing import Any
 from celery import Task
 from celery.signals import after_setup_logger, task_postrun, task_prerun
 
-from producer.keys import QUEUE_PREFIX
+from vmqueue.keys import QUEUE_PREFIX
 
 _job_id: ContextVar[str] = ContextVar("vmq_job_id", default="-")
 _provider: ContextVar[str] = ContextVar("vmq_provider", default="-")

@@ -26,8 +26,8 @@ from celery.signals import worker_init
 from prometheus_client import Counter, Histogram, start_http_server
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.jobstore import TRANSITION_HOOKS
-from producer.models import FINAL_STATES, Job, JobKind, JobState, utcnow
+from vmqueue.jobstore import TRANSITION_HOOKS
+from vmqueue.models import FINAL_STATES, Job, JobKind, JobState, utcnow
 
 log = logging.getLogger("vmqueue.worker")
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from producer import keys
-from producer.jobstore import JobStore
-from producer.models import Job
-from producer.settings import Settings
+from vmqueue import keys
+from vmqueue.jobstore import JobStore
+from vmqueue.models import Job
+from vmqueue.settings import Settings
 
 BATCH = 500
 

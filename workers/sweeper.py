@@ -31,10 +31,10 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from producer import keys
-from producer.jobstore import JobStore
-from producer.models import LABEL_JOB, CleanupState, Job, JobKind, JobState, VMInfo, VMStatus, job_id_of
-from producer.sweep import REPORT_TTL_S, Action, Orphan, SweepReport, SweepRequest
+from vmqueue import keys
+from vmqueue.jobstore import JobStore
+from vmqueue.models import LABEL_JOB, CleanupState, Job, JobKind, JobState, VMInfo, VMStatus, job_id_of
+from vmqueue.sweep import REPORT_TTL_S, Action, Orphan, SweepReport, SweepRequest
 from workers.providers.base import Provider
 from workers.providers.errors import ProviderError
 from workers.rescue import stalled_jobs

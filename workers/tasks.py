@@ -15,9 +15,10 @@ import redis
 from celery import Task
 from celery.signals import worker_ready
 
-from producer import keys
-from producer.jobstore import JobStore, connect
-from producer.models import JobError, JobKind, JobState
+from vmqueue import keys
+from vmqueue.connection import connect
+from vmqueue.jobstore import JobStore
+from vmqueue.models import JobError, JobKind, JobState
 from workers.app import app, settings
 from workers.calls import ProviderCalls, SharedRateLimit
 from workers.lifecycle import JobRunner
@@ -133,7 +134,7 @@ def sweep(request: object) -> None:
     """One orphan-sweep pass over the provider's VMs; the report goes to Redis (see workers/sweeper.py)."""
     from pydantic import ValidationError
 
-    from producer.sweep import SweepRequest
+    from vmqueue.sweep import SweepRequest
     from workers.rescue import stalled_after_s
     from workers.sweeper import Sweeper
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import redis
 
-from producer import keys
+from vmqueue import keys
 
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from producer.sshkeys import SSHPublicKey
 from tests.providers.contract import parsed_key
+from vmqueue.sshkeys import SSHPublicKey
 
 
 @pytest.fixture

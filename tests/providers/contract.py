@@ -6,7 +6,7 @@ fails while any name below has no test, so no protocol method goes untested (hcl
 
 from __future__ import annotations
 
-from producer.sshkeys import SSHPublicKey, throwaway_public_key
+from vmqueue.sshkeys import SSHPublicKey, throwaway_public_key
 
 REQUIRED_TESTS = (
     "test_create_sends_key_script_and_labels",

@@ -25,10 +25,10 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 from moto.ssm.models import Parameter, ssm_backends
 
-from producer.images import IMAGES
-from producer.models import VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
 from tests.providers.contract import AdapterContract
+from vmqueue.images import IMAGES
+from vmqueue.models import VMSpec, VMStatus
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.aws import STATUS_MAP, AWSProvider
 from workers.providers.errors import (
     AuthError,
@@ -505,7 +505,7 @@ def test_system_create_and_destroy_through_a_worker(worker_factory: Any, provisi
     """Producer -> Redis -> a real Celery worker whose boto3 talks to a moto server through AWS_ENDPOINT_URL."""
     from moto.server import ThreadedMotoServer
 
-    from producer.models import JobState
+    from vmqueue.models import JobState
 
     with socket.socket() as probe:  # a free loopback port for the server
         probe.bind(("127.0.0.1", 0))

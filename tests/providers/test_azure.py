@@ -13,11 +13,11 @@ import responses
 from azure.core.credentials import AccessToken, AccessTokenInfo
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
-from producer.models import JobState, VMSpec, VMStatus
 from tests.providers.azure_fake import MSI_PATH, NSG_ID, RG, RG_PATH, SUB, SUBNET_ID, FakeARM, error
 from tests.providers.contract import AdapterContract
 from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
+from vmqueue.models import JobState, VMSpec, VMStatus
 from workers.providers.azure import AzureProvider, _map_error
 from workers.providers.errors import (
     AuthError,

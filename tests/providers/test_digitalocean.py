@@ -10,11 +10,11 @@ import pytest
 import requests
 from pytest_httpserver import HTTPServer
 
-from producer.models import JobState, VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
 from tests.providers.contract import AdapterContract
 from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, error
 from tests.providers.fakehttp import mocked, serve
+from vmqueue.models import JobState, VMSpec, VMStatus
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.digitalocean import DigitalOceanProvider
 from workers.providers.errors import (
     AuthError,

@@ -19,10 +19,10 @@ import responses
 from google.auth.compute_engine import _metadata
 from google.auth.credentials import AnonymousCredentials, Credentials
 
-from producer.models import VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
 from tests.providers.contract import AdapterContract
 from tests.providers.gcp_fake import FakeCompute, api_error, serve_with_responses
+from vmqueue.models import VMSpec, VMStatus
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -384,8 +384,8 @@ def test_system_create_destroy_and_failed_insert_through_a_worker(
     worker_factory: Any, provisioner: Any, ssh_key: str, httpserver: Any
 ) -> None:
     """Producer -> Redis -> a real Celery worker whose SDK talks to FakeCompute at VMQ_GCP_ENDPOINT."""
-    from producer.models import JobState
     from tests.providers.gcp_fake import werkzeug_handler
+    from vmqueue.models import JobState
 
     fake = FakeCompute()
     httpserver.expect_request(re.compile(r"^/compute/v1/.*")).respond_with_handler(werkzeug_handler(fake))

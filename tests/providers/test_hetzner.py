@@ -10,11 +10,11 @@ import pytest
 import requests
 from pytest_httpserver import HTTPServer
 
-from producer.models import JobState, VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
 from tests.providers.contract import AdapterContract, make_ed25519_key
 from tests.providers.fakehttp import mocked, serve
 from tests.providers.hetzner_fake import BASE_URL, FakeHetzner, error, md5_fingerprint, page
+from vmqueue.models import JobState, VMSpec, VMStatus
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.errors import (
     AuthError,
     CapacityError,

@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
 
-from producer.models import JobState, VMSpec, VMStatus
 from tests.providers.contract import AdapterContract
 from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
 from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error
+from vmqueue.models import JobState, VMSpec, VMStatus
 from workers.providers.errors import (
     AuthError,
     CapacityError,

@@ -32,10 +32,10 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from producer.images import IMAGES
-from producer.models import VMInfo, VMSpec, VMStatus
-from producer.options import AWSOptions
-from producer.sshkeys import SSHPublicKey
+from vmqueue.images import IMAGES
+from vmqueue.models import VMInfo, VMSpec, VMStatus
+from vmqueue.options import AWSOptions
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.errors import (
     AuthError,
     CapacityError,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from producer.images import IMAGES
-from producer.models import VMInfo, VMSpec, VMStatus
-from producer.sshkeys import SSHPublicKey
+from vmqueue.images import IMAGES
+from vmqueue.models import VMInfo, VMSpec, VMStatus
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.errors import InvalidSpecError
 
 

@@ -18,9 +18,9 @@ from azure.core.exceptions import HttpResponseError, ServiceRequestError, Servic
 from azure.core.pipeline.policies import AzureKeyCredentialPolicy, RetryPolicy
 from pydo import Client
 
-from producer.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
-from producer.options import DigitalOceanOptions
-from producer.sshkeys import SSHPublicKey
+from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
+from vmqueue.options import DigitalOceanOptions
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.base import resolve_alias
 from workers.providers.errors import (
     AuthError,

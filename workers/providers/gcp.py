@@ -31,10 +31,10 @@ from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.exceptions import GoogleAuthError, TransportError
 from google.cloud import compute_v1
 
-from producer.images import IMAGES
-from producer.models import LABEL_JOB, VMInfo, VMSpec, VMStatus
-from producer.options import GCPOptions
-from producer.sshkeys import SSHPublicKey
+from vmqueue.images import IMAGES
+from vmqueue.models import LABEL_JOB, VMInfo, VMSpec, VMStatus
+from vmqueue.options import GCPOptions
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.errors import (
     AuthError,
     CapacityError,

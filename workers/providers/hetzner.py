@@ -21,9 +21,9 @@ from hcloud.server_types import ServerType
 from hcloud.servers import BoundServer, Server, ServerCreatePublicNetwork
 from hcloud.ssh_keys import BoundSSHKey
 
-from producer.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
-from producer.options import HetznerOptions
-from producer.sshkeys import SSHPublicKey
+from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
+from vmqueue.options import HetznerOptions
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.base import resolve_alias
 from workers.providers.errors import (
     AuthError,

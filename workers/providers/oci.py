@@ -15,10 +15,10 @@ import re
 import threading
 from typing import Any, NamedTuple
 
-from producer.images import IMAGES
-from producer.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
-from producer.options import OCIOptions
-from producer.sshkeys import SSHPublicKey
+from vmqueue.images import IMAGES
+from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
+from vmqueue.options import OCIOptions
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.base import SETTLED_STATUSES
 from workers.providers.errors import (
     AuthError,

@@ -17,10 +17,10 @@ import redis
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.keys import SIM_PREFIX
-from producer.models import VMInfo, VMSpec, VMStatus
-from producer.settings import get_settings
-from producer.sshkeys import SSHPublicKey
+from vmqueue.keys import SIM_PREFIX
+from vmqueue.models import VMInfo, VMSpec, VMStatus
+from vmqueue.settings import get_settings
+from vmqueue.sshkeys import SSHPublicKey
 from workers.providers.base import resolve_alias
 from workers.providers.errors import (
     AuthError,
@@ -94,7 +94,7 @@ class SimProvider:
     name = "sim"
 
     def __init__(self, redis_client=None, caller_token: str | None = None):
-        from producer.jobstore import connect
+        from vmqueue.connection import connect
 
         self._redis = redis_client or connect(get_settings())
         self._env = SimConfig()  # read once: building settings from the environment costs ~1 ms

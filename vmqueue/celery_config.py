@@ -6,33 +6,21 @@ Producer, workers and Flower all build their app here: kombu restores unacked me
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
 
-from producer.keys import queue_name
-from producer.models import PROVIDERS
-from producer.settings import Settings, get_settings
-
-_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+from vmqueue.connection import redis_ssl_options
+from vmqueue.keys import queue_name
+from vmqueue.models import PROVIDERS
+from vmqueue.settings import Settings, get_settings
 
 
 def provider_queues() -> list[Queue]:
     # Each queue gets its own exchange and routing key: a bare Queue("x") inherited another
     # queue's binding in kombu 5.7.
     return [Queue(queue_name(p), Exchange(queue_name(p), type="direct"), routing_key=queue_name(p)) for p in PROVIDERS]
-
-
-def redis_ssl_options(settings: Settings) -> dict[str, Any] | None:
-    """rediss:// verifies certificates unless the user opts out (kombu would silently skip the check)."""
-    if not settings.redis_url.startswith("rediss://"):
-        return None
-    try:
-        return {"ssl_cert_reqs": _CERT_REQS[settings.redis_ssl_cert_reqs]}
-    except KeyError:
-        raise ValueError("VMQ_REDIS_SSL_CERT_REQS must be required, optional or none") from None
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

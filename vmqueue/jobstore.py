@@ -13,13 +13,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from producer import keys
-from producer.celery_config import redis_ssl_options
-from producer.models import TRANSITIONS, Job, JobState, utcnow
-from producer.settings import Settings
+from vmqueue import keys
+from vmqueue.models import TRANSITIONS, Job, JobState, utcnow
+from vmqueue.settings import Settings
 
 # Compare-and-set in one round trip: writes only if the record is still what this process last saw.
 _CAS = """
@@ -43,20 +40,6 @@ TRANSITION_HOOKS: list[Callable[[Job], None]] = []
 
 class InvalidTransition(RuntimeError):
     """A state change the transition table forbids: another delivery got there first."""
-
-
-def connect(settings: Settings) -> redis.Redis:
-    """A client that rides out a Redis restart: reconnects with backoff instead of failing at once."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=10,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **(redis_ssl_options(settings) or {}),
-    )
 
 
 class JobStore:

@@ -15,9 +15,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer.cli import JsonOpt, TimeoutOpt, _provisioner, app, console, err
+from producer.cli.common import JsonOpt, TimeoutOpt, console, err, provisioner
 from producer.fleet import FleetError, load_fleet
 from producer.fleetrun import FleetRunner, Tracked, all_gone, all_running
+
+app = typer.Typer()
 
 FleetArg = Annotated[Path, typer.Argument(help="the fleet file (YAML); see examples/fleet.yaml")]
 
@@ -35,7 +37,7 @@ def apply(
     enqueued. Exit 0 when every VM is running, 1 otherwise.
     """
     fleet = _load(fleet_file)
-    runner = FleetRunner(_provisioner(), fleet.name)
+    runner = FleetRunner(provisioner(), fleet.name)
     tracked = runner.apply(fleet)
     done = _follow(runner, tracked, timeout, as_json, "running") if wait else True
     runner.settle_applied(tracked)
@@ -47,7 +49,7 @@ def apply(
 def destroy_fleet(fleet_file: Path, timeout: float, as_json: bool) -> None:
     """``vmq destroy --fleet``: destroy every VM the fleet created, and follow until they are gone."""
     fleet = _load(fleet_file)
-    runner = FleetRunner(_provisioner(), fleet.name)
+    runner = FleetRunner(provisioner(), fleet.name)
     tracked = runner.destroy(timeout)
     done = _follow(runner, tracked, timeout, as_json, "gone")
     runner.settle_destroyed(tracked)

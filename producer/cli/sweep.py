@@ -13,9 +13,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from producer.cli import JsonOpt, ProviderOpt, TimeoutOpt, _provisioner, app, console, err
-from producer.models import PROVIDERS
-from producer.sweep import DEFAULT_DELAY_S, SweepReport, SweepRequest, SweepTimeout, request_sweep, wait_report
+from producer.cli.common import JsonOpt, ProviderOpt, TimeoutOpt, console, err, provisioner
+from producer.sweep import SweepTimeout, request_sweep, wait_report
+from vmqueue.models import PROVIDERS
+from vmqueue.sweep import DEFAULT_DELAY_S, SweepReport, SweepRequest
+
+app = typer.Typer()
 
 
 @app.command()
@@ -42,12 +45,12 @@ def sweep(
     if provider not in PROVIDERS:
         err.print(f"[red]Unknown provider {provider!r}[/]; one of: {', '.join(PROVIDERS)}")
         raise typer.Exit(2)
-    provisioner = _provisioner()
+    client = provisioner()
     while True:
         request = SweepRequest(provider=provider, dry_run=dry_run, delay_s=delay)
-        request_sweep(provisioner.celery, request)
+        request_sweep(client.celery, request)
         try:
-            report = wait_report(provisioner.store.redis, request.id, timeout)
+            report = wait_report(client.store.redis, request.id, timeout)
         except SweepTimeout as exc:
             err.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from None

@@ -15,14 +15,21 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Annotated
 
 import redis
+import typer
 from rich.console import Console
 from rich.live import Live
 
-from producer.models import Job
-from producer.settings import Settings
-from producer.sshkeys import throwaway_public_key
+from producer.cli.common import console as cli_console
+from producer.cli.common import job_table
+from producer.cli.worker import worker_argv
+from vmqueue.models import Job
+from vmqueue.settings import Settings, get_settings
+from vmqueue.sshkeys import throwaway_public_key
+
+app = typer.Typer()
 
 DEMO_SCRIPT = "#!/bin/sh\necho 'hello from vmqueue' > /etc/motd\n"
 
@@ -78,9 +85,8 @@ def _start_worker(stack: ExitStack, console: Console, url: str, boot_s: float) -
         "VMQ_SIM_DESTROY_S": "1",
         "VMQ_POLL_INITIAL_S": "1",
         "VMQ_POLL_MAX_S": "2",
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
-    from producer.cli import worker_argv
 
     process = subprocess.Popen(
         worker_argv("sim", 16, name=f"demo-{os.getpid()}@%h"),
@@ -106,8 +112,6 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _follow(provisioner, jobs: list[Job], console: Console, title: str, timeout_s: float) -> list[Job]:
-    from producer.cli import job_table
-
     with Live(job_table(jobs), console=console, refresh_per_second=4) as live:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -162,3 +166,16 @@ def run_demo(console: Console, count: int, boot_s: float, redis_url: str) -> int
         colour = "green" if ok else "red"
         console.print(f"[bold {colour}]{len(running)}/{count} VMs reached running, {gone}/{count} are gone.[/]")
         return 0 if ok else 1
+
+
+@app.command()
+def demo(
+    count: Annotated[int, typer.Option(min=1, max=50, help="how many VMs")] = 5,
+    boot: Annotated[float, typer.Option(help="simulated boot time, seconds")] = 4.0,
+) -> None:
+    """The main job on the embedded default: create VMs on the simulated cloud, watch them run, destroy them.
+
+    Uses REDIS_URL if a Redis answers there, otherwise starts a private redis-server; starts a sim
+    worker, and stops everything it started.
+    """
+    raise typer.Exit(run_demo(cli_console, count=count, boot_s=boot, redis_url=get_settings().redis_url))

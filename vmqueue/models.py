@@ -14,10 +14,10 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from producer.images import ALIASES as IMAGE_ALIASES
-from producer.images import IMAGES
-from producer.options import OPTIONS_MODELS, ProviderName, ProviderOptions
-from producer.sshkeys import SSHKeyField
+from vmqueue.images import ALIASES as IMAGE_ALIASES
+from vmqueue.images import IMAGES
+from vmqueue.options import OPTIONS_MODELS, ProviderName, ProviderOptions
+from vmqueue.sshkeys import SSHKeyField
 
 PROVIDERS: tuple[str, ...] = get_args(ProviderName)
 

@@ -6,7 +6,9 @@ from typing import Annotated
 
 import typer
 
-from producer.cli import app, err
+from producer.cli.common import err
+
+app = typer.Typer()
 
 
 @app.command()

@@ -1,0 +1,5 @@
+"""``python -m producer.cli``: the same as the ``vmq`` console script."""
+
+from producer.cli import app
+
+app()

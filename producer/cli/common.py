@@ -1,0 +1,119 @@
+"""What every ``vmq`` command shares: consoles, option types, input parsing and the job table.
+
+It imports no command module, so each command module can import it without a cycle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from vmqueue.models import PROVIDERS, Job, JobState
+
+console = Console()
+err = Console(stderr=True)
+
+SUCCESS = {JobState.running, JobState.gone, JobState.done}
+ProviderOpt = Annotated[str, typer.Option("--provider", "-p", help=f"one of: {', '.join(PROVIDERS)}")]
+WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="follow the job live until it ends")]
+TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait at most")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the job as JSON (for scripts)")]
+DEFAULT_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub")
+
+
+def provisioner():
+    from producer.client import Provisioner
+
+    return Provisioner()
+
+
+def bad_input(exc: Exception) -> typer.Exit:
+    if isinstance(exc, ValidationError):
+        err.print(f"[bold red]Invalid request[/] ({exc.error_count()} problem(s)):")
+        for problem in exc.errors():
+            where = ".".join(str(p) for p in problem["loc"]) or "request"
+            err.print(f"  [bold]{where}[/]: {problem['msg'].removeprefix('Value error, ')}")
+    else:
+        err.print(f"[bold red]Invalid request:[/] {exc}")
+    err.print("Nothing was enqueued.")
+    return typer.Exit(2)
+
+
+def pairs(values: list[str], what: str) -> dict[str, Any]:
+    """``key=value`` pairs; a value that parses as JSON (numbers, true, lists) is taken as such."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {item!r} must look like key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def read_key(value: str | None) -> str:
+    if value is None:
+        for candidate in DEFAULT_KEYS:
+            path = Path(candidate).expanduser()
+            if path.is_file():
+                return path.read_text()
+        raise ValueError(f"no --ssh-key given and none of {', '.join(DEFAULT_KEYS)} exists")
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    return value
+
+
+def job_table(jobs: list[Job]) -> Table:
+    table = Table(expand=False)
+    for column in ("job", "kind", "provider", "name", "state", "instance", "public ipv4"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("error")
+    for job in jobs:
+        colour = "green" if job.state in SUCCESS else "red" if job.state == JobState.failed else "yellow"
+        error = f"{job.error.code}: {job.error.message}" if job.error else ""
+        if job.cleanup:
+            error += f" (cleanup {job.cleanup})"
+        table.add_row(
+            job.id[:8],
+            job.kind,
+            job.provider,
+            (job.spec.name if job.spec else None) or (job.vm.name if job.vm else ""),
+            f"[{colour}]{job.state}[/]",
+            job.instance_id or "",
+            (job.vm.public_ipv4 if job.vm else None) or "",
+            error,
+        )
+    return table
+
+
+def finish(job: Job, wait: bool, timeout: float, as_json: bool) -> None:
+    client = provisioner()
+    if wait:
+        from producer.client import JobTimeout
+
+        try:
+            if as_json:
+                job = client.wait(job.id, timeout_s=timeout)
+            else:
+                with Live(job_table([job]), console=console, refresh_per_second=4) as live:
+                    job = client.wait(job.id, timeout_s=timeout, on_update=lambda j: live.update(job_table([j])))
+        except JobTimeout as exc:
+            err.print(f"[yellow]{exc}[/]; follow it with `vmq wait {job.id}`")
+            raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(job.model_dump_json())
+    elif not wait:
+        console.print(job_table([job]))
+        console.print(f"Enqueued. Follow it with [bold]vmq wait {job.id}[/] or [bold]vmq job {job.id}[/].")
+    if wait and job.state not in SUCCESS:
+        raise typer.Exit(1)

@@ -1,0 +1,142 @@
+"""``vmq create``, ``get``, ``destroy``, ``job`` and ``wait``: one job at a time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from producer.cli.common import (
+    JsonOpt,
+    ProviderOpt,
+    TimeoutOpt,
+    WaitOpt,
+    bad_input,
+    console,
+    err,
+    finish,
+    job_table,
+    pairs,
+    provisioner,
+    read_key,
+)
+from vmqueue.models import PROVIDERS
+
+app = typer.Typer()
+
+
+@app.command()
+def create(
+    provider: ProviderOpt,
+    name: Annotated[str, typer.Option(help="hostname: lowercase letters, digits, hyphens")],
+    region: Annotated[str, typer.Option(help="provider-native: location, region or zone (GCP)")],
+    instance_type: Annotated[str, typer.Option("--type", "-t", help="provider-native type/size/shape")],
+    image: Annotated[str, typer.Option(help="ubuntu-22.04, ubuntu-24.04, debian-12, or a native image id")],
+    ssh_key: Annotated[
+        str | None, typer.Option(help="public key file or key line; default ~/.ssh/id_ed25519.pub")
+    ] = None,
+    script: Annotated[Path | None, typer.Option(help="startup script file (shell or #cloud-config)")] = None,
+    label: Annotated[list[str], typer.Option(help="key=value, repeatable")] = [],  # noqa: B006
+    option: Annotated[list[str], typer.Option(help="provider option key=value, repeatable")] = [],  # noqa: B006
+    idempotency_key: Annotated[str | None, typer.Option(help="the same key never creates twice")] = None,
+    deadline: Annotated[float | None, typer.Option(help="seconds until running, else fail and destroy")] = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 900.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a VM. Example:
+
+    vmq create -p hetzner --name web-1 --region fsn1 --type cx22 --image ubuntu-24.04 --wait
+    """
+    try:
+        spec = {
+            "provider": provider,
+            "name": name,
+            "region": region,
+            "instance_type": instance_type,
+            "image": image,
+            "labels": pairs(label, "--label"),
+            "options": pairs(option, "--option"),
+        }
+        startup = script.read_text() if script else None
+        job = provisioner().create_vm(
+            spec, read_key(ssh_key), startup, idempotency_key=idempotency_key, deadline_s=deadline
+        )
+    except (ValidationError, ValueError, OSError) as exc:
+        raise bad_input(exc) from None
+    finish(job, wait, timeout, as_json)
+
+
+@app.command()
+def get(
+    provider: Annotated[str, typer.Argument(help=f"one of: {', '.join(PROVIDERS)}")],
+    instance_id: Annotated[str, typer.Argument(help="the provider-native instance id")],
+    wait: WaitOpt = True,
+    timeout: TimeoutOpt = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Read one VM's status and addresses (through a worker, like every provider call)."""
+    try:
+        job = provisioner().get_vm(provider, instance_id)
+    except (ValidationError, ValueError) as exc:
+        raise bad_input(exc) from None
+    finish(job, wait, timeout, as_json)
+
+
+@app.command()
+def destroy(
+    provider: Annotated[str | None, typer.Argument(help=f"one of: {', '.join(PROVIDERS)}")] = None,
+    instance_id: Annotated[str | None, typer.Argument(help="the provider-native instance id")] = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = 900.0,
+    as_json: JsonOpt = False,
+    fleet: Annotated[Path | None, typer.Option(help="destroy every VM this fleet file created (and wait)")] = None,
+) -> None:
+    """Destroy a VM and what vmqueue created with it; an already gone VM counts as destroyed.
+
+    vmq destroy PROVIDER INSTANCE_ID, or vmq destroy --fleet fleet.yaml
+    """
+    if (fleet is None) == (provider is None or instance_id is None) or (fleet and (provider or instance_id)):
+        raise bad_input(ValueError("give PROVIDER and INSTANCE_ID, or --fleet FILE alone"))
+    if fleet is not None:
+        from producer.cli.fleet import destroy_fleet
+
+        return destroy_fleet(fleet, timeout, as_json)
+    try:
+        job = provisioner().destroy_vm(provider, instance_id)
+    except (ValidationError, ValueError) as exc:
+        raise bad_input(exc) from None
+    finish(job, wait, timeout, as_json)
+
+
+@app.command()
+def job(job_id: str, as_json: JsonOpt = False) -> None:
+    """Show a job: state, VM, error, and its history."""
+    from producer.client import JobNotFound
+
+    try:
+        found = provisioner().get_job(job_id)
+    except JobNotFound as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    if as_json:
+        console.print_json(found.model_dump_json())
+        return
+    console.print(job_table([found]))
+    for event in found.history:
+        console.print(f"  {event.at:%H:%M:%S} [bold]{event.state}[/] {event.message}")
+
+
+@app.command("wait")
+def wait_cmd(job_id: str, timeout: TimeoutOpt = 900.0, as_json: JsonOpt = False) -> None:
+    """Follow a job until it ends; exit 0 if it succeeded, 1 if it failed or timed out."""
+    from producer.client import JobNotFound
+
+    try:
+        found = provisioner().get_job(job_id)
+    except JobNotFound as exc:
+        err.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    finish(found, True, timeout, as_json)

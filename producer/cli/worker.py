@@ -1,0 +1,35 @@
+"""``vmq worker``: run a worker for one provider's queue."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from producer.cli.common import ProviderOpt, console, err
+from vmqueue.models import PROVIDERS
+
+app = typer.Typer()
+
+
+def worker_argv(provider: str, concurrency: int, name: str, loglevel: str = "INFO") -> list[str]:
+    """The standard Celery worker command for one provider's queue, as `vmq worker` and the demo run it."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", f"vmq.{provider}",
+            "-P", "threads", "-c", str(concurrency), "-n", name, f"--loglevel={loglevel}", "-E"]  # fmt: skip
+
+
+@app.command()
+def worker(
+    provider: ProviderOpt,
+    concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="threads; polls hold none")] = 64,
+    loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run a worker for one provider's queue (wraps `celery -A workers.app worker -Q vmq.<provider>`)."""
+    if provider not in PROVIDERS:
+        err.print(f"[red]Unknown provider {provider!r}[/]; one of: {', '.join(PROVIDERS)}")
+        raise typer.Exit(2)
+    argv = worker_argv(provider, concurrency, name=f"{provider}@%h", loglevel=loglevel)
+    console.print(f"[dim]exec {' '.join(argv[2:])}[/]")
+    os.execv(sys.executable, argv)
