@@ -4,6 +4,7 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY vmqueue ./vmqueue
 COPY producer ./producer
 COPY workers ./workers
 COPY flower.conf ./

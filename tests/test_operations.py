@@ -11,6 +11,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from jsonschema import Draft7Validator
 
@@ -38,7 +39,7 @@ def test_every_provider_queue_has_a_worker_service():
 
 
 def test_every_service_command_is_one_the_project_has():
-    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    commands = set(typer.main.get_command(app).commands)
     for name, service in COMPOSE["services"].items():
         command = service.get("command")
         if name == "redis":
