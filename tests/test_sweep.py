@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from typer.testing import CliRunner
@@ -14,7 +17,8 @@ from tests import test_cli
 from vmqueue import keys
 from vmqueue.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
-from workers.sweeper import orphan_reason, owner_of
+from vmqueue.sweep import StoreEpoch
+from workers.sweeper import orphan_reason, owner_of, record_loss_guard
 
 cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session for the CLI
 runner = CliRunner()
@@ -49,21 +53,50 @@ def _job(state: JobState, kind: JobKind = JobKind.create, instance_id: str | Non
     ],
 )
 def test_who_owns_a_vm(job, orphan):
-    reason = orphan_reason(_vm(), job, fleet_jobs=set())
+    reason = orphan_reason(_vm(), job, fleet_jobs={})
     assert reason is None if orphan is None else orphan in reason
+    # A fleet naming the job changes nothing while the job's record exists: the record decides.
+    fleet_reason = orphan_reason(_vm(), job, fleet_jobs={"j1": "sim-1"})
+    assert fleet_reason == reason if job is not None else fleet_reason is None
 
 
 def test_a_vm_without_job_label_is_an_orphan_and_a_fleet_keeps_its_vm():
-    assert "no vmqueue-job label" in orphan_reason(_vm(job_id=None), None, set())
-    assert orphan_reason(_vm(), None, fleet_jobs={"j1"}) is None  # the fleet outlives the job record's TTL
+    assert "no vmqueue-job label" in orphan_reason(_vm(job_id=None), None, {})
+    assert orphan_reason(_vm(), None, fleet_jobs={"j1": None}) is None  # the fleet outlives the job record's TTL
+    assert orphan_reason(_vm(), None, fleet_jobs={"j1": "sim-1"}) is None
+    assert "fleet entry names another VM (sim-7)" in orphan_reason(_vm(), None, fleet_jobs={"j1": "sim-7"})
+
+
+def test_a_fleet_vm_whose_create_failed_and_whose_cleanup_failed_is_an_orphan():
+    # Issue 13 (2): the job says "the sweeper will find it"; the fleet entry must not hide it.
+    failed = _job(JobState.failed, cleanup=CleanupState.failed, error=JobError(code="timeout", message="x"))
+    assert orphan_reason(_vm(), failed, fleet_jobs={"j1": "sim-1"}) == "its create failed and the cleanup failed"
+    before = _job(JobState.failed, instance_id=None, error=JobError(code="auth", message="x"))
+    assert "before recording" in orphan_reason(_vm(), before, fleet_jobs={"j1": None})
+
+
+def test_a_record_gone_justifies_a_destroy_only_for_an_old_vm_of_a_continuous_store():
+    now = datetime(2025, 6, 1, tzinfo=UTC)
+    epoch = StoreEpoch(born_at=now - timedelta(days=30), why="first pass")
+    week = 7 * 24 * 3600
+
+    def aged(days: float | None) -> VMInfo:
+        return _vm().model_copy(update={"created_at": None if days is None else now - timedelta(days=days)})
+
+    assert record_loss_guard(aged(8), epoch, week, now) is None  # its record expired: an orphan
+    assert "less than the job record TTL (7.0 d)" in record_loss_guard(aged(2), epoch, week, now)
+    assert "before the job store's current epoch began" in record_loss_guard(aged(40), epoch, week, now)
+    assert "no creation time" in record_loss_guard(aged(None), epoch, week, now)
+    naive = aged(8).model_copy(update={"created_at": (now - timedelta(days=8)).replace(tzinfo=None)})
+    assert record_loss_guard(naive, epoch, week, now) is None
 
 
 def test_a_failed_over_vm_belongs_to_its_job():
     # A capacity failover's attempt labels its VM "<job id>-p<n>": still the job's own VM.
     vm = _vm(job_id="j1-p2")
     assert owner_of(vm) == "j1"
-    assert orphan_reason(vm, _job(JobState.running), fleet_jobs=set()) is None
-    assert orphan_reason(vm, None, fleet_jobs={"j1"}) is None
+    assert orphan_reason(vm, _job(JobState.running), fleet_jobs={}) is None
+    assert orphan_reason(vm, None, fleet_jobs={"j1": None}) is None
 
 
 def _sweep(*args: str) -> dict:
@@ -83,7 +116,11 @@ def test_sweep_reports_first_and_destroys_on_a_later_pass(cli_env, sim_worker, p
     cloud = SimProvider(redis_client)
     live = provisioner.wait(provisioner.create_vm({**SPEC, "name": "live"}, ssh_key).id, timeout_s=30)
     expired = provisioner.wait(provisioner.create_vm({**SPEC, "name": "expired"}, ssh_key).id, timeout_s=30)
-    redis_client.delete(keys.job_key(expired.id))  # its record expired: nobody tracks the VM any more
+    # Its record expired: the store has been continuous for 30 days, the VM was made 8 days ago and
+    # its record (a failed create's, say) is gone. Nobody tracks the VM any more.
+    _old_store(redis_client, days=30)
+    _age(redis_client, expired.instance_id, days=8)
+    redis_client.delete(keys.job_key(expired.id))
     # A create that failed and whose cleanup failed too, and one whose cleanup was turned off.
     broken = _stored_job(provisioner, cloud, ssh_key, "broken", state=JobState.failed, cleanup=CleanupState.failed)
     kept = _stored_job(provisioner, cloud, ssh_key, "kept", state=JobState.failed, cleanup=CleanupState.skipped)
@@ -91,8 +128,8 @@ def test_sweep_reports_first_and_destroys_on_a_later_pass(cli_env, sim_worker, p
     pending = _stored_job(provisioner, cloud, ssh_key, "pending", state=JobState.submitting, record_instance=False)
     orphans = {expired.instance_id, broken}
 
-    first = _sweep("--delay", "1")
-    assert first["listed"] == 5 and first["owned"] == 3
+    first = _sweep("--delay", "1", "--max-destroy-share", "1")
+    assert first["listed"] == 5 and first["owned"] == 3 and first["refused"] is None
     assert _actions(first) == dict.fromkeys(orphans, "reported")
     assert {o["reason"] for o in first["orphans"]} == {
         "its job record is gone (expired or never written)",
@@ -102,15 +139,29 @@ def test_sweep_reports_first_and_destroys_on_a_later_pass(cli_env, sim_worker, p
 
     assert _actions(_sweep("--delay", "60")) == dict.fromkeys(orphans, "waiting")
     time.sleep(1.1)  # the delay of the next passes has passed since the first report
-    assert _actions(_sweep("--delay", "1", "--dry-run")) == dict.fromkeys(orphans, "would_destroy")
+    assert _actions(_sweep("--delay", "1", "--dry-run", "--max-destroy-share", "1")) == dict.fromkeys(
+        orphans, "would_destroy"
+    )
     assert len(sim.existing_vms()) == 5  # a dry run changes nothing
 
-    assert _actions(_sweep("--delay", "1")) == dict.fromkeys(orphans, "destroyed")
+    assert _actions(_sweep("--delay", "1", "--max-destroy-share", "1")) == dict.fromkeys(orphans, "destroyed")
     # The sim deletes asynchronously, like a cloud: the deleted VMs leave within its destroy time.
     wait_for(lambda: len(sim.existing_vms()) == 3, timeout_s=10, what="the orphans are deleted")
     assert {vm["instance_id"] for vm in sim.existing_vms()} == {live.instance_id, kept, pending}
     assert redis_client.hgetall(keys.sweep_seen_key("sim")) == {}
     assert _sweep("--delay", "1")["orphans"] == []
+
+
+def _old_store(redis_client, days: float) -> None:
+    """The job store has been continuous for ``days``: its epoch marker was written that long ago."""
+    born = datetime.now(UTC) - timedelta(days=days)
+    redis_client.set(keys.EPOCH_KEY, StoreEpoch(born_at=born, why="the test's store").model_dump_json())
+
+
+def _age(redis_client, instance_id: str, days: float) -> None:
+    """The simulated cloud says this VM was created ``days`` ago."""
+    created_ms = int((time.time() - days * 86400) * 1000)
+    redis_client.hset(f"{keys.SIM_PREFIX}vm:{instance_id}", "created_ms", created_ms)
 
 
 def _stored_job(provisioner, cloud, ssh_key: str, name: str, record_instance: bool = True, **fields) -> str:
@@ -159,3 +210,93 @@ def test_a_pass_sends_again_the_jobs_whose_message_was_lost(
     assert report["rescued"] == [lost.id]
     assert provisioner.wait(lost.id, timeout_s=30).state == JobState.gone
     assert provisioner.get_job(waiting.id).state == JobState.destroying
+
+
+def _running(provisioner, ssh_key: str, count: int, prefix: str) -> list[str]:
+    ids = [provisioner.create_vm({**SPEC, "name": f"{prefix}-{n}"}, ssh_key).id for n in range(count)]
+    return [provisioner.wait(i, timeout_s=30).instance_id for i in ids]
+
+
+def _store_keys(redis_client) -> list[str]:
+    """Everything the job store holds (records, fleets, the epoch, the sweeper's memory); not the
+    broker's queues and not the simulated cloud, which stands for the provider."""
+    return [k for k in redis_client.scan_iter(match="vmq:*") if not k.startswith(keys.SIM_PREFIX)]
+
+
+@pytest.mark.system
+def test_a_store_that_lost_its_records_destroys_no_running_vm(
+    cli_env, sim_worker, provisioner, redis_client, sim, ssh_key
+):
+    # Issue 13 (1): Redis came back without its data (no AOF): every record is gone, the VMs run.
+    running = _running(provisioner, ssh_key, 3, "kept")
+    assert _sweep("--delay", "0")["orphans"] == []  # a healthy store: all owned
+    redis_client.delete(*_store_keys(redis_client))
+
+    first = _sweep("--delay", "0")
+    assert "epoch marker (vmq:epoch) was missing" in first["refused"]
+    assert _actions(first) == dict.fromkeys(running, "reported")
+    second = _sweep("--delay", "0")  # the pass that used to destroy them all
+    assert second["refused"] is None  # a new epoch began with the first pass ...
+    assert _actions(second) == dict.fromkeys(running, "kept")  # ... but these VMs predate it
+    for orphan in second["orphans"]:
+        assert orphan["kept_because"].startswith("created before the job store's current epoch began")
+        assert "the epoch marker was missing): its record may have been lost with the store" in orphan["kept_because"]
+    assert sorted(vm["instance_id"] for vm in sim.existing_vms()) == sorted(running)
+    assert sim.calls().get("destroy", 0) == 0
+
+
+@pytest.mark.system
+def test_a_young_vm_whose_record_is_gone_is_kept_and_an_epoch_change_between_passes_refuses(
+    cli_env, sim_worker, provisioner, redis_client, sim, ssh_key
+):
+    # A replica without the latest writes took over: the epoch is old and intact, a new record is gone.
+    _old_store(redis_client, days=30)
+    (young,) = _running(provisioner, ssh_key, 1, "young")
+    redis_client.delete(*redis_client.keys(keys.job_key("*")))
+    _sweep("--delay", "0")
+    (kept,) = _sweep("--delay", "0", "--max-destroy-share", "1")["orphans"]
+    assert kept["action"] == "kept" and "less than the job record TTL" in kept["kept_because"]
+
+    # The same periodic sweeper's passes carry the epoch: one that changed in between refuses all.
+    from producer.sweep import request_sweep, wait_report
+    from vmqueue.sweep import SweepRequest
+
+    _age(redis_client, young, days=8)  # now old enough that only the epoch check stands
+    request = SweepRequest(provider="sim", delay_s=0, max_destroy_share=1, epoch="an-earlier-epoch")
+    request_sweep(provisioner.celery, request)
+    report = wait_report(redis_client, request.id, 30)
+    assert "epoch changed since the previous pass (an-earlier-e" in report.refused
+    assert [(o.instance_id, o.action) for o in report.orphans] == [(young, "kept")]
+    assert len(sim.existing_vms()) == 1
+
+
+@pytest.mark.system
+def test_a_pass_destroys_at_most_its_share(cli_env, sim_worker, provisioner, redis_client, sim, ssh_key):
+    cloud = __import__("workers.providers.sim", fromlist=["SimProvider"]).SimProvider(redis_client)
+    _old_store(redis_client, days=30)
+    broken = [
+        _stored_job(provisioner, cloud, ssh_key, f"broken-{n}", state=JobState.failed, cleanup=CleanupState.failed)
+        for n in range(5)
+    ]
+    assert set(_actions(_sweep("--delay", "0"))) == set(broken)
+    report = _sweep("--delay", "0")  # default share 0.2 of 5 listed: one destroy this pass
+    assert report["destroy_limit"] == 1
+    assert sorted(_actions(report).values()) == ["destroyed", "held", "held", "held", "held"]
+    wait_for(lambda: len(sim.existing_vms()) == 4, timeout_s=10, what="one orphan is deleted")
+    told = _sweep("--delay", "0", "--max-destroy-share", "1")  # told otherwise: no limit
+    assert sorted(_actions(told).values()) == ["destroyed"] * 4
+
+
+@pytest.mark.system
+def test_the_periodic_sweeper_goes_on_when_a_report_is_late(test_env, redis_client):
+    # No worker serves digitalocean here: every report is late. The loop must say so and go on.
+    command = [sys.executable, "-m", "producer.cli", "sweep", "-p", "digitalocean", "--every", "1", "--timeout", "1"]
+    process = subprocess.Popen(command, env=test_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4.5)  # two timeouts and their pauses, with room for the interpreter's start
+        assert process.poll() is None, process.communicate()
+    finally:
+        process.terminate()
+        _out, errors = process.communicate(timeout=10)
+    assert errors.count("no sweep report after 1s") >= 2, errors
+    assert "the next pass in 1s" in errors

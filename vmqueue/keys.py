@@ -14,6 +14,9 @@ WATCH_PREFIX = "vmq:watch:"  # hash per provider: instance id -> job id of VMs b
 TICKER_PREFIX = "vmq:ticker:"  # per provider: the token of the one live batch-read chain
 FLEET_PREFIX = "vmq:fleet:"  # hash per fleet: "<provider>/<name>" -> the VM's create job; no TTL
 SWEEP_PREFIX = "vmq:sweep:"  # seen:<provider> (orphan -> first seen), report:<id>, lock:<provider>
+# The job store's continuity marker (vmqueue/sweep.py StoreEpoch): written once, no TTL; missing or
+# new means records may have been lost, and the sweeper destroys nothing on "record gone" from before it.
+EPOCH_KEY = "vmq:epoch"
 
 TASK_CREATE = "vmq.create"
 TASK_DESTROY = "vmq.destroy"

@@ -7,17 +7,32 @@ adopted it, it went away) is forgotten. Orphanhood is stable, so the delay is a 
 against surprises (clock skew, a record written late), not a race the sweeper must win: a live
 job's record only moves towards final states, and a missing record never comes back.
 
-Who owns a VM, from its ``vmqueue-job`` label:
+Who owns a VM, from its ``vmqueue-job`` label, judged first by the job's own record:
 - a create job that is queued, submitting or provisioning: live (it may not have recorded the
   instance id yet; it will adopt or destroy the VM);
 - a running create job whose recorded instance is this VM: live (the user's VM);
 - a failed create job whose cleanup is pending or destroying: live (the cleanup is under way);
   whose cleanup was skipped (``destroy_on_failure=False``): kept on purpose, not an orphan;
-- a fleet entry naming the job: live (fleets keep their VMs beyond the job record's TTL).
+- no record, but a fleet entry naming the job (and no other VM): live (fleets keep their VMs
+  beyond the job record's TTL). A fleet entry never overrides what the job's record says: a fleet
+  job whose create failed and whose cleanup failed is an orphan like any other.
 Everything else is an orphan: no label, no record (expired after ``VMQ_JOB_TTL_S`` or never
 written), a job of another kind, a job that recorded another instance, a failed create whose
 cleanup failed or finished (yet the VM is still here), or one that failed before recording it.
 A VM already terminating is left alone.
+
+What a pass refuses to do, because the sweeper is the last line of defence and must never destroy
+what someone still owns:
+- destroy anything when the job store's continuity is in doubt: its epoch marker
+  (``vmq:epoch``, ``StoreEpoch``) is missing (the store was emptied, restarted without its data,
+  or a replica without it took over), Redis evicted keys since the epoch began, or the epoch
+  differs from the one the previous pass of the same periodic sweeper saw. Such a pass begins a
+  new epoch, reports, and destroys nothing;
+- destroy a VM on "its record is gone" alone when the VM is younger than the record TTL (the
+  record cannot have expired, so the store lost it), was created before the current epoch began
+  (its record may have gone with the old store), or its age is unknown;
+- destroy more than ``max_destroy_share`` of the VMs it lists (rounded up); the rest are held for
+  later passes, oldest orphan first.
 
 Each pass also sends again the task of every stalled job of the provider: one whose message the
 broker lost (workers/rescue.py).
@@ -27,14 +42,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections.abc import Callable
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+
+import redis
 
 from vmqueue import keys
 from vmqueue.jobstore import JobStore
 from vmqueue.models import LABEL_JOB, CleanupState, Job, JobKind, JobState, VMInfo, VMStatus, job_id_of
-from vmqueue.sweep import REPORT_TTL_S, Action, Orphan, SweepReport, SweepRequest
+from vmqueue.sweep import REPORT_TTL_S, Action, Orphan, StoreEpoch, SweepReport, SweepRequest
 from workers.providers.base import Provider
 from workers.providers.errors import ProviderError
 from workers.rescue import stalled_jobs
@@ -44,6 +62,7 @@ log = logging.getLogger("vmqueue.sweeper")
 IN_FLIGHT = (JobState.queued, JobState.submitting, JobState.provisioning)
 DELETING = (VMStatus.terminating, VMStatus.terminated)
 LOCK_S = 60  # one orphan pass per provider at a time; a sweep killed with its worker frees it after this
+RECORD_GONE = "its job record is gone (expired or never written)"
 
 
 def owner_of(vm: VMInfo) -> str | None:
@@ -52,15 +71,23 @@ def owner_of(vm: VMInfo) -> str | None:
     return job_id_of(label) if label else None
 
 
-def orphan_reason(vm: VMInfo, job: Job | None, fleet_jobs: set[str]) -> str | None:
-    """Why no live job owns ``vm``; ``None`` when one does (or the VM is kept on purpose)."""
+def orphan_reason(vm: VMInfo, job: Job | None, fleet_jobs: Mapping[str, str | None]) -> str | None:
+    """Why no live job owns ``vm``; ``None`` when one does (or the VM is kept on purpose).
+
+    ``fleet_jobs`` maps the create jobs fleets name to the instance id each entry recorded (None:
+    not yet). A fleet entry counts only when the job's record is gone: the record, where it exists,
+    is the better witness (a failed create whose cleanup failed is an orphan, fleet or not).
+    """
     job_id = owner_of(vm)
     if not job_id:
         return f"no {LABEL_JOB} label"
-    if job_id in fleet_jobs:
-        return None
     if job is None:
-        return "its job record is gone (expired or never written)"
+        if job_id in fleet_jobs:
+            recorded = fleet_jobs[job_id]
+            if recorded in (None, vm.instance_id):
+                return None  # the fleet outlives the job record's TTL
+            return f"its job record is gone and its fleet entry names another VM ({recorded})"
+        return RECORD_GONE
     if job.kind != JobKind.create:
         return f"labelled with a {job.kind} job"
     if job.instance_id is not None and job.instance_id != vm.instance_id:
@@ -72,6 +99,40 @@ def orphan_reason(vm: VMInfo, job: Job | None, fleet_jobs: set[str]) -> str | No
     if job.cleanup is None:
         return f"its create failed ({job.error.code if job.error else 'unknown'}) before recording this VM"
     return f"its create failed and the cleanup {job.cleanup}"
+
+
+def record_loss_guard(vm: VMInfo, epoch: StoreEpoch, ttl_s: float, now: datetime) -> str | None:
+    """Why "its record is gone" does not justify destroying ``vm``; None when it does.
+
+    A create writes its record before it makes the VM, and the record expires ``ttl_s`` after that
+    (never, once the VM runs). So a record legitimately gone belongs to a VM older than ``ttl_s``,
+    created while the store has been continuous (after the current epoch began).
+    """
+    created = vm.created_at
+    if created is None:
+        return "its record is gone and the provider gives no creation time, so it may have been lost"
+    if created.tzinfo is None:
+        created = created.replace(tzinfo=UTC)
+    if created < epoch.born_at:
+        return (
+            f"created before the job store's current epoch began ({epoch.born_at:%Y-%m-%d %H:%M:%S} UTC, "
+            f"{epoch.why}): its record may have been lost with the store"
+        )
+    age = now - created
+    if age < timedelta(seconds=ttl_s):
+        return (
+            f"created {_span(age)} ago, less than the job record TTL ({_span(timedelta(seconds=ttl_s))}): "
+            "the record cannot have expired, so the store lost it"
+        )
+    return None
+
+
+def _span(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds} s"
 
 
 class Sweeper:
@@ -120,14 +181,21 @@ class Sweeper:
             log.warning("job=%s provider=%s stalled %s job sent again", job.id, job.provider, job.state)
 
     def _pass(self, request: SweepRequest, report: SweepReport) -> None:
+        # The epoch before the list: records lost after this read show up on the next pass.
+        report.epoch, report.refused = self._epoch(request)
+        if report.refused:
+            log.error("provider=%s sweep %s destroys nothing: %s", request.provider, request.id, report.refused)
         vms = [vm for vm in self.calls(self.provider.list_owned_vms) if vm.status not in DELETING]
         report.listed = len(vms)
+        # Rounded so 0.2 x 15 is 3, not the 4 that float noise would make of it.
+        report.destroy_limit = math.ceil(round(request.max_destroy_share * len(vms), 6))
         jobs = self._jobs([owner_of(vm) for vm in vms])
         fleet_jobs = self._fleet_jobs()
         seen_key = keys.sweep_seen_key(request.provider)
         seen = {k: float(v) for k, v in self.redis.hgetall(seen_key).items()}
         now = time.time()
         orphan_ids = set()
+        due: list[tuple[float, VMInfo, Orphan]] = []
         for vm in vms:
             job_id = owner_of(vm)
             reason = orphan_reason(vm, jobs.get(job_id), fleet_jobs)
@@ -145,44 +213,110 @@ class Sweeper:
                 action=Action.reported,
                 first_seen=datetime.fromtimestamp(first, UTC) if first else None,
             )
-            orphan.action = self._act(request, vm, first, now)
+            if reason == RECORD_GONE:  # said on every pass, so a first report already tells
+                orphan.kept_because = record_loss_guard(
+                    vm, report.epoch, self.store.ttl_s, datetime.fromtimestamp(now, UTC)
+                )
             report.orphans.append(orphan)
+            if first is None:
+                if not request.dry_run:
+                    self.redis.hset(seen_key, vm.instance_id, now)
+                log.warning("provider=%s instance=%s orphan reported: %s", request.provider, vm.instance_id, reason)
+                orphan.action = Action.would_report if request.dry_run else Action.reported
+            elif now - first < request.delay_s:
+                orphan.action = Action.waiting
+            else:
+                due.append((first, vm, orphan))
+        self._destroy_due(request, report, due)
         forgotten = [i for i in seen if i not in orphan_ids]
         if forgotten and not request.dry_run:  # adopted, or gone: a later orphan starts its wait anew
             self.redis.hdel(seen_key, *forgotten)
 
-    def _act(self, request: SweepRequest, vm: VMInfo, first: float | None, now: float) -> Action:
-        seen_key = keys.sweep_seen_key(request.provider)
-        if first is None:
-            if not request.dry_run:
-                self.redis.hset(seen_key, vm.instance_id, now)
-            log.warning("provider=%s instance=%s orphan reported", request.provider, vm.instance_id)
-            return Action.would_report if request.dry_run else Action.reported
-        if now - first < request.delay_s:
-            return Action.waiting
-        if request.dry_run:
-            return Action.would_destroy
+    def _destroy_due(self, request: SweepRequest, report: SweepReport, due: list[tuple[float, VMInfo, Orphan]]) -> None:
+        """Destroy the orphans past their delay, oldest report first, within the guards and the limit."""
+        sent = 0
+        for _first, vm, orphan in sorted(due, key=lambda item: item[0]):
+            if report.refused or orphan.kept_because:
+                orphan.action = Action.kept
+                orphan.kept_because = orphan.kept_because or f"this pass destroys nothing: {report.refused}"
+                log.warning(
+                    "provider=%s instance=%s orphan kept: %s", request.provider, vm.instance_id, orphan.kept_because
+                )
+                continue
+            if sent >= (report.destroy_limit or 0):
+                orphan.action = Action.held
+                continue
+            sent += 1
+            orphan.action = Action.would_destroy if request.dry_run else self._destroy(request, vm)
+
+    def _destroy(self, request: SweepRequest, vm: VMInfo) -> Action:
         try:
             self.calls(self.provider.destroy_vm, vm.instance_id)
         except ProviderError as exc:
             log.error("provider=%s instance=%s orphan destroy failed: %s", request.provider, vm.instance_id, exc)
             return Action.destroy_failed
-        self.redis.hdel(seen_key, vm.instance_id)
+        self.redis.hdel(keys.sweep_seen_key(request.provider), vm.instance_id)
         log.warning("provider=%s instance=%s orphan destroyed", request.provider, vm.instance_id)
         return Action.destroyed
+
+    def _epoch(self, request: SweepRequest) -> tuple[StoreEpoch, str | None]:
+        """The store's epoch, and why this pass must destroy nothing (None: the store is continuous).
+
+        A missing marker, or keys evicted since it was written, begin a new epoch (not in a dry run).
+        """
+        evicted = self._evicted_keys()
+        raw = self.redis.get(keys.EPOCH_KEY)
+        if raw is None:
+            epoch = StoreEpoch(evicted_keys=evicted, why="the epoch marker was missing")
+            if not request.dry_run and not self.redis.set(keys.EPOCH_KEY, epoch.model_dump_json(), nx=True):
+                epoch = StoreEpoch.model_validate_json(self.redis.get(keys.EPOCH_KEY) or epoch.model_dump_json())
+            return epoch, (
+                f"the job store's epoch marker ({keys.EPOCH_KEY}) was missing: the store was emptied, restarted "
+                "without its data, or a replica without it took over, so job records may be lost; "
+                "a new epoch begins now"
+            )
+        epoch = StoreEpoch.model_validate_json(raw)
+        if evicted > epoch.evicted_keys:
+            lost = evicted - epoch.evicted_keys
+            epoch = StoreEpoch(evicted_keys=evicted, why=f"Redis evicted {lost} keys")
+            if not request.dry_run:
+                self.redis.set(keys.EPOCH_KEY, epoch.model_dump_json())
+            return epoch, (
+                f"Redis evicted {lost} keys since the epoch began (maxmemory; use noeviction for vmqueue): "
+                "job records may be among them; a new epoch begins now"
+            )
+        if evicted < epoch.evicted_keys and not request.dry_run:
+            # Redis restarted with its data (or CONFIG RESETSTAT): its counter starts again from 0.
+            epoch.evicted_keys = evicted
+            self.redis.set(keys.EPOCH_KEY, epoch.model_dump_json())
+        if request.epoch is not None and request.epoch != epoch.id:
+            return epoch, (
+                f"the job store's epoch changed since the previous pass ({request.epoch[:12]} -> {epoch.id[:12]}): "
+                "job records may have been lost in between"
+            )
+        return epoch, None
+
+    def _evicted_keys(self) -> int:
+        try:
+            return int(self.redis.info("stats").get("evicted_keys", 0))
+        except redis.ResponseError:  # a managed Redis that forbids INFO: evictions go unseen
+            log.warning("INFO stats refused: keys evicted from the job store cannot be detected")
+            return 0
 
     def _jobs(self, job_ids: list[str | None]) -> dict[str, Job]:
         wanted = sorted({i for i in job_ids if i})
         raws = self.redis.mget([keys.job_key(i) for i in wanted]) if wanted else []
         return {i: Job.model_validate_json(raw) for i, raw in zip(wanted, raws, strict=True) if raw}
 
-    def _fleet_jobs(self) -> set[str]:
-        """Create jobs that fleets name (producer/fleetrun.py: entry -> {"job_id", "instance_id"})."""
-        jobs: set[str] = set()
+    def _fleet_jobs(self) -> dict[str, str | None]:
+        """Create jobs that fleets name, and the instance id each entry recorded
+        (producer/fleetrun.py: entry -> {"job_id", "instance_id"})."""
+        jobs: dict[str, str | None] = {}
         for key in self.redis.scan_iter(match=f"{keys.FLEET_PREFIX}*", count=1000, _type="hash"):
             for raw in self.redis.hvals(key):
                 try:
-                    jobs.add(json.loads(raw)["job_id"])
-                except (ValueError, KeyError, TypeError):
+                    entry = json.loads(raw)
+                    jobs[entry["job_id"]] = entry.get("instance_id")
+                except (ValueError, KeyError, TypeError, AttributeError):
                     log.warning("fleet record %s holds an entry that is not {job_id, ...}: %.80r", key, raw)
         return jobs
