@@ -124,35 +124,45 @@ class FakeOCI(FakeAPI):
         self.attach(instance, self.public_ip)
         return instance
 
-    def attach(self, instance: dict[str, Any], public_ip: str | None, ipv6: list[str] | None = None) -> None:
+    def attach(
+        self,
+        instance: dict[str, Any],
+        public_ip: str | None,
+        ipv6: list[str] | None = None,
+        *,
+        primary: bool = True,
+        private_ip: str = "10.0.0.12",
+        time_created: str | None = None,
+        listed_first: bool = False,
+    ) -> None:
+        """Attach a VNIC; a secondary one (``primary=False``) may be listed before the primary."""
         vnic_id = ocid("vnic")
         self.vnics[vnic_id] = {
             "id": vnic_id,
             "availabilityDomain": instance["availabilityDomain"],
             "compartmentId": instance["compartmentId"],
             "displayName": instance["displayName"],
-            "isPrimary": True,
+            "isPrimary": primary,
             "lifecycleState": "AVAILABLE",
             "macAddress": "02:00:17:00:00:01",
-            "privateIp": "10.0.0.12",
+            "privateIp": private_ip,
             "publicIp": public_ip,
             "ipv6Addresses": ipv6 or [],
             "subnetId": SUBNET,
             "timeCreated": instance["timeCreated"],
         }
-        self.attachments.append(
-            {
-                "id": ocid("vnicattachment"),
-                "availabilityDomain": instance["availabilityDomain"],
-                "compartmentId": instance["compartmentId"],
-                "instanceId": instance["id"],
-                "lifecycleState": "ATTACHED",
-                "nicIndex": 0,
-                "subnetId": SUBNET,
-                "timeCreated": instance["timeCreated"],
-                "vnicId": vnic_id,
-            }
-        )
+        attachment = {
+            "id": ocid("vnicattachment"),
+            "availabilityDomain": instance["availabilityDomain"],
+            "compartmentId": instance["compartmentId"],
+            "instanceId": instance["id"],
+            "lifecycleState": "ATTACHED",
+            "nicIndex": 0,
+            "subnetId": SUBNET,
+            "timeCreated": time_created or instance["timeCreated"],
+            "vnicId": vnic_id,
+        }
+        self.attachments.insert(0 if listed_first else len(self.attachments), attachment)
 
 
 def images(query: dict[str, str]) -> list[dict[str, Any]]:

@@ -306,7 +306,6 @@ class TestAWS(AdapterContract):
         ("raw", "reason", "expected"),
         [(raw, None, status) for raw, status in STATUS_MAP.items()]
         + [
-            ("terminated", "Server.InsufficientInstanceCapacity", VMStatus.error),
             ("terminated", "Server.InternalError", VMStatus.error),
             ("terminated", "Client.VolumeLimitExceeded", VMStatus.error),
             ("terminated", "Client.UserInitiatedShutdown", VMStatus.terminated),
@@ -334,6 +333,54 @@ class TestAWS(AdapterContract):
             vm = provider.get_vm("i-0abc1234def567890")  # a bare id reads in AWS_REGION
         assert (vm.public_ipv4, vm.public_ipv6, vm.private_ipv4) == ("203.0.113.7", "2001:db8::7", "172.31.5.6")
         assert vm.created_at == datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC) and vm.name == "web-1"
+
+    def test_get_multi_nic_reads_device_index_0(self, provider: AWSProvider) -> None:
+        """A secondary interface (device index 1, private only) listed before eth0: eth0's addresses."""
+        eth1 = {
+            "NetworkInterfaceId": "eni-0second",
+            "Attachment": {"DeviceIndex": 1, "Status": "attached"},
+            "PrivateIpAddress": "10.1.9.9",
+            "Ipv6Addresses": [],
+        }
+        eth0 = {
+            "NetworkInterfaceId": "eni-0primary",
+            "Attachment": {"DeviceIndex": 0, "Status": "attached"},
+            "Association": {"PublicIp": "203.0.113.7"},
+            "PrivateIpAddress": "172.31.5.6",
+            "Ipv6Addresses": [{"Ipv6Address": "2001:db8::7"}],
+        }
+        answer = described("running", PublicIpAddress="203.0.113.7", NetworkInterfaces=[eth1, eth0])
+        with Stubber(provider._client("ec2", REGION)) as stub:
+            stub.add_response("describe_instances", answer)
+            vm = provider.get_vm(f"{REGION}/i-0abc1234def567890")
+        assert (vm.public_ipv4, vm.public_ipv6, vm.private_ipv4) == ("203.0.113.7", "2001:db8::7", "172.31.5.6")
+
+    def test_get_keeps_to_the_requested_id(self, provider: AWSProvider) -> None:
+        """An answer holding another instance first: the one asked for, or not found."""
+        [reservation] = described("running", PublicIpAddress="203.0.113.7")["Reservations"]
+        asked = reservation["Instances"][0]
+        other = {**asked, "InstanceId": "i-0fffffffffffffff0", "PublicIpAddress": "198.51.100.1"}
+        with Stubber(provider._client("ec2", REGION)) as stub:
+            stub.add_response("describe_instances", {"Reservations": [{**reservation, "Instances": [other, asked]}]})
+            stub.add_response("describe_instances", {"Reservations": [{**reservation, "Instances": [other]}]})
+            vm = provider.get_vm(f"{REGION}/i-0abc1234def567890")
+            with pytest.raises(NotFoundError):
+                provider.get_vm(f"{REGION}/i-0abc1234def567890")
+        assert (vm.instance_id, vm.public_ipv4) == (f"{REGION}/i-0abc1234def567890", "203.0.113.7")
+
+    def test_async_capacity_failure_raises_capacity(self, provider: AWSProvider) -> None:
+        """Accepted, then terminated by EC2 for want of capacity: get_vm raises CapacityError (the failover's
+        signal); the batched read reports the VM in error instead, so one VM cannot sink the batch."""
+        reason = {"Code": "Server.InsufficientInstanceCapacity", "Message": "Server.InsufficientInstanceCapacity"}
+        answer = described("terminated", StateReason=reason)
+        with Stubber(provider._client("ec2", REGION)) as stub:
+            stub.add_response("describe_instances", answer)
+            stub.add_response("describe_instances", answer)
+            with pytest.raises(CapacityError) as caught:
+                provider.get_vm(f"{REGION}/i-0abc1234def567890")
+            batch = provider.get_vms([f"{REGION}/i-0abc1234def567890"])
+        assert caught.value.provider_code == "Server.InsufficientInstanceCapacity"
+        assert batch[f"{REGION}/i-0abc1234def567890"].status is VMStatus.error
 
     def test_get_without_public_ip(self, provider: AWSProvider, key: SSHPublicKey) -> None:
         spec = make_spec(options={"associate_public_ip": False})

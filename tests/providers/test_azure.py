@@ -252,6 +252,42 @@ class TestAzure(AdapterContract):
         assert info.labels == OWNED and info.created_at is not None
         assert [c.path.rsplit("/", 1)[-1] for c in fake.calls_to("GET", "")] == ["web-1", "web-1-nic", "web-1-pip"]
 
+    def test_get_multi_nic_reads_the_primary(self, provider: AzureProvider, fake: FakeARM) -> None:
+        """Two NICs, the first reference the private-only one (primary false): the primary NIC's addresses."""
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        boot(fake)
+        nic_path = f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/"
+        primary = fake.get(nic_path + "web-1-nic")
+        second = {
+            **primary,
+            "id": nic_path + "web-1-nic2",
+            "name": "web-1-nic2",
+            "properties": {
+                "provisioningState": "Succeeded",
+                "primary": False,
+                "ipConfigurations": [
+                    {
+                        "name": "ipconfig1",
+                        "id": nic_path + "web-1-nic2/ipConfigurations/ipconfig1",
+                        "properties": {"primary": True, "privateIPAddress": "10.0.1.9", "subnet": {"id": SUBNET_ID}},
+                    }
+                ],
+            },
+        }
+        fake.resources[second["id"].lower()] = second
+        # The primary NIC holds a secondary IP configuration first, without a public IP.
+        [config] = primary["properties"]["ipConfigurations"]
+        config["properties"]["primary"] = True
+        extra = {"name": "ipconfig2", "properties": {"primary": False, "privateIPAddress": "10.0.0.99"}}
+        primary["properties"]["ipConfigurations"] = [extra, config]
+        refs = fake.vm("web-1")["properties"]["networkProfile"]["networkInterfaces"]
+        refs[0]["properties"]["primary"] = True
+        refs.insert(0, {"id": second["id"], "properties": {"primary": False}})
+
+        info = provider.get_vm(VM_ID)
+
+        assert (info.public_ipv4, info.private_ipv4) == ("20.61.15.7", "10.0.0.4")
+
     def test_get_without_public_ip(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
         nic = fake.get(f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/web-1-nic")

@@ -215,6 +215,25 @@ class TestGCP(AdapterContract):
         ]
         assert provider.get_vm(ID).public_ipv6 == "2600:1900:4000:1::"
 
+    def test_get_multi_nic_reads_nic0(self, provider: GCPProvider, fake: FakeCompute) -> None:
+        """nic1 (private only, another subnet) listed before nic0: nic0's addresses."""
+        nic0 = {
+            "name": "nic0",
+            "networkIP": "10.128.0.2",
+            "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT", "natIP": "34.118.1.10"}],
+        }
+        nic1 = {
+            "name": "nic1",
+            "networkIP": "10.9.0.5",
+            "accessConfigs": [{"type": "ONE_TO_ONE_NAT", "name": "External NAT", "natIP": "35.1.1.1"}],
+            "ipv6AccessConfigs": [{"type": "DIRECT_IPV6", "externalIpv6": "2600:1900:4000:9::"}],
+        }
+        fake.add_instance(PROJECT, ZONE, "web-1", networkInterfaces=[nic1, nic0])
+
+        vm = provider.get_vm(ID)
+
+        assert (vm.public_ipv4, vm.public_ipv6, vm.private_ipv4) == ("34.118.1.10", None, "10.128.0.2")
+
     def test_get_without_public_ip(
         self, provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey
     ) -> None:

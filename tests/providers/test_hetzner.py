@@ -138,6 +138,16 @@ class TestHetzner(AdapterContract):
             provider.create_vm(make_spec(), key, job_id=JOB)
         assert fake.calls("POST", "/servers") == []
 
+    def test_create_name_lookup_keeps_to_the_name_asked(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        """A name lookup answering another server (a prefix match, a proxy): not adopted, not an error."""
+        other = fake.add_server("web-10", labels={"vmqueue-job": JOB})
+        fake.fail("GET", "/servers", status=200, body=page("servers", [other]))
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert vm.instance_id != str(other["id"]) and vm.name == "web-1"
+        assert len(fake.calls("POST", "/servers")) == 1
+
     def test_create_lost_answer_one_vm(self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
         # The API creates the server, then the answer never arrives; the job's retry adopts it.
         fake.fail("POST", "/servers", exc=requests.ReadTimeout("read timed out"), after=True)

@@ -199,6 +199,23 @@ class TestOCI(AdapterContract):
         assert attachments.query == {"compartmentId": COMPARTMENT, "instanceId": created.instance_id}
         assert fake.calls_to("GET", r"/vnics/")[0].path.endswith(vnic["id"])
 
+    @pytest.mark.parametrize("attached_at", ["2026-01-15T10:05:00.000Z", "2026-01-15T09:00:00.000Z"])
+    def test_get_multi_vnic_reads_the_primary(self, provider: OCIProvider, fake: FakeOCI, attached_at: str) -> None:
+        """A secondary VNIC (no public IP, isPrimary false) listed before the primary: the primary's IPs."""
+        created = provider.create_vm(make_spec(), key(), job_id="job-1")
+        instance = fake.instances[created.instance_id]
+        fake.attach(instance, None, primary=False, private_ip="10.0.1.40", time_created=attached_at, listed_first=True)
+        other = {**instance, "id": "ocid1.instance.oc1.phx.someoneelse"}
+        fake.fail(  # an answer holding another instance's attachment first: never taken
+            "GET",
+            r"/vnicAttachments$",
+            (200, {}, json.dumps([{**fake.attachments[0], "instanceId": other["id"]}, *fake.attachments])),
+        )
+
+        info = provider.get_vm(created.instance_id)
+
+        assert (info.public_ipv4, info.private_ipv4) == ("203.0.113.10", "10.0.0.12")
+
     def test_get_without_public_ip(self, provider: OCIProvider, fake: FakeOCI) -> None:
         fake.public_ip = None
         created = provider.create_vm(make_spec(assign_public_ip=False), key(), job_id="job-1")

@@ -67,6 +67,10 @@ STATUS_MAP: dict[str, VMStatus] = {
 # StateReason codes of an instance that died at launch rather than being terminated by someone.
 LAUNCH_FAILURES = ("Server.", "Client.InternalError", "Client.InvalidSnapshot.NotFound", "Client.VolumeLimitExceeded")
 
+# StateReason codes of an instance EC2 accepted and then ended for want of capacity (get_vm raises CapacityError;
+# https://docs.aws.amazon.com/AWSEC2/latest/APIReference/API_StateReason.html).
+CAPACITY_REASONS = ("Server.InsufficientInstanceCapacity",)
+
 ERROR_CODES: dict[str, type[ProviderError]] = {
     "AuthFailure": AuthError,
     "UnauthorizedOperation": AuthError,
@@ -202,7 +206,12 @@ class AWSProvider:
         with map_errors(_map_error):
             if opts.root_volume_gb:
                 # The AMI's root device name never changes, so retries still send identical parameters.
-                image = ec2.describe_images(ImageIds=[spec.image])["Images"][0]
+                images = ec2.describe_images(ImageIds=[spec.image])["Images"]
+                image = next((i for i in images if i.get("ImageId") == spec.image), None)
+                if image is None:
+                    raise InvalidSpecError(
+                        f"no AMI {spec.image} in {spec.region}", provider_code="InvalidAMIID.NotFound"
+                    )
                 ebs = {"VolumeSize": opts.root_volume_gb, "VolumeType": "gp3", "DeleteOnTermination": True}
                 params["BlockDeviceMappings"] = [{"DeviceName": image["RootDeviceName"], "Ebs": ebs}]
             instance = ec2.run_instances(**params)["Instances"][0]
@@ -212,10 +221,19 @@ class AWSProvider:
         region, native_id = self._split_id(instance_id)
         with map_errors(_map_error):
             reservations = self._client("ec2", region).describe_instances(InstanceIds=[native_id])["Reservations"]
-        instances = [i for r in reservations for i in r["Instances"]]
+        # Only the instance asked for: an answer holding others (a filter, a proxy, a fake) must not stand in.
+        instances = [i for r in reservations for i in r["Instances"] if i.get("InstanceId") == native_id]
         if not instances:
             raise NotFoundError(f"no EC2 instance {native_id} in {region}", provider_code="InvalidInstanceID.NotFound")
-        return _vm_info(region, instances[0])
+        instance = instances[0]
+        reason = instance.get("StateReason") or {}
+        if instance["State"]["Name"] in ("shutting-down", "terminated") and reason.get("Code") in CAPACITY_REASONS:
+            # Accepted, then ended by EC2 for want of capacity: nothing of it lives on, another placement may work.
+            raise CapacityError(
+                f"EC2 ended {native_id} at launch: {reason.get('Message') or reason['Code']}",
+                provider_code=reason["Code"],
+            )
+        return _vm_info(region, instance)
 
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
         """DescribeInstances with an ``instance-id`` filter: one call per region per ``FILTER_CHUNK`` ids.
@@ -316,17 +334,20 @@ def _vm_info(region: str, instance: dict[str, Any]) -> VMInfo:
     status = STATUS_MAP.get(raw, VMStatus.unknown)
     if raw == "terminated" and instance.get("StateReason", {}).get("Code", "").startswith(LAUNCH_FAILURES):
         status = VMStatus.error
-    nics = instance.get("NetworkInterfaces") or [{}]
-    ipv6 = instance.get("Ipv6Address") or next(iter(nics[0].get("Ipv6Addresses", [])), {}).get("Ipv6Address")
+    # Addresses of the primary interface (device index 0, EC2's eth0) whatever the order of the list.
+    primary = next(
+        (n for n in instance.get("NetworkInterfaces") or [] if (n.get("Attachment") or {}).get("DeviceIndex") == 0), {}
+    )
+    ipv6 = instance.get("Ipv6Address") or next(iter(primary.get("Ipv6Addresses", [])), {}).get("Ipv6Address")
     return VMInfo(
         provider="aws",
         instance_id=f"{region}/{instance['InstanceId']}",
         name=tags.pop("Name", None),
         status=status,
         provider_status=raw,
-        public_ipv4=instance.get("PublicIpAddress"),
+        public_ipv4=(primary.get("Association") or {}).get("PublicIp") or instance.get("PublicIpAddress"),
         public_ipv6=ipv6,
-        private_ipv4=instance.get("PrivateIpAddress"),
+        private_ipv4=primary.get("PrivateIpAddress") or instance.get("PrivateIpAddress"),
         region=region,
         instance_type=instance.get("InstanceType"),
         image=instance.get("ImageId"),

@@ -273,8 +273,10 @@ class AzureProvider:
             nic = pip = None
             if vm.provisioning_state != "Deleting" and vm.network_profile and vm.network_profile.network_interfaces:
                 # Generic VM -> NIC -> PIP walk (3 GETs), so an adopted VM with other names reads the same.
-                nic = _get_or_none(clients.network.network_interfaces.get, vm.network_profile.network_interfaces[0].id)
-                ref = nic.ip_configurations[0].public_ip_address if nic and nic.ip_configurations else None
+                ref_nic = _primary(vm.network_profile.network_interfaces)
+                nic = _get_or_none(clients.network.network_interfaces.get, ref_nic.id)
+                config = _primary(nic.ip_configurations) if nic and nic.ip_configurations else None
+                ref = config.public_ip_address if config else None
                 pip = _get_or_none(clients.network.public_ip_addresses.get, ref.id) if ref and ref.id else None
         return _info(vm, nic, pip)
 
@@ -449,6 +451,14 @@ def _image_reference(urn: str) -> Any:
     return ImageReference(publisher=parts[0], offer=parts[1], sku=parts[2], version=parts[3])
 
 
+def _primary(items: list[Any]) -> Any:
+    """The entry ARM marks ``primary`` (a VM's NIC reference, a NIC's IP configuration), whatever the order.
+
+    ARM requires exactly one primary among several; a lone entry may leave ``primary`` unset.
+    """
+    return next((item for item in items if item.primary), items[0])
+
+
 def _get_or_none(get: Any, resource_id: str) -> Any | None:
     """GET a network resource by its ARM id; a missing one is None."""
     from azure.core.exceptions import ResourceNotFoundError
@@ -488,7 +498,7 @@ def _info(vm: Any, nic: Any = None, pip: Any = None) -> VMInfo:
     power = next((code for code in statuses if code.startswith("PowerState/")), None)
     failure = next((code for code in statuses if code.startswith("ProvisioningState/failed/")), None)
     image = vm.storage_profile.image_reference if vm.storage_profile else None
-    ip_config = nic.ip_configurations[0] if nic and nic.ip_configurations else None
+    ip_config = _primary(nic.ip_configurations) if nic and nic.ip_configurations else None
     return VMInfo(
         provider="azure",
         instance_id=vm.id.lstrip("/"),  # vmqueue's instance-id pattern refuses a leading "/"

@@ -354,7 +354,9 @@ class GCPProvider:
             pages = self._client(compute_v1.ZoneOperationsClient).list(
                 request=request, retry=None, timeout=self.timeout_s
             )
-            return next(iter(pages), None)
+            # Only this instance's insert: the answer is kept to the target asked for, whatever the filter matched.
+            target = f"/zones/{zone}/instances/{name}"
+            return next((op for op in pages if op.target_link.endswith(target)), None)
 
 
 def _split_id(instance_id: str) -> tuple[str, str, str]:
@@ -403,7 +405,9 @@ def _failed_insert(instance_id: str, failure: ProviderError) -> VMInfo:
 
 def _vm_info(project: str, instance: compute_v1.Instance) -> VMInfo:
     zone = instance.zone.rsplit("/", 1)[-1]
-    nics = list(instance.network_interfaces)
+    # The primary interface is nic0 (GCE names interfaces nic0, nic1, ... in creation order); the list's
+    # order is not promised, and a secondary's address is not where SSH reaches the VM.
+    nics = [n for n in instance.network_interfaces if n.name == "nic0"] or list(instance.network_interfaces)[:1]
     return VMInfo(
         provider="gcp",
         instance_id=f"{project}/{zone}/{instance.name}",

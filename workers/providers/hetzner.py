@@ -188,7 +188,7 @@ class HetznerProvider:
     def _adopt(self, name: str, job_id: str) -> VMInfo | None:
         """The server named ``name`` if this job created it; a foreign server of that name is an error."""
         server = self._client().servers.get_by_name(name)
-        if server is None:
+        if server is None or server.name != name:  # only the server asked for, whatever the answer held
             return None
         if (server.labels or {}).get(LABEL_JOB) != job_id:
             raise InvalidSpecError(

@@ -260,12 +260,28 @@ class OCIProvider:
             wants_vnic = state not in GONE_STATES if vnic_states is None else state in vnic_states
             vnic = None
             if wants_vnic:
-                attachments = clients.compute.list_vnic_attachments(
-                    compartment_id=instance.compartment_id, instance_id=instance_id
-                ).data
-                attached = [a for a in attachments if a.lifecycle_state == "ATTACHED"]
-                vnic = clients.network.get_vnic(attached[0].vnic_id).data if attached else None
+                vnic = self._primary_vnic(clients, instance)
         return _info(instance, vnic)
+
+    def _primary_vnic(self, clients: _Clients, instance: Any) -> Any | None:
+        """The instance's primary VNIC (``isPrimary``), where its public and private IPs live.
+
+        ``isPrimary`` is a property of the VNIC, not of its attachment, so the attached VNICs are read
+        in the order they were attached (the primary comes with the launch) until the primary turns up:
+        one GET for a single-VNIC instance. Attachments of another instance are never taken.
+        """
+        attachments = clients.compute.list_vnic_attachments(
+            compartment_id=instance.compartment_id, instance_id=instance.id
+        ).data
+        attached = sorted(
+            (a for a in attachments if a.lifecycle_state == "ATTACHED" and a.instance_id == instance.id),
+            key=lambda a: (a.time_created is None, a.time_created or 0),
+        )
+        for attachment in attached:
+            vnic = clients.network.get_vnic(attachment.vnic_id).data
+            if vnic.is_primary:
+                return vnic
+        return None  # the primary is not attached yet: no addresses rather than a secondary's
 
     def destroy_vm(self, instance_id: str) -> None:
         compute = self._client(_region_of(instance_id)).compute
