@@ -2,8 +2,8 @@
 
 Run it with ``vmq web`` or ``uvicorn producer.web:app``. Every call validates with the same
 pydantic contract as the Python API, enqueues, and answers 202 with the ``Job`` at once; a client
-follows ``GET /jobs/{id}``. The endpoints are plain ``def``: the Provisioner is synchronous (Redis
-and the broker), so FastAPI runs them in its threadpool and the event loop never blocks.
+follows ``GET /jobs/{id}``. The endpoints are ``async def`` over the ``AsyncProvisioner``: Redis and
+the publish are awaited on the event loop, so no request holds a thread.
 
 Auth: an API key from ``VMQ_API_KEYS`` (comma-separated, so keys can be rotated), sent as
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. The app refuses to start without a key
@@ -27,7 +27,8 @@ from kombu.exceptions import OperationalError
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from producer.client import IdempotencyConflict, JobNotFound, Provisioner
+from producer.aclient import AsyncProvisioner
+from producer.submit import IdempotencyConflict, JobNotFound
 from vmqueue.models import CreateRequest, Job
 from vmqueue.options import ProviderName
 from vmqueue.sshkeys import SSHKeyField
@@ -73,16 +74,16 @@ def _authorize(
         )
 
 
-def _provisioner(request: Request) -> Provisioner:
+def _provisioner(request: Request) -> AsyncProvisioner:
     return request.app.state.provisioner
 
 
 Auth = Depends(_authorize)
-Vmq = Annotated[Provisioner, Depends(_provisioner)]
+Vmq = Annotated[AsyncProvisioner, Depends(_provisioner)]
 
 
 def create_app(
-    provisioner: Provisioner | None = None, api_keys: list[str] | None = None, allow_no_auth: bool | None = None
+    provisioner: AsyncProvisioner | None = None, api_keys: list[str] | None = None, allow_no_auth: bool | None = None
 ) -> FastAPI:
     """The API; arguments left ``None`` come from the environment when the app starts."""
 
@@ -97,8 +98,13 @@ def create_app(
                 "or VMQ_WEB_ALLOW_NO_AUTH=true when another layer authenticates"
             )
         app.state.api_keys = keys
-        app.state.provisioner = provisioner or Provisioner()
-        yield
+        # Made here, inside the server's event loop, which its asyncio connections belong to.
+        app.state.provisioner = provisioner or AsyncProvisioner()
+        try:
+            yield
+        finally:
+            if provisioner is None:
+                await app.state.provisioner.aclose()
 
     app = FastAPI(
         title="vmqueue",
@@ -114,9 +120,9 @@ def create_app(
         app.add_exception_handler(unavailable, _error(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable"))
 
     @app.post("/vms", status_code=202, response_model=Job, dependencies=[Auth], tags=["vms"])
-    def create_vm(body: CreateVMBody, response: Response, vmq: Vmq) -> Job:
+    async def create_vm(body: CreateVMBody, response: Response, vmq: Vmq) -> Job:
         """Validate and enqueue a create; follow the returned job at ``GET /jobs/{id}``."""
-        job = vmq.create_vm(
+        job = await vmq.create_vm(
             body.spec,
             body.ssh_key,
             body.startup_script,
@@ -127,26 +133,26 @@ def create_app(
         return job
 
     @app.get("/jobs/{job_id}", response_model=Job, dependencies=[Auth], tags=["jobs"])
-    def get_job(job_id: Annotated[str, Path(max_length=128)], vmq: Vmq) -> Job:
+    async def get_job(job_id: Annotated[str, Path(max_length=128)], vmq: Vmq) -> Job:
         """A job's state, VM, error and history."""
-        return vmq.get_job(job_id)
+        return await vmq.get_job(job_id)
 
     @app.get("/vms/{provider}/{instance_id:path}", status_code=202, response_model=Job, dependencies=[Auth])
-    def get_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:
+    async def get_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:
         """Enqueue a read of one VM (through a worker, like every provider call)."""
-        job = vmq.get_vm(provider, instance_id)
+        job = await vmq.get_vm(provider, instance_id)
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
 
     @app.delete("/vms/{provider}/{instance_id:path}", status_code=202, response_model=Job, dependencies=[Auth])
-    def destroy_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:
+    async def destroy_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:
         """Enqueue a destroy; a VM that is already gone ends the job ``gone`` too."""
-        job = vmq.destroy_vm(provider, instance_id)
+        job = await vmq.destroy_vm(provider, instance_id)
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
 
     @app.get("/healthz", tags=["ops"])
-    def healthz() -> dict[str, str]:
+    async def healthz() -> dict[str, str]:
         """Liveness, without auth (it reveals nothing)."""
         return {"status": "ok"}
 

@@ -16,6 +16,7 @@ from bench.harness import ROOT
 pytestmark = [pytest.mark.system, pytest.mark.timeout(240)]
 
 CASES = {
+    "async_enqueue": (["--jobs", "100", "--rounds", "1", "--concurrency", "10"], ["AsyncProvisioner", "raw send_task"]),
     "throughput": (["--jobs", "50", "--rounds", "1", "--concurrency", "4"], ["vmqueue get jobs", "bare celery no-op"]),
     "enqueue": (["--jobs", "100", "--rounds", "1", "--chunk", "50"], ["Provisioner.create_vm", "raw send_task"]),
     "footprint": (["--repeat", "1", "--concurrency", "4"], ["sim / all-sdks", "hetzner / all-sdks"]),

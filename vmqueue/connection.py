@@ -10,6 +10,8 @@ import ssl
 from typing import Any
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -28,15 +30,29 @@ def redis_ssl_options(settings: Settings) -> dict[str, Any] | None:
         raise ValueError("VMQ_REDIS_SSL_CERT_REQS must be required, optional or none") from None
 
 
+def _options(settings: Settings) -> dict[str, Any]:
+    return {
+        "decode_responses": True,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 10,
+        "health_check_interval": 30,
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        **(redis_ssl_options(settings) or {}),
+    }
+
+
+# Reconnect with backoff for about a minute in all (the same budget as a Celery publish retry).
+_BACKOFF = {"cap": 2.0, "base": 0.1}
+_RETRIES = 20
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client that rides out a Redis restart: reconnects with backoff instead of failing at once."""
-    return redis.Redis.from_url(
-        settings.redis_url,
-        decode_responses=True,
-        socket_connect_timeout=5,
-        socket_timeout=10,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=20),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-        **(redis_ssl_options(settings) or {}),
-    )
+    retry = Retry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES)
+    return redis.Redis.from_url(settings.redis_url, retry=retry, **_options(settings))
+
+
+def connect_async(settings: Settings) -> redis.asyncio.Redis:
+    """``connect`` for asyncio (``redis.asyncio``): the same URL, TLS, timeouts and reconnect policy."""
+    retry = redis.asyncio.retry.Retry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES)
+    return redis.asyncio.Redis.from_url(settings.redis_url, retry=retry, **_options(settings))

@@ -1,0 +1,120 @@
+"""``AsyncProvisioner``: the ``Provisioner`` API for asyncio backends (FastAPI, aiohttp, Django async).
+
+Non-blocking end to end: the job store on ``redis.asyncio`` and the task message published with an
+awaited LPUSH (``producer.apublish``), so no call holds a thread. Validation, job building and the
+submission steps are ``producer.submit``'s, shared with the sync client::
+
+    async with AsyncProvisioner() as vmq:
+        job = await vmq.create_vm(spec, ssh_key, script, idempotency_key="order-7")
+        job = await vmq.wait(job.id, timeout_s=600)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Celery
+
+from producer.apublish import AsyncPublisher
+from producer.submit import (
+    JobTimeout,
+    arun,
+    build_create,
+    build_destroy,
+    build_get,
+    found,
+    submit,
+    task_message,
+)
+from vmqueue.ajobstore import AsyncJobStore
+from vmqueue.celery_config import make_celery
+from vmqueue.connection import connect_async
+from vmqueue.models import Job, VMSpec
+from vmqueue.settings import Settings, get_settings
+from vmqueue.sshkeys import SSHPublicKey
+
+
+class AsyncProvisioner:
+    """Same operations, arguments, validation and errors as ``Provisioner``; every method is a coroutine.
+
+    Errors: pydantic's ``ValidationError`` (bad input, nothing enqueued), ``IdempotencyConflict``,
+    ``JobNotFound``, ``JobTimeout``; ``redis.ConnectionError``/``TimeoutError`` once the reconnect
+    budget (about a minute) is spent. Use one instance per event loop; ``aclose`` (or ``async with``)
+    closes its connections.
+    """
+
+    def __init__(self, settings: Settings | None = None, celery_app: Celery | None = None):
+        self.settings = settings or get_settings()
+        self.celery = celery_app or make_celery(self.settings, main="vmqueue.producer")
+        self.redis = connect_async(self.settings)
+        self.store = AsyncJobStore(self.redis, self.settings)
+        self.publisher = AsyncPublisher(self.celery, self.redis)
+
+    async def __aenter__(self) -> AsyncProvisioner:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def create_vm(
+        self,
+        spec: VMSpec | dict[str, Any],
+        ssh_key: str | SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        deadline_s: float | None = None,
+        destroy_on_failure: bool | None = None,
+    ) -> Job:
+        """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field."""
+        job, script = build_create(
+            self.settings,
+            spec,
+            ssh_key,
+            startup_script,
+            idempotency_key=idempotency_key,
+            deadline_s=deadline_s,
+            destroy_on_failure=destroy_on_failure,
+        )
+        return await self._submit(job, script)
+
+    async def destroy_vm(self, provider: str, instance_id: str, *, idempotency_key: str | None = None) -> Job:
+        return await self._submit(build_destroy(self.settings, provider, instance_id, idempotency_key=idempotency_key))
+
+    async def get_vm(self, provider: str, instance_id: str) -> Job:
+        return await self._submit(build_get(self.settings, provider, instance_id))
+
+    async def get_job(self, job_id: str) -> Job:
+        return found(await self.store.get(job_id), job_id, self.settings)
+
+    async def wait(
+        self,
+        job_id: str,
+        timeout_s: float = 900.0,
+        poll_s: float = 0.5,
+        on_update: Callable[[Job], None] | None = None,
+    ) -> Job:
+        """Until the job is finished (cleanup of a failed create included); ``JobTimeout`` after."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = await self.get_job(job_id)
+            if on_update:
+                on_update(job)
+            if job.finished:
+                return job
+            if time.monotonic() >= deadline:
+                raise JobTimeout(job, timeout_s)
+            await asyncio.sleep(poll_s)
+
+    async def _submit(self, job: Job, startup_script: str | None = None) -> Job:
+        return await arun(submit(job, startup_script), self.store, self._publish)
+
+    async def _publish(self, job: Job) -> None:
+        task, queue, argsrepr = task_message(job)
+        await self.publisher.send_task(task, [job.id], queue, argsrepr)

@@ -1,0 +1,180 @@
+"""What ``Provisioner`` and ``AsyncProvisioner`` share: validation, job building and the submission
+protocol, each written once.
+
+The submission protocol (``submit``) is written without I/O: a generator that yields each Redis or
+broker operation it needs as a ``Call`` and is sent back its result (or has its exception thrown
+in). ``run`` carries the calls out with blocking clients, ``arun`` awaits them, so the sync and the
+async client follow the very same steps (idempotency key, record, publish, what a failed publish
+leaves) and a change to those steps is made in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from vmqueue import keys
+from vmqueue.models import CreateRequest, InstanceRef, Job, JobError, JobKind, JobState, VMSpec
+from vmqueue.settings import Settings
+from vmqueue.sshkeys import SSHPublicKey
+
+TASKS = {JobKind.create: keys.TASK_CREATE, JobKind.destroy: keys.TASK_DESTROY, JobKind.get: keys.TASK_GET}
+
+T = TypeVar("T")
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class IdempotencyConflict(ValueError):
+    """The idempotency key was used before for a different request."""
+
+
+class JobTimeout(TimeoutError):
+    def __init__(self, job: Job, timeout_s: float):
+        super().__init__(f"job {job.id} is still {job.state} after {timeout_s:.0f}s")
+        self.job = job
+
+
+# -- validation and job building ------------------------------------------------------------------
+def build_create(
+    settings: Settings,
+    spec: VMSpec | dict[str, Any],
+    ssh_key: str | SSHPublicKey,
+    startup_script: str | None = None,
+    *,
+    idempotency_key: str | None = None,
+    deadline_s: float | None = None,
+    destroy_on_failure: bool | None = None,
+) -> tuple[Job, str | None]:
+    """The create job and its startup script; raises pydantic's ``ValidationError`` naming the bad field."""
+    request = CreateRequest(spec=spec, ssh_key=ssh_key, startup_script=startup_script)
+    job = Job(
+        kind=JobKind.create,
+        provider=request.spec.provider,
+        spec=request.spec,
+        ssh_key=request.ssh_key.openssh,
+        has_startup_script=startup_script is not None,
+        deadline_s=deadline_s if deadline_s is not None else settings.deadline_s,
+        destroy_on_failure=settings.destroy_on_failure if destroy_on_failure is None else destroy_on_failure,
+        idempotency_key=idempotency_key,
+    )
+    return job, request.startup_script
+
+
+def build_destroy(settings: Settings, provider: str, instance_id: str, *, idempotency_key: str | None = None) -> Job:
+    ref = InstanceRef(provider=provider, instance_id=instance_id)
+    return Job(
+        kind=JobKind.destroy,
+        provider=ref.provider,
+        instance_id=ref.instance_id,
+        deadline_s=settings.deadline_s,
+        idempotency_key=idempotency_key,
+    )
+
+
+def build_get(settings: Settings, provider: str, instance_id: str) -> Job:
+    ref = InstanceRef(provider=provider, instance_id=instance_id)
+    return Job(kind=JobKind.get, provider=ref.provider, instance_id=ref.instance_id)
+
+
+def request_hash(job: Job, startup_script: str | None) -> str:
+    """What makes two requests "the same" for an idempotency key, computed before any worker acts."""
+    fields = job.model_dump(mode="json", include={"kind", "provider", "spec", "instance_id", "ssh_key"})
+    fields["startup_script"] = startup_script
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def found(job: Job | None, job_id: str, settings: Settings) -> Job:
+    """``job``, or ``JobNotFound`` saying why a job may be missing."""
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r} (unknown, or expired after {settings.job_ttl_s}s)")
+    return job
+
+
+def task_message(job: Job) -> tuple[str, str, str]:
+    """(task name, queue, argsrepr) of a job's first message. The argsrepr is what Flower shows for
+    the task: readable, and never a script or key."""
+    return TASKS[job.kind], keys.queue_name(job.provider), f"({job.kind} {job.provider} job={job.id})"
+
+
+# -- the submission protocol, without I/O -----------------------------------------------------------
+@dataclass(frozen=True)
+class Call:
+    """One operation of the protocol: a method of the job store, or ``publish`` (the job's message)."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+Protocol = Generator[Call, Any, T]
+
+
+def submit(job: Job, startup_script: str | None = None) -> Protocol[Job]:
+    """Record a job and publish its message; the job, or the job an idempotency key already names.
+
+    Raises ``IdempotencyConflict`` (key used for another request), ``JobNotFound`` (the key's job
+    expired) and whatever the store or the publish raised; a failed publish leaves the job
+    ``failed`` (``enqueue_failed``) and its idempotency key free.
+    """
+    if job.idempotency_key:
+        job.request_hash = request_hash(job, startup_script)
+        existing = yield Call("claim_idempotency_key", (job.idempotency_key, job.id))
+        if existing:
+            earlier = yield Call("get", (existing,))
+            if earlier is None:
+                raise JobNotFound(f"idempotency key {job.idempotency_key!r} names job {existing}, which has expired")
+            # Compared by fingerprint: the stored spec changes once a worker fixes its parameters.
+            if earlier.request_hash != job.request_hash:
+                raise IdempotencyConflict(
+                    f"idempotency key {job.idempotency_key!r} was used for job {existing} with another request"
+                )
+            return earlier
+    yield Call("add", (job, startup_script))
+    try:
+        yield Call("publish", (job,))
+    except Exception as exc:
+        # Not enqueued: the record says so instead of sitting in "queued" forever.
+        error = JobError(code="enqueue_failed", message=f"{type(exc).__name__}: {exc}", retryable=True)
+        yield Call("transition", (job.id, JobState.failed, f"failed: {error.message}"), {"error": error})
+        if job.idempotency_key:
+            yield Call("release_idempotency_key", (job.idempotency_key, job.id))
+        raise
+    return job
+
+
+def run(protocol: Protocol[T], store: object, publish: Callable[[Job], object]) -> T:
+    """Carry a protocol out with blocking calls: ``publish`` for "publish", ``store``'s methods for the rest."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            call = protocol.throw(error) if error is not None else protocol.send(result)
+        except StopIteration as stop:
+            return stop.value
+        target = publish if call.name == "publish" else getattr(store, call.name)
+        try:
+            result, error = target(*call.args, **call.kwargs), None
+        except Exception as exc:  # handed to the protocol, which decides (and re-raises what it does not handle)
+            result, error = None, exc
+
+
+async def arun(protocol: Protocol[T], store: object, publish: Callable[[Job], Awaitable[object]]) -> T:
+    """``run`` for asyncio: ``store``'s methods and ``publish`` are coroutines, awaited in turn."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            call = protocol.throw(error) if error is not None else protocol.send(result)
+        except StopIteration as stop:
+            return stop.value
+        target = publish if call.name == "publish" else getattr(store, call.name)
+        try:
+            result, error = await target(*call.args, **call.kwargs), None
+        except Exception as exc:
+            result, error = None, exc

@@ -1,0 +1,60 @@
+"""The job store for asyncio (``redis.asyncio``): what a producer needs, written the same way.
+
+Records, scripts and idempotency keys are written with ``JobStore``'s own helpers (``queue_add``,
+``transition_change``, the compare-and-set script and ``JobStore._changed``), so a record the async
+client writes is the record the sync client writes, byte for byte in layout.
+"""
+
+from __future__ import annotations
+
+import redis.asyncio
+
+from vmqueue import keys
+from vmqueue.jobstore import _CAS, TRANSITION_HOOKS, JobStore, queue_add, transition_change
+from vmqueue.models import Job, JobState
+from vmqueue.settings import Settings
+
+
+class AsyncJobStore:
+    def __init__(self, client: redis.asyncio.Redis, settings: Settings):
+        self.redis = client
+        self.ttl_s = settings.job_ttl_s
+        self.idempotency_ttl_s = settings.idempotency_ttl_s
+        self._cas = client.register_script(_CAS)
+
+    async def add(self, job: Job, startup_script: str | None = None) -> Job:
+        pipe = self.redis.pipeline(transaction=startup_script is not None)
+        queue_add(pipe, job, startup_script, self.ttl_s)
+        await pipe.execute()
+        return job
+
+    async def get(self, job_id: str) -> Job | None:
+        raw = await self.redis.get(keys.job_key(job_id))
+        return None if raw is None else Job.model_validate_json(raw)
+
+    async def claim_idempotency_key(self, key: str, job_id: str) -> str | None:
+        """Bind ``key`` to ``job_id``; returns the job id it was already bound to, if any."""
+        if await self.redis.set(keys.idempotency_key(key), job_id, nx=True, ex=self.idempotency_ttl_s):
+            return None
+        return await self.redis.get(keys.idempotency_key(key))
+
+    async def release_idempotency_key(self, key: str, job_id: str) -> None:
+        if await self.redis.get(keys.idempotency_key(key)) == job_id:
+            await self.redis.delete(keys.idempotency_key(key))
+
+    async def update(self, job_id: str, change) -> Job:
+        """``JobStore.update``: compare-and-set against a fresh read, retried on a race."""
+        key = keys.job_key(job_id)
+        while True:
+            raw = await self.redis.get(key)
+            if raw is None:
+                raise KeyError(job_id)
+            job, new_raw = JobStore._changed(job_id, raw, change)
+            if await self._cas(keys=[key], args=[raw, new_raw]):
+                return job
+
+    async def transition(self, job_id: str, to: JobState, message: str = "", **fields: object) -> Job:
+        job = await self.update(job_id, transition_change(to, message, fields))
+        for hook in TRANSITION_HOOKS:
+            hook(job)
+        return job
