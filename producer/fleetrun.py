@@ -11,8 +11,15 @@ Idempotency of ``apply`` has two layers:
 2. Each create carries the idempotency key ``fleet:<fleet>:<provider>/<name>``, so two applies
    racing each other, or an apply that died between enqueueing and recording, still make one job.
 
+Every change of an entry is a compare-and-set on the job id it replaces (one Lua call), and a
+release of an idempotency key is a compare-and-delete: two applies at once never undo each other.
+
 ``destroy`` destroys every VM the record holds (also ones since removed from the file), then forgets
-them and releases their idempotency keys, so the next apply creates them anew.
+them and releases their idempotency keys, so the next apply creates them anew. An entry is
+forgotten only when its VM is gone or provably never existed: a create still in flight is
+cancelled, i.e. followed until it records its instance id, whose VM is then destroyed (a create
+that ends without a VM is forgotten then). The entry stays while that is not settled, so a destroy
+that times out leaves it for the next run to finish.
 """
 
 from __future__ import annotations
@@ -29,16 +36,42 @@ from vmqueue.models import CleanupState, Job, JobKind, JobState, VMStatus, utcno
 
 POLL_S = 0.5
 
+# Writes an entry only if it still names the job it replaces (ARGV[2]; "" = the entry is absent).
+# Returns the entry as it now is, so a caller that lost the race sees who won.
+_PUT = """
+local current = redis.call('hget', KEYS[1], ARGV[1])
+local job = ''
+if current then job = cjson.decode(current)['job_id'] end
+if job ~= ARGV[2] then return current or '' end
+redis.call('hset', KEYS[1], ARGV[1], ARGV[3])
+return ARGV[3]
+"""
+# Forgets an entry and releases its idempotency key (KEYS[2]), each only if it still names the job.
+_FORGET = """
+local current = redis.call('hget', KEYS[1], ARGV[1])
+if current and cjson.decode(current)['job_id'] == ARGV[2] then redis.call('hdel', KEYS[1], ARGV[1]) end
+if redis.call('get', KEYS[2]) == ARGV[2] then redis.call('del', KEYS[2]) end
+return 1
+"""
+
+
+class FleetConflict(RuntimeError):
+    """Another apply replaced a fleet entry with a job other than the one this apply made."""
+
 
 @dataclass
 class Tracked:
     """One VM of the fleet and the job apply or destroy follows for it."""
 
     ident: str  # "<provider>/<name>"
-    action: str  # created | existing | checked (read again: its create job expired) | destroying | none
+    # created | existing | checked (read again: its create job expired) | cancelling (destroy: a create
+    # in flight, destroyed once it has an id) | destroying | none
+    action: str
     job_id: str | None = None
     job: Job | None = None
     note: str = ""
+    create_id: str | None = None  # destroy: the create job the fleet entry names
+    settled: bool = True  # destroy: False while a step is still to take for this entry
 
     @property
     def provider(self) -> str:
@@ -50,7 +83,7 @@ class Tracked:
 
     @property
     def finished(self) -> bool:
-        return self.job_id is None or (self.job is not None and self.job.finished)
+        return self.settled and (self.job_id is None or (self.job is not None and self.job.finished))
 
     @property
     def state(self) -> str:
@@ -85,6 +118,8 @@ class FleetRunner:
         self.redis = provisioner.store.redis
         self.fleet = fleet
         self.key = keys.fleet_key(fleet)
+        self._put = self.redis.register_script(_PUT)
+        self._forget_script = self.redis.register_script(_FORGET)
 
     # -- apply ------------------------------------------------------------------------------
     def apply(self, fleet: Fleet) -> list[Tracked]:
@@ -94,6 +129,7 @@ class FleetRunner:
 
     def _apply_one(self, vm: FleetVM, record: dict | None) -> Tracked:
         idem = self._idempotency_key(vm.ident)
+        replaces = ""
         if record is not None:
             job = self.store.get(record["job_id"])
             if job is None and record.get("instance_id"):
@@ -101,9 +137,11 @@ class FleetRunner:
                 return Tracked(vm.ident, "checked", read.id, read, "its create job expired; the VM was read again")
             if job is not None and not _replaceable(job):
                 return Tracked(vm.ident, "existing", job.id, job, _drift(job, vm))
-            # The earlier create left no VM: forget it, so the create below is a new job.
+            # The earlier create left no VM: release its key (only if it is still its own: another
+            # apply may have claimed it since), so the create below is a new job. The entry stays
+            # until that job replaces it.
             self.store.release_idempotency_key(idem, record["job_id"])
-            self.redis.hdel(self.key, vm.ident)
+            replaces = record["job_id"]
         before = utcnow()
         try:
             job = self.provisioner.create_vm(
@@ -118,7 +156,14 @@ class FleetRunner:
             job = self.store.get(self.redis.get(keys.idempotency_key(idem)) or "")
             if job is None:
                 raise
-        self._record(vm.ident, job.id)
+        now = self._record(vm.ident, job.id, replaces=replaces)
+        if now is None or now["job_id"] != job.id:
+            # Unreachable while the idempotency key binds the VM to one job; it expires after a day,
+            # so say it plainly rather than track a second VM under one name.
+            raise FleetConflict(
+                f"{vm.ident}: another apply recorded job {now and now['job_id']} while this one made job {job.id}; "
+                f"run 'vmq job {job.id}' and destroy the VM you do not want"
+            )
         return Tracked(vm.ident, "created" if job.created_at >= before else "existing", job.id, job)
 
     def settle_applied(self, tracked: list[Tracked]) -> None:
@@ -132,40 +177,86 @@ class FleetRunner:
                 item.note = "the VM no longer exists; the next apply creates it"
 
     # -- destroy ----------------------------------------------------------------------------
-    def destroy(self, timeout_s: float) -> list[Tracked]:
-        """Enqueue a destroy for every VM the fleet record holds; creates still in flight are awaited
-        (up to ``timeout_s``) until they report an instance id."""
-        records = self._records()
-        jobs = self._await_instance_ids({ident: r["job_id"] for ident, r in records.items()}, timeout_s)
-        tracked = []
-        for ident, record in sorted(records.items()):
-            job = jobs.get(ident)
-            instance_id = (job.instance_id if job else None) or record.get("instance_id")
-            provider = ident.split("/", 1)[0]
-            if instance_id is None or (job and job.state == JobState.failed and job.cleanup == CleanupState.done):
-                self._forget(ident, record["job_id"])
-                tracked.append(Tracked(ident, "none", None, None, "no VM exists for it"))
-                continue
-            # No idempotency key: destroy is safe to repeat, and a re-run must retry a failed destroy.
-            gone = self.provisioner.destroy_vm(provider, instance_id)
-            tracked.append(Tracked(ident, "destroying", gone.id, gone))
+    def destroy(self) -> list[Tracked]:
+        """Take the first step for every VM the fleet record holds: a destroy for each VM with an
+        instance id; a create still in flight is followed (``advance_destroy``) until it has one."""
+        tracked = [
+            Tracked(ident, "cancelling", record["job_id"], None, create_id=record["job_id"], settled=False)
+            for ident, record in sorted(self._records().items())
+        ]
+        self.refresh(tracked)
+        self.advance_destroy(tracked)
         return tracked
 
-    def settle_destroyed(self, tracked: list[Tracked]) -> None:
-        """Forget the VMs whose destroy finished ``gone``: the next apply creates them anew."""
+    def advance_destroy(self, tracked: list[Tracked]) -> None:
+        """One step of ``destroy --fleet`` for every entry not settled (``follow`` calls it each round).
+
+        An entry is forgotten only when the VM its create recorded is gone (and the create will
+        make no other: it is finished) or when the create finished without a VM. Where ``cancel``
+        exists (issue 19) a create in flight would be cancelled here instead of awaited.
+        """
         records = self._records()
         for item in tracked:
-            if item.job and item.job.state == JobState.gone and item.ident in records:
-                self._forget(item.ident, records[item.ident]["job_id"])
+            if item.settled:
+                continue
+            create = self.store.get(item.create_id or "")
+            record = records.get(item.ident) or {}
+            instance_id = (create.instance_id if create else None) or record.get("instance_id")
+            destroying = item.job if item.action == "destroying" else None
+            if destroying is not None and destroying.instance_id == instance_id:
+                if destroying.state == JobState.failed:
+                    item.settled = True  # the destroy's error is the row's; the entry stays
+                elif destroying.state == JobState.gone:
+                    if create is None or create.finished:
+                        self._forget(item.ident, item.create_id or "")
+                        item.settled = True
+                    else:
+                        item.note = "its VM is gone; waiting for its create job to end"
+                continue
+            if instance_id is None:
+                if create is not None and not create.finished:
+                    item.action, item.job_id, item.job = "cancelling", create.id, create
+                    item.note = "its create is in flight: cancelled, its VM is destroyed once it has an id"
+                    continue
+                self._forget(item.ident, item.create_id or "")
+                item.action, item.job_id, item.job, item.settled = "none", None, None, True
+                item.note = (
+                    "its create ended without recording a VM"
+                    if create
+                    else "its create job expired without recording a VM"
+                )
+                continue
+            if (
+                destroying is None
+                and create
+                and create.state == JobState.failed
+                and create.cleanup == CleanupState.done
+            ):
+                self._forget(item.ident, create.id)
+                item.action, item.job_id, item.job, item.settled = "none", None, None, True
+                item.note = "no VM exists for it (its failed create's cleanup destroyed it)"
+                continue
+            # No idempotency key: destroy is safe to repeat, and a re-run must retry a failed destroy.
+            gone = self.provisioner.destroy_vm(item.provider, instance_id)
+            item.action, item.job_id, item.job = "destroying", gone.id, gone
+            if create is not None and not create.finished:
+                item.note = "its create was in flight: cancelled by destroying its VM"
 
     # -- following --------------------------------------------------------------------------
     def follow(
-        self, tracked: list[Tracked], timeout_s: float, on_update: Callable[[list[Tracked]], None] | None = None
+        self,
+        tracked: list[Tracked],
+        timeout_s: float,
+        on_update: Callable[[list[Tracked]], None] | None = None,
+        step: Callable[[list[Tracked]], None] | None = None,
     ) -> bool:
-        """Refresh every job until all are finished or ``timeout_s`` passed; True if all finished."""
+        """Refresh every job (and take ``step``) until all are finished or ``timeout_s`` passed;
+        True if all finished."""
         deadline = time.monotonic() + timeout_s
         while True:
             self.refresh(tracked)
+            if step:
+                step(tracked)
             if on_update:
                 on_update(tracked)
             if all(t.finished for t in tracked):
@@ -187,7 +278,7 @@ class FleetRunner:
             record = records.get(item.ident)
             job = item.job
             if job.kind == JobKind.create and job.instance_id and record and not record.get("instance_id"):
-                self._record(item.ident, job.id, job.instance_id)
+                self._record(item.ident, job.id, job.instance_id, replaces=job.id)
 
     # -- the fleet record -------------------------------------------------------------------
     def _idempotency_key(self, ident: str) -> str:
@@ -196,21 +287,16 @@ class FleetRunner:
     def _records(self) -> dict[str, dict]:
         return {ident: json.loads(raw) for ident, raw in self.redis.hgetall(self.key).items()}
 
-    def _record(self, ident: str, job_id: str, instance_id: str | None = None) -> None:
-        self.redis.hset(self.key, ident, json.dumps({"job_id": job_id, "instance_id": instance_id}))
+    def _record(self, ident: str, job_id: str, instance_id: str | None = None, *, replaces: str) -> dict | None:
+        """Set the entry to ``job_id`` if it still names ``replaces`` ("": absent); the entry as it now is."""
+        raw = json.dumps({"job_id": job_id, "instance_id": instance_id})
+        now = self._put(keys=[self.key], args=[ident, replaces, raw])
+        return json.loads(now) if now else None
 
     def _forget(self, ident: str, job_id: str) -> None:
-        self.redis.hdel(self.key, ident)
-        self.store.release_idempotency_key(self._idempotency_key(ident), job_id)
-
-    def _await_instance_ids(self, job_ids: dict[str, str], timeout_s: float) -> dict[str, Job]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            jobs = {ident: job for ident, job_id in job_ids.items() if (job := self.store.get(job_id))}
-            waiting = [j for j in jobs.values() if j.instance_id is None and not j.finished]
-            if not waiting or time.monotonic() >= deadline:
-                return jobs
-            time.sleep(POLL_S)
+        """Drop the entry and release its idempotency key, each only if it still names ``job_id``."""
+        idem = keys.idempotency_key(self._idempotency_key(ident))
+        self._forget_script(keys=[self.key, idem], args=[ident, job_id])
 
 
 def _replaceable(job: Job) -> bool:
@@ -218,6 +304,10 @@ def _replaceable(job: Job) -> bool:
     if job.kind != JobKind.create or job.state != JobState.failed:
         return False
     return job.instance_id is None or job.cleanup == CleanupState.done
+
+
+def _cleaned_up(job: Job) -> bool:
+    return job.state == JobState.failed and job.cleanup == CleanupState.done
 
 
 def _drift(job: Job, vm: FleetVM) -> str:

@@ -9,10 +9,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bench.probes import wait_for
 from producer.cli import app
+from producer.client import Provisioner
 from producer.fleet import FleetError, load_fleet
+from producer.fleetrun import FleetRunner
 from tests import test_cli
 from vmqueue import keys
+from vmqueue.models import Job, JobKind, JobState
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fleet.yaml"
@@ -184,3 +188,81 @@ def test_a_failed_create_exits_1_and_is_created_again_by_the_next_apply(
     assert [vm["name"] for vm in third["vms"] if vm["note"]] == ["db-1"]
     assert runner.invoke(app, ["destroy", "--fleet", str(path), "--timeout", "60"]).exit_code == 0
     assert sim.live_vms() == []
+
+
+ONE_VM = """\
+fleet: solo
+defaults: {provider: sim, region: sim-1, instance_type: small, image: debian-12, ssh_key: example.pub}
+vms:
+  - name: web-1
+"""
+
+
+def _create_jobs(redis_client) -> set[str]:
+    jobs = (Job.model_validate_json(redis_client.get(k)) for k in redis_client.scan_iter(match=keys.job_key("*")))
+    return {j.id for j in jobs if j.kind == JobKind.create}
+
+
+def test_two_applies_at_once_after_a_failed_create_make_one_job(settings, redis_client, tmp_path):
+    # Issue 13 (4): the slower apply releases the failed job's idempotency key just after the faster
+    # one released it and claimed it again for its new job. The release must not delete that claim.
+    fleet = load_fleet(_fleet_dir(tmp_path, ONE_VM))
+    fast, slow = Provisioner(settings), Provisioner(settings)
+    failed = Job(kind=JobKind.create, provider="sim", state=JobState.failed, spec=fleet.vms[0].request.spec)
+    fast.store.add(failed)
+    fast.store.claim_idempotency_key("fleet:solo:sim/web-1", failed.id)
+    redis_client.hset(keys.fleet_key("solo"), "sim/web-1", json.dumps({"job_id": failed.id, "instance_id": None}))
+
+    idem = keys.idempotency_key("fleet:solo:sim/web-1")
+    client = slow.store.redis
+    send = client.execute_command
+    raced = []
+
+    def the_faster_apply_first(*args, **options):
+        # The faster apply runs whole just before the slower one's first write of the key.
+        if not raced and args[0] in ("DEL", "EVALSHA", "EVAL") and idem in args:
+            raced.append(FleetRunner(fast, "solo").apply(fleet)[0].job_id)
+        return send(*args, **options)
+
+    client.execute_command = the_faster_apply_first
+    (slower,) = FleetRunner(slow, "solo").apply(fleet)
+    assert raced, "the interleaving under test did not happen"
+    assert _create_jobs(redis_client) == {failed.id, raced[0]}  # one new job, not two
+    assert slower.job_id == raced[0] and redis_client.get(idem) == raced[0]
+    assert json.loads(redis_client.hget(keys.fleet_key("solo"), "sim/web-1"))["job_id"] == raced[0]
+
+
+def test_an_entry_is_replaced_only_by_compare_and_set_on_the_job_it_replaces(settings, redis_client):
+    runner = FleetRunner(Provisioner(settings), "solo")
+    assert runner._record("sim/a", "j1", replaces="") == {"job_id": "j1", "instance_id": None}
+    assert runner._record("sim/a", "j2", replaces="j0") == {"job_id": "j1", "instance_id": None}  # lost the race
+    assert runner._record("sim/a", "j1", "sim-9", replaces="j1")["instance_id"] == "sim-9"
+    redis_client.set(keys.idempotency_key("fleet:solo:sim/a"), "j2")
+    runner._forget("sim/a", "j0")  # names neither: both stay
+    assert redis_client.hexists(keys.fleet_key("solo"), "sim/a") and redis_client.exists(
+        keys.idempotency_key("fleet:solo:sim/a")
+    )
+    runner._forget("sim/a", "j1")  # the entry goes, the key (bound to j2 since) stays
+    assert not redis_client.hexists(keys.fleet_key("solo"), "sim/a")
+    assert redis_client.get(keys.idempotency_key("fleet:solo:sim/a")) == "j2"
+
+
+@pytest.mark.system
+def test_destroy_fleet_never_forgets_a_create_in_flight(cli_env, sim_worker, sim, redis_client, tmp_path):
+    # Issue 13 (3): the create's answer comes after destroy's timeout. The entry must stay, and the
+    # VM be destroyed once the create recorded it; nothing is left behind and nothing made twice.
+    path = _fleet_dir(tmp_path, ONE_VM)
+    sim.configure(latency_ms=2500)
+    assert runner.invoke(app, ["apply", str(path), "--no-wait"]).exit_code == 0
+    early = runner.invoke(app, ["destroy", "--fleet", str(path), "--json", "--timeout", "1"])
+    assert early.exit_code == 1, early.output
+    (row,) = json.loads(early.stdout)["vms"]
+    assert row["action"] == "cancelling" and "destroyed once it has an id" in row["note"]
+    assert redis_client.hexists(keys.fleet_key("solo"), "sim/web-1")  # not forgotten
+
+    done = runner.invoke(app, ["destroy", "--fleet", str(path), "--json", "--timeout", "60"])
+    assert done.exit_code == 0, done.output
+    assert [vm["state"] for vm in json.loads(done.stdout)["vms"]] == ["gone"]
+    assert redis_client.hgetall(keys.fleet_key("solo")) == {}
+    wait_for(lambda: sim.existing_vms() == [], timeout_s=20, what="no VM left")
+    assert sim.calls()["create"] == 1

@@ -27,7 +27,8 @@ return 0
 # How many records a process remembers (as last read or written) for one-round-trip updates.
 RAW_CACHE_SIZE = 20_000
 
-# Deletes the lock only if it still holds our token (a lease that ran out may be someone else's now).
+# Deletes the key only if it still holds our value: a lease that ran out, or an idempotency key
+# released and claimed again since, may be someone else's now.
 _RELEASE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
@@ -89,9 +90,10 @@ class JobStore:
             return None
         return self.redis.get(keys.idempotency_key(key))
 
-    def release_idempotency_key(self, key: str, job_id: str) -> None:
-        if self.redis.get(keys.idempotency_key(key)) == job_id:
-            self.redis.delete(keys.idempotency_key(key))
+    def release_idempotency_key(self, key: str, job_id: str) -> bool:
+        """Unbind ``key`` if it is still bound to ``job_id``; compare-and-delete in one round trip,
+        so a release never deletes the binding another caller made since (True: it was released)."""
+        return bool(self._release(keys=[keys.idempotency_key(key)], args=[job_id]))
 
     def get(self, job_id: str) -> Job | None:
         return self._parse(job_id, self.redis.get(keys.job_key(job_id)))

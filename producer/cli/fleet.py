@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -50,9 +51,8 @@ def destroy_fleet(fleet_file: Path, timeout: float, as_json: bool) -> None:
     """``vmq destroy --fleet``: destroy every VM the fleet created, and follow until they are gone."""
     fleet = _load(fleet_file)
     runner = FleetRunner(provisioner(), fleet.name)
-    tracked = runner.destroy(timeout)
-    done = _follow(runner, tracked, timeout, as_json, "gone")
-    runner.settle_destroyed(tracked)
+    tracked = runner.destroy()
+    done = _follow(runner, tracked, timeout, as_json, "gone", step=runner.advance_destroy)
     _report(fleet.name, tracked, as_json, done)
     if not (done and all_gone(tracked)):
         raise typer.Exit(1)
@@ -69,10 +69,17 @@ def _load(path: Path):
         raise typer.Exit(2) from None
 
 
-def _follow(runner: FleetRunner, tracked: list[Tracked], timeout_s: float, as_json: bool, goal: str) -> bool:
+def _follow(
+    runner: FleetRunner,
+    tracked: list[Tracked],
+    timeout_s: float,
+    as_json: bool,
+    goal: str,
+    step: Callable[[list[Tracked]], None] | None = None,
+) -> bool:
     """Follow the jobs with one progress bar per provider (none with --json: stdout is for the JSON)."""
     if as_json:
-        return runner.follow(tracked, timeout_s)
+        return runner.follow(tracked, timeout_s, step=step)
     totals = Counter(t.provider for t in tracked)
     columns = (
         TextColumn("[bold]{task.description:<13}"),
@@ -91,7 +98,7 @@ def _follow(runner: FleetRunner, tracked: list[Tracked], timeout_s: float, as_js
                 detail = " ".join(f"{state} {n}" for state, n in sorted(states.items()))
                 progress.update(bar, completed=sum(t.finished for t in mine), detail=detail)
 
-        return runner.follow(tracked, timeout_s, update)
+        return runner.follow(tracked, timeout_s, update, step)
 
 
 def _report(fleet: str, tracked: list[Tracked], as_json: bool, done: bool) -> None:
