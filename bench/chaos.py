@@ -1,6 +1,6 @@
 """Chaos suite: a realistic load on the simulated cloud while things break; prints what it counted.
 
-    python -m bench.chaos                       # R1-R6 at full size (200 jobs, 5 kills)
+    python -m bench.chaos                       # R1-R8 at full size (200 jobs, 5 kills)
     python -m bench.chaos --only R1 R3 --jobs 50
 
 It starts its own redis-server (AOF on, free loopback port), several real sim worker processes and,
@@ -40,6 +40,10 @@ SCENARIOS = {
     "R5": "a marker secret in every startup script never shows in Redis (queues, unacked, job records), a "
     "result backend, Flower's API and task pages, or any worker/Flower log line",
     "R6": "destroy N VMs while one worker is SIGKILLed K times: every job gone, no VM left",
+    "R7": "the job store loses every key (Redis back without its data) while N VMs run; two sweep passes "
+    "with no delay and no destroy limit: no running VM is destroyed",
+    "R8": "destroy --fleet of N VMs whose creates are still in flight (slow API), its first run timing out: "
+    "no entry forgotten early, 0 VMs and an empty fleet record at the end, no VM created twice",
 }
 
 
@@ -363,7 +367,112 @@ def r6(cluster: Cluster, sizes: Sizes) -> Result:
     return result
 
 
-RUNNERS: dict[str, Callable[[Cluster, Sizes], Result]] = {"R1": r1, "R2": r2, "R3": r3, "R4": r4, "R5": r5, "R6": r6}
+def _sweep_pass(cluster: Cluster, epoch: str | None = None, **request: Any) -> Any:
+    from producer.sweep import request_sweep, wait_report
+    from vmqueue.sweep import SweepRequest
+
+    sweep = SweepRequest(provider="sim", epoch=epoch, **request)
+    request_sweep(cluster.provisioner.celery, sweep)
+    return wait_report(cluster.client, sweep.id, 60)
+
+
+def r7(cluster: Cluster, sizes: Sizes) -> Result:
+    from vmqueue.keys import SIM_PREFIX
+
+    result = Result("R7")
+    cluster.sim.configure(boot_s=0.5, boot_jitter_s=0)
+    ids = _create(cluster, "r7", sizes.jobs)
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    running = {j.instance_id for j in jobs if j.state == JobState.running}
+    before = _sweep_pass(cluster, delay_s=0, max_destroy_share=1)  # a healthy store: every VM owned
+    # The store's keys only: records, fleets, idempotency keys, the epoch, the sweeper's memory. The
+    # broker's queues and the simulated cloud (vmq:sim:*, the provider's side) stay.
+    lost = [k for k in cluster.client.scan_iter(match="vmq:*", count=1000) if not k.startswith(SIM_PREFIX)]
+    for start in range(0, len(lost), 1000):
+        cluster.client.delete(*lost[start : start + 1000])
+    # The periodic sweeper's two next passes, the worst way: no delay and no destroy limit.
+    first = _sweep_pass(cluster, before.epoch.id if before.epoch else None, delay_s=0, max_destroy_share=1)
+    second = _sweep_pass(cluster, first.epoch.id if first.epoch else None, delay_s=0, max_destroy_share=1)
+    time.sleep(1)  # a sim delete takes effect after its destroy time: give one the chance to show
+    left = {vm["instance_id"] for vm in cluster.sim.existing_vms()}
+    actions = Counter(str(o.action) for o in second.orphans)
+    result.job_ids = ids
+    result.figures.update(
+        running=len(running),
+        keys_deleted=len(lost),
+        owned_before=before.owned,
+        first_pass=f"orphans {len(first.orphans)}, refused={bool(first.refused)}",
+        second_pass=dict(actions),
+        destroy_calls=cluster.sim.calls().get("destroy", 0),
+        running_after=len(running & left),
+    )
+    result.check(len(running) == sizes.jobs and before.owned == len(running), f"{sizes.jobs} VMs ran, all owned")
+    result.check(bool(first.refused) and "missing" in first.refused, "the first pass refused: the epoch was missing")
+    result.check(actions == Counter({"kept": len(running)}), f"the second pass kept every VM ({dict(actions)})")
+    result.check(running <= left and cluster.sim.calls().get("destroy", 0) == 0, "no running VM was destroyed")
+    return result
+
+
+def r8(cluster: Cluster, sizes: Sizes) -> Result:
+    from producer.fleet import load_fleet
+    from producer.fleetrun import FleetRunner, all_gone
+    from vmqueue import keys
+
+    result = Result("R8")
+    path = cluster.workdir / "r8-fleet.yaml"
+    path.write_text(
+        "fleet: r8\n"
+        "defaults: {provider: sim, region: sim-1, instance_type: small, image: debian-12, "
+        f"ssh_key: '{throwaway_public_key()}'}}\n"
+        f"vms:\n  - name: vm\n    count: {sizes.jobs}\n"
+    )
+    fleet = load_fleet(path)
+    # Every call is slow: the creates are still waiting for their answer when destroy --fleet runs.
+    cluster.sim.configure(latency_ms=sizes.latency_ms, boot_s=sizes.boot_s, boot_jitter_s=sizes.boot_jitter_s)
+    runner = FleetRunner(cluster.provisioner, fleet.name)
+    applied = runner.apply(fleet)
+    began = time.monotonic()
+    first = runner.destroy()  # vmq destroy --fleet with a timeout shorter than a create's answer
+    cancelling = sum(t.action == "cancelling" for t in first)
+    finished_first = runner.follow(first, sizes.latency_ms / 2000, step=runner.advance_destroy)
+    kept_entries = cluster.client.hlen(keys.fleet_key(fleet.name))
+    runs, done = 1, finished_first
+    while not done and time.monotonic() - began < sizes.timeout_s:  # run again, as its message says
+        runs += 1
+        again = runner.destroy()
+        done = runner.follow(again, 10, step=runner.advance_destroy) and all_gone(again)
+    wait_for(lambda: not cluster.sim.existing_vms(), 30, "every deleted VM is gone")
+    vms, entries = cluster.sim.existing_vms(), cluster.client.hlen(keys.fleet_key(fleet.name))
+    creates = cluster.sim.calls().get("create", 0)
+    result.job_ids = [t.job_id for t in applied if t.job_id]
+    result.figures.update(
+        fleet_vms=len(applied),
+        cancelling_at_first_run=cancelling,
+        entries_after_first_run=kept_entries,
+        destroy_runs=runs,
+        sim_create_calls=creates,
+        vms_left=len(vms),
+        entries_left=entries,
+        elapsed_s=round(time.monotonic() - began, 1),
+    )
+    result.check(cancelling > 0 and not finished_first, "the first run met creates in flight and timed out")
+    result.check(kept_entries >= cancelling, f"no entry of a create in flight was forgotten ({kept_entries} kept)")
+    result.check(done and not vms, f"0 VMs at the end ({len(vms)})")
+    result.check(entries == 0, f"the fleet record is empty ({entries} entries)")
+    result.check(creates <= sizes.jobs, f"no VM was created twice ({creates} create calls for {sizes.jobs})")
+    return result
+
+
+RUNNERS: dict[str, Callable[[Cluster, Sizes], Result]] = {
+    "R1": r1,
+    "R2": r2,
+    "R3": r3,
+    "R4": r4,
+    "R5": r5,
+    "R6": r6,
+    "R7": r7,
+    "R8": r8,
+}
 
 
 def _explain_unfinished(cluster: Cluster, result: Result) -> None:

@@ -1,4 +1,4 @@
-"""The chaos suite, small: R1-R6 of bench/chaos.py on a cluster of this module's own.
+"""The chaos suite, small: R1-R8 of bench/chaos.py on a cluster of this module's own.
 
 Its own redis-server (R2 restarts it) and its own sim workers (R1 and R6 SIGKILL them), so the
 session's Redis and sim worker never see the chaos. Figures are printed (``-s``); the tests assert
