@@ -12,8 +12,7 @@ submission steps are ``producer.submit``'s, shared with the sync client::
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from celery import Celery
@@ -32,6 +31,7 @@ from producer.submit import (
 from vmqueue.ajobstore import AsyncJobStore
 from vmqueue.celery_config import make_celery
 from vmqueue.connection import connect_async
+from vmqueue.events import Cursor, Event, afollow, alatest_id
 from vmqueue.models import Job, VMSpec
 from vmqueue.settings import Settings, get_settings
 from vmqueue.sshkeys import SSHPublicKey
@@ -97,20 +97,38 @@ class AsyncProvisioner:
         self,
         job_id: str,
         timeout_s: float = 900.0,
-        poll_s: float = 0.5,
+        poll_s: float = 5.0,
         on_update: Callable[[Job], None] | None = None,
     ) -> Job:
-        """Until the job is finished (cleanup of a failed create included); ``JobTimeout`` after."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            job = await self.get_job(job_id)
-            if on_update:
-                on_update(job)
-            if job.finished:
-                return job
-            if time.monotonic() >= deadline:
-                raise JobTimeout(job, timeout_s)
-            await asyncio.sleep(poll_s)
+        """Until the job is finished (cleanup of a failed create included); ``JobTimeout`` after.
+
+        Woken by the job's events (``events``), not by polling; ``poll_s`` is how long one read of
+        the event stream waits before the record is looked at anyway.
+        """
+        job = await self.get_job(job_id)
+        try:
+            async with asyncio.timeout(timeout_s):
+                if on_update:
+                    on_update(job)
+                cursor = Cursor([job_id])
+                async for _ in afollow(self.redis, cursor, self.store.get, block_ms=int(poll_s * 1000)):
+                    job = await self.get_job(job_id)
+                    if on_update:
+                        on_update(job)
+                    if job.finished:
+                        return job
+                return await self.get_job(job_id)  # ended without its final event (expired)
+        except TimeoutError:
+            raise JobTimeout(job, timeout_s) from None
+
+    async def events(self, job_ids: list[str] | None = None, after: str | None = None) -> AsyncIterator[Event]:
+        """(event id, ``JobChange``) of the given jobs as they change, each until it is finished, from
+        the first event the streams hold or after the id ``after``; without ``job_ids`` every job's,
+        from now on, for ever. ``ValueError`` for an ``after`` that is not a stream id."""
+        if after is None:
+            after = "0" if job_ids else await alatest_id(self.redis)
+        async for event in afollow(self.redis, Cursor(job_ids, after), self.store.get):
+            yield event
 
     async def _submit(self, job: Job, startup_script: str | None = None) -> Job:
         return await arun(submit(job, startup_script), self.store, self._publish)

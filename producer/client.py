@@ -7,7 +7,7 @@ job id on the provider's own queue, and returns the ``Job`` at once; ``wait`` fo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from celery import Celery
@@ -27,6 +27,7 @@ from producer.submit import (
 )
 from vmqueue.celery_config import make_celery
 from vmqueue.connection import connect
+from vmqueue.events import Cursor, Event, follow, latest_id
 from vmqueue.jobstore import JobStore
 from vmqueue.models import Job, VMSpec
 from vmqueue.settings import Settings, get_settings
@@ -92,6 +93,14 @@ class Provisioner:
             if time.monotonic() >= deadline:
                 raise JobTimeout(job, timeout_s)
             time.sleep(poll_s)
+
+    def events(self, job_ids: list[str] | None = None, after: str | None = None) -> Iterator[Event]:
+        """(event id, ``JobChange``) of the given jobs as they change, each until it is finished, from
+        the first event the streams hold or after the id ``after``; without ``job_ids`` every job's,
+        from now on, for ever. ``ValueError`` for an ``after`` that is not a stream id."""
+        if after is None:
+            after = "0" if job_ids else latest_id(self.store.redis)
+        return follow(self.store.redis, Cursor(job_ids, after), self.store.get)
 
     # -----------------------------------------------------------------------------------------
     def _submit(self, job: Job, startup_script: str | None = None) -> Job:

@@ -19,16 +19,18 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis
-from fastapi import Depends, FastAPI, HTTPException, Path, Request, Response, status
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from kombu.exceptions import OperationalError
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from producer.aclient import AsyncProvisioner
 from producer.submit import IdempotencyConflict, JobNotFound
+from vmqueue.events import STREAM_ID
 from vmqueue.models import CreateRequest, Job
 from vmqueue.options import ProviderName
 from vmqueue.sshkeys import SSHKeyField
@@ -136,6 +138,31 @@ def create_app(
     async def get_job(job_id: Annotated[str, Path(max_length=128)], vmq: Vmq) -> Job:
         """A job's state, VM, error and history."""
         return await vmq.get_job(job_id)
+
+    @app.get("/jobs/{job_id}/events", response_class=EventSourceResponse, dependencies=[Auth], tags=["jobs"])
+    async def job_events(
+        job_id: Annotated[str, Path(max_length=128)],
+        vmq: Vmq,
+        last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+    ) -> EventSourceResponse:
+        """The job's changes as Server-Sent Events, from the first the stream holds (or after
+        ``Last-Event-ID``) until the job is finished; then one ``end`` event and the stream closes.
+
+        Each event: ``id`` (resume after it with ``Last-Event-ID``) and ``data``, a ``JobChange``
+        (job_id, kind, provider, state, previous, cleanup, finished, message, at, instance_id, vm,
+        error). 404 for an unknown job, 400 for an id that is not a stream id (``<ms>-<seq>``).
+        """
+        after = last_event_id or "0"
+        if not STREAM_ID.match(after):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "Last-Event-ID: expected <milliseconds>-<sequence>")
+        await vmq.get_job(job_id)  # 404 now, not an empty stream
+
+        async def stream() -> AsyncIterator[ServerSentEvent]:
+            async for event_id, change in vmq.events([job_id], after):
+                yield ServerSentEvent(change.model_dump_json(), id=event_id)
+            yield ServerSentEvent("{}", event="end")
+
+        return EventSourceResponse(stream(), ping=15)
 
     @app.get("/vms/{provider}/{instance_id:path}", status_code=202, response_model=Job, dependencies=[Auth])
     async def get_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import redis.asyncio
 
 from vmqueue import keys
-from vmqueue.jobstore import _CAS, TRANSITION_HOOKS, JobStore, queue_add, transition_change
+from vmqueue.jobstore import _CAS, TRANSITION_HOOKS, JobStore, cas_arguments, queue_add, transition_change
 from vmqueue.models import Job, JobState
 from vmqueue.settings import Settings
 
@@ -18,13 +18,14 @@ from vmqueue.settings import Settings
 class AsyncJobStore:
     def __init__(self, client: redis.asyncio.Redis, settings: Settings):
         self.redis = client
+        self.settings = settings
         self.ttl_s = settings.job_ttl_s
         self.idempotency_ttl_s = settings.idempotency_ttl_s
         self._cas = client.register_script(_CAS)
 
     async def add(self, job: Job, startup_script: str | None = None) -> Job:
         pipe = self.redis.pipeline(transaction=startup_script is not None)
-        queue_add(pipe, job, startup_script, self.ttl_s)
+        queue_add(pipe, job, startup_script, self.settings)
         await pipe.execute()
         return job
 
@@ -49,8 +50,9 @@ class AsyncJobStore:
             raw = await self.redis.get(key)
             if raw is None:
                 raise KeyError(job_id)
-            job, new_raw = JobStore._changed(job_id, raw, change)
-            if await self._cas(keys=[key], args=[raw, new_raw]):
+            job, new_raw, event = JobStore._changed(job_id, raw, change)
+            script_keys, args = cas_arguments(job_id, raw, new_raw, event, self.settings)
+            if await self._cas(keys=script_keys, args=args):
                 return job
 
     async def transition(self, job_id: str, to: JobState, message: str = "", **fields: object) -> Job:

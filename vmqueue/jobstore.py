@@ -16,13 +16,21 @@ from typing import Any
 import redis
 
 from vmqueue import keys
+from vmqueue.events import change_of, describe, queue_event
 from vmqueue.models import TRANSITIONS, Job, JobState, utcnow
 from vmqueue.settings import Settings
 
-# Compare-and-set in one round trip: writes only if the record is still what this process last saw.
+# Compare-and-set in one round trip: writes only if the record is still what this process last saw,
+# and with it the change's event (ARGV[3], if any) to both event streams (vmqueue/events.py).
 _CAS = """
-if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL') return 1 end
-return 0
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL')
+if ARGV[3] ~= '' then
+  redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[3])
+  redis.call('xadd', KEYS[3], 'MAXLEN', ARGV[5], '*', 'data', ARGV[3])
+  redis.call('expire', KEYS[3], ARGV[6])
+end
+return 1
 """
 # How many records a process remembers (as last read or written) for one-round-trip updates.
 RAW_CACHE_SIZE = 20_000
@@ -40,12 +48,20 @@ return 0
 TRANSITION_HOOKS: list[Callable[[Job], None]] = []
 
 
-def queue_add(pipe: Any, job: Job, startup_script: str | None, ttl_s: int) -> None:
+def queue_add(pipe: Any, job: Job, startup_script: str | None, settings: Settings) -> None:
     """Queue on ``pipe`` (a blocking or an asyncio pipeline: both buffer commands alike) the writes
-    that store a new job, so ``JobStore`` and ``AsyncJobStore`` store one the same way."""
-    pipe.set(keys.job_key(job.id), job.model_dump_json(), ex=ttl_s)
+    that store a new job and its first event, so ``JobStore`` and ``AsyncJobStore`` store one alike."""
+    pipe.set(keys.job_key(job.id), job.model_dump_json(), ex=settings.job_ttl_s)
     if startup_script is not None:
-        pipe.set(keys.script_key(job.id), startup_script, ex=ttl_s)
+        pipe.set(keys.script_key(job.id), startup_script, ex=settings.job_ttl_s)
+    queue_event(pipe, job.id, describe(job, None).model_dump_json(), settings)
+
+
+def cas_arguments(job_id: str, seen: str, new_raw: str, event: str, settings: Settings) -> tuple[list, list]:
+    """KEYS and ARGV of the compare-and-set script."""
+    script_keys = [keys.job_key(job_id), keys.EVENTS_KEY, keys.events_key(job_id)]
+    limits = [settings.events_maxlen, settings.job_events_maxlen, settings.job_ttl_s]
+    return script_keys, [seen, new_raw, event, *limits]
 
 
 def transition_change(to: JobState, message: str, fields: dict[str, object]) -> Callable[[Job], None]:
@@ -68,6 +84,7 @@ class InvalidTransition(RuntimeError):
 class JobStore:
     def __init__(self, client: redis.Redis, settings: Settings):
         self.redis = client
+        self.settings = settings
         self.ttl_s = settings.job_ttl_s
         self.idempotency_ttl_s = settings.idempotency_ttl_s
         self._release = client.register_script(_RELEASE)
@@ -80,7 +97,7 @@ class JobStore:
         # The record and its script: both or neither (MULTI/EXEC). One command needs no MULTI/EXEC
         # around it: that costs a tenth of an enqueue's time (bench/enqueue.py).
         pipe = self.redis.pipeline(transaction=startup_script is not None)
-        queue_add(pipe, job, startup_script, self.ttl_s)
+        queue_add(pipe, job, startup_script, self.settings)
         pipe.execute()
         return job
 
@@ -137,8 +154,9 @@ class JobStore:
         with self._raw_lock:
             seen = self._raw.get(job_id)
         if seen is not None:
-            job, new_raw = self._changed(job_id, seen, change)
-            if self._cas(keys=[key], args=[seen, new_raw]):
+            job, new_raw, event = self._changed(job_id, seen, change)
+            script_keys, args = cas_arguments(job_id, seen, new_raw, event, self.settings)
+            if self._cas(keys=script_keys, args=args):
                 self._remember(job_id, new_raw)
                 return job
         written: list[str] = []
@@ -147,9 +165,11 @@ class JobStore:
             raw = pipe.get(key)
             if raw is None:
                 raise KeyError(job_id)
-            job, new_raw = self._changed(job_id, raw, change)
+            job, new_raw, event = self._changed(job_id, raw, change)
             pipe.multi()
             pipe.set(key, new_raw, keepttl=True)
+            if event:
+                queue_event(pipe, job_id, event, self.settings)
             written.append(new_raw)
             return job
 
@@ -158,14 +178,16 @@ class JobStore:
         return job
 
     @staticmethod
-    def _changed(job_id: str, raw: str, change: Callable[[Job], None]) -> tuple[Job, str]:
+    def _changed(job_id: str, raw: str, change: Callable[[Job], None]) -> tuple[Job, str, str]:
+        """The changed job, its record, and its event as JSON ("" when neither state nor cleanup changed)."""
         job = Job.model_validate_json(raw)
-        before = job.state
+        before, cleanup_before = job.state, job.cleanup
         change(job)
         if job.state != before and job.state not in TRANSITIONS[before]:
             raise InvalidTransition(f"job {job_id}: {before} -> {job.state} is not allowed")
         job.updated_at = utcnow()
-        return job, job.model_dump_json()
+        event = change_of(job, before, cleanup_before)
+        return job, job.model_dump_json(), event.model_dump_json() if event else ""
 
     def _parse(self, job_id: str, raw: str | None) -> Job | None:
         if raw is None:

@@ -13,6 +13,7 @@ SIM_PREFIX = "vmq:sim:"
 WATCH_PREFIX = "vmq:watch:"  # hash per provider: instance id -> job id of VMs being waited for
 TICKER_PREFIX = "vmq:ticker:"  # per provider: the token of the one live batch-read chain
 FLEET_PREFIX = "vmq:fleet:"  # hash per fleet: "<provider>/<name>" -> the VM's create job; no TTL
+EVENTS_KEY = "vmq:events"  # stream: every job's state changes (vmqueue/events.py); capped
 SWEEP_PREFIX = "vmq:sweep:"  # seen:<provider> (orphan -> first seen), report:<id>, lock:<provider>
 # The job store's continuity marker (vmqueue/sweep.py StoreEpoch): written once, no TTL; missing or
 # new means records may have been lost, and the sweeper destroys nothing on "record gone" from before it.
@@ -39,6 +40,11 @@ def script_key(job_id: str) -> str:
 
 def idempotency_key(key: str) -> str:
     return f"{IDEMPOTENCY_PREFIX}{key}"
+
+
+def events_key(job_id: str) -> str:
+    """Stream of one job's state changes; expires with the record's TTL."""
+    return f"{EVENTS_KEY}:{job_id}"
 
 
 def lock_key(job_id: str) -> str:

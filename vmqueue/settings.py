@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     unacked_restore_interval_s: float = 10.0
     job_ttl_s: int = 7 * 24 * 3600
     idempotency_ttl_s: int = 24 * 3600
+    events_maxlen: int = Field(100_000, ge=100, description="events the all-jobs stream keeps (about)")
+    job_events_maxlen: int = Field(100, ge=10, description="events each job's own stream keeps")
 
     deadline_s: float = Field(600.0, description="default per-job deadline until running/gone")
     destroy_on_failure: bool = True
