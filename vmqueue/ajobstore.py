@@ -10,7 +10,7 @@ from __future__ import annotations
 import redis.asyncio
 
 from vmqueue import keys
-from vmqueue.jobstore import _CAS, TRANSITION_HOOKS, JobStore, cas_arguments, queue_add, transition_change
+from vmqueue.jobstore import _CAS, _RELEASE, TRANSITION_HOOKS, JobStore, cas_arguments, queue_add, transition_change
 from vmqueue.models import Job, JobState
 from vmqueue.settings import Settings
 
@@ -22,6 +22,7 @@ class AsyncJobStore:
         self.ttl_s = settings.job_ttl_s
         self.idempotency_ttl_s = settings.idempotency_ttl_s
         self._cas = client.register_script(_CAS)
+        self._release = client.register_script(_RELEASE)
 
     async def add(self, job: Job, startup_script: str | None = None) -> Job:
         pipe = self.redis.pipeline(transaction=startup_script is not None)
@@ -39,9 +40,9 @@ class AsyncJobStore:
             return None
         return await self.redis.get(keys.idempotency_key(key))
 
-    async def release_idempotency_key(self, key: str, job_id: str) -> None:
-        if await self.redis.get(keys.idempotency_key(key)) == job_id:
-            await self.redis.delete(keys.idempotency_key(key))
+    async def release_idempotency_key(self, key: str, job_id: str) -> bool:
+        """``JobStore.release_idempotency_key``: compare-and-delete in one round trip."""
+        return bool(await self._release(keys=[keys.idempotency_key(key)], args=[job_id]))
 
     async def update(self, job_id: str, change) -> Job:
         """``JobStore.update``: compare-and-set against a fresh read, retried on a race."""
