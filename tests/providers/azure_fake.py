@@ -42,6 +42,9 @@ class FakeARM(FakeAPI):
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)  # lower-case ARM id -> resource
     slow_delete: bool = False  # a deleted VM stays "Deleting" instead of going at once
     polls_to_run: int | None = None  # GETs a Creating VM answers before Succeeded + running; None: stays
+    ip_updating_reads: int | None = 0  # GETs a new public IP answers "Updating" before "Succeeded"; None: stays
+    nic_delete_reads: int = 0  # a NIC DELETE is accepted (202) and the NIC stays "Deleting" for this many GETs
+    allocation_fails_in: set[str] = field(default_factory=set)  # locations or sizes whose VMs fail late (Allocation)
 
     def __post_init__(self) -> None:
         self.resources[RG_PATH.lower()] = {
@@ -77,6 +80,8 @@ class FakeARM(FakeAPI):
             return error(404, "ResourceGroupNotFound", f"Resource group '{group.split('/')[-1]}' could not be found.")
         key, resource = call.path.lower(), self.resources.get(call.path.lower())
         if call.method == "GET":
+            if resource is not None and "_reads_left" in resource:
+                resource = self._progress(key, resource)
             if resource is None:
                 return error(
                     404, "ResourceNotFound", f"The Resource '{rtype}/{name}' under resource group was not found."
@@ -117,6 +122,9 @@ class FakeARM(FakeAPI):
         props = resource["properties"]
         if rtype == "Microsoft.Network/publicIPAddresses":
             props |= {"ipAddress": "20.61.15.7", "resourceGuid": str(uuid.uuid4()), "idleTimeoutInMinutes": 4}
+            if existing is None and self.ip_updating_reads != 0:
+                props["provisioningState"] = "Updating"
+                resource["_reads_left"] = self.ip_updating_reads  # None: never done
         elif rtype == "Microsoft.Network/networkInterfaces":
             for i, config in enumerate(props.get("ipConfigurations", [])):
                 config["id"] = f"{call.path}/ipConfigurations/{config['name']}"
@@ -139,6 +147,9 @@ class FakeARM(FakeAPI):
                     )
                 nic["properties"]["virtualMachine"] = {"id": call.path}
             resource["_power"] = None
+            size = props.get("hardwareProfile", {}).get("vmSize")
+            if {call.body["location"], size} & self.allocation_fails_in:
+                resource["_failure"] = "AllocationFailed"  # accepted now, failed on a later read
         if existing and rtype != "Microsoft.Compute/virtualMachines":
             resource["properties"] = {**existing["properties"], **props}
         self.resources[call.path.lower()] = resource
@@ -155,6 +166,9 @@ class FakeARM(FakeAPI):
         if resource["type"] == "Microsoft.Network/networkInterfaces" and props.get("virtualMachine"):
             if self.get(props["virtualMachine"]["id"]):
                 return error(400, "NicInUse", "Network Interface is used by existing resource.")
+        if resource["type"] == "Microsoft.Network/networkInterfaces" and self.nic_delete_reads:
+            props["provisioningState"], resource["_reads_left"] = "Deleting", self.nic_delete_reads
+            return 202, {"Location": "https://management.azure.com/op"}, ""
         if resource["type"] == "Microsoft.Network/publicIPAddresses":
             for nic in self.resources.values():
                 for config in (
@@ -171,6 +185,19 @@ class FakeARM(FakeAPI):
             return 200, {}, ""
         del self.resources[key]
         return 200, {}, ""
+
+    def _progress(self, key: str, resource: dict[str, Any]) -> dict[str, Any] | None:
+        """One read of a resource whose operation is still running: a deleting NIC goes, an IP provisions."""
+        left = resource["_reads_left"]
+        if left is not None and left <= 0:
+            del resource["_reads_left"]
+            if resource["properties"]["provisioningState"] == "Deleting":
+                del self.resources[key]
+                return None
+            resource["properties"]["provisioningState"] = "Succeeded"
+        elif left is not None:
+            resource["_reads_left"] = left - 1
+        return resource
 
     def _cascade(self, vm: dict[str, Any]) -> None:
         """What delete_option="Delete" removes with the VM: its NICs and their public IPs."""
@@ -193,6 +220,8 @@ class FakeARM(FakeAPI):
             resource["_polls"] = resource.get("_polls", 0) + 1
             if resource["_polls"] > self.polls_to_run:
                 props["provisioningState"], resource["_power"] = "Succeeded", "PowerState/running"
+        if resource.get("_failure") and props["provisioningState"] == "Creating":
+            props["provisioningState"] = "Failed"
         statuses = [{"code": f"ProvisioningState/{props['provisioningState'].lower()}", "level": "Info"}]
         if resource.get("_failure"):
             statuses = [{"code": f"ProvisioningState/failed/{resource['_failure']}", "level": "Error"}]

@@ -57,7 +57,9 @@ def fake() -> Iterator[FakeARM]:
 
 @pytest.fixture
 def provider(fake: FakeARM) -> AzureProvider:
-    return AzureProvider(credential=FakeCredential(), subscription_id=SUB)
+    provider = AzureProvider(credential=FakeCredential(), subscription_id=SUB)
+    provider.poll_s = 0.0  # the fake's operations finish after a number of reads, not of seconds
+    return provider
 
 
 def make_spec(image: str = "Canonical:ubuntu-24_04-lts:server:latest", **options: Any) -> VMSpec:
@@ -175,20 +177,24 @@ class TestAzure(AdapterContract):
     def test_create_lost_answer_one_vm(self, provider: AzureProvider, fake: FakeARM) -> None:
         fake.drop.append("PUT /virtualMachines/web-1")  # ARM accepts the VM, the answer is lost
 
-        with pytest.raises(TransientError):
-            provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
-        info = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")  # the task's retry
+        info = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")  # read back and adopted
+        again = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")  # a redelivery
 
-        assert info.instance_id == VM_ID
+        assert info.instance_id == again.instance_id == VM_ID
         assert len([r for r in fake.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"]) == 1
 
     def test_create_waits_for_public_ip(self, provider: AzureProvider, fake: FakeARM) -> None:
-        fake.fail(
-            "PUT", r"/publicIPAddresses/", (201, {}, '{"id": "x", "properties": {"provisioningState": "Updating"}}')
-        )
+        fake.ip_updating_reads = 2
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        assert len(fake.calls_to("GET", r"/publicIPAddresses/")) == 3  # Updating, Updating, Succeeded
+        assert len(fake.calls_to("PUT", r"/networkInterfaces/")) == 1
+
+    def test_create_public_ip_never_ready_leaves_nothing(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.ip_updating_reads, provider.provision_wait_s = None, 0.0
         with pytest.raises(TransientError, match="Updating"):
             provider.create_vm(make_spec(), key(), job_id="job-1")
         assert not fake.calls_to("PUT", r"/networkInterfaces/")
+        assert list(fake.resources) == [RG_PATH.lower()]
 
     @pytest.mark.parametrize(
         ("provisioning", "power", "expected"),
@@ -224,12 +230,35 @@ class TestAzure(AdapterContract):
     def test_get_failed_names_the_failure(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
         boot(fake, "Failed", None)
-        fake.vm("web-1")["_failure"] = "AllocationFailed"
+        fake.vm("web-1")["_failure"] = "OSProvisioningTimedOut"
 
         info = provider.get_vm(VM_ID)
 
         assert info.status is VMStatus.error
-        assert info.provider_status == "Failed ProvisioningState/failed/AllocationFailed"
+        assert info.provider_status == "Failed ProvisioningState/failed/OSProvisioningTimedOut"
+        assert not fake.calls_to("DELETE", "")  # not a capacity failure: the job's cleanup decides
+
+    def test_late_allocation_failure_is_capacity_and_leaves_nothing(
+        self, provider: AzureProvider, fake: FakeARM
+    ) -> None:
+        """The VM PUT is accepted, the instance view later says AllocationFailed: CapacityError from get_vm
+        (the lifecycle fails over on it) once the VM's delete is sent; the batched read reports it in error."""
+        fake.allocation_fails_in = {"westeurope"}
+        assert provider.create_vm(make_spec(), key(), job_id="job-1").status is VMStatus.pending
+
+        batch = provider.get_vms([VM_ID])
+        assert batch[VM_ID].status is VMStatus.error and not fake.calls_to("DELETE", "")
+        with pytest.raises(CapacityError) as caught:
+            provider.get_vm(VM_ID)
+
+        assert caught.value.provider_code == "AllocationFailed"
+        assert list(fake.resources) == [RG_PATH.lower()]  # VM, NIC and public IP went together
+        # The next placement has resources of its own, whatever is left of this one.
+        other = make_spec().model_copy(update={"region": "northeurope"})
+        vm = provider.create_vm(other, key(), job_id="job-1-p1")
+        assert vm.instance_id == VM_ID + "-p1" and vm.region == "northeurope"
+        [put] = fake.calls_to("PUT", r"/virtualMachines/web-1-p1$")
+        assert put.body["properties"]["osProfile"]["computerName"] == "web-1"
 
     def test_get_public_and_private_ips(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
@@ -347,13 +376,40 @@ class TestAzure(AdapterContract):
 
         assert list(fake.resources) == [RG_PATH.lower()]
 
-    def test_retryable_vm_failure_keeps_helpers_for_the_retry(self, provider: AzureProvider, fake: FakeARM) -> None:
-        fake.fail("PUT", r"/virtualMachines/", error(503, "ServiceUnavailable", "try later"))
-        with pytest.raises(TransientError):
-            provider.create_vm(make_spec(), key(), job_id="job-1")
-        assert len(fake.resources) == 3  # the group, the NIC and the public IP
-        provider.create_vm(make_spec(), key(), job_id="job-1")
+    def test_vm_put_500_every_attempt_leaves_nothing(self, provider: AzureProvider, fake: FakeARM) -> None:
+        """Each attempt whose VM PUT answers 500 removes its NIC and IP: the last one may be the job's last."""
+        for _ in range(3):
+            fake.fail("PUT", r"/virtualMachines/", error(500, "InternalServerError", "try later"))
+            with pytest.raises(TransientError) as caught:
+                provider.create_vm(make_spec(), key(), job_id="job-1")
+            assert caught.value.provider_code == "InternalServerError"
+            assert list(fake.resources) == [RG_PATH.lower()]
+        provider.create_vm(make_spec(), key(), job_id="job-1")  # the retry makes them again
         assert len(fake.resources) == 4
+
+    def test_refused_create_waits_for_the_nic_delete_and_keeps_its_code(
+        self, provider: AzureProvider, fake: FakeARM
+    ) -> None:
+        """Quota refusal; the NIC delete is accepted (202) and takes two reads: the IP's delete waits for it,
+        and the error raised is the quota's, not the cleanup's."""
+        fake.nic_delete_reads = 2
+        quota = "Operation could not be completed as it results in exceeding approved standardBSFamily Cores quota."
+        fake.fail("PUT", r"/virtualMachines/", error(409, "OperationNotAllowed", quota))
+
+        with pytest.raises(QuotaExceededError) as caught:
+            provider.create_vm(make_spec(), key(), job_id="job-1")
+
+        assert (caught.value.provider_code, caught.value.message) == ("OperationNotAllowed", quota)
+        assert list(fake.resources) == [RG_PATH.lower()]
+        deletes = [c.path.rsplit("/", 1)[-1] for c in fake.calls if c.method == "DELETE"]
+        assert deletes == ["web-1-nic", "web-1-pip"]  # the IP's delete only once the NIC was gone
+
+    def test_refused_create_whose_cleanup_fails_keeps_its_code(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.fail("PUT", r"/virtualMachines/", error(409, "SkuNotAvailable", "The requested size is not available."))
+        fake.fail("DELETE", r"/publicIPAddresses/", error(400, "PublicIPAddressCannotBeDeleted", "in use"))
+        with pytest.raises(CapacityError) as caught:
+            provider.create_vm(make_spec(), key(), job_id="job-1")
+        assert caught.value.provider_code == "SkuNotAvailable"
 
     def test_destroy_twice(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
@@ -565,3 +621,32 @@ def test_system_create_then_destroy_through_a_worker(
     gone = provisioner.wait(provisioner.destroy_vm("azure", job.instance_id).id, timeout_s=30)
     assert gone.state == JobState.gone, gone.error
     assert list(fake.resources) == [RG_PATH.lower()]  # VM, NIC, public IP: nothing left
+
+
+@pytest.mark.system
+def test_system_late_allocation_failure_fails_over(
+    worker_factory: Any, provisioner: Any, httpserver: Any, ssh_key: str
+) -> None:
+    """A VM accepted, then failed with AllocationFailed: the job fails over to the next placement through a
+    real worker, as a refused PUT would, and nothing of the first attempt is left."""
+    fake = FakeARM(polls_to_run=1, allocation_fails_in={"Standard_B1s"})
+    endpoint = serve(httpserver, fake)
+    env = {
+        "VMQ_AZURE_ENDPOINT": endpoint,
+        "AZURE_SUBSCRIPTION_ID": SUB,
+        "AZURE_TOKEN_CREDENTIALS": "ManagedIdentityCredential",
+        "IDENTITY_ENDPOINT": endpoint + MSI_PATH,
+        "IDENTITY_HEADER": "fake-identity-header",
+        "NO_PROXY": "*",
+    }
+    worker_factory("azure", env={**env, **{var: "" for var in AZURE_ENV[1:]}})
+
+    fallback = {"region": "westeurope", "instance_type": "Standard_B2s"}
+    spec = VMSpec.model_validate({**make_spec().model_dump(), "fallbacks": [fallback]})
+    job = provisioner.wait(provisioner.create_vm(spec, ssh_key).id, timeout_s=60)
+
+    assert job.state == JobState.running, job.error
+    assert (job.placement, job.instance_id, job.vm.instance_type) == (1, VM_ID + "-p1", "Standard_B2s")
+    assert any("no capacity" in event.message for event in job.history)
+    names = sorted(r["name"] for r in fake.resources.values() if r["type"] != "resourceGroups")
+    assert names == ["web-1-p1", "web-1-p1-nic", "web-1-p1-pip"]

@@ -11,16 +11,12 @@ Credentials come from boto3's default chain. boto3 honours ``AWS_ENDPOINT_URL`` 
 
 from __future__ import annotations
 
-import email
 import hashlib
 import os
 import threading
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from typing import Any
 
 import boto3
-import yaml
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
@@ -36,6 +32,7 @@ from vmqueue.images import IMAGES
 from vmqueue.models import VMInfo, VMSpec, VMStatus
 from vmqueue.options import AWSOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import AWS_USER_DATA_BYTES, aws_sent
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -51,9 +48,6 @@ from workers.providers.errors import (
 # The SDK's retries are off: our task layer decides when to send again (PROVIDERS.md, DESIGN §4).
 BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=60)
 FILTER_CHUNK = 200  # ids per DescribeInstances filter; conservative: no value limit is published for it (unverified)
-USER_DATA_LIMIT_BYTES = 16 * 1024  # raw, before boto3's base64
-# cloud-init's MIME type of each kind of startup script check_startup_script accepts.
-SCRIPT_TYPES = (("#cloud-config", "cloud-config"), ("#include", "x-include-url"), ("#!", "x-shellscript"))
 CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (boto3's default chain)"
 
 STATUS_MAP: dict[str, VMStatus] = {
@@ -180,9 +174,10 @@ class AWSProvider:
         self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
     ) -> VMInfo:
         opts = spec.options if isinstance(spec.options, AWSOptions) else AWSOptions()
-        user_data = startup_script if opts.key_name else _user_data(ssh_key, startup_script)
-        if user_data and len(user_data.encode()) > USER_DATA_LIMIT_BYTES:
-            raise InvalidSpecError(f"user-data with the SSH key is over EC2's {USER_DATA_LIMIT_BYTES} bytes")
+        # The bytes the producer measured (vmqueue.userdata), so a script it let through fits here too.
+        user_data = aws_sent(opts, ssh_key, startup_script)
+        if user_data and len(user_data.encode()) > AWS_USER_DATA_BYTES:
+            raise InvalidSpecError(f"user-data with the SSH key is over EC2's {AWS_USER_DATA_BYTES} bytes")
         tags = [{"Key": k, "Value": v} for k, v in {"Name": spec.name, **spec.ownership_labels(job_id)}.items()]
         nic: dict[str, Any] = {"DeviceIndex": 0, "AssociatePublicIpAddress": opts.associate_public_ip}
         if opts.subnet_id:
@@ -301,31 +296,6 @@ def _client_token(job_id: str) -> str:
     """The job's ClientToken: ASCII, at most 64 characters, the same on every retry."""
     token = f"vmq-{job_id}"
     return token if len(token) <= 64 and token.isascii() else "vmq-" + hashlib.sha256(job_id.encode()).hexdigest()[:60]
-
-
-def _user_data(ssh_key: SSHPublicKey, script: str | None) -> str:
-    """MIME multipart user-data: the user's script, then a #cloud-config with the SSH key.
-
-    The boundary is derived from the content: a random one would change the request between retries
-    and EC2 would refuse it under the same ClientToken (IdempotentParameterMismatch).
-    """
-    keys = MIMEText(
-        "#cloud-config\n" + yaml.safe_dump({"ssh_authorized_keys": [ssh_key.openssh]}, width=4096), "cloud-config"
-    )
-    # Appends our key to any ssh_authorized_keys of the user's own #cloud-config instead of replacing it.
-    keys["Merge-Type"] = "list(append)+dict(no_replace,recurse_list)+str()"
-    parts: list[Any] = []
-    if script and script.lstrip().lower().startswith("content-type:"):
-        user = email.message_from_string(script.lstrip())
-        parts = user.get_payload() if user.is_multipart() else [user]
-    elif script:
-        subtype = next((t for prefix, t in SCRIPT_TYPES if script.lstrip().startswith(prefix)), "x-shellscript")
-        parts = [MIMEText(script, subtype)]
-    boundary = "vmq-" + hashlib.sha256(f"{ssh_key.openssh}\n{script}".encode()).hexdigest()[:32]
-    message = MIMEMultipart(boundary=boundary)
-    for part in [*parts, keys]:
-        message.attach(part)
-    return message.as_string()
 
 
 def _vm_info(region: str, instance: dict[str, Any]) -> VMInfo:

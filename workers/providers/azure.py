@@ -12,10 +12,12 @@ and the VM are deterministic names, so a repeated create PUTs the same resources
 
 from __future__ import annotations
 
-import base64
+import logging
 import os
 import re
 import threading
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, NamedTuple
 
@@ -23,6 +25,7 @@ from vmqueue.images import IMAGES
 from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from vmqueue.options import AzureOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import custom_data
 from workers.providers.base import SETTLED_STATUSES
 from workers.providers.errors import (
     AuthError,
@@ -35,6 +38,8 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+
+log = logging.getLogger(__name__)
 
 ENDPOINT_ENV = "VMQ_AZURE_ENDPOINT"
 SUBSCRIPTION_ENV = "AZURE_SUBSCRIPTION_ID"
@@ -83,6 +88,7 @@ ERROR_CODES: dict[str, type[ProviderError]] = {
     "AllocationFailed": CapacityError,
     "ZonalAllocationFailed": CapacityError,
     "OverconstrainedAllocationRequest": CapacityError,
+    "OverconstrainedZonalAllocationRequest": CapacityError,
     "TooManyRequests": RateLimitedError,
     "SubscriptionRequestsThrottled": RateLimitedError,
     "NicInUse": TransientError,  # a NIC stays reserved ~180 s after its VM is gone
@@ -131,6 +137,10 @@ class AzureProvider:
     """Azure Compute + Network; see the Provider protocol."""
 
     name = "azure"
+    # Waits inside one call (seconds): a public IP until provisioned, a failed create's NIC until deleted.
+    poll_s: float = 1.0
+    provision_wait_s: float = 20.0
+    helper_delete_wait_s: float = 60.0
 
     def __init__(self, credential: Any = None, subscription_id: str | None = None, endpoint: str | None = None) -> None:
         self._credential = credential
@@ -177,7 +187,7 @@ class AzureProvider:
         from azure.mgmt.compute import models as cm
         from azure.mgmt.network import models as nm
 
-        opts, name, tags = _options(spec), spec.name, spec.ownership_labels(job_id)
+        opts, name, tags = _options(spec), _resource_name(spec.name, job_id), spec.ownership_labels(job_id)
         rg, clients = opts.resource_group, self._client()
         # A VM of this name already: ours (a redelivery) is adopted; another job's must not have its
         # NIC and IP rewritten by our PUTs, so this is decided before any of them.
@@ -185,70 +195,74 @@ class AzureProvider:
         existing = self._adopt(rg, name, job_id, missing_ok=True)
         if existing is not None:
             return existing
-        with map_errors(_map_error):
-            pip = clients.network.public_ip_addresses.begin_create_or_update(
-                rg,
-                f"{name}-pip",
-                nm.PublicIPAddress(
-                    location=spec.region,
-                    tags=tags,
-                    sku=nm.PublicIPAddressSku(name="Standard"),  # Basic is retired
-                    public_ip_allocation_method="Static",
-                    public_ip_address_version="IPv4",
-                    delete_option="Delete",
-                ),
-                polling=False,
-            ).result()
-            if (state := pip.provisioning_state) != "Succeeded":  # a NIC may only reference a provisioned IP
-                raise TransientError(f"public IP {name}-pip is {getattr(state, 'value', state)}; create again later")
-            nic = clients.network.network_interfaces.begin_create_or_update(
-                rg,
-                f"{name}-nic",
-                nm.NetworkInterface(
-                    location=spec.region,
-                    tags=tags,
-                    network_security_group=nm.NetworkSecurityGroup(id=nsg_id) if nsg_id else None,
-                    ip_configurations=[
-                        nm.NetworkInterfaceIPConfiguration(
-                            name="ipconfig1",
-                            primary=True,
-                            subnet=nm.Subnet(id=subnet_id),
-                            private_ip_allocation_method="Dynamic",
-                            public_ip_address=nm.PublicIPAddress(id=pip.id),
-                        )
-                    ],
-                ),
-                polling=False,
-            ).result()
-            vm = cm.VirtualMachine(
-                location=spec.region,
-                tags=tags,
-                hardware_profile=cm.HardwareProfile(vm_size=spec.instance_type),
-                storage_profile=cm.StorageProfile(
-                    image_reference=_image_reference(spec.image),
-                    os_disk=cm.OSDisk(name=f"{name}-osdisk", create_option="FromImage", delete_option="Delete"),
-                ),
-                os_profile=cm.OSProfile(
-                    computer_name=name,
-                    admin_username=opts.admin_username,
-                    custom_data=base64.b64encode(startup_script.encode()).decode() if startup_script else None,
-                    linux_configuration=cm.LinuxConfiguration(
-                        disable_password_authentication=True,
-                        ssh=cm.SshConfiguration(
-                            public_keys=[
-                                cm.SshPublicKey(
-                                    path=f"/home/{opts.admin_username}/.ssh/authorized_keys", key_data=ssh_key.openssh
-                                )
-                            ]
-                        ),
-                    ),
-                ),
-                network_profile=cm.NetworkProfile(
-                    network_interfaces=[cm.NetworkInterfaceReference(id=nic.id, primary=True, delete_option="Delete")]
-                ),
-            )
+        vm_sent = False
         try:
             with map_errors(_map_error):
+                pip = clients.network.public_ip_addresses.begin_create_or_update(
+                    rg,
+                    f"{name}-pip",
+                    nm.PublicIPAddress(
+                        location=spec.region,
+                        tags=tags,
+                        sku=nm.PublicIPAddressSku(name="Standard"),  # Basic is retired
+                        public_ip_allocation_method="Static",
+                        public_ip_address_version="IPv4",
+                        delete_option="Delete",
+                    ),
+                    polling=False,
+                ).result()
+                if pip.provisioning_state != "Succeeded":  # a NIC may only reference a provisioned IP
+                    pip = self._provisioned_ip(rg, f"{name}-pip", pip)
+                nic = clients.network.network_interfaces.begin_create_or_update(
+                    rg,
+                    f"{name}-nic",
+                    nm.NetworkInterface(
+                        location=spec.region,
+                        tags=tags,
+                        network_security_group=nm.NetworkSecurityGroup(id=nsg_id) if nsg_id else None,
+                        ip_configurations=[
+                            nm.NetworkInterfaceIPConfiguration(
+                                name="ipconfig1",
+                                primary=True,
+                                subnet=nm.Subnet(id=subnet_id),
+                                private_ip_allocation_method="Dynamic",
+                                public_ip_address=nm.PublicIPAddress(id=pip.id),
+                            )
+                        ],
+                    ),
+                    polling=False,
+                ).result()
+                vm = cm.VirtualMachine(
+                    location=spec.region,
+                    tags=tags,
+                    hardware_profile=cm.HardwareProfile(vm_size=spec.instance_type),
+                    storage_profile=cm.StorageProfile(
+                        image_reference=_image_reference(spec.image),
+                        os_disk=cm.OSDisk(name=f"{name}-osdisk", create_option="FromImage", delete_option="Delete"),
+                    ),
+                    os_profile=cm.OSProfile(
+                        computer_name=spec.name,  # the hostname, whatever the attempt's resource name
+                        admin_username=opts.admin_username,
+                        custom_data=custom_data(startup_script),
+                        linux_configuration=cm.LinuxConfiguration(
+                            disable_password_authentication=True,
+                            ssh=cm.SshConfiguration(
+                                public_keys=[
+                                    cm.SshPublicKey(
+                                        path=f"/home/{opts.admin_username}/.ssh/authorized_keys",
+                                        key_data=ssh_key.openssh,
+                                    )
+                                ]
+                            ),
+                        ),
+                    ),
+                    network_profile=cm.NetworkProfile(
+                        network_interfaces=[
+                            cm.NetworkInterfaceReference(id=nic.id, primary=True, delete_option="Delete")
+                        ]
+                    ),
+                )
+                vm_sent = True
                 try:
                     created = clients.compute.virtual_machines.begin_create_or_update(
                         rg, name, vm, match_condition=MatchConditions.IfMissing, polling=False
@@ -258,15 +272,54 @@ class AzureProvider:
                         raise
                     created = None  # another create of this name got there first: look at it below
         except ProviderError as exc:
-            # Refused for good (quota, capacity, bad size): no VM will ever own this NIC and IP, and
-            # the job has no instance id to destroy later. A retryable error keeps them for the retry.
-            if not exc.retryable:
-                self._delete_helpers(rg, name)
-            raise
+            return self._create_failed(rg, name, job_id, exc, vm_sent)
         return _info(created) if created is not None else self._adopt(rg, name, job_id)
 
+    def _create_failed(self, rg: str, name: str, job_id: str, exc: ProviderError, vm_sent: bool) -> VMInfo:
+        """A create that raises leaves nothing behind, and raises the provider's own error.
+
+        The job may never come back (a refusal for good, or its last retry), and without an instance id
+        nothing would delete the NIC and public IP made for it; a retry makes them again. A VM PUT
+        whose answer was lost or a 5xx may still have made the VM: ours is adopted rather than left
+        without its network. A failed cleanup is logged (the ownership tags let the sweeper find what
+        stays) and never replaces the create's error.
+        """
+        if vm_sent and exc.retryable:
+            try:
+                if (adopted := self._adopt(rg, name, job_id, missing_ok=True)) is not None:
+                    return adopted
+            except ProviderError as unknown:
+                # Whether the VM exists is unknown: deleting its NIC now could strand it, so keep all.
+                log.warning("azure create of %s failed (%s); its VM could not be read (%s)", name, exc, unknown)
+                raise exc from None
+        try:
+            self._delete_helpers(rg, name, wait_s=self.helper_delete_wait_s)
+        except ProviderError as cleanup:
+            log.warning(
+                "azure create of %s failed (%s); its NIC/public IP stay for the sweeper: %s", name, exc, cleanup
+            )
+        raise exc
+
     def get_vm(self, instance_id: str) -> VMInfo:
+        """See the protocol. A VM whose allocation failed after ARM accepted it (instance view
+        ``ProvisioningState/failed/AllocationFailed`` and kin) raises CapacityError, as a refused PUT
+        would, once its delete is sent: ARM keeps a failed VM, and the failover that follows forgets
+        its id, so the delete (VM, and with it NIC, public IP and OS disk: ``delete_option``) goes first.
+        """
         rg, name = _parse_id(instance_id)
+        vm, info = self._read(rg, name)
+        failure = _capacity_failure(vm)
+        if failure is not None:
+            with map_errors(_map_error):
+                self._client().compute.virtual_machines.begin_delete(rg, name, polling=False).result()
+            message = (failure.message or failure.display_status or failure.code).strip()
+            raise CapacityError(
+                f"Azure could not allocate {name}: {message}", provider_code=failure.code.split("/")[-1]
+            )
+        return info
+
+    def _read(self, rg: str, name: str) -> tuple[Any, VMInfo]:
+        """The VM with its instance view, then its primary NIC and public IP (3 GETs): model and VMInfo."""
         clients = self._client()
         with map_errors(_map_error):
             vm = clients.compute.virtual_machines.get(rg, name, expand="instanceView")
@@ -278,7 +331,7 @@ class AzureProvider:
                 config = _primary(nic.ip_configurations) if nic and nic.ip_configurations else None
                 ref = config.public_ip_address if config else None
                 pip = _get_or_none(clients.network.public_ip_addresses.get, ref.id) if ref and ref.id else None
-        return _info(vm, nic, pip)
+        return vm, _info(vm, nic, pip)
 
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
         """One list of the subscription's VMs with their power states (``statusOnly``, paged), kept to the ids.
@@ -308,7 +361,9 @@ class AzureProvider:
             info = _info(vm)
             if info.status in SETTLED_STATUSES:
                 try:
-                    info = self.get_vm(instance_id)
+                    # Not get_vm: a late capacity failure reads as a VM in error here (raised, it would
+                    # sink the batch); the tick reads that VM again through get_vm, which fails it over.
+                    info = self._read(*_parse_id(instance_id))[1]
                 except NotFoundError:
                     continue  # deleted since the list
             found[instance_id] = info
@@ -345,12 +400,44 @@ class AzureProvider:
             raise InvalidSpecError(f"a VM named {name!r} already exists in {rg} for another job; pick another name")
         return _info(vm)
 
-    def _delete_helpers(self, rg: str, name: str) -> None:
-        """The VM's NIC, then its public IP, by their deterministic names (absent: 204)."""
+    def _delete_helpers(self, rg: str, name: str, wait_s: float = 0.0) -> None:
+        """The VM's NIC, then its public IP, by their deterministic names (absent: 204).
+
+        A NIC delete may be accepted (202) and finish later; until it has, ARM refuses the IP's delete
+        (400 ``PublicIPAddressCannotBeDeleted``). With ``wait_s`` the NIC is read until it is gone (at
+        most that long) before the IP's delete is sent; without, that refusal is raised as transient
+        for a caller that retries (a destroy job).
+        """
         network = self._client().network
         with map_errors(_map_error):
             network.network_interfaces.begin_delete(rg, f"{name}-nic", polling=False).result()
+            nic_gone = lambda: _absent(network.network_interfaces.get, rg, f"{name}-nic")  # noqa: E731
+            if wait_s > 0 and not self._wait(nic_gone, wait_s):
+                raise TransientError(f"NIC {name}-nic is still being deleted after {wait_s:.0f}s")
             network.public_ip_addresses.begin_delete(rg, f"{name}-pip", polling=False).result()
+
+    def _provisioned_ip(self, rg: str, name: str, pip: Any) -> Any:
+        """The public IP once ``Succeeded``, read for at most ``provision_wait_s``; else TransientError."""
+        network = self._client().network
+        latest = [pip]
+
+        def succeeded() -> bool:
+            latest[0] = network.public_ip_addresses.get(rg, name)
+            return latest[0].provisioning_state == "Succeeded"
+
+        if not self._wait(succeeded, self.provision_wait_s):
+            state = latest[0].provisioning_state
+            raise TransientError(f"public IP {name} is {getattr(state, 'value', state)}; create again later")
+        return latest[0]
+
+    def _wait(self, done: Callable[[], bool], timeout_s: float) -> bool:
+        """Poll ``done`` every ``poll_s`` until it is true (True) or ``timeout_s`` passed (False)."""
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.poll_s)
+        return True
 
     def list_owned_vms(self) -> list[VMInfo]:
         """VMs of the subscription tagged managed-by=vmqueue, with power states (statusOnly), no IPs.
@@ -426,6 +513,30 @@ class AzureProvider:
         return nsg_id
 
 
+def _resource_name(name: str, job_id: str) -> str:
+    """The VM's resource name for one create attempt: ``name``, then ``name-p<n>`` for placement n.
+
+    A failed attempt's VM may still be deleting when the next placement is tried (in another location,
+    which ARM refuses under the same name), so each placement has resources of its own. Linux VM
+    names are at most 64 characters.
+    """
+    placement = re.search(r"-p(\d+)$", job_id)
+    if placement is None:
+        return name
+    suffix = f"-p{placement[1]}"
+    return name[: 64 - len(suffix)].rstrip("-") + suffix
+
+
+def _capacity_failure(vm: Any) -> Any | None:
+    """The instance view's ``ProvisioningState/failed/<code>`` status when its code is a capacity one."""
+    statuses = vm.instance_view.statuses or [] if vm.instance_view else []
+    for status in statuses:
+        code = status.code or ""
+        if code.startswith("ProvisioningState/failed/") and ERROR_CODES.get(code.split("/")[-1]) is CapacityError:
+            return status
+    return None
+
+
 def _options(spec: VMSpec) -> AzureOptions:
     if not isinstance(spec.options, AzureOptions):
         raise InvalidSpecError("Azure needs options: resource_group and the network (subnet_id or vnet/subnet)")
@@ -457,6 +568,17 @@ def _primary(items: list[Any]) -> Any:
     ARM requires exactly one primary among several; a lone entry may leave ``primary`` unset.
     """
     return next((item for item in items if item.primary), items[0])
+
+
+def _absent(get: Any, rg: str, name: str) -> bool:
+    """True once a GET of the network resource ``name`` answers 404."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        get(rg, name)
+    except ResourceNotFoundError:
+        return True
+    return False
 
 
 def _get_or_none(get: Any, resource_id: str) -> Any | None:

@@ -35,6 +35,7 @@ from vmqueue.images import IMAGES
 from vmqueue.models import LABEL_JOB, VMInfo, VMSpec, VMStatus
 from vmqueue.options import GCPOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import gcp_metadata
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -171,7 +172,10 @@ class GCPProvider:
         opts = spec.options if isinstance(spec.options, GCPOptions) else GCPOptions()
         project, zone = opts.project or self._default_project(), spec.region
         labels = {key: _label_value(value) for key, value in spec.ownership_labels(job_id).items()}
-        metadata = _metadata(opts.ssh_user, ssh_key, startup_script, spec.image)
+        try:
+            metadata = gcp_metadata(opts.ssh_user, ssh_key, startup_script, spec.image)
+        except ValueError as exc:
+            raise InvalidSpecError(str(exc)) from None
         nat = [compute_v1.AccessConfig(type_="ONE_TO_ONE_NAT", name="External NAT")] if opts.external_ip else []
         instance = compute_v1.Instance(
             name=spec.name,
@@ -369,18 +373,6 @@ def _split_id(instance_id: str) -> tuple[str, str, str]:
 def _label_value(value: str) -> str:
     """GCP label values: at most 63 of lowercase letters, digits, '_' and '-'."""
     return re.sub(r"[^a-z0-9_-]", "-", value.lower())[:63]
-
-
-def _metadata(ssh_user: str, ssh_key: SSHPublicKey, script: str | None, image: str) -> dict[str, str]:
-    items = {"ssh-keys": f"{ssh_user}:{ssh_key.openssh}"}
-    if script and "debian" in image:
-        # Debian images have no cloud-init; the guest agent runs startup-script instead.
-        if not script.lstrip().startswith("#!"):
-            raise InvalidSpecError("GCP Debian images have no cloud-init: the startup script must start with '#!'")
-        items["startup-script"] = script
-    elif script:
-        items["user-data"] = script
-    return items
 
 
 def _operation_error(op: compute_v1.Operation) -> ProviderError:

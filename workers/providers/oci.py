@@ -9,7 +9,6 @@ and a lookup by display name and the ``vmqueue-job`` tag when the token cannot a
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import threading
@@ -19,6 +18,7 @@ from vmqueue.images import IMAGES
 from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from vmqueue.options import OCIOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import oci_metadata
 from workers.providers.base import SETTLED_STATUSES
 from workers.providers.errors import (
     AuthError,
@@ -179,9 +179,7 @@ class OCIProvider:
         )
 
         opts = _options(spec)
-        metadata = {"ssh_authorized_keys": ssh_key.openssh}
-        if startup_script is not None:
-            metadata["user_data"] = base64.b64encode(startup_script.encode()).decode()
+        metadata = oci_metadata(ssh_key, startup_script)  # what the producer measured against the 32,000 bytes
         shape_config = None
         if opts.ocpus is not None or opts.memory_gb is not None:
             shape_config = LaunchInstanceShapeConfigDetails(ocpus=opts.ocpus, memory_in_gbs=opts.memory_gb)
