@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
+from producer import control
 from producer.apublish import AsyncPublisher
 from producer.submit import (
     JobTimeout,
@@ -25,6 +27,8 @@ from producer.submit import (
     build_destroy,
     build_get,
     found,
+    list_query,
+    os_user,
     submit,
     task_message,
 )
@@ -32,6 +36,7 @@ from vmqueue.ajobstore import AsyncJobStore
 from vmqueue.celery_config import make_celery
 from vmqueue.connection import connect_async
 from vmqueue.events import Cursor, Event, afollow, alatest_id
+from vmqueue.jobindex import JobPage, JobQuery
 from vmqueue.models import Job, VMSpec
 from vmqueue.settings import Settings, get_settings
 from vmqueue.sshkeys import SSHPublicKey
@@ -71,6 +76,8 @@ class AsyncProvisioner:
         idempotency_key: str | None = None,
         deadline_s: float | None = None,
         destroy_on_failure: bool | None = None,
+        ttl_s: float | None = None,
+        expires_at: datetime | None = None,
     ) -> Job:
         """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field."""
         job, script = build_create(
@@ -81,6 +88,8 @@ class AsyncProvisioner:
             idempotency_key=idempotency_key,
             deadline_s=deadline_s,
             destroy_on_failure=destroy_on_failure,
+            ttl_s=ttl_s,
+            expires_at=expires_at,
         )
         return await self._submit(job, script)
 
@@ -92,6 +101,35 @@ class AsyncProvisioner:
 
     async def get_job(self, job_id: str) -> Job:
         return found(await self.store.get(job_id), job_id, self.settings)
+
+    async def cancel(self, job_id: str, *, by: str | None = None, reason: str = "") -> Job:
+        """``Provisioner.cancel``."""
+        try:
+            return await arun(control.cancel(job_id, by or os_user(), reason), self.store, self._publish)
+        except KeyError:
+            raise found(None, job_id, self.settings) from None
+
+    async def extend(
+        self, job_id: str, *, ttl_s: float | None = None, expires_at: datetime | None = None, by: str | None = None
+    ) -> Job:
+        """``Provisioner.extend``."""
+        expires = control.required_expiry(ttl_s, expires_at)
+        try:
+            return await arun(control.extend(job_id, expires, by or os_user()), self.store, self._publish)
+        except KeyError:
+            raise found(None, job_id, self.settings) from None
+
+    async def list_jobs(
+        self, query: JobQuery | dict[str, Any] | None = None, *, limit: int = 50, cursor: str | None = None
+    ) -> JobPage:
+        """``Provisioner.list_jobs``."""
+        return await self.store.list(list_query(query), limit, cursor)
+
+    async def list_vms(
+        self, query: JobQuery | dict[str, Any] | None = None, *, limit: int = 50, cursor: str | None = None
+    ) -> JobPage:
+        """``Provisioner.list_vms``."""
+        return await self.store.list(list_query(query, vms=True), limit, cursor)
 
     async def wait(
         self,

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
+from producer import control
 from producer.submit import (
     IdempotencyConflict,
     JobNotFound,
@@ -20,6 +22,8 @@ from producer.submit import (
     build_destroy,
     build_get,
     found,
+    list_query,
+    os_user,
     request_hash,
     run,
     submit,
@@ -28,6 +32,7 @@ from producer.submit import (
 from vmqueue.celery_config import make_celery
 from vmqueue.connection import connect
 from vmqueue.events import Cursor, Event, follow, latest_id
+from vmqueue.jobindex import JobPage, JobQuery
 from vmqueue.jobstore import JobStore
 from vmqueue.models import Job, VMSpec
 from vmqueue.settings import Settings, get_settings
@@ -53,8 +58,14 @@ class Provisioner:
         idempotency_key: str | None = None,
         deadline_s: float | None = None,
         destroy_on_failure: bool | None = None,
+        ttl_s: float | None = None,
+        expires_at: datetime | None = None,
     ) -> Job:
-        """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field."""
+        """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field.
+
+        ``ttl_s`` (seconds from now) or ``expires_at`` (aware datetime): the VM is destroyed by an
+        ordinary destroy job once that time passes (``extend`` moves it); ValueError if both, or past.
+        """
         job, script = build_create(
             self.settings,
             spec,
@@ -63,6 +74,8 @@ class Provisioner:
             idempotency_key=idempotency_key,
             deadline_s=deadline_s,
             destroy_on_failure=destroy_on_failure,
+            ttl_s=ttl_s,
+            expires_at=expires_at,
         )
         return self._submit(job, script)
 
@@ -74,6 +87,46 @@ class Provisioner:
 
     def get_job(self, job_id: str) -> Job:
         return found(self.store.get(job_id), job_id, self.settings)
+
+    def cancel(self, job_id: str, *, by: str | None = None, reason: str = "") -> Job:
+        """Take a job back (producer/control.py): ``cancelled`` at once if it was queued, else once its
+        worker acted (``wait`` follows it). Idempotent: a second cancel returns the job as it is.
+
+        ``by`` goes into the job's history (default: this process's OS user). Raises ``JobNotFound``,
+        or ``control.CancelRefused`` for a finished job or a destroy whose delete was sent.
+        """
+        try:
+            return run(control.cancel(job_id, by or os_user(), reason), self.store, self._publish)
+        except KeyError:
+            raise found(None, job_id, self.settings) from None
+
+    def extend(
+        self, job_id: str, *, ttl_s: float | None = None, expires_at: datetime | None = None, by: str | None = None
+    ) -> Job:
+        """Move the expiry of a create's VM to ``ttl_s`` seconds from now or to ``expires_at``.
+
+        Raises ValueError for a bad time, ``JobNotFound``, or ``control.ExtendRefused`` when the VM
+        already expired, is gone, or the job is no create.
+        """
+        expires = control.required_expiry(ttl_s, expires_at)
+        try:
+            return run(control.extend(job_id, expires, by or os_user()), self.store, self._publish)
+        except KeyError:
+            raise found(None, job_id, self.settings) from None
+
+    def list_jobs(
+        self, query: JobQuery | dict[str, Any] | None = None, *, limit: int = 50, cursor: str | None = None
+    ) -> JobPage:
+        """The newest jobs matching ``query`` (``JobQuery``: kind, provider, state, name, labels, fleet,
+        vms, since, until), at most ``limit`` (1..1000); ``JobPage.next_cursor`` asks for the next,
+        older page. Served by the job index, no key scans. ValidationError/ValueError on a bad filter."""
+        return self.store.list(list_query(query), limit, cursor)
+
+    def list_vms(
+        self, query: JobQuery | dict[str, Any] | None = None, *, limit: int = 50, cursor: str | None = None
+    ) -> JobPage:
+        """The VMs vmqueue manages (create jobs whose VM lives, ``Job.vm_lives``), newest first."""
+        return self.store.list(list_query(query, vms=True), limit, cursor)
 
     def wait(
         self,

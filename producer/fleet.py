@@ -32,11 +32,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vmqueue.models import CreateRequest, VMSpec
+from vmqueue.models import LABEL_FLEET, CreateRequest, VMSpec
 from vmqueue.options import ProviderName
 
-# Every VM of a fleet carries this label, so the fleet's VMs can be found at the provider too.
-LABEL_FLEET = "vmqueue-fleet"
+# Every VM of a fleet carries LABEL_FLEET, so the fleet's VMs can be found at the provider and in the job index.
 MAX_COUNT = 1000
 _KEY_PREFIXES = ("ssh-", "ecdsa-", "sk-")  # a value starting like this is a key line, not a path
 

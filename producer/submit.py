@@ -10,20 +10,24 @@ leaves) and a change to those steps is made in one place.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from vmqueue import keys
-from vmqueue.models import CreateRequest, InstanceRef, Job, JobError, JobKind, JobState, VMSpec
+from vmqueue.jobindex import JobQuery
+from vmqueue.models import CreateRequest, InstanceRef, Job, JobError, JobKind, JobState, VMSpec, utcnow
 from vmqueue.settings import Settings
 from vmqueue.sshkeys import SSHPublicKey
 
 TASKS = {JobKind.create: keys.TASK_CREATE, JobKind.destroy: keys.TASK_DESTROY, JobKind.get: keys.TASK_GET}
 
 T = TypeVar("T")
+MAX_TTL_S = 10 * 365 * 24 * 3600  # ten years: beyond, a TTL is a typo, not an intent
 
 
 class JobNotFound(LookupError):
@@ -50,9 +54,13 @@ def build_create(
     idempotency_key: str | None = None,
     deadline_s: float | None = None,
     destroy_on_failure: bool | None = None,
+    ttl_s: float | None = None,
+    expires_at: datetime | None = None,
 ) -> tuple[Job, str | None]:
-    """The create job and its startup script; raises pydantic's ``ValidationError`` naming the bad field."""
+    """The create job and its startup script; raises pydantic's ``ValidationError`` naming the bad field
+    (ValueError for a bad ``ttl_s``/``expires_at``)."""
     request = CreateRequest(spec=spec, ssh_key=ssh_key, startup_script=startup_script)
+    expires = expiry(ttl_s, expires_at)
     job = Job(
         kind=JobKind.create,
         provider=request.spec.provider,
@@ -62,6 +70,7 @@ def build_create(
         deadline_s=deadline_s if deadline_s is not None else settings.deadline_s,
         destroy_on_failure=settings.destroy_on_failure if destroy_on_failure is None else destroy_on_failure,
         idempotency_key=idempotency_key,
+        expires_at=expires,
     )
     return job, request.startup_script
 
@@ -80,6 +89,39 @@ def build_destroy(settings: Settings, provider: str, instance_id: str, *, idempo
 def build_get(settings: Settings, provider: str, instance_id: str) -> Job:
     ref = InstanceRef(provider=provider, instance_id=instance_id)
     return Job(kind=JobKind.get, provider=ref.provider, instance_id=ref.instance_id)
+
+
+def expiry(ttl_s: float | None, expires_at: datetime | None, now: datetime | None = None) -> datetime | None:
+    """``expires_at`` from a create's or an extend's arguments (at most one of them); ValueError otherwise."""
+    if ttl_s is not None and expires_at is not None:
+        raise ValueError("give ttl_s or expires_at, not both")
+    now = now or utcnow()
+    if ttl_s is not None:
+        if not 0 < ttl_s <= MAX_TTL_S:
+            raise ValueError(f"ttl_s must be in (0, {MAX_TTL_S}] seconds, got {ttl_s}")
+        return now + timedelta(seconds=ttl_s)
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise ValueError("expires_at needs a time zone (e.g. 2030-01-01T00:00:00Z)")
+        if expires_at <= now:
+            raise ValueError(f"expires_at {expires_at.isoformat()} is in the past")
+        if expires_at > now + timedelta(seconds=MAX_TTL_S):
+            raise ValueError(f"expires_at {expires_at.isoformat()} is more than ten years away")
+    return expires_at
+
+
+def list_query(query: JobQuery | dict[str, Any] | None, vms: bool = False) -> JobQuery:
+    """A list filter from a ``JobQuery`` or its fields; ``vms``: only create jobs whose VM lives."""
+    parsed = query if isinstance(query, JobQuery) else JobQuery.model_validate(query or {})
+    return parsed.model_copy(update={"vms": True}) if vms else parsed
+
+
+def os_user() -> str:
+    """Who runs this process, for a job's history when the caller did not say who asked."""
+    try:
+        return f"user {getpass.getuser()}"
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return "unknown user"
 
 
 def request_hash(job: Job, startup_script: str | None) -> str:

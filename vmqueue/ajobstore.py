@@ -1,16 +1,17 @@
 """The job store for asyncio (``redis.asyncio``): what a producer needs, written the same way.
 
-Records, scripts and idempotency keys are written with ``JobStore``'s own helpers (``queue_add``,
-``transition_change``, the compare-and-set script and ``JobStore._changed``), so a record the async
-client writes is the record the sync client writes, byte for byte in layout.
+Records, scripts, events, index entries and idempotency keys are written with ``JobStore``'s own
+helpers (``queue_add``, ``transition_change``, the compare-and-set script and ``JobStore._changed``),
+so a record the async client writes is the record the sync client writes, byte for byte in layout,
+and the job index (vmqueue/jobindex.py) follows it the same way.
 """
 
 from __future__ import annotations
 
 import redis.asyncio
 
-from vmqueue import keys
-from vmqueue.jobstore import _CAS, _RELEASE, TRANSITION_HOOKS, JobStore, cas_arguments, queue_add, transition_change
+from vmqueue import jobindex, keys
+from vmqueue.jobstore import _CAS, _RELEASE, JobStore, cas_arguments, queue_add, queue_create_ended, transition_change
 from vmqueue.models import Job, JobState
 from vmqueue.settings import Settings
 
@@ -51,13 +52,26 @@ class AsyncJobStore:
             raw = await self.redis.get(key)
             if raw is None:
                 raise KeyError(job_id)
-            job, new_raw, event = JobStore._changed(job_id, raw, change)
-            script_keys, args = cas_arguments(job_id, raw, new_raw, event, self.settings)
+            job, new_raw, event, ops = JobStore._changed(job_id, raw, change)
+            script_keys, args = cas_arguments(job_id, raw, new_raw, event, self.settings, ops)
             if await self._cas(keys=script_keys, args=args):
                 return job
 
     async def transition(self, job_id: str, to: JobState, message: str = "", **fields: object) -> Job:
         job = await self.update(job_id, transition_change(to, message, fields))
-        for hook in TRANSITION_HOOKS:
-            hook(job)
+        await self.notify(job)
         return job
+
+    async def notify(self, job: Job) -> None:
+        """``JobStore.notify``: the transition hooks for a state change written with ``update``."""
+        JobStore.notify(job)
+
+    async def create_ended(self, job_id: str, vm_lives: bool) -> None:
+        """``JobStore.create_ended``."""
+        pipe = self.redis.pipeline(transaction=False)
+        queue_create_ended(pipe, job_id, vm_lives, self.ttl_s)
+        await pipe.execute()
+
+    async def list(self, query: jobindex.JobQuery, limit: int = 50, cursor: str | None = None) -> jobindex.JobPage:
+        """``JobStore.list``: the same query steps, awaited."""
+        return await jobindex.aquery(self.redis, query, limit, cursor)

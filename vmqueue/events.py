@@ -25,7 +25,7 @@ import redis.asyncio
 from pydantic import BaseModel, Field
 
 from vmqueue import keys
-from vmqueue.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, utcnow
+from vmqueue.models import CancelRequest, CleanupState, Job, JobError, JobKind, JobState, VMInfo, utcnow
 from vmqueue.settings import Settings
 
 # A stream entry id ("<ms>-<seq>"), or "0" for "from the start".
@@ -47,11 +47,15 @@ class JobChange(BaseModel):
     instance_id: str | None = None
     vm: VMInfo | None = None
     error: JobError | None = None
+    cancel: CancelRequest | None = Field(None, description="who asked to cancel the job, and when")
 
 
-def change_of(job: Job, previous: JobState | None, previous_cleanup: CleanupState | None) -> JobChange | None:
-    """The event for ``job`` as just written, or ``None`` when neither its state nor its cleanup changed."""
-    if previous is not None and job.state == previous and job.cleanup == previous_cleanup:
+def change_of(
+    job: Job, previous: JobState | None, previous_cleanup: CleanupState | None, cancel_asked: bool = False
+) -> JobChange | None:
+    """The event for ``job`` as just written, or ``None`` when neither its state nor its cleanup changed
+    and no cancel was asked for (``cancel_asked``: this write recorded ``Job.cancel``)."""
+    if previous is not None and job.state == previous and job.cleanup == previous_cleanup and not cancel_asked:
         return None
     return describe(job, previous)
 
@@ -71,6 +75,7 @@ def describe(job: Job, previous: JobState | None) -> JobChange:
         instance_id=job.instance_id,
         vm=job.vm,
         error=job.error,
+        cancel=job.cancel,
     )
 
 

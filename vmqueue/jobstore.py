@@ -15,14 +15,17 @@ from typing import Any
 
 import redis
 
-from vmqueue import keys
+from vmqueue import jobindex, keys
 from vmqueue.events import change_of, describe, queue_event
-from vmqueue.models import TRANSITIONS, Job, JobState, utcnow
+from vmqueue.models import TRANSITIONS, Job, JobKind, JobState, utcnow
 from vmqueue.settings import Settings
 
 # Compare-and-set in one round trip: writes only if the record is still what this process last saw,
-# and with it the change's event (ARGV[3], if any) to both event streams (vmqueue/events.py).
-_CAS = """
+# and with it the change's event (ARGV[3], if any) to both event streams (vmqueue/events.py) and the
+# change's job index writes (KEYS[4..], ARGV[7..]: vmqueue/jobindex.py).
+_CAS = (
+    jobindex.LUA_APPLY
+    + """
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL')
 if ARGV[3] ~= '' then
@@ -30,8 +33,10 @@ if ARGV[3] ~= '' then
   redis.call('xadd', KEYS[3], 'MAXLEN', ARGV[5], '*', 'data', ARGV[3])
   redis.call('expire', KEYS[3], ARGV[6])
 end
+index(4, ARGV[7], 8)
 return 1
 """
+)
 # How many records a process remembers (as last read or written) for one-round-trip updates.
 RAW_CACHE_SIZE = 20_000
 
@@ -49,19 +54,33 @@ TRANSITION_HOOKS: list[Callable[[Job], None]] = []
 
 
 def queue_add(pipe: Any, job: Job, startup_script: str | None, settings: Settings) -> None:
-    """Queue on ``pipe`` (a blocking or an asyncio pipeline: both buffer commands alike) the writes
-    that store a new job and its first event, so ``JobStore`` and ``AsyncJobStore`` store one alike."""
+    """Queue on ``pipe`` (a blocking or an asyncio pipeline: both buffer commands alike) the writes that
+    store a new job, its first event and its index entries, so ``JobStore`` and ``AsyncJobStore`` store
+    one alike."""
     pipe.set(keys.job_key(job.id), job.model_dump_json(), ex=settings.job_ttl_s)
     if startup_script is not None:
         pipe.set(keys.script_key(job.id), startup_script, ex=settings.job_ttl_s)
     queue_event(pipe, job.id, describe(job, None).model_dump_json(), settings)
+    jobindex.apply(pipe, job.id, jobindex.changes(jobindex.snapshot(None), job))
 
 
-def cas_arguments(job_id: str, seen: str, new_raw: str, event: str, settings: Settings) -> tuple[list, list]:
+def cas_arguments(
+    job_id: str, seen: str, new_raw: str, event: str, settings: Settings, ops: list[jobindex.Op] | None = None
+) -> tuple[list, list]:
     """KEYS and ARGV of the compare-and-set script."""
-    script_keys = [keys.job_key(job_id), keys.EVENTS_KEY, keys.events_key(job_id)]
+    ops = ops or []
+    script_keys = [keys.job_key(job_id), keys.EVENTS_KEY, keys.events_key(job_id), *(k for k, _, _ in ops)]
     limits = [settings.events_maxlen, settings.job_events_maxlen, settings.job_ttl_s]
-    return script_keys, [seen, new_raw, event, *limits]
+    return script_keys, [seen, new_raw, event, *limits, job_id, *(x for _, op, arg in ops for x in (op, arg))]
+
+
+def queue_create_ended(pipe: Any, job_id: str, vm_lives: bool, ttl_s: int) -> None:
+    """Queue on ``pipe`` (blocking or asyncio) what ``create_ended`` writes."""
+    pipe.delete(keys.script_key(job_id))
+    if vm_lives:
+        pipe.persist(keys.job_key(job_id))
+    else:
+        pipe.expire(keys.job_key(job_id), ttl_s)
 
 
 def transition_change(to: JobState, message: str, fields: dict[str, object]) -> Callable[[Job], None]:
@@ -135,11 +154,10 @@ class JobStore:
 
     def create_ended(self, job_id: str, vm_lives: bool) -> None:
         """A create is over: its startup script goes; if its VM lives on, its record never expires,
-        since it is what tells the sweeper that VM is owned (one round trip)."""
+        since it is what tells the sweeper that VM is owned; else it expires after the job TTL (a
+        running create that was cancelled gets its TTL back). One round trip."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.delete(keys.script_key(job_id))
-        if vm_lives:
-            pipe.persist(keys.job_key(job_id))
+        queue_create_ended(pipe, job_id, vm_lives, self.ttl_s)
         pipe.execute()
 
     def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
@@ -154,8 +172,8 @@ class JobStore:
         with self._raw_lock:
             seen = self._raw.get(job_id)
         if seen is not None:
-            job, new_raw, event = self._changed(job_id, seen, change)
-            script_keys, args = cas_arguments(job_id, seen, new_raw, event, self.settings)
+            job, new_raw, event, ops = self._changed(job_id, seen, change)
+            script_keys, args = cas_arguments(job_id, seen, new_raw, event, self.settings, ops)
             if self._cas(keys=script_keys, args=args):
                 self._remember(job_id, new_raw)
                 return job
@@ -165,11 +183,12 @@ class JobStore:
             raw = pipe.get(key)
             if raw is None:
                 raise KeyError(job_id)
-            job, new_raw, event = self._changed(job_id, raw, change)
+            job, new_raw, event, ops = self._changed(job_id, raw, change)
             pipe.multi()
             pipe.set(key, new_raw, keepttl=True)
             if event:
                 queue_event(pipe, job_id, event, self.settings)
+            jobindex.apply(pipe, job_id, ops)
             written.append(new_raw)
             return job
 
@@ -178,16 +197,17 @@ class JobStore:
         return job
 
     @staticmethod
-    def _changed(job_id: str, raw: str, change: Callable[[Job], None]) -> tuple[Job, str, str]:
-        """The changed job, its record, and its event as JSON ("" when neither state nor cleanup changed)."""
+    def _changed(job_id: str, raw: str, change: Callable[[Job], None]) -> tuple[Job, str, str, list[jobindex.Op]]:
+        """The changed job, its record, its event as JSON ("" when neither state, cleanup nor a cancel
+        request changed) and the job index writes that go with it."""
         job = Job.model_validate_json(raw)
-        before, cleanup_before = job.state, job.cleanup
+        before, cleanup_before, cancel_before, indexed = job.state, job.cleanup, job.cancel, jobindex.snapshot(job)
         change(job)
         if job.state != before and job.state not in TRANSITIONS[before]:
             raise InvalidTransition(f"job {job_id}: {before} -> {job.state} is not allowed")
         job.updated_at = utcnow()
-        event = change_of(job, before, cleanup_before)
-        return job, job.model_dump_json(), event.model_dump_json() if event else ""
+        event = change_of(job, before, cleanup_before, cancel_asked=cancel_before is None and job.cancel is not None)
+        return job, job.model_dump_json(), event.model_dump_json() if event else "", jobindex.changes(indexed, job)
 
     def _parse(self, job_id: str, raw: str | None) -> Job | None:
         if raw is None:
@@ -227,6 +247,34 @@ class JobStore:
     def transition(self, job_id: str, to: JobState, message: str = "", **fields: object) -> Job:
         """Move to ``to`` (compare-and-set against the table), set ``fields``, note it in the history."""
         job = self.update(job_id, transition_change(to, message, fields))
+        self.notify(job)
+        if job.kind == JobKind.destroy and to == JobState.gone:
+            self._vm_gone(job)
+        return job
+
+    @staticmethod
+    def notify(job: Job) -> None:
+        """Run the transition hooks for a state change written with ``update`` (``transition`` does it itself)."""
         for hook in TRANSITION_HOOKS:  # after the compare-and-set: each hook sees each change once
             hook(job)
-        return job
+
+    def _vm_gone(self, destroy: Job) -> None:
+        """A destroy job found its VM gone: the create job that made the VM says so (and leaves ``vms``)."""
+        owner = self.redis.hget(jobindex.INSTANCES, jobindex.instance_field(destroy.provider, destroy.instance_id))
+        if owner is None:
+            return
+
+        def note(job: Job) -> None:
+            if job.instance_id == destroy.instance_id and job.vm_destroyed_by is None:
+                job.vm_destroyed_by = destroy.id
+                job.record(f"VM destroyed by destroy job {destroy.id}")
+
+        try:
+            self.update(owner, note)
+        except KeyError:  # the create job's record expired meanwhile
+            jobindex.forget(self.redis, [owner])
+
+    # -- listing ---------------------------------------------------------------------------
+    def list(self, query: jobindex.JobQuery, limit: int = 50, cursor: str | None = None) -> jobindex.JobPage:
+        """The newest jobs matching ``query`` (see ``jobindex.query``)."""
+        return jobindex.query(self.redis, query, limit, cursor)

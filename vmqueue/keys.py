@@ -18,6 +18,8 @@ SWEEP_PREFIX = "vmq:sweep:"  # seen:<provider> (orphan -> first seen), report:<i
 # The job store's continuity marker (vmqueue/sweep.py StoreEpoch): written once, no TTL; missing or
 # new means records may have been lost, and the sweeper destroys nothing on "record gone" from before it.
 EPOCH_KEY = "vmq:epoch"
+# The job index (vmqueue/jobindex.py): sorted sets of job ids by creation time, kept by the job store.
+INDEX_PREFIX = "vmq:idx:"
 
 TASK_CREATE = "vmq.create"
 TASK_DESTROY = "vmq.destroy"
@@ -73,6 +75,11 @@ def sweep_seen_key(provider: str) -> str:
 
 def sweep_report_key(sweep_id: str) -> str:
     return f"{SWEEP_PREFIX}report:{sweep_id}"
+
+
+def index_key(*parts: str) -> str:
+    """A sorted set of the job index, e.g. ``index_key("state", "failed")`` -> ``vmq:idx:state:failed``."""
+    return INDEX_PREFIX + ":".join(parts)
 
 
 def sweep_lock_key(provider: str) -> str:

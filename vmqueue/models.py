@@ -37,12 +37,14 @@ USER_DATA_LIMIT_BYTES: dict[str, int] = {
 # Ownership labels every VM carries, so leftovers can be found (DESIGN §3).
 LABEL_MANAGED_BY = "managed-by"
 LABEL_JOB = "vmqueue-job"
+# A user label fleet files put on each of their VMs (producer/fleet.py); the job index serves it as ``fleet``.
+LABEL_FLEET = "vmqueue-fleet"
 RESERVED_LABELS = (LABEL_MANAGED_BY, LABEL_JOB)
 
 _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 # The subset of label syntax every provider accepts (GCP is the strictest: lowercase values).
-_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-_LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
+LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 MAX_USER_LABELS = 20
 
 
@@ -122,11 +124,11 @@ class VMSpec(BaseModel):
         for key, value in labels.items():
             if key in RESERVED_LABELS:
                 raise ValueError(f"label {key!r} is reserved for vmqueue's ownership labels")
-            if not _LABEL_KEY.match(key):
+            if not LABEL_KEY.match(key):
                 raise ValueError(
                     f"label key {key!r}: 1-63 of a-z 0-9 _ -, starting with a letter (portable to all providers)"
                 )
-            if not _LABEL_VALUE.match(value):
+            if not LABEL_VALUE.match(value):
                 raise ValueError(f"label {key!r} value {value!r}: 0-63 of a-z 0-9 _ - (portable to all providers)")
         return labels
 
@@ -272,21 +274,32 @@ class JobState(StrEnum):
     gone = "gone"  # destroy: the provider no longer has the VM (final)
     done = "done"  # get: the VM was read (final)
     failed = "failed"  # any kind: ended in error, see Job.error (final)
+    # any kind: taken back by its owner (final); a create whose VM exists also has a cleanup
+    cancelled = "cancelled"
 
 
-FINAL_STATES = frozenset({JobState.running, JobState.gone, JobState.done, JobState.failed})
+FINAL_STATES = frozenset({JobState.running, JobState.gone, JobState.done, JobState.failed, JobState.cancelled})
 
 # Every allowed state change; the job store refuses the rest (compare-and-set).
+# -> cancelled: queued by the producer (no worker acted yet); submitting, provisioning and running by
+# the worker that holds the job's lease, at a check before it calls the provider (Job.cancel).
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.queued: frozenset({JobState.submitting, JobState.destroying, JobState.done, JobState.failed}),
-    JobState.submitting: frozenset({JobState.submitting, JobState.provisioning, JobState.failed}),
+    JobState.queued: frozenset(
+        {JobState.submitting, JobState.destroying, JobState.done, JobState.failed, JobState.cancelled}
+    ),
+    JobState.submitting: frozenset({JobState.submitting, JobState.provisioning, JobState.failed, JobState.cancelled}),
     # provisioning -> submitting: a capacity failover after the provider reported the VM never came to be.
-    JobState.provisioning: frozenset({JobState.provisioning, JobState.running, JobState.failed, JobState.submitting}),
+    JobState.provisioning: frozenset(
+        {JobState.provisioning, JobState.running, JobState.failed, JobState.submitting, JobState.cancelled}
+    ),
+    # A destroy is cancellable only while queued: once destroying, its delete may be on the wire.
     JobState.destroying: frozenset({JobState.destroying, JobState.gone, JobState.failed}),
-    JobState.running: frozenset(),
+    # A running create's owner may still take the request back: the VM is destroyed (cleanup).
+    JobState.running: frozenset({JobState.cancelled}),
     JobState.gone: frozenset(),
     JobState.done: frozenset(),
     JobState.failed: frozenset(),
+    JobState.cancelled: frozenset(),
 }
 
 
@@ -305,6 +318,14 @@ class JobError(BaseModel):
     message: str
     retryable: bool = False
     provider_code: str | None = None
+
+
+class CancelRequest(BaseModel):
+    """Who took a job back and when; recorded by ``Provisioner.cancel``, acted on by the job's worker."""
+
+    by: str = Field(min_length=1, max_length=200, description="who asked: a user, an API key's name, a service")
+    at: datetime = Field(default_factory=utcnow)
+    reason: str = Field("", max_length=500)
 
 
 class JobEvent(BaseModel):
@@ -345,14 +366,37 @@ class Job(BaseModel):
     cleanup: CleanupState | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None  # fingerprint of the request, for idempotency-key reuse checks
+    # Set once by Provisioner.cancel; the job ends ``cancelled`` at the worker's next check.
+    cancel: CancelRequest | None = None
+    # Create only: when the VM is destroyed by an ordinary destroy job (Provisioner.extend moves it).
+    expires_at: datetime | None = None
+    expiry_job_id: str | None = None  # the destroy job expiry enqueued (set once it fired; no extend after)
+    expired_at: datetime | None = None  # when that destroy job was enqueued
+    vm_destroyed_by: str | None = None  # create only: the destroy job that found this job's VM gone
     history: list[JobEvent] = Field(default_factory=list)
 
     @property
+    def cancel_pending(self) -> bool:
+        """A cancel was asked for but the job's worker has not acted on it yet."""
+        return self.cancel is not None and self.state != JobState.cancelled
+
+    @property
     def finished(self) -> bool:
-        return self.state in FINAL_STATES and self.cleanup not in (
-            CleanupState.pending,
-            CleanupState.destroying,
+        return (
+            self.state in FINAL_STATES
+            and self.cleanup not in (CleanupState.pending, CleanupState.destroying)
+            and not self.cancel_pending
         )
+
+    @property
+    def vm_lives(self) -> bool:
+        """A create whose VM exists (or may, while booting): provisioning, running, or failed or
+        cancelled with a cleanup not done yet (or skipped, or failed); not once a destroy job took it."""
+        if self.kind != JobKind.create or self.instance_id is None or self.vm_destroyed_by is not None:
+            return False
+        if self.state in (JobState.provisioning, JobState.running):
+            return True
+        return self.cleanup is not None and self.cleanup != CleanupState.done
 
     def record(self, message: str) -> None:
         self.history.append(JobEvent(state=self.state, message=message))

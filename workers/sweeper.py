@@ -96,6 +96,8 @@ def orphan_reason(vm: VMInfo, job: Job | None, fleet_jobs: Mapping[str, str | No
         return None
     if job.cleanup in (CleanupState.pending, CleanupState.destroying, CleanupState.skipped):
         return None
+    if job.cleanup is None and job.state == JobState.cancelled:
+        return "its create was cancelled before recording this VM"
     if job.cleanup is None:
         return f"its create failed ({job.error.code if job.error else 'unknown'}) before recording this VM"
     return f"its create failed and the cleanup {job.cleanup}"

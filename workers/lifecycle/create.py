@@ -13,11 +13,16 @@ class CreateSteps(Steps):
     """Submit a create job's request and follow its VM to ``running``."""
 
     def _create(self, job: Job) -> Next | None:
+        if job.cancel_pending:
+            return self._cancelled(job)
         if job.state in (JobState.queued, JobState.submitting):
             return self._submit(job)
         if job.state == JobState.provisioning:
             return self._poll_create(job)
-        if job.state == JobState.failed and job.cleanup in (CleanupState.pending, CleanupState.destroying):
+        if job.state in (JobState.failed, JobState.cancelled) and job.cleanup in (
+            CleanupState.pending,
+            CleanupState.destroying,
+        ):
             return self._cleanup(job)
         return None
 
@@ -37,6 +42,8 @@ class CreateSteps(Steps):
             submitted_at=job.submitted_at or utcnow(),
             prepared_spec=spec,
         )
+        if job.cancel_pending:  # asked while this step prepared: the create is never sent
+            return self._cancelled(job, calls.count)
         try:
             vm = calls(
                 provider.create_vm,
@@ -57,6 +64,8 @@ class CreateSteps(Steps):
             vm=vm,
             api_calls=job.api_calls + calls.count,
         )
+        if job.cancel_pending:  # asked while the create call was out: its VM is known now, and goes
+            return self._cancelled(job)
         log.info("job=%s provider=%s instance=%s created; polling", job.id, job.provider, vm.instance_id)
         if self._batched(provider) and not self._watch(job):
             return self._watched(job)
@@ -94,6 +103,8 @@ class CreateSteps(Steps):
                 job.id, JobState.running, "running", vm=vm, polls=polls, api_calls=job.api_calls + count
             )
             self._unwatch(job)
+            if job.cancel_pending:  # asked while it booted
+                return self._cancelled(job)
             # A running VM may live for years; its job record must outlive VMQ_JOB_TTL_S, or the
             # sweeper would take the VM for an orphan.
             self.store.create_ended(job.id, vm_lives=True)

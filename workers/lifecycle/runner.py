@@ -16,6 +16,7 @@ from vmqueue.models import JobKind
 from vmqueue.settings import Settings
 from workers.backoff import exponential_backoff, full_jitter_backoff
 from workers.calls import SharedRateLimit
+from workers.lifecycle.cancel import CancelSteps
 from workers.lifecycle.common import EARLY_TOLERANCE_S, Next, Steps, log
 from workers.lifecycle.create import CreateSteps
 from workers.lifecycle.destroy import DestroySteps
@@ -26,7 +27,7 @@ from workers.providers.base import Provider
 from workers.watchlist import WatchList
 
 
-class JobRunner(CreateSteps, TickSteps, DestroySteps, GetSteps, FailureSteps, Steps):
+class JobRunner(CreateSteps, TickSteps, DestroySteps, GetSteps, FailureSteps, CancelSteps, Steps):
     """Runs one step of a job per call (``run``) or one tick of a provider (``tick``).
 
     The steps live in one mixin per phase (create, tick, destroy, get, failure); this class holds
@@ -65,7 +66,8 @@ class JobRunner(CreateSteps, TickSteps, DestroySteps, GetSteps, FailureSteps, St
             if job.kind != kind:
                 log.warning("job=%s dropped: a %s message for a %s job", job_id, kind, job.kind)
                 return None
-            if due and time.time() < due - EARLY_TOLERANCE_S:
+            # A cancel's message (producer/control.py) is never early: it is the reason to act now.
+            if due and time.time() < due - EARLY_TOLERANCE_S and not job.cancel_pending:
                 log.info(
                     "job=%s provider=%s duplicate message dropped; the job's own chain goes on", job.id, job.provider
                 )
