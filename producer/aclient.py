@@ -78,6 +78,7 @@ class AsyncProvisioner:
         destroy_on_failure: bool | None = None,
         ttl_s: float | None = None,
         expires_at: datetime | None = None,
+        callback_url: str | None = None,
     ) -> Job:
         """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field."""
         job, script = build_create(
@@ -90,14 +91,20 @@ class AsyncProvisioner:
             destroy_on_failure=destroy_on_failure,
             ttl_s=ttl_s,
             expires_at=expires_at,
+            callback_url=callback_url,
         )
         return await self._submit(job, script)
 
-    async def destroy_vm(self, provider: str, instance_id: str, *, idempotency_key: str | None = None) -> Job:
-        return await self._submit(build_destroy(self.settings, provider, instance_id, idempotency_key=idempotency_key))
+    async def destroy_vm(
+        self, provider: str, instance_id: str, *, idempotency_key: str | None = None, callback_url: str | None = None
+    ) -> Job:
+        job = build_destroy(
+            self.settings, provider, instance_id, idempotency_key=idempotency_key, callback_url=callback_url
+        )
+        return await self._submit(job)
 
-    async def get_vm(self, provider: str, instance_id: str) -> Job:
-        return await self._submit(build_get(self.settings, provider, instance_id))
+    async def get_vm(self, provider: str, instance_id: str, *, callback_url: str | None = None) -> Job:
+        return await self._submit(build_get(self.settings, provider, instance_id, callback_url=callback_url))
 
     async def get_job(self, job_id: str) -> Job:
         return found(await self.store.get(job_id), job_id, self.settings)

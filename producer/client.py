@@ -60,6 +60,7 @@ class Provisioner:
         destroy_on_failure: bool | None = None,
         ttl_s: float | None = None,
         expires_at: datetime | None = None,
+        callback_url: str | None = None,
     ) -> Job:
         """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field.
 
@@ -76,14 +77,20 @@ class Provisioner:
             destroy_on_failure=destroy_on_failure,
             ttl_s=ttl_s,
             expires_at=expires_at,
+            callback_url=callback_url,
         )
         return self._submit(job, script)
 
-    def destroy_vm(self, provider: str, instance_id: str, *, idempotency_key: str | None = None) -> Job:
-        return self._submit(build_destroy(self.settings, provider, instance_id, idempotency_key=idempotency_key))
+    def destroy_vm(
+        self, provider: str, instance_id: str, *, idempotency_key: str | None = None, callback_url: str | None = None
+    ) -> Job:
+        job = build_destroy(
+            self.settings, provider, instance_id, idempotency_key=idempotency_key, callback_url=callback_url
+        )
+        return self._submit(job)
 
-    def get_vm(self, provider: str, instance_id: str) -> Job:
-        return self._submit(build_get(self.settings, provider, instance_id))
+    def get_vm(self, provider: str, instance_id: str, *, callback_url: str | None = None) -> Job:
+        return self._submit(build_get(self.settings, provider, instance_id, callback_url=callback_url))
 
     def get_job(self, job_id: str) -> Job:
         return found(self.store.get(job_id), job_id, self.settings)

@@ -23,6 +23,7 @@ from vmqueue.jobindex import JobQuery
 from vmqueue.models import CreateRequest, InstanceRef, Job, JobError, JobKind, JobState, VMSpec, utcnow
 from vmqueue.settings import Settings
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.webhooks import check_callback_url
 
 TASKS = {JobKind.create: keys.TASK_CREATE, JobKind.destroy: keys.TASK_DESTROY, JobKind.get: keys.TASK_GET}
 
@@ -56,9 +57,11 @@ def build_create(
     destroy_on_failure: bool | None = None,
     ttl_s: float | None = None,
     expires_at: datetime | None = None,
+    callback_url: str | None = None,
 ) -> tuple[Job, str | None]:
     """The create job and its startup script; raises pydantic's ``ValidationError`` naming the bad field
-    (ValueError for a bad ``ttl_s``/``expires_at``)."""
+    (ValueError for a bad ``ttl_s``/``expires_at``), ``InvalidCallbackURL`` for a callback URL vmqueue
+    will not call."""
     request = CreateRequest(spec=spec, ssh_key=ssh_key, startup_script=startup_script)
     expires = expiry(ttl_s, expires_at)
     job = Job(
@@ -71,11 +74,19 @@ def build_create(
         destroy_on_failure=settings.destroy_on_failure if destroy_on_failure is None else destroy_on_failure,
         idempotency_key=idempotency_key,
         expires_at=expires,
+        callback_url=_callback(settings, callback_url),
     )
     return job, request.startup_script
 
 
-def build_destroy(settings: Settings, provider: str, instance_id: str, *, idempotency_key: str | None = None) -> Job:
+def build_destroy(
+    settings: Settings,
+    provider: str,
+    instance_id: str,
+    *,
+    idempotency_key: str | None = None,
+    callback_url: str | None = None,
+) -> Job:
     ref = InstanceRef(provider=provider, instance_id=instance_id)
     return Job(
         kind=JobKind.destroy,
@@ -83,12 +94,22 @@ def build_destroy(settings: Settings, provider: str, instance_id: str, *, idempo
         instance_id=ref.instance_id,
         deadline_s=settings.deadline_s,
         idempotency_key=idempotency_key,
+        callback_url=_callback(settings, callback_url),
     )
 
 
-def build_get(settings: Settings, provider: str, instance_id: str) -> Job:
+def build_get(settings: Settings, provider: str, instance_id: str, *, callback_url: str | None = None) -> Job:
     ref = InstanceRef(provider=provider, instance_id=instance_id)
-    return Job(kind=JobKind.get, provider=ref.provider, instance_id=ref.instance_id)
+    return Job(
+        kind=JobKind.get,
+        provider=ref.provider,
+        instance_id=ref.instance_id,
+        callback_url=_callback(settings, callback_url),
+    )
+
+
+def _callback(settings: Settings, url: str | None) -> str | None:
+    return None if url is None else check_callback_url(url, settings)
 
 
 def expiry(ttl_s: float | None, expires_at: datetime | None, now: datetime | None = None) -> datetime | None:

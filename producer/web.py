@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis
-from fastapi import Depends, FastAPI, Header, HTTPException, Path, Request, Response, status
+from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -34,6 +34,7 @@ from vmqueue.events import STREAM_ID
 from vmqueue.models import CreateRequest, Job
 from vmqueue.options import ProviderName
 from vmqueue.sshkeys import SSHKeyField
+from vmqueue.webhooks import InvalidCallbackURL
 
 
 class WebSettings(BaseSettings):
@@ -41,6 +42,12 @@ class WebSettings(BaseSettings):
 
     api_keys: str = Field("", description="comma-separated API keys; any of them is accepted")
     web_allow_no_auth: bool = Field(False, description="start without API keys (only behind another auth layer)")
+
+
+CallbackURL = Annotated[
+    str | None,
+    Field(max_length=2048, description="https URL the workers POST the job to when it ends (Standard Webhooks)"),
+]
 
 
 class CreateVMBody(CreateRequest):
@@ -53,6 +60,7 @@ class CreateVMBody(CreateRequest):
         None, min_length=1, max_length=200, description="the same key never creates twice (kept 1 day)"
     )
     deadline_s: float | None = Field(None, gt=0, le=86_400, description="seconds until running, else fail")
+    callback_url: CallbackURL = None
 
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -81,6 +89,9 @@ def _provisioner(request: Request) -> AsyncProvisioner:
 
 
 Auth = Depends(_authorize)
+CallbackQuery = Annotated[
+    str | None, Query(max_length=2048, description="https URL the workers POST the job to when it ends")
+]
 Vmq = Annotated[AsyncProvisioner, Depends(_provisioner)]
 
 
@@ -118,6 +129,7 @@ def create_app(
     app.add_exception_handler(ValidationError, _invalid)
     app.add_exception_handler(JobNotFound, _error(status.HTTP_404_NOT_FOUND))
     app.add_exception_handler(IdempotencyConflict, _error(status.HTTP_409_CONFLICT))
+    app.add_exception_handler(InvalidCallbackURL, _bad_callback)
     for unavailable in (redis.ConnectionError, redis.TimeoutError, OperationalError):
         app.add_exception_handler(unavailable, _error(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable"))
 
@@ -130,6 +142,7 @@ def create_app(
             body.startup_script,
             idempotency_key=body.idempotency_key,
             deadline_s=body.deadline_s,
+            callback_url=body.callback_url,
         )
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
@@ -165,16 +178,20 @@ def create_app(
         return EventSourceResponse(stream(), ping=15)
 
     @app.get("/vms/{provider}/{instance_id:path}", status_code=202, response_model=Job, dependencies=[Auth])
-    async def get_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:
+    async def get_vm(
+        provider: ProviderName, instance_id: str, response: Response, vmq: Vmq, callback_url: CallbackQuery = None
+    ) -> Job:
         """Enqueue a read of one VM (through a worker, like every provider call)."""
-        job = await vmq.get_vm(provider, instance_id)
+        job = await vmq.get_vm(provider, instance_id, callback_url=callback_url)
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
 
     @app.delete("/vms/{provider}/{instance_id:path}", status_code=202, response_model=Job, dependencies=[Auth])
-    async def destroy_vm(provider: ProviderName, instance_id: str, response: Response, vmq: Vmq) -> Job:
+    async def destroy_vm(
+        provider: ProviderName, instance_id: str, response: Response, vmq: Vmq, callback_url: CallbackQuery = None
+    ) -> Job:
         """Enqueue a destroy; a VM that is already gone ends the job ``gone`` too."""
-        job = await vmq.destroy_vm(provider, instance_id)
+        job = await vmq.destroy_vm(provider, instance_id, callback_url=callback_url)
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
 
@@ -190,6 +207,12 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     """422 naming each bad field, without pydantic's ``input``: it could echo a startup script."""
     errors: list[Any] = exc.errors()  # type: ignore[attr-defined]
     detail = [{"loc": list(e["loc"]), "msg": e["msg"].removeprefix("Value error, "), "type": e["type"]} for e in errors]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _bad_callback(request: Request, exc: Exception) -> JSONResponse:
+    where = ["body", "callback_url"] if request.method == "POST" else ["query", "callback_url"]
+    detail = [{"loc": where, "msg": str(exc).removeprefix("callback_url: "), "type": "value_error"}]
     return JSONResponse({"detail": detail}, status_code=422)
 
 

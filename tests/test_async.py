@@ -27,7 +27,7 @@ def _masked(raw: str) -> dict:
 
 
 def test_the_async_publish_pushes_what_send_task_pushes(settings, redis_client, provisioner):
-    queue = keys.queue_name("sim")
+    queue = keys.queue_name("oci")  # no worker of the session consumes it
     provisioner.celery.send_task(keys.TASK_CREATE, args=["job-1"], queue=queue, argsrepr="(r)", kwargsrepr="{}")
     sync_raw = redis_client.rpop(queue)
 

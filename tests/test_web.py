@@ -19,13 +19,16 @@ SPEC = {"provider": "sim", "name": "api-1", "region": "sim-1", "instance_type": 
 
 
 class Server:
-    def __init__(self, env: dict[str, str], log: Path):
-        self.port = free_port()
+    def __init__(
+        self, env: dict[str, str], log: Path, app: str = "producer.web:app", health: str = "/healthz", port: int = 0
+    ):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.health = health
         self._log = log.open("wb")
         self.log_path = log
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "producer.web:app", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT,
             env=env,
             stdout=self._log,
@@ -36,7 +39,7 @@ class Server:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.health}", timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -149,3 +152,12 @@ def test_openapi_documents_the_routes_and_the_auth(api):
     assert {"HTTPBearer", "APIKeyHeader"} <= set(document["components"]["securitySchemes"])
     body = document["components"]["schemas"]["CreateVMBody"]["properties"]
     assert body["ssh_key"]["type"] == "string" and "idempotency_key" in body
+
+
+def test_a_callback_url_the_workers_would_not_call_is_422(api, redis_client, ssh_key):
+    answer = api.post("/vms", json={"spec": SPEC, "ssh_key": ssh_key, "callback_url": "http://hooks.example.com/x"})
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", "callback_url"]
+    assert "https" in answer.json()["detail"][0]["msg"]
+    answer = api.delete("/vms/sim/sim-1", params={"callback_url": "https://user:pw@hooks.example.com/x"})
+    assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["query", "callback_url"]
+    assert [k for k in redis_client.scan_iter() if not k.startswith("_kombu.")] == []

@@ -12,7 +12,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from vmqueue.connection import redis_ssl_options
-from vmqueue.keys import queue_name
+from vmqueue.keys import WEBHOOK_QUEUE, queue_name
 from vmqueue.models import PROVIDERS
 from vmqueue.settings import Settings, get_settings
 
@@ -20,7 +20,8 @@ from vmqueue.settings import Settings, get_settings
 def provider_queues() -> list[Queue]:
     # Each queue gets its own exchange and routing key: a bare Queue("x") inherited another
     # queue's binding in kombu 5.7.
-    return [Queue(queue_name(p), Exchange(queue_name(p), type="direct"), routing_key=queue_name(p)) for p in PROVIDERS]
+    names = [queue_name(p) for p in PROVIDERS] + [WEBHOOK_QUEUE]
+    return [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names]
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

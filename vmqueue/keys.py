@@ -26,6 +26,9 @@ TASK_DESTROY = "vmq.destroy"
 TASK_GET = "vmq.get"
 TASK_TICK = "vmq.tick"
 TASK_SWEEP = "vmq.sweep"
+TASK_WEBHOOK = "vmq.webhook"
+# Webhook deliveries have a queue (and workers) of their own: a slow receiver never holds a job's slot.
+WEBHOOK_QUEUE = f"{QUEUE_PREFIX}webhooks"
 
 
 def queue_name(provider: str) -> str:

@@ -328,6 +328,21 @@ class CancelRequest(BaseModel):
     reason: str = Field("", max_length=500)
 
 
+class WebhookDelivery(BaseModel):
+    """One attempt to deliver a webhook (workers/webhooks.py), as recorded on the job."""
+
+    event: str = Field(description="job.running, job.failed, job.gone, job.done, job.cancelled")
+    attempt: int
+    at: datetime = Field(default_factory=utcnow)
+    outcome: str = Field(description="delivered, retrying, gave_up, or refused (the URL or its address is not allowed)")
+    status_code: int | None = None
+    error: str | None = None
+    duration_ms: float | None = None
+
+
+MAX_DELIVERIES = 30
+
+
 class JobEvent(BaseModel):
     at: datetime = Field(default_factory=utcnow)
     state: JobState
@@ -373,6 +388,8 @@ class Job(BaseModel):
     expiry_job_id: str | None = None  # the destroy job expiry enqueued (set once it fired; no extend after)
     expired_at: datetime | None = None  # when that destroy job was enqueued
     vm_destroyed_by: str | None = None  # create only: the destroy job that found this job's VM gone
+    callback_url: str | None = None  # webhooks go here (vmqueue/webhooks.py)
+    webhooks: list[WebhookDelivery] = Field(default_factory=list)  # every delivery attempt, last MAX_DELIVERIES
     history: list[JobEvent] = Field(default_factory=list)
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,6 +48,18 @@ class Settings(BaseSettings):
         default_factory=dict, description='per-provider API limits, e.g. {"aws": "10/second"}'
     )
     worker_concurrency: int = 64
+    # Webhooks (vmqueue/webhooks.py, workers/webhooks.py): signed per Standard Webhooks.
+    webhook_secret: SecretStr | None = Field(
+        None, description="whsec_<base64>: the key webhooks are signed with (workers); unset: none is sent"
+    )
+    webhook_allow_http: bool = Field(False, description="accept http:// callback URLs (default: https only)")
+    webhook_allow_private: bool = Field(
+        False, description="deliver to loopback, private, link-local and other non-global addresses"
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=60, description="connect and each read of one delivery")
+    webhook_max_attempts: int = Field(8, ge=1, le=50, description="deliveries of one webhook before giving up")
+    webhook_retry_base_s: float = Field(5.0, gt=0, description="first backoff; doubles per attempt, full jitter")
+    webhook_retry_max_s: float = Field(600.0, gt=0, description="longest wait between two attempts")
     eta_task_limit: int = 20_000
 
 

@@ -15,4 +15,9 @@ broker_fixes.apply()  # a Redis restart must not kill the worker (celery/kombu 5
 settings = get_settings()
 app = make_celery(settings, main="vmqueue")
 app.conf.update(worker_pool="threads", worker_concurrency=settings.worker_concurrency)
-app.conf.include = ["workers.tasks", "workers.metrics", "workers.logctx"]  # the last two: signal handlers
+app.conf.include = [
+    "workers.tasks",
+    "workers.webhooks",
+    "workers.metrics",
+    "workers.logctx",
+]  # the last two: signal handlers

@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from producer.cli.common import ProviderOpt, console, err
+from producer.cli.common import console, err
+from vmqueue import keys
 from vmqueue.models import PROVIDERS
 
 app = typer.Typer()
@@ -22,12 +23,21 @@ def worker_argv(provider: str, concurrency: int, name: str, loglevel: str = "INF
 
 @app.command()
 def worker(
-    provider: ProviderOpt,
+    provider: Annotated[str | None, typer.Option("--provider", "-p", help=f"one of: {', '.join(PROVIDERS)}")] = None,
+    webhooks: Annotated[
+        bool, typer.Option("--webhooks", help="serve webhook deliveries (vmq.webhooks) instead of a provider")
+    ] = False,
     concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="threads; polls hold none")] = 64,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
-    """Run a worker for one provider's queue (wraps `celery -A workers.app worker -Q vmq.<provider>`)."""
-    if provider not in PROVIDERS:
+    """Run a worker for one provider's queue (wraps `celery -A workers.app worker -Q vmq.<provider>`),
+    or with --webhooks the worker that delivers webhooks (its own queue: a slow receiver delays no job)."""
+    if webhooks == (provider is not None):
+        err.print("[red]Give --provider NAME or --webhooks[/]")
+        raise typer.Exit(2)
+    if webhooks:
+        provider = keys.WEBHOOK_QUEUE.removeprefix(keys.QUEUE_PREFIX)
+    elif provider not in PROVIDERS:
         err.print(f"[red]Unknown provider {provider!r}[/]; one of: {', '.join(PROVIDERS)}")
         raise typer.Exit(2)
     argv = worker_argv(provider, concurrency, name=f"{provider}@%h", loglevel=loglevel)
