@@ -15,6 +15,7 @@ from tests.providers.hetzner_fake import md5_fingerprint
 
 BASE_URL = "https://api.digitalocean.com"
 CREATED = "2020-07-21T18:37:44Z"
+MAX_PER_PAGE = 200  # the API's largest page
 RATE_HEADERS = {"ratelimit-limit": "5000", "ratelimit-remaining": "4999", "ratelimit-reset": "1444931833"}
 
 
@@ -117,6 +118,7 @@ class FakeDigitalOcean(FakeAPI):
         self.ssh_keys: dict[str, dict[str, Any]] = {}  # by fingerprint
         self._ids = itertools.count(3164444)
         self._booting: dict[int, dict[str, Any]] = {}  # id -> the fields it was created with
+        self.max_per_page = MAX_PER_PAGE  # lower it to make a list span pages
 
     def add_droplet(self, name: str, **fields: Any) -> dict[str, Any]:
         droplet = droplet_payload(next(self._ids), name, **fields)
@@ -139,7 +141,7 @@ class FakeDigitalOcean(FakeAPI):
         if (method, path) == ("GET", "/droplets"):
             tag = query.get("tag_name")
             found = [self._read(d["id"]) for d in list(self.droplets.values()) if tag is None or tag in d["tags"]]
-            return 200, RATE_HEADERS, {"droplets": found, "links": {"pages": {}}, "meta": {"total": len(found)}}
+            return 200, RATE_HEADERS, self._page(found, query)
         if (method, path) == ("POST", "/droplets"):
             return self._create_droplet(body)
         if match := re.fullmatch(r"/account/keys/([0-9a-f:]+)", path):
@@ -151,6 +153,19 @@ class FakeDigitalOcean(FakeAPI):
                 return 422, RATE_HEADERS, error("unprocessable_entity", "SSH Key is already in use on your account")
             return 201, RATE_HEADERS, {"ssh_key": self.add_ssh_key(body["public_key"], body["name"])}
         return 404, {}, error("not_found", f"no route {method} {path}")
+
+    def _page(self, droplets: list[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:
+        """One page as the API pages lists: ``page`` and ``per_page`` (default 20, at most the maximum),
+        ``links.pages.next``/``last`` while more follow (docs.digitalocean.com, "Links & Pagination")."""
+        per_page = min(int(query.get("per_page", 20)), self.max_per_page)
+        number = int(query.get("page", 1))
+        last = max(1, -(-len(droplets) // per_page))
+        pages = {}
+        if number < last:
+            url = f"{BASE_URL}/v2/droplets?page={{}}&per_page={per_page}"
+            pages = {"next": url.format(number + 1), "last": url.format(last)}
+        chunk = droplets[(number - 1) * per_page : number * per_page]
+        return {"droplets": chunk, "links": {"pages": pages}, "meta": {"total": len(droplets)}}
 
     def _create_droplet(self, body: dict[str, Any]) -> Reply:
         fields = {

@@ -128,9 +128,24 @@ def server_payload(
     }
 
 
-def page(key: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-    pagination = {"page": 1, "per_page": 50, "previous_page": None, "next_page": None, "last_page": 1}
-    return {key: items, "meta": {"pagination": {**pagination, "total_entries": len(items)}}}
+MAX_PER_PAGE = 50  # the API's maximum per_page (docs.hetzner.cloud, "Pagination")
+
+
+def page(key: str, items: list[dict[str, Any]], query: dict[str, str] | None = None, cap: int = MAX_PER_PAGE) -> dict:
+    """One page of a list, as the API pages it: ``page`` and ``per_page`` (at most ``cap``) from the query."""
+    query = query or {}
+    per_page = min(int(query.get("per_page", 25)), cap)
+    number = int(query.get("page", 1))
+    last = max(1, -(-len(items) // per_page))
+    pagination = {
+        "page": number,
+        "per_page": per_page,
+        "previous_page": number - 1 if number > 1 else None,
+        "next_page": number + 1 if number < last else None,
+        "last_page": last,
+        "total_entries": len(items),
+    }
+    return {key: items[(number - 1) * per_page : number * per_page], "meta": {"pagination": pagination}}
 
 
 def _matches(labels: dict[str, str], selector: str | None) -> bool:
@@ -148,6 +163,7 @@ class FakeHetzner(FakeAPI):
         self.ssh_keys: dict[int, dict[str, Any]] = {}
         self._ids = itertools.count(4201)
         self._booting: set[int] = set()
+        self.max_per_page = MAX_PER_PAGE  # lower it to make a list span pages
 
     def add_server(self, name: str, **fields: Any) -> dict[str, Any]:
         server = server_payload(next(self._ids), name, **fields)
@@ -175,7 +191,7 @@ class FakeHetzner(FakeAPI):
                 for s in self.servers.values()
                 if query.get("name", s["name"]) == s["name"] and _matches(s["labels"], query.get("label_selector"))
             ]
-            return 200, {}, page("servers", found)
+            return 200, {}, page("servers", found, query, self.max_per_page)
         if (method, path) == ("POST", "/servers"):
             return self._create_server(body)
         if (method, path) == ("GET", "/ssh_keys"):
@@ -183,7 +199,12 @@ class FakeHetzner(FakeAPI):
             return (
                 200,
                 {},
-                page("ssh_keys", [k for k in self.ssh_keys.values() if fingerprint in (None, k["fingerprint"])]),
+                page(
+                    "ssh_keys",
+                    [k for k in self.ssh_keys.values() if fingerprint in (None, k["fingerprint"])],
+                    query,
+                    self.max_per_page,
+                ),
             )
         if (method, path) == ("POST", "/ssh_keys"):
             fingerprint = md5_fingerprint(body["public_key"])

@@ -29,6 +29,7 @@ from tests.providers.contract import AdapterContract
 from vmqueue.images import IMAGES
 from vmqueue.models import VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from workers.providers import aws
 from workers.providers.aws import STATUS_MAP, AWSProvider
 from workers.providers.errors import (
     AuthError,
@@ -540,6 +541,22 @@ class TestAWS(AdapterContract):
         assert {vm.instance_id for vm in vms} == owned and len(all_instances()) == 3
         assert {vm.labels["managed-by"] for vm in vms} == {"vmqueue"}
         assert AWSProvider(session, list_regions=["us-west-2"]).list_owned_vms() == []
+
+    def test_lists_follow_every_page(
+        self, provider: AWSProvider, key: SSHPublicKey, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Issue 13 (6): five instances, two a page (MaxResults): three pages, every one read.
+        monkeypatch.setattr(aws, "LIST_PAGE_SIZE", 2)
+        ours = {
+            provider.create_vm(make_spec(name=f"web-{n}"), key, None, job_id=f"job-{n}").instance_id for n in range(5)
+        }
+        pages: list[str | None] = []
+        provider._client("ec2", REGION).meta.events.register(
+            "before-parameter-build.ec2.DescribeInstances", lambda params, **_: pages.append(params.get("NextToken"))
+        )
+        assert {vm.instance_id for vm in provider.list_owned_vms()} == ours
+        assert len(pages) == 3 and pages[0] is None and all(pages[1:])
+        assert set(provider.get_vms(sorted(ours))) == ours
 
     def test_endpoint_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")

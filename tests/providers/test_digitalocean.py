@@ -412,6 +412,15 @@ class TestDigitalOcean(AdapterContract):
         assert [vm.labels["vmqueue-job"] for vm in vms] == [JOB]
         assert fake.requests[0][2]["tag_name"] == "managed-by:vmqueue"
 
+    def test_lists_follow_every_page(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
+        # Issue 13 (6): five droplets, two a page: three pages, every one read.
+        fake.max_per_page = 2
+        ours = {str(fake.add_droplet(f"web-{n}", tags=["managed-by:vmqueue"])["id"]) for n in range(5)}
+        fake.add_droplet("their-db", tags=["db"])
+        assert {vm.instance_id for vm in provider.list_owned_vms()} == ours
+        assert [q.get("page") for m, p, q, _ in fake.requests if p == "/droplets"] == ["1", "2", "3"]
+        assert set(provider.get_vms(sorted(ours))) == ours
+
 
 @pytest.mark.system
 def test_system_create_then_destroy_through_a_worker(

@@ -347,6 +347,15 @@ class TestHetzner(AdapterContract):
         assert [vm.instance_id for vm in vms] == [str(ours["id"])]
         assert fake.requests[0][2]["label_selector"] == "managed-by=vmqueue"
 
+    def test_lists_follow_every_page(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        # Issue 13 (6): five servers, two a page: three pages, every one read.
+        fake.max_per_page = 2
+        ours = {str(fake.add_server(f"web-{n}", labels={"managed-by": "vmqueue"})["id"]) for n in range(5)}
+        fake.add_server("their-db")
+        assert {vm.instance_id for vm in provider.list_owned_vms()} == ours
+        assert [q.get("page", "1") for m, p, q, _ in fake.requests if p == "/servers"] == ["1", "2", "3"]
+        assert set(provider.get_vms(sorted(ours))) == ours
+
 
 def test_fake_fingerprint_matches_ours() -> None:
     key = SSHPublicKey.parse(make_ed25519_key())

@@ -47,6 +47,9 @@ from workers.providers.errors import (
 
 # The SDK's retries are off: our task layer decides when to send again (PROVIDERS.md, DESIGN §4).
 BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=60)
+# DescribeInstances' largest page (MaxResults 5-1000, AWS EC2 API reference); the paginators follow
+# NextToken across pages, so this sets only how many calls a long list takes.
+LIST_PAGE_SIZE = 1000
 FILTER_CHUNK = 200  # ids per DescribeInstances filter; conservative: no value limit is published for it (unverified)
 CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (boto3's default chain)"
 
@@ -252,7 +255,11 @@ class AWSProvider:
             for start in range(0, len(natives), FILTER_CHUNK):
                 chunk = natives[start : start + FILTER_CHUNK]
                 with map_errors(_map_error):
-                    for page in paginator.paginate(Filters=[{"Name": "instance-id", "Values": chunk}]):
+                    pages = paginator.paginate(
+                        Filters=[{"Name": "instance-id", "Values": chunk}],
+                        PaginationConfig={"PageSize": LIST_PAGE_SIZE},
+                    )
+                    for page in pages:
                         for instance in (i for r in page["Reservations"] for i in r["Instances"]):
                             if (caller_id := asked.get(instance["InstanceId"])) is not None:
                                 found[caller_id] = _vm_info(region, instance)
@@ -277,7 +284,10 @@ class AWSProvider:
                 pages = (
                     self._client("ec2", region)
                     .get_paginator("describe_instances")
-                    .paginate(Filters=[{"Name": "tag:managed-by", "Values": ["vmqueue"]}])
+                    .paginate(
+                        Filters=[{"Name": "tag:managed-by", "Values": ["vmqueue"]}],
+                        PaginationConfig={"PageSize": LIST_PAGE_SIZE},
+                    )
                 )
                 vms += [_vm_info(region, i) for page in pages for r in page["Reservations"] for i in r["Instances"]]
         return vms
