@@ -132,15 +132,22 @@ class FakeCompute:
 
     def _aggregated(self, project: str, *, query: dict[str, str], **_: Any) -> tuple[int, dict[str, Any]]:
         wanted = dict(re.findall(r'labels\.(\S+) = "([^"]*)"', query.get("filter", "")))
+        matching = [
+            (zone, instance)
+            for (p, zone, _name), instance in self.instances.items()
+            if p == project and all(instance.get("labels", {}).get(k) == v for k, v in wanted.items())
+        ]
+        # Paged as the API pages it: at most maxResults (default and largest 500) a page, the rest
+        # behind nextPageToken (here the offset of the next page).
+        start = int(query.get("pageToken") or 0)
+        end = start + min(int(query.get("maxResults", 500)), 500)
         items: dict[str, dict[str, list]] = {}
-        for (p, zone, _name), instance in self.instances.items():
-            if p == project and all(instance.get("labels", {}).get(k) == v for k, v in wanted.items()):
-                items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(self._read(instance))
-        return 200, {
-            "kind": "compute#instanceAggregatedList",
-            "id": f"projects/{project}/aggregated/instances",
-            "items": items,
-        }
+        for zone, instance in matching[start:end]:
+            items.setdefault(f"zones/{zone}", {"instances": []})["instances"].append(self._read(instance))
+        answer = {"kind": "compute#instanceAggregatedList", "id": f"projects/{project}/aggregated/instances"}
+        if end < len(matching):
+            answer["nextPageToken"] = str(end)
+        return 200, {**answer, "items": items}
 
     # --- payloads ---
 

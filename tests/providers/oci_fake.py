@@ -41,6 +41,7 @@ class FakeOCI(FakeAPI):
     public_ip: str | None = "203.0.113.10"
     polls_to_run: int | None = None  # reads a PROVISIONING instance answers before RUNNING; None: stays
     unindexed: set[str] = field(default_factory=set)  # instance ids Resource Search does not find (yet)
+    max_page: int = 1000  # the most items one list or search page holds (lower it to make lists span pages)
 
     def route(self, call: Call) -> Response:
         method, path, query, data = call.method, call.path, call.query, call.body
@@ -48,13 +49,14 @@ class FakeOCI(FakeAPI):
         if method == "POST" and path.endswith("/instances"):
             return ok(self.launch(data, call.headers.get("opc-retry-token")))
         if method == "GET" and path.endswith("/instances"):
-            return ok(
+            return self.paged(
                 [
                     i
                     for i in self.instances.values()
                     if i["compartmentId"] == query.get("compartmentId")
                     and i["displayName"] == query.get("displayName", i["displayName"])
-                ]
+                ],
+                query,
             )
         if m := re.search(r"/instances/([^/]+)$", path):
             instance = self.instances.get(m.group(1))
@@ -68,14 +70,23 @@ class FakeOCI(FakeAPI):
                 instance["lifecycleState"] = "TERMINATED"
                 return 204, {"opc-request-id": "r"}, ""
         if method == "GET" and path.endswith("/vnicAttachments"):
-            return ok([a for a in self.attachments if a["instanceId"] == query.get("instanceId")])
+            return self.paged([a for a in self.attachments if a["instanceId"] == query.get("instanceId")], query)
         if method == "GET" and (m := re.search(r"/vnics/([^/]+)$", path)):
             return ok(self.vnics[m.group(1)])
         if method == "GET" and path.endswith("/images"):
             return ok(images(query))
         if method == "POST" and path.endswith("/resources"):
-            return ok({"items": [summary(i) for i in self.search(data["query"])]})
+            return self.paged([summary(i) for i in self.search(data["query"])], query, wrap="items")
         return error(404, "NotFound", f"no route {method} {path}")
+
+    def paged(self, items: list[dict[str, Any]], query: dict[str, str], wrap: str | None = None) -> Response:
+        """One page as OCI pages lists: at most ``limit`` (and ``max_page``) items from the ``page`` token,
+        and an ``opc-next-page`` header while more follow (docs.oracle.com, "List Pagination")."""
+        start = int(query.get("page") or 0)
+        end = start + min(int(query.get("limit") or self.max_page), self.max_page)
+        headers = {"opc-request-id": "r", **({"opc-next-page": str(end)} if end < len(items) else {})}
+        chunk = items[start:end]
+        return 200, headers, json.dumps({wrap: chunk} if wrap else chunk)
 
     def search(self, query: str) -> list[dict[str, Any]]:
         """Structured Search: ``identifier = '...'`` terms pick instances by OCID, else the ones with a

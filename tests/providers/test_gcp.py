@@ -23,6 +23,7 @@ from tests.providers.contract import AdapterContract
 from tests.providers.gcp_fake import FakeCompute, api_error, serve_with_responses
 from vmqueue.models import VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from workers.providers import gcp
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -389,6 +390,23 @@ class TestGCP(AdapterContract):
         assert sorted(vm.instance_id for vm in vms) == [ID, f"{PROJECT}/us-central1-a/web-2"]
         [(query, _)] = sent(rsps, "GET")
         assert query["filter"] == 'labels.managed-by = "vmqueue"'
+
+    def test_lists_follow_every_page(
+        self,
+        provider: GCPProvider,
+        fake: FakeCompute,
+        rsps: responses.RequestsMock,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        # Issue 13 (6): five instances over two zones, two a page (maxResults): three pages, every one read.
+        monkeypatch.setattr(gcp, "LIST_PAGE_SIZE", 2)
+        for n in range(5):
+            fake.add_instance(PROJECT, ("us-central1-a", ZONE)[n % 2], f"web-{n}", labels={"managed-by": "vmqueue"})
+        fake.add_instance(PROJECT, ZONE, "not-ours", labels={"team": "infra"})
+        ours = {vm.instance_id for vm in provider.list_owned_vms()}
+        assert len(ours) == 5
+        assert [q.get("pageToken") for q, _ in sent(rsps, "GET")] == [None, "2", "4"]
+        assert set(provider.get_vms(sorted(ours))) == ours
 
     def test_project_from_environment_and_endpoint(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "env-project")

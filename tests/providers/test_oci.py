@@ -388,6 +388,14 @@ class TestOCI(AdapterContract):
         body = call.body
         assert body["type"] == "Structured" and "freeformTags.key = 'managed-by'" in body["query"]
 
+    def test_lists_follow_every_page(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        # Issue 13 (6): five instances, two a page: three Search pages (opc-next-page), every one read.
+        fake.max_page = 2
+        ours = {provider.create_vm(make_spec(), key(), job_id=f"job-{n}").instance_id for n in range(5)}
+        assert {vm.instance_id for vm in provider.list_owned_vms()} == ours
+        assert [c.query.get("page") for c in fake.calls_to("POST", r"/resources$")] == [None, "2", "4"]
+        assert set(provider.get_vms(sorted(ours))) == ours
+
 
 @pytest.mark.system
 def test_system_create_then_destroy_through_a_worker(

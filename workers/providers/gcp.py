@@ -314,7 +314,9 @@ class GCPProvider:
     def list_owned_vms(self) -> list[VMInfo]:
         """One filtered aggregated list (paged) over every zone of the default project."""
         project = self._default_project()
-        request = compute_v1.AggregatedListInstancesRequest(project=project, filter=OWNED_FILTER)
+        request = compute_v1.AggregatedListInstancesRequest(
+            project=project, filter=OWNED_FILTER, max_results=LIST_PAGE_SIZE
+        )
         with map_errors(_map_error):
             pages = self._client(compute_v1.InstancesClient).aggregated_list(
                 request=request, retry=None, timeout=self.timeout_s

@@ -236,7 +236,7 @@ class OCIProvider:
                 terms = " || ".join(f"identifier = '{instance_id}'" for instance_id in chunk)
                 query = f"query instance resources where ({terms})"
                 with map_errors(_map_error):
-                    items = search.search_resources(StructuredSearchDetails(query=query), limit=len(chunk)).data.items
+                    items = _all_pages(search.search_resources, StructuredSearchDetails(query=query), limit=len(chunk))
                 for item in items:
                     vm = _summary_info(item)
                     if item.identifier in chunk and vm.status not in SETTLED_STATUSES:
@@ -268,9 +268,9 @@ class OCIProvider:
         in the order they were attached (the primary comes with the launch) until the primary turns up:
         one GET for a single-VNIC instance. Attachments of another instance are never taken.
         """
-        attachments = clients.compute.list_vnic_attachments(
-            compartment_id=instance.compartment_id, instance_id=instance.id
-        ).data
+        attachments = _all_pages(
+            clients.compute.list_vnic_attachments, compartment_id=instance.compartment_id, instance_id=instance.id
+        )
         attached = sorted(
             (a for a in attachments if a.lifecycle_state == "ATTACHED" and a.instance_id == instance.id),
             key=lambda a: (a.time_created is None, a.time_created or 0),
@@ -298,7 +298,8 @@ class OCIProvider:
     def list_owned_vms(self) -> list[VMInfo]:
         """Every region-local instance tagged managed-by=vmqueue, across compartments (Resource Search).
 
-        Search indexes new instances with a lag, so one still PROVISIONING may be missing.
+        Search indexes new instances with a lag, so one still PROVISIONING may be missing. Every page
+        is read (``opc-next-page``).
         """
         from oci.resource_search.models import StructuredSearchDetails
 
@@ -307,19 +308,27 @@ class OCIProvider:
             " && freeformTags.value = 'vmqueue')"
         )
         with map_errors(_map_error):
-            found = self._client().search.search_resources(StructuredSearchDetails(query=query)).data.items
+            found = _all_pages(self._client().search.search_resources, StructuredSearchDetails(query=query))
         return [_summary_info(item) for item in found]
 
     def _find_job_instance(self, compute: Any, spec: VMSpec, job_id: str) -> Any | None:
         """The live instance this job launched, when the retry token could not tell us."""
         with map_errors(_map_error):
-            instances = compute.list_instances(_options(spec).compartment_id, display_name=spec.name).data
+            instances = _all_pages(compute.list_instances, _options(spec).compartment_id, display_name=spec.name)
         mine = [
             i
             for i in instances
             if (i.freeform_tags or {}).get(LABEL_JOB) == job_id and i.lifecycle_state not in GONE_STATES
         ]
         return mine[0] if mine else None
+
+
+def _all_pages(list_call: Any, *args: Any, **kwargs: Any) -> list[Any]:
+    """Every item of an OCI list or search call: ``oci.pagination`` passes each ``opc-next-page``
+    token back as ``page`` until none comes (one call per page)."""
+    from oci.pagination import list_call_get_all_results
+
+    return list_call_get_all_results(list_call, *args, **kwargs).data
 
 
 def _load_config(signer: Any) -> tuple[dict[str, Any], Any]:
