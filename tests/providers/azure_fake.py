@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 from tests.providers.fakeapi import Call, FakeAPI, Response
 
@@ -45,6 +46,7 @@ class FakeARM(FakeAPI):
     ip_updating_reads: int | None = 0  # GETs a new public IP answers "Updating" before "Succeeded"; None: stays
     nic_delete_reads: int = 0  # a NIC DELETE is accepted (202) and the NIC stays "Deleting" for this many GETs
     allocation_fails_in: set[str] = field(default_factory=set)  # locations or sizes whose VMs fail late (Allocation)
+    max_page: int = 1000  # the most items one list page holds (lower it to make lists span pages)
 
     def __post_init__(self) -> None:
         self.resources[RG_PATH.lower()] = {
@@ -69,7 +71,7 @@ class FakeARM(FakeAPI):
             vms = [
                 self._view(r, True) for r in self.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"
             ]
-            return _ok({"value": vms})
+            return self._paged(call, vms)
         match = _RESOURCE.match(call.path)
         if not match:
             return error(404, "InvalidResourceType", f"no route {call.method} {call.path}")
@@ -94,6 +96,17 @@ class FakeARM(FakeAPI):
                 return error(412, "PreconditionFailed", "The resource already exists (If-None-Match: *).")
             return self._put(call, rtype, name, resource)
         return error(405, "MethodNotAllowed", call.method)
+
+    def _paged(self, call: Call, items: list[dict[str, Any]]) -> Response:
+        """One page of a list as ARM pages it: ``value`` and, while more follow, ``nextLink`` (the same
+        query with a ``$skiptoken``), which the SDK's pager requests as it is."""
+        start = int(call.query.get("$skiptoken") or 0)
+        end = start + self.max_page
+        page: dict[str, Any] = {"value": items[start:end]}
+        if end < len(items):
+            query = {k: v for k, v in call.query.items() if k != "$skiptoken"}
+            page["nextLink"] = f"{call.path}?{urlencode({**query, '$skiptoken': end})}"
+        return _ok(page)
 
     def _group(self, call: Call, path: str) -> Response:
         if call.method == "PUT":

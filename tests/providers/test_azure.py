@@ -576,6 +576,20 @@ class TestAzure(AdapterContract):
         assert call.path == f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines"
         assert call.query["statusOnly"] == "true"
 
+    def test_lists_follow_every_page(self, provider: AzureProvider, fake: FakeARM) -> None:
+        # Issue 13 (6): five VMs, two a page: three pages (nextLink), every one read.
+        fake.max_page = 2
+        specs = [make_spec().model_copy(update={"name": f"web-{n}"}) for n in range(5)]
+        ours = {provider.create_vm(spec, key(), job_id=f"job-{n}").instance_id for n, spec in enumerate(specs)}
+        for n in range(5):
+            vm = fake.vm(f"web-{n}")
+            vm["properties"]["provisioningState"], vm["_power"] = "Succeeded", "PowerState/running"
+        assert {vm.instance_id for vm in provider.list_owned_vms()} == ours
+        pages = fake.calls_to("GET", r"/virtualMachines$")
+        assert [c.query.get("$skiptoken") for c in pages] == [None, "2", "4"]
+        assert all(c.query["statusOnly"] == "true" for c in pages)
+        assert set(provider.get_vms(sorted(ours))) == ours
+
     def test_local_http_endpoint(self, fake: FakeARM, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("VMQ_AZURE_ENDPOINT", "http://127.0.0.1:9")
         with responses.RequestsMock() as mock:
