@@ -42,8 +42,11 @@ def test_every_service_command_is_one_the_project_has():
     commands = set(typer.main.get_command(app).commands)
     for name, service in COMPOSE["services"].items():
         command = service.get("command")
-        if name == "redis":
+        if name == "redis" or name.startswith("redis-"):
             assert command[0] == "redis-server" and "--appendonly" in command
+        elif name.startswith("sentinel-"):
+            assert command[:2] == ["sh", "-c"] and command[2].endswith("exec redis-server /tmp/sentinel.conf --sentinel")
+            assert service["profiles"] == ["ha"]
         elif command[0] == "vmq":
             assert command[1] in commands
             assert command[3] in PROVIDERS

@@ -11,7 +11,16 @@ from __future__ import annotations
 import redis.asyncio
 
 from vmqueue import jobindex, keys
-from vmqueue.jobstore import _CAS, _RELEASE, JobStore, cas_arguments, queue_add, queue_create_ended, transition_change
+from vmqueue.jobstore import (
+    _CAS,
+    _RELEASE,
+    JobStore,
+    _log_unreplicated,
+    cas_arguments,
+    queue_add,
+    queue_create_ended,
+    transition_change,
+)
 from vmqueue.models import Job, JobState
 from vmqueue.settings import Settings
 
@@ -29,6 +38,13 @@ class AsyncJobStore:
         pipe = self.redis.pipeline(transaction=startup_script is not None)
         queue_add(pipe, job, startup_script, self.settings)
         await pipe.execute()
+        if self.settings.redis_wait_replicas:  # see jobstore.wait_replicated
+            async with self.redis.client() as conn:
+                await conn.set(keys.REPLICATION_PROBE_KEY, job.id, px=60_000)
+                acked = await conn.execute_command(
+                    "WAIT", self.settings.redis_wait_replicas, self.settings.redis_wait_timeout_ms
+                )
+            _log_unreplicated(job.id, acked, self.settings)
         return job
 
     async def get(self, job_id: str) -> Job | None:

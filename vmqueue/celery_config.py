@@ -11,7 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from vmqueue.connection import redis_ssl_options
+from vmqueue.connection import broker_transport_options, redis_ssl_options
 from vmqueue.keys import WEBHOOK_QUEUE, queue_name
 from vmqueue.models import PROVIDERS
 from vmqueue.settings import Settings, get_settings
@@ -32,6 +32,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "unacked_restore_interval": settings.unacked_restore_interval_s,
         "unacked_restore_throttle": 1,
         "health_check_interval": 25,
+        **broker_transport_options(settings),
     }
     return {
         "broker_url": settings.redis_url,

@@ -1,17 +1,25 @@
 """Redis connections: one place that knows how every part of vmqueue reaches Redis.
 
-The job store, the rate limiter, the sim and the Celery broker (through ``redis_ssl_options``) all
-connect with these settings.
+The job store, the rate limiter, the sim, the sweeper, the web API and the Celery broker (through
+``broker_transport_options``) all connect with these settings. ``REDIS_URL`` is either one Redis
+(``redis://`` or ``rediss://``) or a Sentinel-managed one, written the way Celery's Redis transport
+reads it: ``sentinel://[:password@]host1:26379[/db];sentinel://host2:26379;...`` with the master's
+name in ``VMQ_REDIS_MASTER_NAME``. The password in the URL is the master's; a password of the
+sentinels themselves comes from ``VMQ_REDIS_SENTINEL_PASSWORD``.
 """
 
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.retry
+import redis.asyncio.sentinel
+import redis.sentinel
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -30,15 +38,51 @@ def redis_ssl_options(settings: Settings) -> dict[str, Any] | None:
         raise ValueError("VMQ_REDIS_SSL_CERT_REQS must be required, optional or none") from None
 
 
-def _options(settings: Settings) -> dict[str, Any]:
-    return {
-        "decode_responses": True,
-        "socket_connect_timeout": 5,
-        "socket_timeout": 10,
-        "health_check_interval": 30,
-        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
-        **(redis_ssl_options(settings) or {}),
-    }
+SENTINEL_SCHEME = "sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """A ``sentinel://`` REDIS_URL, parsed: where the sentinels are and what the master needs."""
+
+    sentinels: list[tuple[str, int]]
+    db: int
+    username: str | None
+    password: str | None
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.split("://", 1)[0] == SENTINEL_SCHEME
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """``sentinel://[:pw@]h1:26379[/db];sentinel://h2:26379`` -> the sentinels and the master's db/auth.
+
+    Raises ValueError naming the part that is wrong (a missing host, a port that is no number, a
+    non-sentinel part among sentinel ones).
+    """
+    sentinels: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    for part in filter(None, (p.strip() for p in url.split(";"))):
+        parsed = urlsplit(part)
+        if parsed.scheme != SENTINEL_SCHEME:
+            raise ValueError(f"REDIS_URL: {part.split('@')[-1]!r} is not a sentinel:// address; list only sentinels")
+        try:
+            port = parsed.port or DEFAULT_SENTINEL_PORT
+        except ValueError:
+            raise ValueError(f"REDIS_URL: the port of {parsed.netloc.split('@')[-1]!r} is not a number") from None
+        if not parsed.hostname:
+            raise ValueError("REDIS_URL: a sentinel:// address without a host")
+        sentinels.append((parsed.hostname, port))
+        # Like kombu, the first part that carries them gives the master's db and credentials.
+        if parsed.path.strip("/") and not db:
+            db = int(parsed.path.strip("/"))
+        if parsed.password and password is None:
+            username, password = (unquote(parsed.username) if parsed.username else None), unquote(parsed.password)
+    if not sentinels:
+        raise ValueError("REDIS_URL: no sentinel address in a sentinel:// URL")
+    return SentinelTarget(sentinels, db, username, password)
 
 
 # Reconnect with backoff for about a minute in all (the same budget as a Celery publish retry).
@@ -46,13 +90,96 @@ _BACKOFF = {"cap": 2.0, "base": 0.1}
 _RETRIES = 20
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client that rides out a Redis restart: reconnects with backoff instead of failing at once."""
-    retry = Retry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES)
-    return redis.Redis.from_url(settings.redis_url, retry=retry, **_options(settings))
+def _retry_options(patient: bool = True, retry_class: type = Retry) -> dict[str, Any]:
+    # A restart or a failover: reconnect with backoff instead of failing at once. With Sentinel a
+    # ConnectionError makes the pool ask the sentinels for the master again, and a READONLY answer
+    # from a demoted master becomes a ConnectionError (redis-py's SentinelManagedConnection), so the
+    # same retry rides out a failover.
+    if not patient:
+        return {"socket_connect_timeout": 1, "socket_timeout": 2, "retry": retry_class(ExponentialBackoff(), retries=0)}
+    return {
+        "socket_connect_timeout": 5,
+        "socket_timeout": 10,
+        "health_check_interval": 30,
+        "retry": retry_class(ExponentialBackoff(**_BACKOFF), retries=_RETRIES),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+
+
+def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
+    """Connection options for the sentinels themselves (not the master)."""
+    options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 2}
+    if settings.redis_sentinel_password:
+        options["password"] = settings.redis_sentinel_password
+    return options
+
+
+def connect(settings: Settings, *, patient: bool = True) -> redis.Redis:
+    """A client of the master that rides out a restart or a Sentinel failover (see ``_retry_options``).
+
+    ``patient=False``: no retries and 1-2 s timeouts, for a quick "does Redis answer" check.
+    """
+    if is_sentinel_url(settings.redis_url):
+        target = parse_sentinel_url(settings.redis_url)
+        sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs(settings))
+        return sentinel.master_for(
+            settings.redis_master_name,
+            decode_responses=True,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            **_retry_options(patient),
+        )
+    return redis.Redis.from_url(
+        settings.redis_url, decode_responses=True, **_retry_options(patient), **(redis_ssl_options(settings) or {})
+    )
+
+
+def answers(settings: Settings) -> bool:
+    """True when the Redis (the master, with Sentinel) answers a PING within about two seconds."""
+    try:
+        return bool(connect(settings, patient=False).ping())
+    except (redis.RedisError, OSError):
+        return False
 
 
 def connect_async(settings: Settings) -> redis.asyncio.Redis:
-    """``connect`` for asyncio (``redis.asyncio``): the same URL, TLS, timeouts and reconnect policy."""
-    retry = redis.asyncio.retry.Retry(ExponentialBackoff(**_BACKOFF), retries=_RETRIES)
-    return redis.asyncio.Redis.from_url(settings.redis_url, retry=retry, **_options(settings))
+    """``connect`` for asyncio (``redis.asyncio``): the same URL, Sentinel, TLS, timeouts and reconnects."""
+    options = _retry_options(retry_class=redis.asyncio.retry.Retry)
+    if is_sentinel_url(settings.redis_url):
+        target = parse_sentinel_url(settings.redis_url)
+        sentinel = redis.asyncio.sentinel.Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs(settings))
+        return sentinel.master_for(
+            settings.redis_master_name,
+            decode_responses=True,
+            db=target.db,
+            username=target.username,
+            password=target.password,
+            **options,
+        )
+    return redis.asyncio.Redis.from_url(
+        settings.redis_url, decode_responses=True, **options, **(redis_ssl_options(settings) or {})
+    )
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """What kombu's Redis transport needs beyond the URL: with Sentinel, the master's name."""
+    if not is_sentinel_url(settings.redis_url):
+        return {}
+    parse_sentinel_url(settings.redis_url)  # a bad URL fails here, with its reason, not deep in kombu
+    return {"master_name": settings.redis_master_name, "sentinel_kwargs": sentinel_kwargs(settings)}
+
+
+def limits_storage_uri(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The ``limits`` storage URI and options for the shared rate limits, on the same Redis."""
+    options: dict[str, Any] = {}
+    if not is_sentinel_url(settings.redis_url):
+        if settings.redis_url.startswith("rediss://"):
+            options["ssl_cert_reqs"] = settings.redis_ssl_cert_reqs
+        return settings.redis_url, options
+    target = parse_sentinel_url(settings.redis_url)
+    hosts = ",".join(f"{host}:{port}" for host, port in target.sentinels)
+    options.update(sentinel_kwargs=sentinel_kwargs(settings), db=target.db, use_replicas=False)
+    if target.password:
+        options["password"] = target.password
+    return f"redis+sentinel://{hosts}/{settings.redis_master_name}", options

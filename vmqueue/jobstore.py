@@ -6,6 +6,7 @@ message, a log line or anything ``Job`` serializes; it is deleted once the creat
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -47,6 +48,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) 
 return 0
 """
 
+log = logging.getLogger("vmqueue.jobstore")
 
 # Called with the job after every state change this process made; the workers count finished jobs
 # for their Prometheus metrics here (workers/metrics.py), the one place every final state passes.
@@ -96,6 +98,28 @@ def transition_change(to: JobState, message: str, fields: dict[str, object]) -> 
     return change
 
 
+def wait_replicated(client: redis.Redis, job_id: str, settings: Settings) -> None:
+    """Block until ``settings.redis_wait_replicas`` replicas have every write the master has taken so
+    far (Redis WAIT, at most ``redis_wait_timeout_ms``); fewer acknowledgements are logged, not raised.
+
+    WAIT covers the writes of the connection it is sent on, so one tiny write goes first on the same
+    connection: replication is one ordered stream, so its acknowledgement covers the job's record,
+    written just before on another pooled connection.
+    """
+    with client.client() as conn:  # one connection for both commands
+        conn.set(keys.REPLICATION_PROBE_KEY, job_id, px=60_000)
+        acked = conn.execute_command("WAIT", settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+    _log_unreplicated(job_id, acked, settings)
+
+
+def _log_unreplicated(job_id: str, acked: int, settings: Settings) -> None:
+    if acked < settings.redis_wait_replicas:
+        log.warning(
+            "job=%s recorded on the master, but only %s of %s replicas acknowledged it within %s ms",
+            job_id, acked, settings.redis_wait_replicas, settings.redis_wait_timeout_ms,
+        )  # fmt: skip
+
+
 class InvalidTransition(RuntimeError):
     """A state change the transition table forbids: another delivery got there first."""
 
@@ -113,11 +137,18 @@ class JobStore:
 
     # -- records ---------------------------------------------------------------------------
     def add(self, job: Job, startup_script: str | None = None) -> Job:
+        """Write a new job's record, first event and index entries (and its script beside it: both or neither).
+
+        With ``VMQ_REDIS_WAIT_REPLICAS`` = n > 0 it returns only once n replicas have the record
+        (``wait_replicated``), so a job a caller was told about survives a Sentinel failover.
+        """
         # The record and its script: both or neither (MULTI/EXEC). One command needs no MULTI/EXEC
         # around it: that costs a tenth of an enqueue's time (bench/enqueue.py).
         pipe = self.redis.pipeline(transaction=startup_script is not None)
         queue_add(pipe, job, startup_script, self.settings)
         pipe.execute()
+        if self.settings.redis_wait_replicas:
+            wait_replicated(self.redis, job.id, self.settings)
         return job
 
     def claim_idempotency_key(self, key: str, job_id: str) -> str | None:

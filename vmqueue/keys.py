@@ -18,6 +18,8 @@ SWEEP_PREFIX = "vmq:sweep:"  # seen:<provider> (orphan -> first seen), report:<i
 # The job store's continuity marker (vmqueue/sweep.py StoreEpoch): written once, no TTL; missing or
 # new means records may have been lost, and the sweeper destroys nothing on "record gone" from before it.
 EPOCH_KEY = "vmq:epoch"
+# Written just before a Redis WAIT, so the WAIT covers every earlier write (vmqueue/jobstore.py).
+REPLICATION_PROBE_KEY = "vmq:replicated"
 # The job index (vmqueue/jobindex.py): sorted sets of job ids by creation time, kept by the job store.
 INDEX_PREFIX = "vmq:idx:"
 

@@ -14,8 +14,19 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("REDIS_URL", "VMQ_REDIS_URL"),
-        description="broker, job store and rate-limit buckets; redis:// or rediss://, password allowed",
+        description=(
+            "broker, job store and rate-limit buckets; redis:// or rediss:// (password allowed), or "
+            "sentinel://host1:26379;sentinel://host2:26379 for a Sentinel-managed Redis"
+        ),
     )
+    redis_master_name: str = Field("vmqueue", description="with a sentinel:// REDIS_URL: the master's name")
+    redis_sentinel_password: str | None = Field(None, description="with Sentinel: the sentinels' own password")
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="a new job's record is acknowledged by this many replicas (WAIT) before the enqueue returns",
+    )
+    redis_wait_timeout_ms: int = Field(500, ge=1, description="the longest WAIT for those replicas")
     redis_ssl_cert_reqs: str = Field(
         "required", description="for rediss:// URLs: required (default), optional or none (opt-out)"
     )

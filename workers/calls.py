@@ -17,6 +17,7 @@ from limits.strategies import MovingWindowRateLimiter
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 from vmqueue import keys
+from vmqueue.connection import limits_storage_uri
 from vmqueue.settings import Settings, rate_limit_for
 from workers import metrics
 from workers.backoff import full_jitter_backoff
@@ -32,10 +33,8 @@ class SharedRateLimit:
     """One moving-window limit per provider in Redis, so all workers together stay under it."""
 
     def __init__(self, settings: Settings):
-        options = {"key_prefix": keys.RATE_LIMIT_PREFIX}
-        if settings.redis_url.startswith("rediss://"):
-            options["ssl_cert_reqs"] = settings.redis_ssl_cert_reqs
-        self._limiter = MovingWindowRateLimiter(storage_from_string(settings.redis_url, **options))
+        uri, options = limits_storage_uri(settings)
+        self._limiter = MovingWindowRateLimiter(storage_from_string(uri, key_prefix=keys.RATE_LIMIT_PREFIX, **options))
         self._settings = settings
         self._items = {}
 

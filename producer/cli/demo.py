@@ -17,7 +17,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
 
-import redis
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -25,6 +24,7 @@ from rich.live import Live
 from producer.cli.common import console as cli_console
 from producer.cli.common import job_table
 from producer.cli.worker import worker_argv
+from vmqueue.connection import answers
 from vmqueue.models import Job
 from vmqueue.settings import Settings, get_settings
 from vmqueue.sshkeys import throwaway_public_key
@@ -36,8 +36,8 @@ DEMO_SCRIPT = "#!/bin/sh\necho 'hello from vmqueue' > /etc/motd\n"
 
 def _answers(url: str) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except (redis.RedisError, OSError, ValueError):
+        return answers(Settings(redis_url=url))
+    except ValueError:  # a malformed sentinel:// URL
         return False
 
 
