@@ -25,6 +25,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import ha
 from bench.cluster import Cluster, ClusterConfig
 from bench.harness import sim_spec
 from bench.probes import Sim, scan_values, wait_for
@@ -44,6 +45,7 @@ SCENARIOS = {
     "with no delay and no destroy limit: no running VM is destroyed",
     "R8": "destroy --fleet of N VMs whose creates are still in flight (slow API), its first run timing out: "
     "no entry forgotten early, 0 VMs and an empty fleet record at the end, no VM created twice",
+    "HA": ha.DESCRIPTION,
 }
 
 
@@ -472,6 +474,7 @@ RUNNERS: dict[str, Callable[[Cluster, Sizes], Result]] = {
     "R6": r6,
     "R7": r7,
     "R8": r8,
+    "HA": ha.run,  # on a Sentinel-managed cluster of its own
 }
 
 

@@ -19,6 +19,7 @@ import redis
 
 from bench.harness import ROOT, RedisServer, Worker
 from bench.probes import Flower, Sim, flush_keeping_bindings, wait_for
+from bench.sentinel import MASTER_NAME, SentinelRedis
 from vmqueue.models import Job
 
 # Short but realistic: every countdown (polls <= 1 s, retries <= 1 s, Retry-After 1 s) stays far
@@ -47,6 +48,7 @@ class ClusterConfig:
     rate_limit_per_s: int = 100  # the shared sim API limit every worker obeys (VMQ_RATE_LIMIT)
     workdir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)  # overrides of CHAOS_ENV
+    sentinel: bool = False  # a Sentinel-managed Redis (master, two replicas, three sentinels)
 
 
 class Cluster:
@@ -54,11 +56,12 @@ class Cluster:
         self.config = config
         self.workdir = config.workdir or Path(tempfile.mkdtemp(prefix="vmq-chaos-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.redis_server = RedisServer()
+        self.redis_server = SentinelRedis() if config.sentinel else RedisServer()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("VMQ_", "REDIS_URL", "FLOWER_"))}
         self.env.update(
             CHAOS_ENV,
             REDIS_URL=self.redis_server.url,
+            VMQ_REDIS_MASTER_NAME=MASTER_NAME,
             VMQ_RATE_LIMIT=json.dumps({"sim": f"{config.rate_limit_per_s}/second"}),
             PYTHONPATH=str(ROOT),
             PYTHONUNBUFFERED="1",

@@ -62,6 +62,8 @@ class SentinelRedis:
                 process.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    cleanup = stop  # the RedisServer interface the chaos cluster uses
+
     def __enter__(self) -> SentinelRedis:
         return self.start()
 

@@ -45,7 +45,8 @@ def test_every_service_command_is_one_the_project_has():
         if name == "redis" or name.startswith("redis-"):
             assert command[0] == "redis-server" and "--appendonly" in command
         elif name.startswith("sentinel-"):
-            assert command[:2] == ["sh", "-c"] and command[2].endswith("exec redis-server /tmp/sentinel.conf --sentinel")
+            assert command[:2] == ["sh", "-c"]
+            assert command[2].endswith("exec redis-server /tmp/sentinel.conf --sentinel")
             assert service["profiles"] == ["ha"]
         elif command[0] == "vmq":
             assert command[1] in commands

@@ -109,6 +109,7 @@ def _wait_all(provisioner, ids: list[str], timeout_s: float = 60) -> list:
         jobs = [provisioner.get_job(i) for i in ids]
         if all(j.finished for j in jobs) or time.monotonic() > deadline:
             return jobs
+        time.sleep(0.2)
 
 
 def test_every_part_runs_on_sentinel_and_rides_out_a_graceful_failover(sentinel_redis, ha_settings, ha_worker):
@@ -147,7 +148,7 @@ def test_a_killed_master_loses_no_job_and_makes_no_second_vm(sentinel_redis, ha_
     sentinel_redis.wait_promoted(killed)
     more = _run(provisioner, 5, "ha-e")  # a producer after the failover finds the new master itself
     jobs = _wait_all(provisioner, destroys + creates + more, timeout_s=90)
-    unfinished = [(j.id, j.state) for j in jobs if not j.finished]
+    unfinished = [(j.id, j.kind, j.state, [h.message for h in j.history][-3:]) for j in jobs if not j.finished]
     assert not unfinished
     running = {j.id for j in jobs if j.kind == "create" and j.state == JobState.running}
     sim = Sim(connect(ha_settings))
