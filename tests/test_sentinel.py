@@ -168,3 +168,18 @@ def test_flower_reads_the_queues_through_the_sentinels(ha_env, tmp_path):
         assert "vmq.sim" in {q["name"] for q in answer.json()["active_queues"]}
     finally:
         flower.stop()
+
+
+def test_the_async_client_reaches_the_master_through_the_sentinels(ha_settings, sentinel_redis):
+    """The web API's AsyncProvisioner (redis.asyncio) speaks Sentinel too."""
+    import asyncio
+
+    from producer.aclient import AsyncProvisioner
+
+    async def enqueue_and_read() -> tuple[str, str]:
+        client = AsyncProvisioner(ha_settings)
+        job = await client.get_vm("sim", "sim-nothing")
+        return job.id, (await client.get_job(job.id)).id
+
+    created, read = asyncio.run(enqueue_and_read())
+    assert created == read
