@@ -12,26 +12,20 @@ from enum import StrEnum
 from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vmqueue import sizes
 from vmqueue.images import ALIASES as IMAGE_ALIASES
 from vmqueue.images import IMAGES
-from vmqueue.options import OPTIONS_MODELS, ProviderName, ProviderOptions
-from vmqueue.sshkeys import SSHKeyField
+from vmqueue.options import OPTIONS_MODELS, ProviderName, ProviderOptions, region_scope
+from vmqueue.sshkeys import SSHKeyField, SSHPublicKey
+from vmqueue.userdata import PLAIN_LIMITS, sent_size
 
 PROVIDERS: tuple[str, ...] = get_args(ProviderName)
 
-# Startup-script (cloud-init user-data) limits, raw bytes before any encoding the adapter applies.
-USER_DATA_LIMIT_BYTES: dict[str, int] = {
-    "sim": 64 * 1024,
-    "hetzner": 32 * 1024,
-    "digitalocean": 64 * 1024,
-    "aws": 16 * 1024,
-    "gcp": 256 * 1024,
-    # OCI caps all metadata at 32,000 bytes and user_data travels base64 (4/3), beside the SSH key.
-    "oci": 23 * 1024,
-    "azure": 65_535,
-}
+# Providers that send the startup script as it is, and their limits in bytes. AWS, GCP and OCI send
+# it wrapped or beside the SSH key: vmqueue.userdata.sent_size measures what they send.
+USER_DATA_LIMIT_BYTES: dict[str, int] = PLAIN_LIMITS
 
 
 # Ownership labels every VM carries, so leftovers can be found (DESIGN §3).
@@ -70,12 +64,25 @@ MAX_FALLBACKS = 10
 
 
 class Placement(BaseModel):
-    """Another place to try when the provider has no capacity: a region (GCP: zone), and a type."""
+    """Another place to try when the provider has no capacity: a region (GCP: zone), a type, options.
+
+    Each field left out is the spec's. ``options`` replace the spec's options key by key for this
+    placement (a subnet, availability domain or zone of its own); a placement in another region
+    must give every region-scoped option the spec sets (``VMSpec`` refuses it otherwise).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    region: str = Field(min_length=1, max_length=128, pattern=_NATIVE)
+    region: str | None = Field(None, min_length=1, max_length=128, pattern=_NATIVE)
     instance_type: str | None = Field(None, min_length=1, max_length=128, pattern=_NATIVE)
+    size: str | None = Field(None, description="the portable size alias instance_type was given as")
+    options: dict[str, Any] | None = Field(None, description="provider options replacing the spec's, key by key")
+
+    @model_validator(mode="after")
+    def _says_something(self) -> Placement:
+        if self.region is None and self.instance_type is None and not self.options:
+            raise ValueError("a fallback needs a region, an instance_type or options")
+        return self
 
 
 class VMSpec(BaseModel):
@@ -91,7 +98,13 @@ class VMSpec(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
         description="provider-native: Hetzner location, DO region, AWS region, GCP zone, OCI region, Azure location",
     )
-    instance_type: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    instance_type: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description=f"a portable size ({', '.join(sizes.ALIASES)}) or a provider-native type",
+    )
+    size: str | None = Field(None, description="the portable size alias instance_type was given as, if any")
     image: str = Field(
         min_length=1,
         max_length=512,
@@ -137,6 +150,7 @@ class VMSpec(BaseModel):
     def _options_of_provider(cls, data: Any) -> Any:
         # Tag the options with the spec's provider, so they parse with that provider's model.
         if isinstance(data, dict) and data.get("provider") in OPTIONS_MODELS:
+            data = _resolve_sizes(data)
             raw = data.get("options")
             if raw is None:
                 data = {**data, "options": {"provider": data["provider"]}}
@@ -165,13 +179,50 @@ class VMSpec(BaseModel):
                 raise ValueError("options: OCI Flex shapes need options.ocpus and options.memory_gb")
         return self
 
+    @model_validator(mode="after")
+    def _fallbacks_carry_their_options(self) -> VMSpec:
+        """Each fallback's options parse, and one in another region gives its own region-scoped options."""
+        here = region_scope(self.provider, self.region)
+        scoped = type(self.options).REGION_SCOPED if self.options is not None else ()
+        set_here = self.options.model_fields_set if self.options is not None else set()
+        for i, place in enumerate(self.fallbacks):
+            try:
+                there = self.at_placement(i + 1)
+            except ValidationError as exc:
+                said = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
+                )
+                raise ValueError(f"fallbacks[{i}].options.{said}") from None
+            if region_scope(self.provider, there.region) == here:
+                continue
+            kept = [name for name in scoped if name in set_here and name not in (place.options or {})]
+            if kept:
+                raise ValueError(
+                    f"fallbacks[{i}] moves to {there.region}, but options {', '.join(kept)} name resources of "
+                    f"{self.region}; give them for {there.region} in the fallback's options"
+                )
+        return self
+
     def at_placement(self, index: int) -> VMSpec:
-        """The spec to send for placement ``index``: 0 is the spec itself, then each fallback in order."""
+        """The spec to send for placement ``index``: 0 is the spec itself, then each fallback in order.
+
+        Raises ValueError (a pydantic ValidationError) when the fallback's options do not parse.
+        """
         if index == 0:
             return self.model_copy(update={"fallbacks": []})
         place = self.fallbacks[index - 1]
+        options = self.options
+        if place.options:
+            base = self.options.model_dump() if self.options is not None else {}
+            options = OPTIONS_MODELS[self.provider].model_validate({**base, **place.options, "provider": self.provider})
         return self.model_copy(
-            update={"region": place.region, "instance_type": place.instance_type or self.instance_type, "fallbacks": []}
+            update={
+                "region": place.region or self.region,
+                "instance_type": place.instance_type or self.instance_type,
+                "size": place.size if place.instance_type else self.size,
+                "options": options,
+                "fallbacks": [],
+            }
         )
 
     def ownership_labels(self, job_id: str) -> dict[str, str]:
@@ -192,16 +243,76 @@ def job_id_of(label_value: str) -> str:
     return re.sub(r"-p\d+$", "", label_value)
 
 
-def check_startup_script(provider: str, script: str | None) -> str | None:
-    """Size and format check of a startup script (cloud-init user-data) for one provider."""
+def _resolve_sizes(data: dict[str, Any]) -> dict[str, Any]:
+    """Replace a portable size alias (the spec's and each fallback's) by the provider's type, keeping the
+    alias in ``size``; an OCI alias also sets the Flex shape's ``ocpus`` and ``memory_gb`` options."""
+    provider, region = data["provider"], data.get("region")
+    alias = data.get("instance_type")
+    if sizes.is_alias(alias) and isinstance(region, str):
+        native, extra = sizes.resolve(provider, region, alias)
+        options = data.get("options")
+        options = options.model_dump() if isinstance(options, BaseModel) else dict(options or {})
+        _refuse_overlap(extra, options, "options")
+        data = {**data, "instance_type": native, "size": alias}
+        if extra:
+            data["options"] = {**options, **extra}
+    fallbacks = data.get("fallbacks")
+    if isinstance(fallbacks, list):
+        data = {**data, "fallbacks": [_resolve_placement(provider, region, place) for place in fallbacks]}
+    return data
+
+
+def _resolve_placement(provider: str, spec_region: Any, place: Any) -> Any:
+    if isinstance(place, BaseModel):
+        place = place.model_dump(exclude_none=True)
+    if not isinstance(place, dict) or not sizes.is_alias(place.get("instance_type")):
+        return place
+    region = place.get("region") or spec_region
+    if not isinstance(region, str):
+        return place
+    native, extra = sizes.resolve(provider, region, place["instance_type"])
+    options = dict(place.get("options") or {})
+    _refuse_overlap(extra, options, "fallback options")
+    resolved = {**place, "instance_type": native, "size": place["instance_type"]}
+    if extra:
+        resolved["options"] = {**options, **extra}
+    return resolved
+
+
+def _refuse_overlap(extra: dict[str, Any], options: dict[str, Any], where: str) -> None:
+    given = [name for name in extra if options.get(name) is not None]
+    if given:
+        raise ValueError(
+            f"{where}: {', '.join(given)} come from the size alias; give a native shape to set them yourself"
+        )
+
+
+def check_startup_script(
+    provider: str,
+    script: str | None,
+    ssh_key: SSHPublicKey | None = None,
+    options: Any = None,
+    image: str = "",
+) -> str | None:
+    """Size and format check of a startup script (cloud-init user-data) for one provider.
+
+    With ``ssh_key`` the size is that of what the provider's adapter sends (vmqueue.userdata: on AWS
+    the MIME document with the key, on OCI the metadata with the key...); without, the script's own.
+    """
     if script is None:
         return None
     if not script.strip():
         raise ValueError("startup_script is empty; omit it instead")
-    size = len(script.encode())
-    limit = USER_DATA_LIMIT_BYTES[provider]
-    if size > limit:
-        raise ValueError(f"startup_script is {size} bytes; {provider} accepts at most {limit} bytes of user-data")
+    if ssh_key is not None:
+        native_image = IMAGES[provider].get(image, image) if provider in IMAGES else image
+        size, limit, what = sent_size(provider, options, ssh_key, script, native_image)
+        if size > limit:
+            raise ValueError(
+                f"startup_script makes {size} bytes of {what} for {provider}, which accepts at most {limit} bytes"
+            )
+    elif len(script.encode()) > USER_DATA_LIMIT_BYTES.get(provider, 16 * 1024):
+        limit = USER_DATA_LIMIT_BYTES.get(provider, 16 * 1024)
+        raise ValueError(f"startup_script is {len(script.encode())} bytes; {provider} accepts at most {limit} bytes")
     first = script.lstrip().split("\n", 1)[0].strip()
     if first.startswith("#cloud-config"):
         try:
@@ -229,7 +340,10 @@ class CreateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _script_fits(self) -> CreateRequest:
-        check_startup_script(self.spec.provider, self.startup_script)
+        # Every placement: options that decide the wrapping (an AWS key pair) may differ per placement.
+        for index in range(len(self.spec.fallbacks) + 1):
+            spec = self.spec.at_placement(index)
+            check_startup_script(spec.provider, self.startup_script, self.ssh_key, spec.options, spec.image)
         return self
 
 

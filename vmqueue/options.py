@@ -6,7 +6,7 @@ One model per provider; the adapter of that provider is the only reader. Unknown
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -16,6 +16,8 @@ _Id = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9][
 class _Options(BaseModel):
     # ``provider`` is the union's tag: VMSpec fills it in, so errors read "options.aws.subnet_id".
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Options naming resources that live in one region: a fallback to another region must give its own.
+    REGION_SCOPED: ClassVar[tuple[str, ...]] = ()
 
 
 class SimOptions(_Options):
@@ -32,6 +34,7 @@ class HetznerOptions(_Options):
 
 class DigitalOceanOptions(_Options):
     provider: Literal["digitalocean"] = "digitalocean"
+    REGION_SCOPED: ClassVar[tuple[str, ...]] = ("vpc_uuid",)
     ipv6: bool = Field(True, description="enable public IPv6")
     vpc_uuid: str | None = Field(None, description="VPC to place the droplet in; default VPC of the region")
     monitoring: bool = Field(False, description="install the DigitalOcean metrics agent")
@@ -39,6 +42,8 @@ class DigitalOceanOptions(_Options):
 
 class AWSOptions(_Options):
     provider: Literal["aws"] = "aws"
+    # Subnets and security groups belong to a VPC, key pairs to a region.
+    REGION_SCOPED: ClassVar[tuple[str, ...]] = ("subnet_id", "security_group_ids", "key_name")
     subnet_id: _Id | None = Field(None, description="subnet-...; default: the default VPC's default subnet")
     security_group_ids: list[_Id] = Field(default_factory=list, description="sg-... ids for the primary NIC")
     key_name: _Id | None = Field(
@@ -50,6 +55,7 @@ class AWSOptions(_Options):
 
 class GCPOptions(_Options):
     provider: Literal["gcp"] = "gcp"
+    REGION_SCOPED: ClassVar[tuple[str, ...]] = ("subnetwork",)  # networks are global, subnetworks regional
     project: _Id | None = Field(None, description="default: GOOGLE_CLOUD_PROJECT, then the ADC project")
     network: _Id = "global/networks/default"
     subnetwork: _Id | None = None
@@ -60,6 +66,7 @@ class GCPOptions(_Options):
 
 class OCIOptions(_Options):
     provider: Literal["oci"] = "oci"
+    REGION_SCOPED: ClassVar[tuple[str, ...]] = ("subnet_id", "availability_domain")
     compartment_id: _Id = Field(description="ocid1.compartment... (or the tenancy OCID)")
     subnet_id: _Id = Field(description="ocid1.subnet... of a subnet with an internet gateway")
     availability_domain: _Id = Field(description="e.g. 'Uocm:PHX-AD-1'")
@@ -76,6 +83,7 @@ AZURE_RESERVED_ADMINS = frozenset(
 
 class AzureOptions(_Options):
     provider: Literal["azure"] = "azure"
+    REGION_SCOPED: ClassVar[tuple[str, ...]] = ("subnet_id", "vnet_name", "subnet_name", "nsg_id")
     resource_group: str = Field(min_length=1, max_length=90, pattern=r"^[-\w._()]+$")
     # ARM ids start with "/subscriptions/", which the generic _Id pattern refuses.
     subnet_id: str | None = Field(
@@ -120,3 +128,9 @@ ProviderOptions = Annotated[
     Field(discriminator="provider"),
 ]
 ProviderName = Literal["sim", "hetzner", "digitalocean", "aws", "gcp", "oci", "azure"]
+
+
+def region_scope(provider: str, region: str) -> str:
+    """The region whose resources ``region`` can use: a GCP zone's region (``us-central1-a`` ->
+    ``us-central1``); elsewhere the region itself."""
+    return region.rsplit("-", 1)[0] if provider == "gcp" and region.count("-") >= 2 else region

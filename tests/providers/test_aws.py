@@ -29,6 +29,7 @@ from tests.providers.contract import AdapterContract
 from vmqueue.images import IMAGES
 from vmqueue.models import VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import sent_size
 from workers.providers import aws
 from workers.providers.aws import STATUS_MAP, AWSProvider
 from workers.providers.errors import (
@@ -204,6 +205,8 @@ class TestAWS(AdapterContract):
         assert (region, vm.status, vm.name) == (REGION, VMStatus.pending, "web-1")
         ec2 = boto3.client("ec2", region_name=REGION)
         raw = ec2.describe_instance_attribute(InstanceId=native_id, Attribute="userData")["UserData"]["Value"]
+        # Exactly the bytes the producer measured against EC2's 16 KiB (vmqueue.userdata).
+        assert len(base64.b64decode(raw)) == sent_size("aws", None, key, SCRIPT).size
         parts = email.message_from_bytes(base64.b64decode(raw)).get_payload()
         assert [p.get_content_type() for p in parts] == ["text/x-shellscript", "text/cloud-config"]
         assert parts[0].get_payload(decode=True).decode() == SCRIPT
@@ -251,6 +254,22 @@ class TestAWS(AdapterContract):
         with stub:
             provider.create_vm(make_spec(options=options), key, None, job_id="job-1")
         stub.assert_no_pending_responses()
+
+    def test_create_at_a_fallback_region_sends_its_own_subnet(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        """The fallback region's subnet goes to that region, not the first region's."""
+        subnets = {}
+        for region in (REGION, "eu-west-1"):
+            ec2 = boto3.client("ec2", region_name=region)
+            vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
+            subnets[region] = ec2.create_subnet(VpcId=vpc, CidrBlock="10.7.1.0/24")["Subnet"]["SubnetId"]
+        fallback = {"region": "eu-west-1", "options": {"subnet_id": subnets["eu-west-1"]}}
+        spec = make_spec(options={"subnet_id": subnets[REGION]}, fallbacks=[fallback])
+
+        vm = provider.create_vm(spec.at_placement(1), key, None, job_id="job-1-p1")
+
+        assert vm.instance_id.startswith("eu-west-1/") and not all_instances(REGION)
+        [instance] = all_instances("eu-west-1")
+        assert instance["SubnetId"] == subnets["eu-west-1"]
 
     def test_create_sizes_root_volume_on_the_amis_root_device(self, provider: AWSProvider, key: SSHPublicKey) -> None:
         ami = publish_ami("ubuntu-24.04")

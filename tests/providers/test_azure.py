@@ -18,6 +18,7 @@ from tests.providers.contract import AdapterContract
 from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
 from vmqueue.models import JobState, VMSpec, VMStatus
+from vmqueue.userdata import sent_size
 from workers.providers.azure import AzureProvider, _map_error
 from workers.providers.errors import (
     AuthError,
@@ -106,6 +107,7 @@ class TestAzure(AdapterContract):
         vm = put.body["properties"]
         assert put.body["tags"] == OWNED and vm["hardwareProfile"] == {"vmSize": "Standard_B1s"}
         assert base64.b64decode(vm["osProfile"]["customData"]).decode() == SCRIPT
+        assert len(base64.b64decode(vm["osProfile"]["customData"])) == sent_size("azure", None, ssh_key, SCRIPT).size
         assert vm["osProfile"]["adminUsername"] == "ops" and vm["osProfile"]["computerName"] == "web-1"
         assert vm["osProfile"]["linuxConfiguration"] == {
             "disablePasswordAuthentication": True,

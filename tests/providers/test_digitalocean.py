@@ -15,6 +15,7 @@ from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, error
 from tests.providers.fakehttp import mocked, serve
 from vmqueue.models import JobState, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import sent_size
 from workers.providers.digitalocean import DigitalOceanProvider
 from workers.providers.errors import (
     AuthError,
@@ -79,6 +80,7 @@ class TestDigitalOcean(AdapterContract):
         [key_body] = fake.calls("POST", "/account/keys")
         assert key_body["public_key"] == key.openssh
         [body] = fake.calls("POST", "/droplets")
+        assert len(body["user_data"].encode()) == sent_size("digitalocean", None, key, SCRIPT).size
         assert body == {
             "name": "web-1",
             "region": "nyc3",

@@ -23,6 +23,7 @@ from tests.providers.contract import AdapterContract
 from tests.providers.gcp_fake import FakeCompute, api_error, serve_with_responses
 from vmqueue.models import VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import sent_size
 from workers.providers import gcp
 from workers.providers.errors import (
     AuthError,
@@ -103,6 +104,7 @@ class TestGCP(AdapterContract):
         assert body["name"] == "web-1" and body["machineType"] == f"zones/{ZONE}/machineTypes/e2-small"
         metadata = {item["key"]: item["value"] for item in body["metadata"]["items"]}
         assert metadata == {"ssh-keys": f"vmq:{key.openssh}", "user-data": SCRIPT}
+        assert len(metadata["user-data"].encode()) == sent_size("gcp", None, key, SCRIPT).size  # what was measured
         assert body["labels"] == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": "job-1"}
         [disk] = body["disks"]
         assert disk["boot"] and disk["autoDelete"]

@@ -15,6 +15,7 @@ from tests.providers.fakehttp import mocked, serve
 from tests.providers.hetzner_fake import BASE_URL, FakeHetzner, error, md5_fingerprint, page
 from vmqueue.models import JobState, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import sent_size
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -68,6 +69,7 @@ class TestHetzner(AdapterContract):
         self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
     ) -> None:
         spec = make_spec(labels={"team": "infra"}, options={"enable_ipv4": False})
+        measured = sent_size("hetzner", None, key, SCRIPT).size
         vm = provider.create_vm(provider.prepare_spec(spec), key, SCRIPT, job_id=JOB)
 
         [key_body] = fake.calls("POST", "/ssh_keys")
@@ -84,6 +86,7 @@ class TestHetzner(AdapterContract):
             "labels": {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": JOB},
             "public_net": {"enable_ipv4": False, "enable_ipv6": True},
         }
+        assert len(body["user_data"].encode()) == measured  # the bytes the producer checked against 32 KiB
         assert vm.instance_id == str(next(iter(fake.servers)))
         assert (vm.provider, vm.status, vm.provider_status) == ("hetzner", VMStatus.pending, "initializing")
         assert vm.labels["vmqueue-job"] == JOB

@@ -19,6 +19,7 @@ from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
 from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error
 from vmqueue.models import JobState, VMSpec, VMStatus
+from vmqueue.userdata import sent_size
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -97,12 +98,34 @@ class TestOCI(AdapterContract):
         assert call.headers["opc-retry-token"] == "vmq-create-job-1"
         assert body["metadata"]["ssh_authorized_keys"] == ssh_key.openssh
         assert base64.b64decode(body["metadata"]["user_data"]).decode() == SCRIPT
+        # The metadata as sent is what the producer measured against OCI's 32,000 bytes (vmqueue.userdata).
+        assert len(json.dumps(body["metadata"]).encode()) == sent_size("oci", None, ssh_key, SCRIPT).size
         assert body["freeformTags"] == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": "job-1"}
         assert body["shape"] == "VM.Standard.E4.Flex"
         assert body["shapeConfig"] == {"ocpus": 2.0, "memoryInGBs": 16.0}
         assert body["sourceDetails"] == {"sourceType": "image", "imageId": IMAGE_2204}
         assert body["createVnicDetails"] == {"subnetId": SUBNET, "assignPublicIp": True}
         assert (body["compartmentId"], body["availabilityDomain"], body["displayName"]) == (COMPARTMENT, AD, "web-1")
+
+    def test_create_at_a_fallback_sends_its_own_ad_and_subnet(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        """A fallback to Ashburn launches with Ashburn's AD and subnet, not Phoenix's (and AD failover in place)."""
+        ashburn = {"subnet_id": "ocid1.subnet.oc1.iad.aaaaashburn", "availability_domain": "Uocm:US-ASHBURN-AD-1"}
+        fallbacks = [
+            {"options": {"availability_domain": "Uocm:PHX-AD-2"}},
+            {"region": "us-ashburn-1", "options": ashburn},
+        ]
+        spec = VMSpec.model_validate({**make_spec().model_dump(), "fallbacks": fallbacks})
+
+        provider.create_vm(spec.at_placement(1), key(), job_id="job-1-p1")
+        provider.create_vm(spec.at_placement(2), key(), job_id="job-1-p2")
+
+        first, second = (c.body for c in fake.calls_to("POST", r"/20160918/instances$"))
+        assert (first["availabilityDomain"], first["createVnicDetails"]["subnetId"]) == ("Uocm:PHX-AD-2", SUBNET)
+        assert (second["availabilityDomain"], second["createVnicDetails"]["subnetId"]) == (
+            ashburn["availability_domain"],
+            ashburn["subnet_id"],
+        )
+        assert "us-ashburn-1" in provider._clients  # sent to Ashburn's endpoint
 
     def test_create_without_script_sends_no_user_data(self, provider: OCIProvider, fake: FakeOCI) -> None:
         provider.create_vm(make_spec(assign_public_ip=False), key(), job_id="job-1")
