@@ -44,7 +44,7 @@ def test_aws_script_that_fits_raw_but_not_wrapped_is_refused():
     """16,073 bytes of shell script with an ed25519 key: over EC2's 16 KiB once MIME-wrapped with the key."""
     script = "#!/bin/sh\n" + "x" * (16_073 - 10)
     key = throwaway_public_key()
-    with pytest.raises(ValidationError, match=r"bytes of user-data \(MIME, with the SSH key\) for aws"):
+    with pytest.raises(ValidationError, match=r"bytes as sent to aws \(user-data \(MIME, with the SSH key\)\)"):
         CreateRequest(spec=spec("aws"), ssh_key=key, startup_script=script)
     # With an EC2 key pair the key does not travel in the user-data: the script alone fits.
     CreateRequest(spec=spec("aws", key_name="ops"), ssh_key=key, startup_script=script)
@@ -53,7 +53,7 @@ def test_aws_script_that_fits_raw_but_not_wrapped_is_refused():
 def test_oci_metadata_counts_the_key():
     """23 KiB of script was under the old raw limit; base64 beside an RSA key it is over 32,000 bytes."""
     script = "#!/bin/sh\n" + "x" * (23 * 1024 - 10)
-    with pytest.raises(ValidationError, match="bytes of metadata"):
+    with pytest.raises(ValidationError, match="as sent to oci \\(metadata"):
         CreateRequest(spec=spec("oci"), ssh_key=rsa_key(), startup_script=script)
 
 
@@ -61,7 +61,7 @@ def test_fallback_placement_options_decide_the_wrapping():
     """A fallback region without the key pair wraps the script with the key: checked for that placement too."""
     script = "#!/bin/sh\n" + "x" * (16_073 - 10)
     fallback = {"region": "r2", "options": {"key_name": None}}
-    with pytest.raises(ValidationError, match="for aws"):
+    with pytest.raises(ValidationError, match="as sent to aws"):
         CreateRequest(
             spec={**spec("aws", key_name="ops"), "fallbacks": [fallback]},
             ssh_key=throwaway_public_key(),

@@ -189,9 +189,7 @@ class VMSpec(BaseModel):
             try:
                 there = self.at_placement(i + 1)
             except ValidationError as exc:
-                said = "; ".join(
-                    f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
-                )
+                said = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors())
                 raise ValueError(f"fallbacks[{i}].options.{said}") from None
             if region_scope(self.provider, there.region) == here:
                 continue
@@ -308,7 +306,8 @@ def check_startup_script(
         size, limit, what = sent_size(provider, options, ssh_key, script, native_image)
         if size > limit:
             raise ValueError(
-                f"startup_script makes {size} bytes of {what} for {provider}, which accepts at most {limit} bytes"
+                f"startup_script is {size} bytes as sent to {provider} ({what}); "
+                f"{provider} accepts at most {limit} bytes"
             )
     elif len(script.encode()) > USER_DATA_LIMIT_BYTES.get(provider, 16 * 1024):
         limit = USER_DATA_LIMIT_BYTES.get(provider, 16 * 1024)

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from vmqueue.models import PROVIDERS, Job, JobState
+from vmqueue.models import PROVIDERS, Job, JobState, VMInfo
 
 console = Console()
 err = Console(stderr=True)
@@ -73,9 +74,19 @@ def read_key(value: str | None) -> str:
     return value
 
 
+def reachable_address(vm: VMInfo | None) -> str:
+    """The address to reach the VM at: its public IPv4, else its public IPv6 (an IPv6-only VM), else
+    its private IPv4, marked as such."""
+    if vm is None:
+        return ""
+    if vm.public_ipv4 or vm.public_ipv6:
+        return vm.public_ipv4 or vm.public_ipv6 or ""
+    return f"{vm.private_ipv4} (private)" if vm.private_ipv4 else ""
+
+
 def job_table(jobs: list[Job]) -> Table:
     table = Table(expand=False)
-    for column in ("job", "kind", "provider", "name", "state", "instance", "public ipv4"):
+    for column in ("job", "kind", "provider", "name", "state", "instance", "address"):
         table.add_column(column, no_wrap=True)
     table.add_column("error")
     for job in jobs:
@@ -90,7 +101,7 @@ def job_table(jobs: list[Job]) -> Table:
             (job.spec.name if job.spec else None) or (job.vm.name if job.vm else ""),
             f"[{colour}]{job.state}[/]",
             job.instance_id or "",
-            (job.vm.public_ipv4 if job.vm else None) or "",
+            Text(reachable_address(job.vm)),  # as text: rich would read ":abcd:" in an IPv6 address as an emoji
             error,
         )
     return table

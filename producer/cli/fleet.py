@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from producer.cli.common import JsonOpt, TimeoutOpt, console, err, provisioner
 from producer.fleet import FleetError, load_fleet
@@ -117,7 +118,12 @@ def _report(fleet: str, tracked: list[Tracked], as_json: bool, done: bool) -> No
         ips = "\n".join(ip for ip in (row["public_ipv4"], row["public_ipv6"], private) if ip)
         problem = " ".join(p for p in (row["error"], row["note"]) if p)
         table.add_row(
-            row["name"], row["provider"], row["instance_id"] or "", ips, f"[{colour}]{row['state']}[/]", problem
+            row["name"],
+            row["provider"],
+            row["instance_id"] or "",
+            Text(ips),  # as text: rich would read ":abcd:" in an IPv6 address as an emoji
+            f"[{colour}]{row['state']}[/]",
+            problem,
         )
     console.print(table)
     actions = Counter(t.action for t in tracked)
