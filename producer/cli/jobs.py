@@ -32,7 +32,9 @@ def create(
     provider: ProviderOpt,
     name: Annotated[str, typer.Option(help="hostname: lowercase letters, digits, hyphens")],
     region: Annotated[str, typer.Option(help="provider-native: location, region or zone (GCP)")],
-    instance_type: Annotated[str, typer.Option("--type", "-t", help="a portable size (2vcpu-4gb, ...; see the README) or a provider-native type/size/shape")],
+    instance_type: Annotated[
+        str, typer.Option("--type", "-t", help="a portable size (2vcpu-4gb, ...) or a native type/shape")
+    ],
     image: Annotated[str, typer.Option(help="ubuntu-22.04, ubuntu-24.04, debian-12, or a native image id")],
     ssh_key: Annotated[
         str | None, typer.Option(help="public key file or key line; default ~/.ssh/id_ed25519.pub")
