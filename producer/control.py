@@ -59,14 +59,13 @@ def cancel(job_id: str, by: str, reason: str = "") -> Protocol[Job]:
         job.record(f"cancel requested by {by}{_why(reason)}")
 
     job = yield Call("update", (job_id, change))
-    if verdict == ["cancelled"]:
-        yield Call("notify", (job,))
-        if job.kind == JobKind.create:
-            yield Call("create_ended", (job.id, False))  # its startup script goes now
-    if job.cancel_pending:
-        # The job's own task again, so its worker acts at once, even on a job that had no message of
-        # its own (a VM the tick chain watches, a running VM); also on a repeated cancel, so a lost
-        # message does not leave the request unheard.
+    if verdict == ["cancelled"] and job.kind == JobKind.create:
+        yield Call("create_ended", (job.id, False))  # its startup script goes now
+    if job.cancel_pending or (job.cancel is not None and job.cancel.reported_at is None):
+        # The job's own task again, so a worker acts at once, even on a job that had no message of
+        # its own (a VM the tick chain watches, a running VM), and reports a queued job's cancel
+        # (its webhook, its metrics: workers/lifecycle/cancel.py); also on a repeated cancel, so a
+        # lost message does not leave the request unheard.
         yield Call("publish", (job,))
     return job
 

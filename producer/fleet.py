@@ -10,6 +10,7 @@ defaults:                       # any VM field; a VM's own value wins (labels an
   ssh_key: ~/.ssh/id_ed25519.pub   # a file (relative to this file) or a key line
   script: init.sh                  # a startup script file (relative to this file)
   labels: {team: web}
+  ttl_s: 86400                     # each VM is destroyed a day after apply created it (or expires_at:)
 vms:
   - name: web                   # with count: web-1, web-2, web-3
     count: 3
@@ -26,12 +27,14 @@ down that tree to the node it names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from producer.submit import expiry
 from vmqueue.models import LABEL_FLEET, CreateRequest, VMSpec
 from vmqueue.options import ProviderName
 
@@ -54,6 +57,8 @@ class VMFields(BaseModel):
     ssh_key: str | None = Field(None, description="public key file (relative to the fleet file) or key line")
     script: str | None = Field(None, description="startup script file, relative to the fleet file")
     deadline_s: float | None = Field(None, gt=0, description="seconds until running, else fail and destroy")
+    ttl_s: float | None = Field(None, gt=0, description="destroy the VM this many seconds after apply created it")
+    expires_at: datetime | None = Field(None, description="destroy the VM at this time (with a zone: ...Z)")
 
 
 class VMEntry(VMFields):
@@ -97,6 +102,8 @@ class FleetVM:
     request: CreateRequest
     deadline_s: float | None
     line: int | None
+    ttl_s: float | None = None
+    expires_at: datetime | None = None
 
     @property
     def name(self) -> str:
@@ -200,7 +207,12 @@ def _expand(
                 problems.append(Problem(entry_line, where, f"{ident} is already defined on line {seen[ident]}"))
                 continue
             seen[ident] = entry_line
-            vms.append(FleetVM(ident, request, fields["deadline_s"], entry_line))
+            try:
+                expiry(fields["ttl_s"], fields["expires_at"])
+            except ValueError as exc:
+                problems.append(Problem(entry_line, where, str(exc)))
+                break
+            vms.append(FleetVM(ident, request, fields["deadline_s"], entry_line, fields["ttl_s"], fields["expires_at"]))
     return problems
 
 
@@ -209,6 +221,8 @@ def _merge(defaults: VMFields, entry: VMEntry) -> dict[str, Any]:
     merged.update({k: v for k, v in entry.model_dump(exclude={"name", "count"}).items() if v is not None})
     merged["labels"] = {**defaults.labels, **entry.labels}
     merged["options"] = {**defaults.options, **entry.options}
+    if entry.ttl_s is not None or entry.expires_at is not None:  # the entry's expiry replaces the defaults'
+        merged["ttl_s"], merged["expires_at"] = entry.ttl_s, entry.expires_at
     return merged
 
 

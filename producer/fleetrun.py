@@ -150,6 +150,8 @@ class FleetRunner:
                 vm.request.startup_script,
                 idempotency_key=idem,
                 deadline_s=vm.deadline_s,
+                ttl_s=vm.ttl_s,
+                expires_at=vm.expires_at,
             )
         except IdempotencyConflict:
             # Another apply (or one that died before recording) holds the key: adopt its job.

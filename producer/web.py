@@ -16,6 +16,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Annotated, Any
 
 import redis
@@ -24,12 +25,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from kombu.exceptions import OperationalError
-from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from producer import weblisting
 from producer.aclient import AsyncProvisioner
-from producer.submit import IdempotencyConflict, JobNotFound
+from producer.submit import IdempotencyConflict, JobNotFound, expiry
 from vmqueue.events import STREAM_ID
 from vmqueue.models import CreateRequest, Job
 from vmqueue.options import ProviderName
@@ -61,6 +63,13 @@ class CreateVMBody(CreateRequest):
     )
     deadline_s: float | None = Field(None, gt=0, le=86_400, description="seconds until running, else fail")
     callback_url: CallbackURL = None
+    ttl_s: float | None = Field(None, gt=0, description="destroy the VM this many seconds from now")
+    expires_at: datetime | None = Field(None, description="destroy the VM at this time (with a zone)")
+
+    @model_validator(mode="after")
+    def _expiry(self) -> CreateVMBody:
+        expiry(self.ttl_s, self.expires_at)  # one of them, with a zone, in the future: 422 otherwise
+        return self
 
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
@@ -143,6 +152,8 @@ def create_app(
             idempotency_key=body.idempotency_key,
             deadline_s=body.deadline_s,
             callback_url=body.callback_url,
+            ttl_s=body.ttl_s,
+            expires_at=body.expires_at,
         )
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
@@ -194,6 +205,8 @@ def create_app(
         job = await vmq.destroy_vm(provider, instance_id, callback_url=callback_url)
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
+
+    app.include_router(weblisting.router(Auth))  # list, cancel, extend
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -70,6 +70,13 @@ def test_cancel_racing_the_create_answer_destroys_the_vm_it_made(sim_worker, pro
     job = provisioner.get_job(job.id)
     assert job.instance_id is not None  # the answer was recorded, then the VM destroyed
     assert sim.calls()["create"] == 1 and sim.calls()["destroy"] == 1
+    # Events report the request (who, while submitting) and the end, like any change.
+    changes = [change for _, change in provisioner.events([job.id])]
+    asked = [c for c in changes if c.cancel is not None]
+    assert asked[0].state == JobState.submitting and asked[0].cancel.by == "alice"
+    assert "cancel requested by alice" in asked[0].message
+    assert [c.state for c in changes if c.previous != c.state][-1] == JobState.cancelled
+    assert changes[-1].finished and changes[-1].cleanup == CleanupState.done
 
 
 def test_cancel_while_provisioning_destroys_the_booting_vm(sim_worker, provisioner, sim, ssh_key):
@@ -96,7 +103,10 @@ def test_cancel_is_idempotent_and_history_says_who_and_when(sim_worker, provisio
     job = provisioner.wait(provisioner.create_vm(spec(), ssh_key).id, timeout_s=30)
     first = provisioner.cancel(job.id, by="alice", reason="not needed")
     second = provisioner.cancel(job.id, by="bob")
-    assert second.cancel == first.cancel  # the first request stands
+    asked = ("by", "at", "reason")
+    assert second.cancel.model_dump(include=set(asked)) == first.cancel.model_dump(
+        include=set(asked)
+    )  # the first stands
     ended_cancelled_and_clean(provisioner, sim, job.id, CleanupState.done)
     third = provisioner.cancel(job.id, by="bob")
     assert third.state == JobState.cancelled and third.cancel.by == "alice"
@@ -159,3 +169,37 @@ def test_cancels_at_random_moments_leave_no_vm(sim_worker, provisioner, sim, ssh
     assert all(job.cleanup == (CleanupState.done if job.instance_id else None) for job in ended)
     assert sim.live_vms() == []
     assert sim.calls().get("destroy", 0) == sum(job.instance_id is not None for job in ended)
+
+
+def test_webhooks_report_cancels_made_by_the_producer_and_by_the_worker(
+    paused_queue, worker_factory, settings, sim, ssh_key
+):
+    from producer import Provisioner
+    from tests.test_webhooks import SECRET, Receiver, _verified
+
+    receiver = Receiver({"/queued": lambda n: (200, 0), "/booting": lambda n: (200, 0)})
+    try:
+        worker_factory(
+            "webhooks",
+            env={"VMQ_WEBHOOK_SECRET": SECRET, "VMQ_WEBHOOK_ALLOW_HTTP": "true", "VMQ_WEBHOOK_ALLOW_PRIVATE": "true"},
+            concurrency=2,
+        )
+        vmq = Provisioner(settings.model_copy(update={"webhook_allow_http": True}))
+        queued = vmq.create_vm(spec("hook-q"), ssh_key, callback_url=receiver.url + "/queued")
+        assert vmq.cancel(queued.id, by="alice").state == JobState.cancelled  # by the producer: no hooks there
+        paused_queue()  # a worker takes the job's message and reports the cancel
+        sim.configure(boot_s=5)
+        booting = vmq.create_vm(spec("hook-b"), ssh_key, callback_url=receiver.url + "/booting")
+        wait_for(lambda: state_of(vmq, booting.id) == JobState.provisioning, 15, "provisioning")
+        vmq.cancel(booting.id, by="bob")
+        ended = vmq.wait(booting.id, timeout_s=30)
+        assert ended.state == JobState.cancelled and sim.live_vms() == []
+        wait_for(lambda: all(receiver.requests.values()), 20, "both webhooks")
+        time.sleep(1.0)  # a second report would have come by now
+        for path, job, who in (("/queued", queued, "alice"), ("/booting", booting, "bob")):
+            (request,) = receiver.requests[path]  # reported once
+            body = _verified(request)
+            assert body["type"] == "job.cancelled" and body["data"]["id"] == job.id
+            assert body["data"]["cancel"]["by"] == who and body["data"]["cancel"]["reported_at"]
+    finally:
+        receiver.close()

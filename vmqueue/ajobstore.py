@@ -14,6 +14,7 @@ from vmqueue import jobindex, keys
 from vmqueue.jobstore import (
     _CAS,
     _RELEASE,
+    TRANSITION_HOOKS,
     JobStore,
     _log_unreplicated,
     cas_arguments,
@@ -75,12 +76,9 @@ class AsyncJobStore:
 
     async def transition(self, job_id: str, to: JobState, message: str = "", **fields: object) -> Job:
         job = await self.update(job_id, transition_change(to, message, fields))
-        await self.notify(job)
+        for hook in TRANSITION_HOOKS:
+            hook(job)
         return job
-
-    async def notify(self, job: Job) -> None:
-        """``JobStore.notify``: the transition hooks for a state change written with ``update``."""
-        JobStore.notify(job)
 
     async def create_ended(self, job_id: str, vm_lives: bool) -> None:
         """``JobStore.create_ended``."""

@@ -7,7 +7,8 @@ Every job id is a member of several sorted sets, scored by its creation time in 
 - create jobs: ``vmq:idx:name:<vm name>`` and ``vmq:idx:label:<key>=<value>`` per label (a fleet's VMs
   carry ``vmqueue-fleet=<fleet>``, so a fleet is a label);
 - ``vmq:idx:vms``: create jobs whose VM lives (``Job.vm_lives``) — what ``vmq vms`` lists;
-- ``vmq:idx:expires:<provider>``: create jobs whose VM is to be destroyed at ``expires_at`` (scored by it).
+- ``vmq:idx:expires:<provider>``: running creates whose VM is to be destroyed at ``expires_at`` (scored by
+  it; workers/expiry.py).
 
 Besides: the hash ``vmq:idx:instances`` ("<provider>/<instance id>" -> the create job whose VM it is,
 so a destroy job that ends ``gone`` can tell that create job) and the hash ``vmq:idx:of`` (job id ->
@@ -66,11 +67,14 @@ def instance_field(provider: str, instance_id: str) -> str:
 
 
 def expiry_due(job: Job) -> bool:
-    """The job's VM is to be destroyed at ``expires_at`` and that destroy has not been enqueued yet."""
+    """The job's VM is to be destroyed at ``expires_at`` and that destroy has not been enqueued yet.
+
+    Only a running create's: one still booting joins the schedule once it runs (a destroy sent while
+    it boots would fail the create for a VM that vanished)."""
     return (
         job.expires_at is not None
         and job.expired_at is None
-        and job.state in (JobState.provisioning, JobState.running)
+        and job.state == JobState.running
         and job.vm_lives
         and not job.cancel_pending
     )

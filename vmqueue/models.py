@@ -439,6 +439,9 @@ class CancelRequest(BaseModel):
     by: str = Field(min_length=1, max_length=200, description="who asked: a user, an API key's name, a service")
     at: datetime = Field(default_factory=utcnow)
     reason: str = Field("", max_length=500)
+    # When a worker ran the transition hooks (metrics, webhooks) for the cancel: a queued job's cancel
+    # is written by the producer, whose process has no hooks; the job's next message reports it.
+    reported_at: datetime | None = None
 
 
 class WebhookDelivery(BaseModel):

@@ -21,6 +21,7 @@ from vmqueue.jobstore import JobStore
 from vmqueue.models import JobError, JobKind, JobState
 from workers.app import app, settings
 from workers.calls import ProviderCalls, SharedRateLimit
+from workers.expiry import Expiry
 from workers.lifecycle import JobRunner
 from workers.providers.registry import get_provider
 
@@ -36,6 +37,12 @@ def runner() -> JobRunner:
     return JobRunner(
         store, settings, get_provider, SharedRateLimit(settings), start_ticker=_start_ticker, start_job=_start_job
     )
+
+
+@cache
+def expiry() -> Expiry:
+    """The expiry check the tick supervisor runs (workers/expiry.py says why there)."""
+    return Expiry(runner().store, settings, _resend)
 
 
 def _start_ticker(provider: str, token: str) -> None:
@@ -56,7 +63,8 @@ def _start_job(job_id: str, countdown_s: float) -> None:
 @worker_ready.connect
 def _supervise_ticks(sender, **_: object) -> None:
     """A thread per worker process that restarts a provider's tick chain if it died (its lease ran
-    out while VMs are still watched), so watched jobs never wait on a dead chain for long."""
+    out while VMs are still watched), so watched jobs never wait on a dead chain for long, and
+    destroys the VMs whose expiry passed (workers/expiry.py)."""
     providers = [q.name.removeprefix(keys.QUEUE_PREFIX) for q in sender.task_consumer.queues]
     period_s = max(1.0, 2 * min((runner().tick_s(p) for p in providers), default=1.0))
 
@@ -65,6 +73,7 @@ def _supervise_ticks(sender, **_: object) -> None:
             time.sleep(period_s)
             try:
                 runner().revive_ticks(providers)
+                expiry().run(providers)
             except Exception as exc:  # noqa: BLE001 - a supervisor must outlive a Redis outage
                 log.debug("tick supervisor: %s", exc)
 

@@ -44,6 +44,7 @@ def create(
     option: Annotated[list[str], typer.Option(help="provider option key=value, repeatable")] = [],  # noqa: B006
     idempotency_key: Annotated[str | None, typer.Option(help="the same key never creates twice")] = None,
     deadline: Annotated[float | None, typer.Option(help="seconds until running, else fail and destroy")] = None,
+    ttl: Annotated[float | None, typer.Option(help="destroy the VM this many seconds from now")] = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 900.0,
     as_json: JsonOpt = False,
@@ -64,7 +65,7 @@ def create(
         }
         startup = script.read_text() if script else None
         job = provisioner().create_vm(
-            spec, read_key(ssh_key), startup, idempotency_key=idempotency_key, deadline_s=deadline
+            spec, read_key(ssh_key), startup, idempotency_key=idempotency_key, deadline_s=deadline, ttl_s=ttl
         )
     except (ValidationError, ValueError, OSError) as exc:
         raise bad_input(exc) from None

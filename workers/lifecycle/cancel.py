@@ -9,7 +9,7 @@ the provider at all.
 
 from __future__ import annotations
 
-from vmqueue.models import CleanupState, Job, JobState
+from vmqueue.models import CleanupState, Job, JobState, utcnow
 from workers.lifecycle.common import Next, Steps, log
 
 
@@ -26,15 +26,32 @@ class CancelSteps(Steps):
         # Always destroyed, whatever destroy_on_failure says: taking the request back means the VM too.
         cleanup = CleanupState.pending if has_vm else None
         asked = job.cancel
-        job = self.store.transition(
+        job = self.store.transition(  # runs the hooks: reported
             job.id,
             JobState.cancelled,
             f"cancelled (asked by {asked.by} at {asked.at:%Y-%m-%d %H:%M:%S} UTC)"
             + (f"; destroying {job.instance_id}" if cleanup else ""),
             cleanup=cleanup,
             api_calls=job.api_calls + count,
+            cancel=asked.model_copy(update={"reported_at": utcnow()}),
         )
         self.store.create_ended(job.id, vm_lives=False)
         self._unwatch(job)
         log.info("job=%s provider=%s cancelled by %s", job.id, job.provider, asked.by)
         return Next(0) if cleanup == CleanupState.pending else None
+
+    def _report_cancel(self, job: Job) -> Job:
+        """A job the producer cancelled while queued: run the transition hooks (webhook, metrics) here,
+        in a worker, once (``CancelRequest.reported_at``)."""
+
+        def reported(j: Job) -> None:
+            fresh.clear()  # a retried compare-and-set runs this again on a fresher record
+            if j.cancel is not None and j.cancel.reported_at is None:
+                j.cancel = j.cancel.model_copy(update={"reported_at": utcnow()})
+                fresh.append(j)
+
+        fresh: list[Job] = []
+        job = self.store.update(job.id, reported)
+        if fresh:
+            self.store.notify(job)
+        return job

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from vmqueue.jobstore import InvalidTransition, JobStore
-from vmqueue.models import JobKind
+from vmqueue.models import JobKind, JobState
 from vmqueue.settings import Settings
 from workers.backoff import exponential_backoff, full_jitter_backoff
 from workers.calls import SharedRateLimit
@@ -66,6 +66,8 @@ class JobRunner(CreateSteps, TickSteps, DestroySteps, GetSteps, FailureSteps, Ca
             if job.kind != kind:
                 log.warning("job=%s dropped: a %s message for a %s job", job_id, kind, job.kind)
                 return None
+            if job.state == JobState.cancelled and job.cancel is not None and job.cancel.reported_at is None:
+                job = self._report_cancel(job)
             # A cancel's message (producer/control.py) is never early: it is the reason to act now.
             if due and time.time() < due - EARLY_TOLERANCE_S and not job.cancel_pending:
                 log.info(
