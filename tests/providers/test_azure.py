@@ -605,15 +605,9 @@ class TestAzure(AdapterContract):
             assert mock.calls[0].request.headers["Authorization"] == "Bearer fake-token"
 
 
-@pytest.mark.system
-def test_system_create_then_destroy_through_a_worker(
-    worker_factory: Any, provisioner: Any, httpserver: Any, ssh_key: str
-) -> None:
-    """Producer -> Redis -> a real Azure worker subprocess -> azure-mgmt -> the ARM fake on a local HTTP server.
-
-    The worker authenticates through DefaultAzureCredential's App Service managed identity, served by the fake.
-    """
-    fake = FakeARM(polls_to_run=1)
+def start_worker(worker_factory: Any, httpserver: Any, fake: FakeARM) -> None:
+    """A real Azure worker subprocess on ``fake`` served over local HTTP; it authenticates through
+    DefaultAzureCredential's App Service managed identity, served by the fake."""
     endpoint = serve(httpserver, fake)
     env = {
         "VMQ_AZURE_ENDPOINT": endpoint,
@@ -624,6 +618,18 @@ def test_system_create_then_destroy_through_a_worker(
         "NO_PROXY": "*",
     }
     worker_factory("azure", env={**env, **{var: "" for var in AZURE_ENV[1:]}})
+
+
+@pytest.mark.system
+def test_system_create_then_destroy_through_a_worker(
+    worker_factory: Any, provisioner: Any, httpserver: Any, ssh_key: str
+) -> None:
+    """Producer -> Redis -> a real Azure worker subprocess -> azure-mgmt -> the ARM fake on a local HTTP server.
+
+    The worker authenticates through DefaultAzureCredential's App Service managed identity, served by the fake.
+    """
+    fake = FakeARM(polls_to_run=1)
+    start_worker(worker_factory, httpserver, fake)
 
     spec = make_spec(image="ubuntu-24.04")
     job = provisioner.wait(provisioner.create_vm(spec, ssh_key, SCRIPT).id, timeout_s=30)
@@ -646,16 +652,7 @@ def test_system_late_allocation_failure_fails_over(
     """A VM accepted, then failed with AllocationFailed: the job fails over to the next placement through a
     real worker, as a refused PUT would, and nothing of the first attempt is left."""
     fake = FakeARM(polls_to_run=1, allocation_fails_in={"Standard_B1s"})
-    endpoint = serve(httpserver, fake)
-    env = {
-        "VMQ_AZURE_ENDPOINT": endpoint,
-        "AZURE_SUBSCRIPTION_ID": SUB,
-        "AZURE_TOKEN_CREDENTIALS": "ManagedIdentityCredential",
-        "IDENTITY_ENDPOINT": endpoint + MSI_PATH,
-        "IDENTITY_HEADER": "fake-identity-header",
-        "NO_PROXY": "*",
-    }
-    worker_factory("azure", env={**env, **{var: "" for var in AZURE_ENV[1:]}})
+    start_worker(worker_factory, httpserver, fake)
 
     fallback = {"region": "westeurope", "instance_type": "Standard_B2s"}
     spec = VMSpec.model_validate({**make_spec().model_dump(), "fallbacks": [fallback]})
