@@ -84,12 +84,12 @@ def test_a_record_gone_justifies_a_destroy_only_for_an_old_vm_of_a_continuous_st
     def aged(days: float | None) -> VMInfo:
         return _vm().model_copy(update={"created_at": None if days is None else now - timedelta(days=days)})
 
-    assert record_loss_guard(aged(8), epoch, week, now) is None  # its record expired: an orphan
-    assert "less than the job record TTL (7.0 d)" in record_loss_guard(aged(2), epoch, week, now)
-    assert "before the job store's current epoch began" in record_loss_guard(aged(40), epoch, week, now)
-    assert "no creation time" in record_loss_guard(aged(None), epoch, week, now)
+    assert record_loss_guard(aged(8).created_at, epoch, week, now) is None  # its record expired: an orphan
+    assert "less than the job record TTL (7.0 d)" in record_loss_guard(aged(2).created_at, epoch, week, now)
+    assert "before the job store's current epoch began" in record_loss_guard(aged(40).created_at, epoch, week, now)
+    assert "no creation time" in record_loss_guard(aged(None).created_at, epoch, week, now)
     naive = aged(8).model_copy(update={"created_at": (now - timedelta(days=8)).replace(tzinfo=None)})
-    assert record_loss_guard(naive, epoch, week, now) is None
+    assert record_loss_guard(naive.created_at, epoch, week, now) is None
 
 
 def test_a_failed_over_vm_belongs_to_its_job():

@@ -52,6 +52,19 @@ class StoreEpoch(BaseModel):
     why: str = "no epoch marker yet"  # why this epoch began
 
 
+class OwnedResource(BaseModel):
+    """A resource other than a VM that an adapter creates with a VM and that can outlive it (an Azure
+    NIC, public IP or disk; an EC2 volume), listed by its ownership labels for the sweeper."""
+
+    provider: str
+    kind: str = Field(description="the adapter's name for its type, e.g. nic, public_ip, disk, volume")
+    resource_id: str = Field(description="the provider's id, as delete_extra takes it back")
+    name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    attached_to: str | None = Field(None, description="what uses it now (a VM, a NIC); None: nothing")
+    created_at: datetime | None = None
+
+
 class Action(StrEnum):
     reported = "reported"  # first seen as an orphan now; remembered, destroyed on a later pass
     waiting = "waiting"  # seen before, but less than delay_s ago
@@ -64,7 +77,8 @@ class Action(StrEnum):
 
 
 class Orphan(BaseModel):
-    instance_id: str
+    instance_id: str  # a VM's instance id, or an extra resource's id (``kind`` says which)
+    kind: str = "vm"
     name: str | None = None
     status: str
     job_id: str | None = None
@@ -80,11 +94,12 @@ class SweepReport(BaseModel):
     dry_run: bool
     delay_s: float
     listed: int = 0  # VMs carrying managed-by=vmqueue
+    extras_listed: int = 0  # other resources carrying it (OwnedResource), attached or not
     owned: int = 0  # of those, owned by a live job (or being deleted, or kept on purpose)
     orphans: list[Orphan] = Field(default_factory=list)
     rescued: list[str] = Field(default_factory=list)  # stalled jobs whose task was sent again (dry run: would be)
     epoch: StoreEpoch | None = None  # the store's epoch this pass saw (or began)
     refused: str | None = None  # why this pass destroyed nothing at all (the store lost records)
-    destroy_limit: int | None = None  # the most VMs this pass could destroy (max_destroy_share x listed)
+    destroy_limit: int | None = None  # the most this pass could destroy (max_destroy_share x everything listed)
     error: str | None = None
     finished_at: datetime = Field(default_factory=utcnow)

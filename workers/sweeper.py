@@ -21,6 +21,11 @@ written), a job of another kind, a job that recorded another instance, a failed 
 cleanup failed or finished (yet the VM is still here), or one that failed before recording it.
 A VM already terminating is left alone.
 
+Resources an adapter creates beside a VM that can outlive it (``list_owned_extras``: Azure NICs,
+public IPs and disks, EC2 volumes) carry the same labels and go through the same two passes and
+guards. One in use (attached to a VM or a NIC) goes with what uses it and is never an orphan; one
+attached to nothing is owned only while its create is in flight or its cleanup is under way.
+
 What a pass refuses to do, because the sweeper is the last line of defence and must never destroy
 what someone still owns:
 - destroy anything when the job store's continuity is in doubt: its epoch marker
@@ -46,13 +51,14 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
 import redis
 
 from vmqueue import keys
 from vmqueue.jobstore import JobStore
 from vmqueue.models import LABEL_JOB, CleanupState, Job, JobKind, JobState, VMInfo, VMStatus, job_id_of
-from vmqueue.sweep import REPORT_TTL_S, Action, Orphan, StoreEpoch, SweepReport, SweepRequest
+from vmqueue.sweep import REPORT_TTL_S, Action, Orphan, OwnedResource, StoreEpoch, SweepReport, SweepRequest
 from workers.providers.base import Provider
 from workers.providers.errors import ProviderError
 from workers.rescue import stalled_jobs
@@ -103,14 +109,14 @@ def orphan_reason(vm: VMInfo, job: Job | None, fleet_jobs: Mapping[str, str | No
     return f"its create failed and the cleanup {job.cleanup}"
 
 
-def record_loss_guard(vm: VMInfo, epoch: StoreEpoch, ttl_s: float, now: datetime) -> str | None:
-    """Why "its record is gone" does not justify destroying ``vm``; None when it does.
+def record_loss_guard(created: datetime | None, epoch: StoreEpoch, ttl_s: float, now: datetime) -> str | None:
+    """Why "its record is gone" does not justify destroying what was created at ``created``; None
+    when it does.
 
-    A create writes its record before it makes the VM, and the record expires ``ttl_s`` after that
-    (never, once the VM runs). So a record legitimately gone belongs to a VM older than ``ttl_s``,
-    created while the store has been continuous (after the current epoch began).
+    A create writes its record before it makes the VM (and its extras), and the record expires
+    ``ttl_s`` after that (never, once the VM runs). So a record legitimately gone belongs to a VM
+    older than ``ttl_s``, created while the store has been continuous (after the current epoch began).
     """
-    created = vm.created_at
     if created is None:
         return "its record is gone and the provider gives no creation time, so it may have been lost"
     if created.tzinfo is None:
@@ -127,6 +133,32 @@ def record_loss_guard(vm: VMInfo, epoch: StoreEpoch, ttl_s: float, now: datetime
             "the record cannot have expired, so the store lost it"
         )
     return None
+
+
+def extra_orphan_reason(resource: OwnedResource, job: Job | None, fleet_jobs: Mapping[str, str | None]) -> str | None:
+    """Why no live job owns an extra resource (a NIC, a public IP, a disk, a volume); None when one does.
+
+    One in use (attached to a VM or a NIC) goes with what uses it, so it is never an orphan here. One
+    attached to nothing is owned only while its create is in flight (it may be about to attach it)
+    or its cleanup is under way; a fleet entry counts as for VMs, when the record is gone.
+    """
+    if resource.attached_to:
+        return None
+    job_id = _extra_owner(resource)
+    if not job_id:
+        return f"attached to nothing and no {LABEL_JOB} label"
+    if job is None:
+        return None if job_id in fleet_jobs else RECORD_GONE
+    if job.state in IN_FLIGHT:
+        return None
+    if job.cleanup in (CleanupState.pending, CleanupState.destroying):
+        return None
+    return f"attached to nothing, and its {job.kind} job is {job.state}"
+
+
+def _extra_owner(resource: OwnedResource) -> str | None:
+    label = resource.labels.get(LABEL_JOB)
+    return job_id_of(label) if label else None
 
 
 def _span(delta: timedelta) -> str:
@@ -152,6 +184,8 @@ class Sweeper:
         self.calls = calls  # ProviderCalls: the shared rate limit and quick retries
         self.resend = resend  # sends a stalled job's task again (workers/rescue.py); None: don't look
         self.stalled_after_s = stalled_after_s
+        self._seen: dict[str, float] = {}  # this pass: orphan id -> when a pass first reported it
+        self._now = 0.0  # this pass's clock (epoch s)
 
     def run(self, request: SweepRequest) -> SweepReport:
         """One pass; the report is also stored in Redis for whoever asked."""
@@ -183,82 +217,118 @@ class Sweeper:
             log.warning("job=%s provider=%s stalled %s job sent again", job.id, job.provider, job.state)
 
     def _pass(self, request: SweepRequest, report: SweepReport) -> None:
-        # The epoch before the list: records lost after this read show up on the next pass.
+        # The epoch before the lists: records lost after this read show up on the next pass.
         report.epoch, report.refused = self._epoch(request)
         if report.refused:
             log.error("provider=%s sweep %s destroys nothing: %s", request.provider, request.id, report.refused)
         vms = [vm for vm in self.calls(self.provider.list_owned_vms) if vm.status not in DELETING]
-        report.listed = len(vms)
+        extras: list[OwnedResource] = self.calls(self.provider.list_owned_extras)
+        report.listed, report.extras_listed = len(vms), len(extras)
         # Rounded so 0.2 x 15 is 3, not the 4 that float noise would make of it.
-        report.destroy_limit = math.ceil(round(request.max_destroy_share * len(vms), 6))
-        jobs = self._jobs([owner_of(vm) for vm in vms])
+        report.destroy_limit = math.ceil(round(request.max_destroy_share * (len(vms) + len(extras)), 6))
+        jobs = self._jobs([owner_of(vm) for vm in vms] + [_extra_owner(r) for r in extras])
         fleet_jobs = self._fleet_jobs()
-        seen_key = keys.sweep_seen_key(request.provider)
-        seen = {k: float(v) for k, v in self.redis.hgetall(seen_key).items()}
-        now = time.time()
-        orphan_ids = set()
-        due: list[tuple[float, VMInfo, Orphan]] = []
+        self._seen = {k: float(v) for k, v in self.redis.hgetall(keys.sweep_seen_key(request.provider)).items()}
+        self._now = time.time()
+        found: list[tuple[Orphan, Callable[[], None], datetime | None]] = []
         for vm in vms:
-            job_id = owner_of(vm)
-            reason = orphan_reason(vm, jobs.get(job_id), fleet_jobs)
+            reason = orphan_reason(vm, jobs.get(owner_of(vm) or ""), fleet_jobs)
             if reason is None:
                 report.owned += 1
                 continue
-            orphan_ids.add(vm.instance_id)
-            first = seen.get(vm.instance_id)
             orphan = Orphan(
                 instance_id=vm.instance_id,
                 name=vm.name,
                 status=vm.status,
+                job_id=owner_of(vm),
+                reason=reason,
+                action=Action.reported,
+            )
+            found.append((orphan, partial(self.provider.destroy_vm, vm.instance_id), vm.created_at))
+        for resource in extras:
+            job_id = _extra_owner(resource)
+            reason = extra_orphan_reason(resource, jobs.get(job_id or ""), fleet_jobs)
+            if reason is None:
+                continue
+            orphan = Orphan(
+                instance_id=resource.resource_id,
+                kind=resource.kind,
+                name=resource.name,
+                status="unattached",
                 job_id=job_id,
                 reason=reason,
                 action=Action.reported,
-                first_seen=datetime.fromtimestamp(first, UTC) if first else None,
             )
-            if reason == RECORD_GONE:  # said on every pass, so a first report already tells
-                orphan.kept_because = record_loss_guard(
-                    vm, report.epoch, self.store.ttl_s, datetime.fromtimestamp(now, UTC)
-                )
-            report.orphans.append(orphan)
-            if first is None:
-                if not request.dry_run:
-                    self.redis.hset(seen_key, vm.instance_id, now)
-                log.warning("provider=%s instance=%s orphan reported: %s", request.provider, vm.instance_id, reason)
-                orphan.action = Action.would_report if request.dry_run else Action.reported
-            elif now - first < request.delay_s:
-                orphan.action = Action.waiting
-            else:
-                due.append((first, vm, orphan))
+            found.append((orphan, partial(self.provider.delete_extra, resource), resource.created_at))
+        due = [item for item in (self._note(request, report, *entry) for entry in found) if item is not None]
         self._destroy_due(request, report, due)
-        forgotten = [i for i in seen if i not in orphan_ids]
+        orphan_ids = {orphan.instance_id for orphan, _, _ in found}
+        forgotten = [i for i in self._seen if i not in orphan_ids]
         if forgotten and not request.dry_run:  # adopted, or gone: a later orphan starts its wait anew
-            self.redis.hdel(seen_key, *forgotten)
+            self.redis.hdel(keys.sweep_seen_key(request.provider), *forgotten)
 
-    def _destroy_due(self, request: SweepRequest, report: SweepReport, due: list[tuple[float, VMInfo, Orphan]]) -> None:
+    def _note(
+        self,
+        request: SweepRequest,
+        report: SweepReport,
+        orphan: Orphan,
+        destroy: Callable[[], None],
+        created: datetime | None,
+    ) -> tuple[float, Callable[[], None], Orphan] | None:
+        """Report one orphan; remember it on its first pass; returns it when its delay has passed."""
+        first = self._seen.get(orphan.instance_id)
+        orphan.first_seen = datetime.fromtimestamp(first, UTC) if first else None
+        if orphan.reason == RECORD_GONE:  # said on every pass, so a first report already tells
+            now = datetime.fromtimestamp(self._now, UTC)
+            orphan.kept_because = record_loss_guard(created, report.epoch, self.store.ttl_s, now)
+        report.orphans.append(orphan)
+        if first is None:
+            if not request.dry_run:
+                self.redis.hset(keys.sweep_seen_key(request.provider), orphan.instance_id, self._now)
+            log.warning(
+                "provider=%s %s=%s orphan reported: %s",
+                request.provider,
+                orphan.kind,
+                orphan.instance_id,
+                orphan.reason,
+            )
+            orphan.action = Action.would_report if request.dry_run else Action.reported
+            return None
+        if self._now - first < request.delay_s:
+            orphan.action = Action.waiting
+            return None
+        return first, destroy, orphan
+
+    def _destroy_due(
+        self, request: SweepRequest, report: SweepReport, due: list[tuple[float, Callable[[], None], Orphan]]
+    ) -> None:
         """Destroy the orphans past their delay, oldest report first, within the guards and the limit."""
         sent = 0
-        for _first, vm, orphan in sorted(due, key=lambda item: item[0]):
+        for _first, destroy, orphan in sorted(due, key=lambda item: item[0]):
             if report.refused or orphan.kept_because:
                 orphan.action = Action.kept
                 orphan.kept_because = orphan.kept_because or f"this pass destroys nothing: {report.refused}"
                 log.warning(
-                    "provider=%s instance=%s orphan kept: %s", request.provider, vm.instance_id, orphan.kept_because
-                )
+                    "provider=%s %s=%s orphan kept: %s",
+                    request.provider, orphan.kind, orphan.instance_id, orphan.kept_because,
+                )  # fmt: skip
                 continue
             if sent >= (report.destroy_limit or 0):
                 orphan.action = Action.held
                 continue
             sent += 1
-            orphan.action = Action.would_destroy if request.dry_run else self._destroy(request, vm)
+            orphan.action = Action.would_destroy if request.dry_run else self._destroy(request, orphan, destroy)
 
-    def _destroy(self, request: SweepRequest, vm: VMInfo) -> Action:
+    def _destroy(self, request: SweepRequest, orphan: Orphan, destroy: Callable[[], None]) -> Action:
         try:
-            self.calls(self.provider.destroy_vm, vm.instance_id)
+            self.calls(destroy)
         except ProviderError as exc:
-            log.error("provider=%s instance=%s orphan destroy failed: %s", request.provider, vm.instance_id, exc)
+            log.error(
+                "provider=%s %s=%s orphan destroy failed: %s", request.provider, orphan.kind, orphan.instance_id, exc
+            )
             return Action.destroy_failed
-        self.redis.hdel(keys.sweep_seen_key(request.provider), vm.instance_id)
-        log.warning("provider=%s instance=%s orphan destroyed", request.provider, vm.instance_id)
+        self.redis.hdel(keys.sweep_seen_key(request.provider), orphan.instance_id)
+        log.warning("provider=%s %s=%s orphan destroyed", request.provider, orphan.kind, orphan.instance_id)
         return Action.destroyed
 
     def _epoch(self, request: SweepRequest) -> tuple[StoreEpoch, str | None]:

@@ -72,6 +72,11 @@ class FakeARM(FakeAPI):
                 self._view(r, True) for r in self.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"
             ]
             return self._paged(call, vms)
+        if call.method == "GET" and (
+            listed := re.fullmatch(r"/subscriptions/[^/]+/providers/(Microsoft\.\w+/\w+)", call.path)
+        ):
+            kind = listed[1].lower()  # a subscription-wide list: NICs, public IPs, disks
+            return self._paged(call, [self._listed(r) for r in self.resources.values() if r["type"].lower() == kind])
         match = _RESOURCE.match(call.path)
         if not match:
             return error(404, "InvalidResourceType", f"no route {call.method} {call.path}")
@@ -107,6 +112,18 @@ class FakeARM(FakeAPI):
             query = {k: v for k, v in call.query.items() if k != "$skiptoken"}
             page["nextLink"] = f"{call.path}?{urlencode({**query, '$skiptoken': end})}"
         return _ok(page)
+
+    def _listed(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """A resource as a list shows it; a public IP names the NIC IP configuration that uses it."""
+        view = self._view(resource, False)
+        if resource["type"] == "Microsoft.Network/publicIPAddresses":
+            for nic in self.resources.values():
+                for config in (
+                    nic["properties"].get("ipConfigurations", []) if nic["type"].endswith("Interfaces") else []
+                ):
+                    if config["properties"].get("publicIPAddress", {}).get("id", "").lower() == resource["id"].lower():
+                        view["properties"] = {**view["properties"], "ipConfiguration": {"id": config["id"]}}
+        return view
 
     def _group(self, call: Call, path: str) -> Response:
         if call.method == "PUT":

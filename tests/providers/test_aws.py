@@ -577,6 +577,25 @@ class TestAWS(AdapterContract):
         assert len(pages) == 3 and pages[0] is None and all(pages[1:])
         assert set(provider.get_vms(sorted(ours))) == ours
 
+    def test_list_owned_extras(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        # Issue 13 (5): volumes carry the ownership tags; one left available is attached to nothing.
+        vm = provider.create_vm(make_spec(), key, None, job_id="job-1")
+        ec2 = boto3.client("ec2", region_name=REGION)
+        tags = [{"Key": "managed-by", "Value": "vmqueue"}, {"Key": "vmqueue-job", "Value": "job-9"}]
+        left = ec2.create_volume(
+            AvailabilityZone=f"{REGION}a", Size=8, TagSpecifications=[{"ResourceType": "volume", "Tags": tags}]
+        )["VolumeId"]
+        ec2.create_volume(AvailabilityZone=f"{REGION}a", Size=8)  # untagged: not ours
+        extras = {r.resource_id: r for r in provider.list_owned_extras()}
+        assert (
+            extras[f"{REGION}/{left}"].attached_to is None
+            and extras[f"{REGION}/{left}"].labels["vmqueue-job"] == "job-9"
+        )
+        assert [r.attached_to for r in extras.values() if r.attached_to] == [vm.instance_id]  # the root volume
+        provider.delete_extra(extras[f"{REGION}/{left}"])
+        provider.delete_extra(extras[f"{REGION}/{left}"])  # already gone: success
+        assert f"{REGION}/{left}" not in {r.resource_id for r in provider.list_owned_extras()}
+
     def test_endpoint_from_environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5000")
         assert AWSProvider()._client("ec2", REGION).meta.endpoint_url == "http://127.0.0.1:5000"

@@ -81,6 +81,12 @@ def boot(fake: FakeARM, provisioning: str = "Succeeded", power: str | None = "Po
     vm["properties"]["provisioningState"], vm["_power"] = provisioning, power
 
 
+def _json(body: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(body)
+
+
 OWNED = {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": "job-1"}
 
 
@@ -592,6 +598,57 @@ class TestAzure(AdapterContract):
         assert all(c.query["statusOnly"] == "true" for c in pages)
         assert set(provider.get_vms(sorted(ours))) == ours
 
+    def test_list_owned_extras(self, provider: AzureProvider, fake: FakeARM) -> None:
+        # Issue 13 (5): a failed create's NIC and public IP (and a tagged disk) are found, attached
+        # to nothing; a running VM's NIC and IP are found attached; an untagged NIC is not ours.
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        lost = {"managed-by": "vmqueue", "vmqueue-job": "job-9"}
+        network = f"https://management.azure.com{RG_PATH}/providers/Microsoft.Network"
+        pips = f"{RG_PATH}/providers/Microsoft.Network/publicIPAddresses"
+        for n in range(4):  # with the VM's own NIC: five NICs, two a page
+            fake.handle(
+                "PUT", f"{network}/publicIPAddresses/lost-{n}-pip", {}, _json({"location": "westeurope", "tags": lost})
+            )
+            nic = {
+                "location": "westeurope",
+                "tags": lost if n else {},
+                "properties": {
+                    "ipConfigurations": [
+                        {"name": "ipconfig1", "properties": {"publicIPAddress": {"id": f"{pips}/lost-{n}-pip"}}}
+                    ]
+                },
+            }
+            fake.handle("PUT", f"{network}/networkInterfaces/lost-{n}-nic", {}, _json(nic))
+        disk_id = f"{RG_PATH}/providers/Microsoft.Compute/disks/lost-osdisk"
+        fake.resources[disk_id.lower()] = {
+            "id": disk_id, "name": "lost-osdisk", "type": "Microsoft.Compute/disks", "location": "westeurope",
+            "tags": lost, "managedBy": None, "properties": {"timeCreated": "2026-01-15T10:00:00+00:00"},
+        }  # fmt: skip
+        fake.max_page = 2
+
+        extras = {(r.kind, r.name): r for r in provider.list_owned_extras()}
+
+        vm_id = VM_ID
+        assert extras[("nic", "web-1-nic")].attached_to == vm_id
+        assert extras[("public_ip", "web-1-pip")].attached_to and extras[("nic", "lost-1-nic")].attached_to is None
+        assert ("nic", "lost-0-nic") not in extras  # no ownership tag: not ours
+        assert extras[("disk", "lost-osdisk")].attached_to is None and extras[("disk", "lost-osdisk")].created_at
+        assert {r.labels["vmqueue-job"] for k, r in extras.items() if k[1].startswith("lost")} == {"job-9"}
+        assert len(fake.calls_to("GET", r"/networkInterfaces$")) == 3  # five NICs, two a page
+
+        assert extras[("public_ip", "lost-1-pip")].attached_to.endswith("lost-1-nic/ipConfigurations/ipconfig1")
+        with pytest.raises(ProviderError):  # in use by its NIC: refused, a later pass tries again
+            provider.delete_extra(extras[("public_ip", "lost-1-pip")])
+        provider.delete_extra(extras[("nic", "lost-1-nic")])
+        provider.delete_extra(extras[("nic", "lost-1-nic")])  # already gone: success
+        provider.delete_extra(extras[("public_ip", "lost-1-pip")])  # free once its NIC is gone
+        provider.delete_extra(extras[("disk", "lost-osdisk")])
+        assert fake.get(f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/lost-1-nic") is None
+        assert fake.get(f"{RG_PATH}/providers/Microsoft.Network/publicIPAddresses/lost-1-pip") is None
+        assert fake.get(disk_id) is None
+        with pytest.raises(ProviderError):  # still in use by the VM: refused, a later pass tries again
+            provider.delete_extra(extras[("nic", "web-1-nic")])
+
     def test_local_http_endpoint(self, fake: FakeARM, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("VMQ_AZURE_ENDPOINT", "http://127.0.0.1:9")
         with responses.RequestsMock() as mock:
@@ -663,3 +720,40 @@ def test_system_late_allocation_failure_fails_over(
     assert any("no capacity" in event.message for event in job.history)
     names = sorted(r["name"] for r in fake.resources.values() if r["type"] != "resourceGroups")
     assert names == ["web-1-p1", "web-1-p1-nic", "web-1-p1-pip"]
+
+
+def test_the_sweeper_removes_what_a_failed_create_left(provider: AzureProvider, fake: FakeARM, redis_client, settings):
+    # Issue 13 (5): the VM is refused for good and the cleanup of its NIC fails too: NIC and public
+    # IP stay behind. list_owned_vms cannot see them; the sweeper finds them and removes both.
+    from datetime import UTC, datetime, timedelta
+
+    from vmqueue import keys
+    from vmqueue.jobstore import JobStore
+    from vmqueue.models import Job, JobError, JobKind
+    from vmqueue.sweep import StoreEpoch, SweepRequest
+    from workers.sweeper import Sweeper
+
+    fake.fail("PUT", r"/virtualMachines/web-1$", error(400, "InvalidParameter", "The size is not available."))
+    fake.fail("DELETE", r"/networkInterfaces/web-1-nic$", error(500, "InternalServerError", "Try again later."))
+    with pytest.raises(InvalidSpecError):
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+    assert fake.get(f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/web-1-nic") is not None
+    store = JobStore(redis_client, settings)
+    error_ = JobError(code="invalid_spec", message="The size is not available.")
+    store.add(Job(id="job-1", kind=JobKind.create, provider="azure", state=JobState.failed, error=error_))
+    born = datetime.now(UTC) - timedelta(days=30)
+    redis_client.set(keys.EPOCH_KEY, StoreEpoch(born_at=born).model_dump_json())
+    sweeper = Sweeper(store, provider, lambda call, *args: call(*args))
+
+    def sweep() -> dict[str, str]:
+        report = sweeper.run(SweepRequest(provider="azure", delay_s=0, max_destroy_share=1))
+        assert report.listed == 0 and report.error is None
+        return {o.kind: str(o.action) for o in report.orphans}
+
+    assert sweep() == {"nic": "reported"}  # the IP is still in use by the NIC
+    assert sweep() == {"nic": "destroyed"}
+    assert sweep() == {"public_ip": "reported"}
+    assert sweep() == {"public_ip": "destroyed"}
+    assert sweep() == {}
+    left = [r["name"] for r in fake.resources.values() if r["type"].startswith("Microsoft.Network/")]
+    assert left == []

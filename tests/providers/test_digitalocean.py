@@ -15,6 +15,7 @@ from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, error
 from tests.providers.fakehttp import mocked, serve
 from vmqueue.models import JobState, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import sent_size
 from workers.providers.digitalocean import DigitalOceanProvider
 from workers.providers.errors import (
@@ -413,6 +414,13 @@ class TestDigitalOcean(AdapterContract):
         assert [vm.instance_id for vm in vms] == [str(ours["id"])]
         assert [vm.labels["vmqueue-job"] for vm in vms] == [JOB]
         assert fake.requests[0][2]["tag_name"] == "managed-by:vmqueue"
+
+    def test_list_owned_extras(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey) -> None:
+        # Issue 13 (5): nothing this adapter creates beside a VM outlives it (see its docstring).
+        provider.create_vm(make_spec(), key, job_id=JOB)
+        assert provider.list_owned_extras() == []
+        with pytest.raises(InvalidSpecError):
+            provider.delete_extra(OwnedResource(provider="digitalocean", kind="volume", resource_id="x"))
 
     def test_lists_follow_every_page(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
         # Issue 13 (6): five droplets, two a page: three pages, every one read.

@@ -23,6 +23,7 @@ from tests.providers.contract import AdapterContract
 from tests.providers.gcp_fake import FakeCompute, api_error, serve_with_responses
 from vmqueue.models import VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import sent_size
 from workers.providers import gcp
 from workers.providers.errors import (
@@ -392,6 +393,15 @@ class TestGCP(AdapterContract):
         assert sorted(vm.instance_id for vm in vms) == [ID, f"{PROJECT}/us-central1-a/web-2"]
         [(query, _)] = sent(rsps, "GET")
         assert query["filter"] == 'labels.managed-by = "vmqueue"'
+
+    def test_list_owned_extras(
+        self, provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey
+    ) -> None:
+        # Issue 13 (5): nothing this adapter creates beside a VM outlives it (see its docstring).
+        provider.create_vm(make_spec(), key, None, job_id="job-1")
+        assert provider.list_owned_extras() == []
+        with pytest.raises(InvalidSpecError):
+            provider.delete_extra(OwnedResource(provider="gcp", kind="volume", resource_id="x"))
 
     def test_lists_follow_every_page(
         self,

@@ -15,6 +15,7 @@ from tests.providers.fakehttp import mocked, serve
 from tests.providers.hetzner_fake import BASE_URL, FakeHetzner, error, md5_fingerprint, page
 from vmqueue.models import JobState, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import sent_size
 from workers.providers.errors import (
     AuthError,
@@ -349,6 +350,13 @@ class TestHetzner(AdapterContract):
         vms = provider.list_owned_vms()
         assert [vm.instance_id for vm in vms] == [str(ours["id"])]
         assert fake.requests[0][2]["label_selector"] == "managed-by=vmqueue"
+
+    def test_list_owned_extras(self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
+        # Issue 13 (5): nothing this adapter creates beside a VM outlives it (see its docstring).
+        provider.create_vm(make_spec(), key, job_id=JOB)
+        assert provider.list_owned_extras() == []
+        with pytest.raises(InvalidSpecError):
+            provider.delete_extra(OwnedResource(provider="hetzner", kind="volume", resource_id="x"))
 
     def test_lists_follow_every_page(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
         # Issue 13 (6): five servers, two a page: three pages, every one read.

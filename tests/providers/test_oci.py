@@ -19,6 +19,7 @@ from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
 from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error
 from vmqueue.models import JobState, VMSpec, VMStatus
+from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import sent_size
 from workers.providers.errors import (
     AuthError,
@@ -410,6 +411,13 @@ class TestOCI(AdapterContract):
         [call] = fake.calls_to("POST", r"/resources$")
         body = call.body
         assert body["type"] == "Structured" and "freeformTags.key = 'managed-by'" in body["query"]
+
+    def test_list_owned_extras(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        # Issue 13 (5): nothing this adapter creates beside a VM outlives it (see its docstring).
+        provider.create_vm(make_spec(), key(), job_id="job-1")
+        assert provider.list_owned_extras() == []
+        with pytest.raises(InvalidSpecError):
+            provider.delete_extra(OwnedResource(provider="oci", kind="volume", resource_id="x"))
 
     def test_lists_follow_every_page(self, provider: OCIProvider, fake: FakeOCI) -> None:
         # Issue 13 (6): five instances, two a page: three Search pages (opc-next-page), every one read.

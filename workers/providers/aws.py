@@ -32,6 +32,7 @@ from vmqueue.images import IMAGES
 from vmqueue.models import VMInfo, VMSpec, VMStatus
 from vmqueue.options import AWSOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import AWS_USER_DATA_BYTES, aws_sent
 from workers.providers.errors import (
     AuthError,
@@ -300,6 +301,49 @@ class AWSProvider:
                 f"instance id {instance_id!r} names no region: use '<region>/<i-...>' or set AWS_REGION"
             )
         return region, native_id
+
+    def list_owned_extras(self) -> list[OwnedResource]:
+        """EBS volumes tagged managed-by=vmqueue (a create tags its instance's volumes too), one filtered
+        DescribeVolumes per region in ``list_regions``, every page (NextToken). A root volume goes with
+        its instance (DeleteOnTermination); one left ``available`` is attached to nothing."""
+        if not self.list_regions:
+            raise AuthError("no AWS region to list: set VMQ_AWS_REGIONS, AWS_REGION or AWS_DEFAULT_REGION")
+        found: list[OwnedResource] = []
+        for region in self.list_regions:
+            with map_errors(_map_error):
+                pages = (
+                    self._client("ec2", region)
+                    .get_paginator("describe_volumes")
+                    .paginate(
+                        Filters=[{"Name": "tag:managed-by", "Values": ["vmqueue"]}],
+                        PaginationConfig={"PageSize": LIST_PAGE_SIZE},
+                    )
+                )
+                for volume in (v for page in pages for v in page["Volumes"]):
+                    attached = [a["InstanceId"] for a in volume.get("Attachments", []) if a.get("State") != "detached"]
+                    found.append(
+                        OwnedResource(
+                            provider=self.name,
+                            kind="volume",
+                            resource_id=f"{region}/{volume['VolumeId']}",
+                            labels={t["Key"]: t["Value"] for t in volume.get("Tags", [])},
+                            attached_to=f"{region}/{attached[0]}" if attached else None,
+                            created_at=volume.get("CreateTime"),
+                        )
+                    )
+        return found
+
+    def delete_extra(self, resource: OwnedResource) -> None:
+        """DeleteVolume; a volume already gone is success (InvalidVolume.NotFound)."""
+        if resource.kind != "volume":
+            raise InvalidSpecError(f"aws creates no {resource.kind} beside an instance: nothing to delete")
+        region, volume_id = self._split_id(resource.resource_id)
+        try:
+            with map_errors(_map_error):
+                self._client("ec2", region).delete_volume(VolumeId=volume_id)
+        except InvalidSpecError as exc:
+            if exc.provider_code != "InvalidVolume.NotFound":
+                raise
 
 
 def _client_token(job_id: str) -> str:

@@ -25,6 +25,7 @@ from vmqueue.images import IMAGES
 from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from vmqueue.options import AzureOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import custom_data
 from workers.providers.base import SETTLED_STATUSES
 from workers.providers.errors import (
@@ -512,6 +513,35 @@ class AzureProvider:
             )
         return nsg_id
 
+    def list_owned_extras(self) -> list[OwnedResource]:
+        """The subscription's NICs, public IPs and managed disks tagged managed-by=vmqueue, one paged list
+        each (every page: ARM's ``nextLink``), with what uses each: a NIC's VM, a public IP's NIC, a
+        disk's VM (``managedBy``). A failed create's NIC and IP are attached to nothing. Sources: ARM
+        REST Network Interfaces - List All, Public IP Addresses - List All, Disks - List.
+        """
+        clients, found = self._client(), []
+        with map_errors(_map_error):
+            for nic in clients.network.network_interfaces.list_all():
+                user = nic.virtual_machine.id if nic.virtual_machine else None
+                found += _extra("nic", nic, user)
+            for pip in clients.network.public_ip_addresses.list_all():
+                found += _extra("public_ip", pip, pip.ip_configuration.id if pip.ip_configuration else None)
+            for disk in clients.compute.disks.list():
+                found += _extra("disk", disk, disk.managed_by, disk.time_created)
+        return found
+
+    def delete_extra(self, resource: OwnedResource) -> None:
+        """One DELETE by the resource's ARM id (absent: 204). A resource still in use is refused by ARM
+        (NicInUse, PublicIPAddressCannotBeDeleted): raised, so a later pass tries again."""
+        match = _EXTRA_ID.match(resource.resource_id)
+        operations = {"nic": "network_interfaces", "public_ip": "public_ip_addresses", "disk": "disks"}
+        if not match or resource.kind not in operations:
+            raise InvalidSpecError(f"{resource.resource_id!r} is not an Azure NIC, public IP or disk id")
+        clients = self._client()
+        client = clients.compute if resource.kind == "disk" else clients.network
+        with suppress(NotFoundError), map_errors(_map_error):
+            getattr(client, operations[resource.kind]).begin_delete(match[1], match[2], polling=False).result()
+
 
 def _resource_name(name: str, job_id: str) -> str:
     """The VM's resource name for one create attempt: ``name``, then ``name-p<n>`` for placement n.
@@ -636,3 +666,24 @@ def _info(vm: Any, nic: Any = None, pip: Any = None) -> VMInfo:
         labels=dict(vm.tags or {}),
         created_at=vm.time_created,
     )
+
+
+_EXTRA_ID = re.compile(r"^/?subscriptions/[^/]+/resourceGroups/([^/]+)/providers/Microsoft\.\w+/\w+/([^/]+)$", re.I)
+
+
+def _extra(kind: str, resource: Any, user: str | None, created_at: Any = None) -> list[OwnedResource]:
+    """``resource`` as an OwnedResource if it carries the ownership tag, else nothing."""
+    tags = resource.tags or {}
+    if tags.get(LABEL_MANAGED_BY) != "vmqueue":
+        return []
+    return [
+        OwnedResource(
+            provider="azure",
+            kind=kind,
+            resource_id=resource.id,
+            name=resource.name,
+            labels=tags,
+            attached_to=user.lstrip("/") if user else None,
+            created_at=created_at,
+        )
+    ]

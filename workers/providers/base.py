@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 from vmqueue.images import IMAGES
 from vmqueue.models import VMInfo, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from workers.providers.errors import InvalidSpecError
 
 
@@ -50,7 +51,19 @@ class Provider(Protocol):
         ...
 
     def list_owned_vms(self) -> list[VMInfo]:
-        """VMs that carry ``managed-by=vmqueue``, in one filtered list call where the API has one."""
+        """VMs that carry ``managed-by=vmqueue``, in one filtered list call where the API has one,
+        following the API's pagination to the last page."""
+        ...
+
+    def list_owned_extras(self) -> list[OwnedResource]:
+        """Every other resource the adapter creates with a VM that can outlive it, carrying
+        ``managed-by=vmqueue`` (every page), with what it is attached to. An adapter whose extras all
+        go with their VM (the provider deletes them with it) returns ``[]`` and says why."""
+        ...
+
+    def delete_extra(self, resource: OwnedResource) -> None:
+        """Delete one resource ``list_owned_extras`` returned; already gone = success. Raises the
+        taxonomy (a resource still in use: ``TransientError``, a later pass tries again)."""
         ...
 
 

@@ -21,6 +21,7 @@ from pydo import Client
 from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from vmqueue.options import DigitalOceanOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from workers.providers.base import resolve_alias
 from workers.providers.errors import (
     AuthError,
@@ -201,6 +202,16 @@ class DigitalOceanProvider:
                 if exc.status_code != 422 or "already in use" not in str(_error_body(exc).get("message")):
                     raise
         return key.md5_fingerprint
+
+    def list_owned_extras(self) -> list[OwnedResource]:
+        """See the protocol. None can outlive a droplet:
+        a droplet's addresses and disk are the droplet's own, gone with it
+        (DigitalOcean API, "Delete an Existing Droplet"), and the SSH key is one per fingerprint, shared
+        by every job and kept on purpose."""
+        return []
+
+    def delete_extra(self, resource: OwnedResource) -> None:
+        raise InvalidSpecError(f"digitalocean creates no {resource.kind} beside a droplet: nothing to delete")
 
 
 def _droplet_id(instance_id: str) -> int:

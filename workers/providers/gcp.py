@@ -35,6 +35,7 @@ from vmqueue.images import IMAGES
 from vmqueue.models import LABEL_JOB, VMInfo, VMSpec, VMStatus
 from vmqueue.options import GCPOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import gcp_metadata
 from workers.providers.errors import (
     AuthError,
@@ -363,6 +364,16 @@ class GCPProvider:
             # Only this instance's insert: the answer is kept to the target asked for, whatever the filter matched.
             target = f"/zones/{zone}/instances/{name}"
             return next((op for op in pages if op.target_link.endswith(target)), None)
+
+    def list_owned_extras(self) -> list[OwnedResource]:
+        """See the protocol. None can outlive an instance:
+        the boot disk is created with ``autoDelete`` and the external IP is
+        ephemeral, both gone with the instance (Compute Engine API, instances.insert: ``disks[].autoDelete``,
+        ``accessConfigs`` without ``natIP``)."""
+        return []
+
+    def delete_extra(self, resource: OwnedResource) -> None:
+        raise InvalidSpecError(f"gcp creates no {resource.kind} beside an instance: nothing to delete")
 
 
 def _split_id(instance_id: str) -> tuple[str, str, str]:

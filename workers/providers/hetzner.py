@@ -24,6 +24,7 @@ from hcloud.ssh_keys import BoundSSHKey
 from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from vmqueue.options import HetznerOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from workers.providers.base import resolve_alias
 from workers.providers.errors import (
     AuthError,
@@ -214,6 +215,16 @@ class HetznerProvider:
             if exc.code == "uniqueness_error" and (found := keys.get_by_fingerprint(key.md5_fingerprint)):
                 return found
             raise
+
+    def list_owned_extras(self) -> list[OwnedResource]:
+        """See the protocol. None can outlive a server:
+        a server's primary IPs are created with it and deleted with it
+        (``auto_delete``; Hetzner Cloud API, "Create a Server", ``public_net``), and the SSH key is one
+        per fingerprint, shared by every job and kept on purpose."""
+        return []
+
+    def delete_extra(self, resource: OwnedResource) -> None:
+        raise InvalidSpecError(f"hetzner creates no {resource.kind} beside a server: nothing to delete")
 
 
 def _server_id(instance_id: str) -> int:

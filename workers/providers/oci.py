@@ -18,6 +18,7 @@ from vmqueue.images import IMAGES
 from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from vmqueue.options import OCIOptions
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import oci_metadata
 from workers.providers.base import SETTLED_STATUSES
 from workers.providers.errors import (
@@ -321,6 +322,16 @@ class OCIProvider:
             if (i.freeform_tags or {}).get(LABEL_JOB) == job_id and i.lifecycle_state not in GONE_STATES
         ]
         return mine[0] if mine else None
+
+    def list_owned_extras(self) -> list[OwnedResource]:
+        """See the protocol. None can outlive an instance:
+        the boot volume goes with the instance (``terminate_instance`` with
+        ``preserve_boot_volume=False``) and the primary VNIC is the instance's own (OCI Compute API,
+        TerminateInstance)."""
+        return []
+
+    def delete_extra(self, resource: OwnedResource) -> None:
+        raise InvalidSpecError(f"oci creates no {resource.kind} beside an instance: nothing to delete")
 
 
 def _all_pages(list_call: Any, *args: Any, **kwargs: Any) -> list[Any]:

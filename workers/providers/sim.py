@@ -21,10 +21,12 @@ from vmqueue.keys import SIM_PREFIX
 from vmqueue.models import VMInfo, VMSpec, VMStatus
 from vmqueue.settings import get_settings
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.sweep import OwnedResource
 from workers.providers.base import resolve_alias
 from workers.providers.errors import (
     AuthError,
     CapacityError,
+    InvalidSpecError,
     NotFoundError,
     ProviderError,
     RateLimitedError,
@@ -272,3 +274,11 @@ class SimProvider:
         if _now_ms() < int(record["boot_at_ms"]) or record["fate"] == "stuck":
             return "booting"
         return "failed" if record["fate"] == "error" else "active"
+
+    def list_owned_extras(self) -> list[OwnedResource]:
+        """See the protocol. None can outlive a VM:
+        the simulated cloud makes nothing but VMs."""
+        return []
+
+    def delete_extra(self, resource: OwnedResource) -> None:
+        raise InvalidSpecError(f"sim creates no {resource.kind} beside a VM: nothing to delete")
