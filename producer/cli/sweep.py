@@ -89,7 +89,8 @@ def _show(report: SweepReport, as_json: bool) -> None:
     mode = " (dry run: nothing changed)" if report.dry_run else ""
     console.print(
         f"[bold]sweep {report.provider}[/]{mode}: {report.listed} VMs carry the ownership label, "
-        f"{report.owned} belong to live jobs, {len(report.orphans)} orphaned"
+        f"{report.owned} belong to live jobs, {report.extras_listed} other resources carry it, "
+        f"{len(report.orphans)} orphaned"
     )
     if report.rescued:
         verb = "would send again" if report.dry_run else "sent again"
@@ -102,11 +103,12 @@ def _show(report: SweepReport, as_json: bool) -> None:
         err.print(f"[bold yellow]This pass destroys nothing:[/] {report.refused}")
     if report.orphans:
         table = Table()
-        for column in ("instance", "name", "status", "job", "why orphaned", "action"):
+        for column in ("resource", "name", "status", "job", "why orphaned", "action"):
             table.add_column(column)
         for o in report.orphans:
             action = f"{o.action}: {o.kept_because}" if o.action == "kept" else str(o.action)
-            table.add_row(o.instance_id, o.name or "", o.status, (o.job_id or "")[:12], o.reason, action)
+            resource = o.instance_id if o.kind == "vm" else f"{o.kind} {o.instance_id}"
+            table.add_row(resource, o.name or "", o.status, (o.job_id or "")[:12], o.reason, action)
         console.print(table)
         if any(o.action == "held" for o in report.orphans):
             console.print(f"Held: this pass destroys at most {report.destroy_limit} VM(s) (--max-destroy-share).")
