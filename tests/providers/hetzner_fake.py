@@ -1,7 +1,10 @@
 """A small stateful fake of the Hetzner Cloud API; payloads follow the spec (docs.hetzner.cloud, cloud.spec).
 
 A server appears on POST as ``initializing``, is ``running`` from the next read (GET or list), and is gone after DELETE.
-Names are unique per project (409 ``uniqueness_error``), like the real API.
+Names are unique per project (409 ``uniqueness_error``), like the real API. In a location of
+``create_fails_in`` the POST is accepted, then the server's ``create_server`` action ends ``error`` with the
+given error code and the server stays ``off`` (the asynchronous failure); ``GET /servers/{id}/actions``
+lists a server's actions, filtered by ``status`` and sorted by ``id``/``id:asc``/``id:desc`` as the spec says.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import base64
 import hashlib
 import itertools
 import re
+from datetime import UTC, datetime
 from typing import Any
 
 from tests.providers.fakehttp import FakeAPI, Reply
@@ -20,6 +24,11 @@ CREATED = "2016-01-30T23:50:00Z"
 
 def error(code: str, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "details": details}}
+
+
+def now() -> str:
+    """The current time as the API writes timestamps (ISO 8601, UTC)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def md5_fingerprint(public_key: str) -> str:
@@ -40,6 +49,14 @@ def action(action_id: int, command: str, server_id: int) -> dict[str, Any]:
     }
 
 
+def finished(running: dict[str, Any], error_code: str | None = None, message: str = "") -> dict[str, Any]:
+    """``running`` as it reads once it ended: ``success``, or ``error`` with the spec's ``{code, message}``."""
+    ended = {**running, "progress": 100, "finished": "2016-01-30T23:55:00Z", "status": "success"}
+    if error_code:
+        ended.update(status="error", error={"code": error_code, "message": message})
+    return ended
+
+
 def server_payload(
     server_id: int,
     name: str,
@@ -52,12 +69,13 @@ def server_payload(
     ipv4: str | None = "203.0.113.10",
     ipv6: str | None = "2001:db8:1234::/64",
     private_ipv4: str | None = None,
+    created: str = CREATED,
 ) -> dict[str, Any]:
     return {
         "id": server_id,
         "name": name,
         "status": status,
-        "created": CREATED,
+        "created": created,
         "public_net": {
             "ipv4": {"id": server_id + 1000, "ip": ipv4, "blocked": False, "dns_ptr": "static.example.com"}
             if ipv4
@@ -163,7 +181,10 @@ class FakeHetzner(FakeAPI):
         self.ssh_keys: dict[int, dict[str, Any]] = {}
         self._ids = itertools.count(4201)
         self._booting: set[int] = set()
+        self._failing: set[int] = set()  # booting servers whose create_server failed: off from the next read
         self.max_per_page = MAX_PER_PAGE  # lower it to make a list span pages
+        self.actions: dict[int, list[dict[str, Any]]] = {}  # server id -> its actions, as they read now
+        self.create_fails_in: dict[str, tuple[str, str]] = {}  # location -> (error code, message)
 
     def add_server(self, name: str, **fields: Any) -> dict[str, Any]:
         server = server_payload(next(self._ids), name, **fields)
@@ -185,6 +206,8 @@ class FakeHetzner(FakeAPI):
     def route(self, method: str, path: str, query: dict[str, str], body: Any) -> Reply:
         if match := re.fullmatch(r"/servers/(\d+)", path):
             return self._server(method, int(match[1]))
+        if method == "GET" and (match := re.fullmatch(r"/servers/(\d+)/actions", path)):
+            return self._server_actions(int(match[1]), query)
         if (method, path) == ("GET", "/servers"):
             found = [
                 self._read(s["id"])
@@ -228,31 +251,37 @@ class FakeHetzner(FakeAPI):
             labels=body.get("labels", {}),
             ipv4="203.0.113.10" if body.get("public_net", {}).get("enable_ipv4", True) else None,
             ipv6="2001:db8:1234::/64" if body.get("public_net", {}).get("enable_ipv6", True) else None,
+            created=now(),
         )
-        self._booting.add(server["id"])
+        create = action(next(self._ids), "create_server", server["id"])
         start = action(next(self._ids), "start_server", server["id"])
-        return (
-            201,
-            {},
-            {
-                "server": server,
-                "action": action(next(self._ids), "create_server", server["id"]),
-                "next_actions": [start],
-                "root_password": None,
-            },
-        )
+        self._booting.add(server["id"])
+        if failure := self.create_fails_in.get(server["location"]["name"]):
+            self._failing.add(server["id"])
+            self.actions[server["id"]] = [finished(create, *failure), finished(start, *failure)]
+        else:
+            self.actions[server["id"]] = [finished(create), finished(start)]
+        return 201, {}, {"server": server, "action": create, "next_actions": [start], "root_password": None}
+
+    def _server_actions(self, server_id: int, query: dict[str, str]) -> Reply:
+        if server_id not in self.servers:
+            return 404, {}, error("not_found", f"server with ID '{server_id}' not found")
+        found = [a for a in self.actions.get(server_id, []) if query.get("status", a["status"]) == a["status"]]
+        found.sort(key=lambda a: a["id"], reverse=query.get("sort") == "id:desc")
+        return 200, {}, page("actions", found, query, self.max_per_page)
 
     def _server(self, method: str, server_id: int) -> Reply:
         if server_id not in self.servers:
             return 404, {}, error("not_found", f"server with ID '{server_id}' not found")
         if method == "DELETE":
             del self.servers[server_id]
+            self.actions.pop(server_id, None)
             return 200, {}, {"action": action(next(self._ids), "delete_server", server_id)}
         return 200, {}, {"server": self._read(server_id)}
 
     def _read(self, server_id: int) -> dict[str, Any]:
-        """A server as a read (GET or list) sees it: a booting one is running from its first read."""
+        """A read (GET or list) sees a booting server running, or off if its create failed."""
         if server_id in self._booting:
             self._booting.discard(server_id)
-            self.servers[server_id]["status"] = "running"
+            self.servers[server_id]["status"] = "off" if server_id in self._failing else "running"
         return self.servers[server_id]

@@ -12,7 +12,16 @@ from pytest_httpserver import HTTPServer
 
 from tests.providers.contract import AdapterContract, make_ed25519_key
 from tests.providers.fakehttp import mocked, serve
-from tests.providers.hetzner_fake import BASE_URL, FakeHetzner, error, md5_fingerprint, page
+from tests.providers.hetzner_fake import (
+    BASE_URL,
+    FakeHetzner,
+    action,
+    error,
+    finished,
+    md5_fingerprint,
+    now,
+    page,
+)
 from vmqueue.models import JobState, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
@@ -152,6 +161,16 @@ class TestHetzner(AdapterContract):
         assert vm.instance_id != str(other["id"]) and vm.name == "web-1"
         assert len(fake.calls("POST", "/servers")) == 1
 
+    def test_failover_waits_for_the_previous_placements_server(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        """A late capacity failure deletes the server, and the failover creates the same name elsewhere: while
+        the old server is still deleting the name is taken, which is transient (retry), not a foreign server."""
+        fake.add_server("web-1", status="deleting", labels={"managed-by": "vmqueue", "vmqueue-job": JOB})
+        with pytest.raises(TransientError, match="previous placement is still being deleted"):
+            provider.create_vm(make_spec(region="nbg1"), key, job_id=f"{JOB}-p1")
+        assert fake.calls("POST", "/servers") == []
+
     def test_create_lost_answer_one_vm(self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
         # The API creates the server, then the answer never arrives; the job's retry adopts it.
         fake.fail("POST", "/servers", exc=requests.ReadTimeout("read timed out"), after=True)
@@ -179,6 +198,66 @@ class TestHetzner(AdapterContract):
         server = fake.add_server("web-1", status=raw)
         vm = provider.get_vm(str(server["id"]))
         assert (vm.status, vm.provider_status) == (status, raw)
+
+    def test_late_capacity_failure_raises_capacity_and_deletes(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        """The POST is accepted, then create_server ends ``error`` (resource_unavailable) and the server stays
+        off: the batched read reports it in error, get_vm raises CapacityError once its delete is sent."""
+        fake.create_fails_in = {"fsn1": ("resource_unavailable", "server type cx22 is unavailable in fsn1")}
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert vm.status == VMStatus.pending and len(fake.calls("POST", "/servers")) == 1
+
+        batched = provider.get_vms([vm.instance_id])[vm.instance_id]
+        assert batched.status == VMStatus.error
+        assert (
+            batched.provider_status
+            == "create_server failed: resource_unavailable: server type cx22 is unavailable in fsn1"
+        )
+        assert fake.calls("DELETE", f"/servers/{vm.instance_id}") == []
+        with pytest.raises(CapacityError) as caught:
+            provider.get_vm(vm.instance_id)
+
+        assert caught.value.provider_code == "resource_unavailable"
+        assert "unavailable in fsn1" in caught.value.message
+        assert fake.servers == {}  # the failover forgets this id: nothing of it may stay
+        reads = [q for m, p, q, _ in fake.requests if p == f"/servers/{vm.instance_id}/actions"]
+        assert reads and all((q["status"], q["sort"]) == ("error", "id:asc") for q in reads)
+
+    def test_late_other_failure_reads_as_error(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        """A create_server action ending in a non-capacity error: the VM reads in error (the job fails vm_error
+        and its cleanup destroys it), through get_vm and get_vms alike; nothing deleted here."""
+        fake.create_fails_in = {"fsn1": ("server_error", "internal error while creating the disk")}
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        single = provider.get_vm(vm.instance_id)
+        assert single.status == VMStatus.error
+        assert single.provider_status == "create_server failed: server_error: internal error while creating the disk"
+        assert provider.get_vms([vm.instance_id]) == {vm.instance_id: single}
+        assert list(fake.servers) == [int(vm.instance_id)]
+
+    def test_stuck_initializing_reads_the_create_action(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
+        """Initializing longer than a create takes: one read of the server's error actions, which finds the
+        failed create_server; a server that just started initializing costs no such read."""
+        young = fake.add_server("web-1", status="initializing", created=now())
+        old = fake.add_server("web-2", status="initializing")
+        fake.actions[old["id"]] = [finished(action(9001, "create_server", old["id"]), "placement_error", "no host")]
+
+        assert provider.get_vm(str(young["id"])).status == VMStatus.pending
+        assert [p for _, p, _, _ in fake.requests] == [f"/servers/{young['id']}"]
+        with pytest.raises(CapacityError, match="no host"):
+            provider.get_vm(str(old["id"]))
+        assert old["id"] not in fake.servers
+
+    def test_off_server_whose_create_succeeded_reads_stopped(
+        self, fake: FakeHetzner, provider: HetznerProvider
+    ) -> None:
+        server = fake.add_server("web-1", status="off")
+        fake.actions[server["id"]] = [finished(action(9001, "create_server", server["id"]))]
+        vm = provider.get_vm(str(server["id"]))
+        assert (vm.status, vm.provider_status) == (VMStatus.stopped, "off")
+        assert server["id"] in fake.servers
 
     def test_get_undocumented_state_is_unknown(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
         server = fake.add_server("web-1", status="hibernating")
@@ -317,7 +396,7 @@ class TestHetzner(AdapterContract):
     def test_get_vms_reads_many_in_few_calls(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
         owned = {"managed-by": "vmqueue"}
         running = fake.add_server("web-1", labels=owned, private_ipv4="10.0.0.2")
-        booting = fake.add_server("web-2", status="initializing", labels=owned)
+        booting = fake.add_server("web-2", status="initializing", labels=owned, created=now())
         fake.add_server("their-db")  # not ours: the label filter leaves it out
         ids = [str(running["id"]), str(booting["id"]), "999999"]
 
@@ -393,3 +472,25 @@ def test_system_create_then_destroy_through_a_worker(
     gone = provisioner.wait(provisioner.destroy_vm("hetzner", job.instance_id).id, timeout_s=30)
     assert gone.state == JobState.gone, gone.error
     assert fake.servers == {}
+
+
+@pytest.mark.system
+def test_system_late_capacity_failure_fails_over(
+    worker_factory: Any, provisioner: Any, httpserver: HTTPServer, ssh_key: str
+) -> None:
+    """create_server fails after the POST was accepted (resource_unavailable in fsn1): through a real worker the
+    job fails over to its fallback location, as a refused POST would, and the failed server is deleted."""
+    fake = FakeHetzner()
+    fake.create_fails_in = {"fsn1": ("resource_unavailable", "server type cx22 is unavailable in fsn1")}
+    endpoint = serve(httpserver, fake)
+    worker_factory("hetzner", env={"HCLOUD_TOKEN": FAKE_TOKEN, "HCLOUD_ENDPOINT": endpoint, "NO_PROXY": "*"})
+
+    spec = make_spec(fallbacks=[{"region": "nbg1"}])
+    job = provisioner.wait(provisioner.create_vm(spec, ssh_key).id, timeout_s=60)
+
+    assert job.state == JobState.running, job.error
+    assert (job.placement, job.vm.region) == (1, "nbg1")
+    assert any("no capacity in fsn1" in event.message for event in job.history)
+    assert [body["location"] for body in fake.calls("POST", "/servers")] == ["fsn1", "nbg1"]
+    [server] = fake.servers.values()
+    assert str(server["id"]) == job.instance_id and server["location"]["name"] == "nbg1"

@@ -12,6 +12,8 @@ import os
 import threading
 import time
 from contextlib import suppress
+from datetime import UTC, datetime
+from typing import NamedTuple
 
 import requests
 from hcloud import APIException, Client
@@ -21,7 +23,7 @@ from hcloud.server_types import ServerType
 from hcloud.servers import BoundServer, Server, ServerCreatePublicNetwork
 from hcloud.ssh_keys import BoundSSHKey
 
-from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
+from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus, job_id_of
 from vmqueue.options import HetznerOptions
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
@@ -41,6 +43,7 @@ from workers.providers.errors import (
 TOKEN_ENV = "HCLOUD_TOKEN"
 ENDPOINT_ENV = "HCLOUD_ENDPOINT"  # e.g. a local fake API in system tests
 DEFAULT_ENDPOINT = "https://api.hetzner.cloud/v1"
+ACTIONS_PAGE_SIZE = 5  # a failed create_server heads its server's error actions; a few spare
 TIMEOUT_S = (5.0, 30.0)  # (connect, read): hcloud's default waits forever, and the threads pool has no time limit
 
 # Every documented ``server.status`` (spec: GET /servers ``status`` enum).
@@ -55,6 +58,11 @@ STATUS_MAP: dict[str, VMStatus] = {
     "deleting": VMStatus.terminating,
     "unknown": VMStatus.unknown,
 }
+
+# A server whose create went well leaves ``initializing`` within seconds; one still there after this long,
+# or ``off`` (a create that failed leaves the server off), may have a failed ``create_server`` action, read
+# then and only then, so a healthy boot costs no extra call.
+CREATE_STUCK_S = 60.0
 
 # API error codes (hcloud-go hcloud/error.go); ``uniqueness_error`` on create is adopted before it gets here.
 ERROR_CODES: dict[str, type[ProviderError]] = {
@@ -87,6 +95,14 @@ HTTP_STATUSES: dict[int, type[ProviderError]] = {
     404: NotFoundError,
     429: RateLimitedError,
 }
+
+
+class CreateFailure(NamedTuple):
+    """The ``error`` of a ``create_server`` action that ended ``error`` (spec: Action.error)."""
+
+    code: str  # an API error code (``ERROR_CODES``)
+    message: str
+
 
 # hcloud drops response headers; a session hook keeps RateLimit-Reset of this thread's last answer.
 _last_answer = threading.local()
@@ -161,7 +177,23 @@ class HetznerProvider:
 
     @map_errors(_map_error)
     def get_vm(self, instance_id: str) -> VMInfo:
-        return _vm_info(self._client().servers.get_by_id(_server_id(instance_id)))
+        """See the protocol. A server whose ``create_server`` action ended ``error`` after the POST was
+        accepted (the API's asynchronous failure) reads by that error's code: a capacity one
+        (``resource_unavailable``, ``placement_error``, ...; ``ERROR_CODES``) raises CapacityError once the
+        server's delete is sent, as a refused POST would (the failover that follows forgets this id);
+        any other reads as ``VMStatus.error`` with the code in ``provider_status``, for the job's cleanup.
+
+        Calls: one GET; one more (the server's actions filtered to ``status=error``) only while the server
+        looks stuck (``off``, or ``initializing`` for over ``CREATE_STUCK_S``); one DELETE on a capacity failure.
+        """
+        server = self._client().servers.get_by_id(_server_id(instance_id))
+        failure = self._create_failure(server)
+        if failure is not None and ERROR_CODES.get(failure.code) is CapacityError:
+            self.destroy_vm(instance_id)
+            raise CapacityError(
+                f"Hetzner could not create server {server.name}: {failure.message}", provider_code=failure.code
+            )
+        return _vm_info(server, failure)
 
     @map_errors(_map_error)
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
@@ -175,7 +207,13 @@ class HetznerProvider:
         if not wanted:
             return {}
         servers = self._client().servers.get_all(label_selector=f"{LABEL_MANAGED_BY}=vmqueue")
-        return {str(server.id): _vm_info(server) for server in servers if str(server.id) in wanted}
+        # A failed create reads as a server in error here (raised, it would sink the whole batch); the
+        # tick reads such a server again through get_vm, which fails a capacity failure over.
+        return {
+            str(server.id): _vm_info(server, self._create_failure(server))
+            for server in servers
+            if str(server.id) in wanted
+        }
 
     def destroy_vm(self, instance_id: str) -> None:
         with suppress(NotFoundError), map_errors(_map_error):
@@ -186,12 +224,40 @@ class HetznerProvider:
         servers = self._client().servers.get_all(label_selector=f"{LABEL_MANAGED_BY}=vmqueue")
         return [_vm_info(server) for server in servers]
 
+    def _create_failure(self, server: BoundServer) -> CreateFailure | None:
+        """The error of the server's failed ``create_server`` action, read only while the server looks stuck.
+
+        One call: GET /servers/{id}/actions?status=error&sort=id:asc (docs.hetzner.cloud, "List Actions
+        for a Server"); a server's create action is its first, so it heads the list when it failed.
+        """
+        if not _looks_stuck(server):
+            return None
+        failed = self._client().servers.get_actions_list(
+            Server(id=server.id), status=["error"], sort=["id:asc"], per_page=ACTIONS_PAGE_SIZE
+        )
+        for action in failed.actions:
+            if action.command == "create_server":
+                error = action.error or {}
+                return CreateFailure(
+                    code=error.get("code") or "create_server_failed",
+                    message=error.get("message") or "the create_server action ended in error",
+                )
+        return None
+
     def _adopt(self, name: str, job_id: str) -> VMInfo | None:
         """The server named ``name`` if this job created it; a foreign server of that name is an error."""
         server = self._client().servers.get_by_name(name)
         if server is None or server.name != name:  # only the server asked for, whatever the answer held
             return None
-        if (server.labels or {}).get(LABEL_JOB) != job_id:
+        label = (server.labels or {}).get(LABEL_JOB)
+        if label is not None and label != job_id and job_id_of(label) == job_id_of(job_id):
+            # The server of this job's previous placement, deleted after its create failed late: the name
+            # frees up once the delete_server action ends, so a later attempt of this create succeeds.
+            raise TransientError(
+                f"Hetzner: server {name!r} of this job's previous placement is still being deleted",
+                provider_code="uniqueness_error",
+            )
+        if label != job_id:
             raise InvalidSpecError(
                 f"Hetzner: a server named {name!r} already exists in the project and is not this job's; "
                 "server names are unique per project, pick another name",
@@ -233,14 +299,26 @@ def _server_id(instance_id: str) -> int:
     return int(instance_id)
 
 
-def _vm_info(server: BoundServer) -> VMInfo:
+def _looks_stuck(server: BoundServer) -> bool:
+    """Off, or initializing for longer than a healthy create takes: how a failed create leaves a server."""
+    if server.status == "off":
+        return True
+    created = server.created
+    if server.status != "initializing" or created is None:
+        return False
+    return (datetime.now(UTC) - created).total_seconds() > CREATE_STUCK_S
+
+
+def _vm_info(server: BoundServer, create_failure: CreateFailure | None = None) -> VMInfo:
+    """The server as VMInfo; a failed create (its action's error) reads as ``error`` whatever the status."""
     net = server.public_net
+    failed = f"create_server failed: {create_failure.code}: {create_failure.message}" if create_failure else None
     return VMInfo(
         provider="hetzner",
         instance_id=str(server.id),
         name=server.name,
-        status=STATUS_MAP.get(server.status or "", VMStatus.unknown),
-        provider_status=server.status,
+        status=VMStatus.error if create_failure else STATUS_MAP.get(server.status or "", VMStatus.unknown),
+        provider_status=failed or server.status,
         public_ipv4=net.ipv4.ip if net and net.ipv4 else None,
         # Hetzner assigns a /64; the server answers on its ::1 (what `hcloud server ip -6` prints).
         public_ipv6=str(ipaddress.ip_network(net.ipv6.ip)[1]) if net and net.ipv6 else None,
