@@ -38,6 +38,7 @@ from vmqueue.connection import connect_async
 from vmqueue.events import Cursor, Event, afollow, alatest_id
 from vmqueue.jobindex import JobPage, JobQuery
 from vmqueue.models import Job, VMSpec
+from vmqueue.readiness import ReadyVia, ReadyWhen
 from vmqueue.settings import Settings, get_settings
 from vmqueue.sshkeys import SSHPublicKey
 
@@ -79,8 +80,15 @@ class AsyncProvisioner:
         ttl_s: float | None = None,
         expires_at: datetime | None = None,
         callback_url: str | None = None,
+        ready_when: ReadyWhen | str = ReadyWhen.running,
+        ready_deadline_s: float | None = None,
+        ready_via: ReadyVia | str = ReadyVia.public,
+        ssh_port: int = 22,
     ) -> Job:
-        """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field."""
+        """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field.
+
+        ``ready_when`` (running, ssh, cloud_init) and the other ``ready_*`` options: see
+        ``producer.submit.build_create``."""
         job, script = build_create(
             self.settings,
             spec,
@@ -92,6 +100,10 @@ class AsyncProvisioner:
             ttl_s=ttl_s,
             expires_at=expires_at,
             callback_url=callback_url,
+            ready_when=ready_when,
+            ready_deadline_s=ready_deadline_s,
+            ready_via=ready_via,
+            ssh_port=ssh_port,
         )
         return await self._submit(job, script)
 

@@ -35,6 +35,7 @@ from vmqueue.events import Cursor, Event, follow, latest_id
 from vmqueue.jobindex import JobPage, JobQuery
 from vmqueue.jobstore import JobStore
 from vmqueue.models import Job, VMSpec
+from vmqueue.readiness import ReadyVia, ReadyWhen
 from vmqueue.settings import Settings, get_settings
 from vmqueue.sshkeys import SSHPublicKey
 
@@ -61,11 +62,17 @@ class Provisioner:
         ttl_s: float | None = None,
         expires_at: datetime | None = None,
         callback_url: str | None = None,
+        ready_when: ReadyWhen | str = ReadyWhen.running,
+        ready_deadline_s: float | None = None,
+        ready_via: ReadyVia | str = ReadyVia.public,
+        ssh_port: int = 22,
     ) -> Job:
         """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field.
 
         ``ttl_s`` (seconds from now) or ``expires_at`` (aware datetime): the VM is destroyed by an
         ordinary destroy job once that time passes (``extend`` moves it); ValueError if both, or past.
+        ``ready_when`` (running, ssh, cloud_init) and the other ``ready_*`` options: see
+        ``producer.submit.build_create``.
         """
         job, script = build_create(
             self.settings,
@@ -78,6 +85,10 @@ class Provisioner:
             ttl_s=ttl_s,
             expires_at=expires_at,
             callback_url=callback_url,
+            ready_when=ready_when,
+            ready_deadline_s=ready_deadline_s,
+            ready_via=ready_via,
+            ssh_port=ssh_port,
         )
         return self._submit(job, script)
 

@@ -11,6 +11,7 @@ defaults:                       # any VM field; a VM's own value wins (labels an
   script: init.sh                  # a startup script file (relative to this file)
   labels: {team: web}
   ttl_s: 86400                     # each VM is destroyed a day after apply created it (or expires_at:)
+  ready_when: ssh               # apply waits until sshd answers (or cloud_init: until cloud-init is done)
 vms:
   - name: web                   # with count: web-1, web-2, web-3
     count: 3
@@ -37,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from producer.submit import expiry
 from vmqueue.models import LABEL_FLEET, CreateRequest, VMSpec
 from vmqueue.options import ProviderName
+from vmqueue.readiness import ReadyWhen
 
 # Every VM of a fleet carries LABEL_FLEET, so the fleet's VMs can be found at the provider and in the job index.
 MAX_COUNT = 1000
@@ -59,6 +61,8 @@ class VMFields(BaseModel):
     deadline_s: float | None = Field(None, gt=0, description="seconds until running, else fail and destroy")
     ttl_s: float | None = Field(None, gt=0, description="destroy the VM this many seconds after apply created it")
     expires_at: datetime | None = Field(None, description="destroy the VM at this time (with a zone: ...Z)")
+    ready_when: ReadyWhen | None = Field(None, description="running (default), ssh or cloud_init: what apply waits for")
+    ready_deadline_s: float | None = Field(None, gt=0, description="seconds from running to ready, else fail")
 
 
 class VMEntry(VMFields):
@@ -197,7 +201,13 @@ def _expand(
                 valid = VMSpec.model_validate(spec)
                 if len(inputs) < 2:
                     break
-                request = CreateRequest(spec=valid, ssh_key=inputs["ssh_key"], startup_script=inputs["script"])
+                request = CreateRequest(
+                    spec=valid,
+                    ssh_key=inputs["ssh_key"],
+                    startup_script=inputs["script"],
+                    ready_when=fields["ready_when"] or ReadyWhen.running,
+                    ready_deadline_s=fields["ready_deadline_s"],
+                )
             except ValidationError as exc:
                 for error in exc.errors():
                     problems.append(_request_problem(root, index, entry, name, error))

@@ -152,6 +152,8 @@ class FleetRunner:
                 deadline_s=vm.deadline_s,
                 ttl_s=vm.ttl_s,
                 expires_at=vm.expires_at,
+                ready_when=vm.request.ready_when,
+                ready_deadline_s=vm.request.ready_deadline_s,
             )
         except IdempotencyConflict:
             # Another apply (or one that died before recording) holds the key: adopt its job.
@@ -319,7 +321,8 @@ def _drift(job: Job, vm: FleetVM) -> str:
 
 
 def all_running(tracked: list[Tracked]) -> bool:
-    return all(t.state == "running" for t in tracked)
+    """Every VM runs, and is ready where its ``ready_when`` asked for more than running."""
+    return all(t.state == "running" if t.job is None or t.job.kind == JobKind.get else t.job.succeeded for t in tracked)
 
 
 def all_gone(tracked: list[Tracked]) -> bool:

@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 from vmqueue import keys
 from vmqueue.jobindex import JobQuery
 from vmqueue.models import CreateRequest, InstanceRef, Job, JobError, JobKind, JobState, VMSpec, utcnow
+from vmqueue.readiness import ReadyVia, ReadyWhen, new_token, phone_home_config, phone_home_url, token_digest
 from vmqueue.settings import Settings
 from vmqueue.sshkeys import SSHPublicKey
+from vmqueue.userdata import merge_user_data
 from vmqueue.webhooks import check_callback_url
 
 TASKS = {JobKind.create: keys.TASK_CREATE, JobKind.destroy: keys.TASK_DESTROY, JobKind.get: keys.TASK_GET}
@@ -58,11 +60,34 @@ def build_create(
     ttl_s: float | None = None,
     expires_at: datetime | None = None,
     callback_url: str | None = None,
+    ready_when: ReadyWhen | str = ReadyWhen.running,
+    ready_deadline_s: float | None = None,
+    ready_via: ReadyVia | str = ReadyVia.public,
+    ssh_port: int = 22,
 ) -> tuple[Job, str | None]:
-    """The create job and its startup script; raises pydantic's ``ValidationError`` naming the bad field
-    (ValueError for a bad ``ttl_s``/``expires_at``), ``InvalidCallbackURL`` for a callback URL vmqueue
-    will not call."""
-    request = CreateRequest(spec=spec, ssh_key=ssh_key, startup_script=startup_script)
+    """The create job and the user-data to send; raises pydantic's ``ValidationError`` naming the bad field.
+
+    ``ready_when``: ``running`` ends the job when the provider says so; ``ssh`` when the VM's SSH
+    port (``ssh_port`` on its ``ready_via`` address) completes a key exchange; ``cloud_init`` when
+    cloud-init's final stage posts to ``VMQ_READY_BASE_URL`` (refused without it): the user-data
+    sent is then the user's script with a phone_home merged in, whose URL holds a per-job one-time
+    token. Not ready ``ready_deadline_s`` (default ``VMQ_READY_DEADLINE_S``) after running fails
+    the job and destroys the VM. The job records the VM's SSH host keys (``Job.host_keys``).
+    ValueError for a bad ``ttl_s``/``expires_at``; ``InvalidCallbackURL`` for a callback URL vmqueue
+    will not call.
+    """
+    request = CreateRequest.model_validate(
+        {
+            "spec": spec,
+            "ssh_key": ssh_key,
+            "startup_script": startup_script,
+            "ready_when": ready_when,
+            "ready_deadline_s": ready_deadline_s,
+            "ready_via": ready_via,
+            "ssh_port": ssh_port,
+        },
+        context={"ready_base_url": settings.ready_base_url},
+    )
     expires = expiry(ttl_s, expires_at)
     job = Job(
         kind=JobKind.create,
@@ -75,8 +100,19 @@ def build_create(
         idempotency_key=idempotency_key,
         expires_at=expires,
         callback_url=_callback(settings, callback_url),
+        ready_when=request.ready_when,
+        ready_deadline_s=request.ready_deadline_s or settings.ready_deadline_s,
+        ready_via=request.ready_via,
+        ssh_port=request.ssh_port,
     )
-    return job, request.startup_script
+    if request.ready_when != ReadyWhen.cloud_init:
+        return job, request.startup_script
+    # The fingerprint is of the user's request; the user-data sent differs per job (its token).
+    job.request_hash = request_hash(job, request.startup_script) if idempotency_key else None
+    token = new_token()  # only in the user-data; the store keeps its digest until the VM uses it
+    job._ready_token_digest = token_digest(token)
+    url = phone_home_url(settings.ready_base_url, job.id, token)
+    return job, merge_user_data(request.startup_script, phone_home_config(url))
 
 
 def build_destroy(
@@ -148,6 +184,8 @@ def os_user() -> str:
 def request_hash(job: Job, startup_script: str | None) -> str:
     """What makes two requests "the same" for an idempotency key, computed before any worker acts."""
     fields = job.model_dump(mode="json", include={"kind", "provider", "spec", "instance_id", "ssh_key"})
+    if job.ready_when != ReadyWhen.running:  # only then: fingerprints of earlier requests stay as they were
+        fields.update(job.model_dump(mode="json", include={"ready_when", "ready_via", "ssh_port"}))
     fields["startup_script"] = startup_script
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -186,7 +224,7 @@ def submit(job: Job, startup_script: str | None = None) -> Protocol[Job]:
     ``failed`` (``enqueue_failed``) and its idempotency key free.
     """
     if job.idempotency_key:
-        job.request_hash = request_hash(job, startup_script)
+        job.request_hash = job.request_hash or request_hash(job, startup_script)  # build_create may have set it
         existing = yield Call("claim_idempotency_key", (job.idempotency_key, job.id))
         if existing:
             earlier = yield Call("get", (existing,))

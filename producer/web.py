@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from producer import weblisting
+from producer import phonehome, weblisting
 from producer.aclient import AsyncProvisioner
 from producer.submit import IdempotencyConflict, JobNotFound, expiry
 from vmqueue.events import STREAM_ID
@@ -154,6 +154,10 @@ def create_app(
             callback_url=body.callback_url,
             ttl_s=body.ttl_s,
             expires_at=body.expires_at,
+            ready_when=body.ready_when,
+            ready_deadline_s=body.ready_deadline_s,
+            ready_via=body.ready_via,
+            ssh_port=body.ssh_port,
         )
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
@@ -207,6 +211,7 @@ def create_app(
         return job
 
     app.include_router(weblisting.router(Auth))  # list, cancel, extend
+    app.include_router(phonehome.router)  # cloud-init's phone_home (ready_when=cloud_init): token, not API key
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

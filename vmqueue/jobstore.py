@@ -18,7 +18,7 @@ import redis
 
 from vmqueue import jobindex, keys
 from vmqueue.events import change_of, describe, queue_event
-from vmqueue.models import TRANSITIONS, Job, JobKind, JobState, utcnow
+from vmqueue.models import Job, JobKind, JobState, transition_allowed, utcnow
 from vmqueue.settings import Settings
 
 # Compare-and-set in one round trip: writes only if the record is still what this process last saw,
@@ -62,6 +62,8 @@ def queue_add(pipe: Any, job: Job, startup_script: str | None, settings: Setting
     pipe.set(keys.job_key(job.id), job.model_dump_json(), ex=settings.job_ttl_s)
     if startup_script is not None:
         pipe.set(keys.script_key(job.id), startup_script, ex=settings.job_ttl_s)
+    if job._ready_token_digest:  # ready_when=cloud_init: what the phone-home route checks (vmqueue/readiness.py)
+        pipe.set(keys.ready_token_key(job.id), job._ready_token_digest, ex=settings.job_ttl_s)
     queue_event(pipe, job.id, describe(job, None).model_dump_json(), settings)
     jobindex.apply(pipe, job.id, jobindex.changes(jobindex.snapshot(None), job))
 
@@ -233,8 +235,9 @@ class JobStore:
         request changed) and the job index writes that go with it."""
         job = Job.model_validate_json(raw)
         before, cleanup_before, cancel_before, indexed = job.state, job.cleanup, job.cancel, jobindex.snapshot(job)
+        awaiting = job.awaiting_ready
         change(job)
-        if job.state != before and job.state not in TRANSITIONS[before]:
+        if job.state != before and not transition_allowed(before, job.state, awaiting):
             raise InvalidTransition(f"job {job_id}: {before} -> {job.state} is not allowed")
         job.updated_at = utcnow()
         event = change_of(job, before, cleanup_before, cancel_asked=cancel_before is None and job.cancel is not None)

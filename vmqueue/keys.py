@@ -22,6 +22,9 @@ EPOCH_KEY = "vmq:epoch"
 REPLICATION_PROBE_KEY = "vmq:replicated"
 # The job index (vmqueue/jobindex.py): sorted sets of job ids by creation time, kept by the job store.
 INDEX_PREFIX = "vmq:idx:"
+READY_PREFIX = "vmq:ready:"
+READY_DUE = f"{READY_PREFIX}due"  # sorted set: job id -> when its readiness is next looked at (epoch s)
+READY_TARGETS = f"{READY_PREFIX}targets"  # hash: job id -> what the scanner probes (JSON)
 
 TASK_CREATE = "vmq.create"
 TASK_DESTROY = "vmq.destroy"
@@ -60,6 +63,11 @@ def lock_key(job_id: str) -> str:
 
 def due_key(job_id: str) -> str:
     return f"{DUE_PREFIX}{job_id}"
+
+
+def ready_token_key(job_id: str) -> str:
+    """The digest of a job's one-time phone-home token (not under ``vmq:job:``: that prefix holds records)."""
+    return f"{READY_PREFIX}token:{job_id}"
 
 
 def fleet_key(fleet: str) -> str:

@@ -12,14 +12,24 @@ from enum import StrEnum
 from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vmqueue import sizes
 from vmqueue.images import ALIASES as IMAGE_ALIASES
 from vmqueue.images import IMAGES
 from vmqueue.options import OPTIONS_MODELS, ProviderName, ProviderOptions, region_scope
+from vmqueue.readiness import HostKey, ReadyVia, ReadyWhen, new_token, phone_home_config, phone_home_url
 from vmqueue.sshkeys import SSHKeyField, SSHPublicKey
-from vmqueue.userdata import PLAIN_LIMITS, sent_size
+from vmqueue.userdata import PLAIN_LIMITS, cloud_configs, merge_user_data, sent_size
 
 PROVIDERS: tuple[str, ...] = get_args(ProviderName)
 
@@ -328,6 +338,21 @@ def check_startup_script(
     return script
 
 
+def check_phone_home(script: str | None, context: dict | None) -> str:
+    """``ready_when=cloud_init`` needs a base URL the VMs can reach (``context["ready_base_url"]``,
+    checked where the context is given: the producer) and a script without a phone_home of its own.
+    Returns the user-data as it will be sent (with a stand-in token of the real one's length), whose
+    size the caller checks."""
+    base_url = (context or {}).get("ready_base_url", "https://unchecked.invalid")
+    if not base_url:
+        raise ValueError(
+            "ready_when=cloud_init needs VMQ_READY_BASE_URL: the URL at which VMs reach vmqueue's HTTP API"
+        )
+    if any("phone_home" in doc for doc in cloud_configs(script)):
+        raise ValueError("startup_script has a phone_home of its own; ready_when=cloud_init needs cloud-init's")
+    return merge_user_data(script, phone_home_config(phone_home_url(base_url, uuid.uuid4().hex, new_token())))
+
+
 class CreateRequest(BaseModel):
     """A create job's input, validated as a whole before anything is enqueued."""
 
@@ -336,13 +361,26 @@ class CreateRequest(BaseModel):
     spec: VMSpec
     ssh_key: SSHKeyField
     startup_script: str | None = None
+    ready_when: ReadyWhen = Field(ReadyWhen.running, description="running (default), ssh or cloud_init")
+    ready_deadline_s: float | None = Field(None, gt=0, le=86_400, description="seconds from running to ready")
+    ready_via: ReadyVia = Field(ReadyVia.public, description="the address SSH probes use: public or private")
+    ssh_port: int = Field(22, ge=1, le=65535, description="the port SSH probes use")
 
     @model_validator(mode="after")
-    def _script_fits(self) -> CreateRequest:
+    def _script_fits(self, info: ValidationInfo) -> CreateRequest:
+        # ready_when=cloud_init: what is sent is the script with the phone_home merged in; measure that.
+        script = self.startup_script
+        if self.ready_when == ReadyWhen.cloud_init:
+            script = check_phone_home(self.startup_script, info.context)
         # Every placement: options that decide the wrapping (an AWS key pair) may differ per placement.
         for index in range(len(self.spec.fallbacks) + 1):
             spec = self.spec.at_placement(index)
-            check_startup_script(spec.provider, self.startup_script, self.ssh_key, spec.options, spec.image)
+            try:
+                check_startup_script(spec.provider, script, self.ssh_key, spec.options, spec.image)
+            except ValueError as exc:
+                if script is self.startup_script:
+                    raise
+                raise ValueError(f"{exc} (with the phone_home that ready_when=cloud_init adds)") from None
         return self
 
 
@@ -382,7 +420,8 @@ class JobState(StrEnum):
     queued = "queued"  # recorded and enqueued; no worker has acted on it yet
     submitting = "submitting"  # create: the provider call is being sent (safe to repeat: idempotent)
     provisioning = "provisioning"  # create: the provider returned an instance id; polling until running
-    running = "running"  # create: the VM runs (final)
+    running = "running"  # create: the VM runs (final, unless ready_when asks for more: see Job.awaiting_ready)
+    ready = "ready"  # create with ready_when ssh or cloud_init: the VM is usable (final)
     destroying = "destroying"  # destroy: the delete call is sent or being sent; polling until gone
     gone = "gone"  # destroy: the provider no longer has the VM (final)
     done = "done"  # get: the VM was read (final)
@@ -391,7 +430,9 @@ class JobState(StrEnum):
     cancelled = "cancelled"
 
 
-FINAL_STATES = frozenset({JobState.running, JobState.gone, JobState.done, JobState.failed, JobState.cancelled})
+FINAL_STATES = frozenset(
+    {JobState.running, JobState.ready, JobState.gone, JobState.done, JobState.failed, JobState.cancelled}
+)
 
 # Every allowed state change; the job store refuses the rest (compare-and-set).
 # -> cancelled: queued by the producer (no worker acted yet); submitting, provisioning and running by
@@ -408,12 +449,26 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # A destroy is cancellable only while queued: once destroying, its delete may be on the wire.
     JobState.destroying: frozenset({JobState.destroying, JobState.gone, JobState.failed}),
     # A running create's owner may still take the request back: the VM is destroyed (cleanup).
-    JobState.running: frozenset({JobState.cancelled}),
+    # -> ready / failed: only while the job awaits readiness (ready_when ssh or cloud_init;
+    # ``transition_allowed`` checks it).
+    JobState.running: frozenset({JobState.cancelled, JobState.ready, JobState.failed}),
+    JobState.ready: frozenset({JobState.cancelled}),
     JobState.gone: frozenset(),
     JobState.done: frozenset(),
     JobState.failed: frozenset(),
     JobState.cancelled: frozenset(),
 }
+
+# The ways out of ``running`` that exist only while a job awaits readiness (ready_when ssh/cloud_init).
+READINESS_EXITS = frozenset({JobState.ready, JobState.failed})
+
+
+def transition_allowed(before: JobState, to: JobState, awaiting_ready: bool) -> bool:
+    """Whether the table allows ``before -> to`` for a job that does (or does not) await readiness:
+    a plain running job (ready_when=running) never becomes ready or failed."""
+    if to not in TRANSITIONS[before]:
+        return False
+    return awaiting_ready or before != JobState.running or to not in READINESS_EXITS
 
 
 class CleanupState(StrEnum):
@@ -507,6 +562,33 @@ class Job(BaseModel):
     callback_url: str | None = None  # webhooks go here (vmqueue/webhooks.py)
     webhooks: list[WebhookDelivery] = Field(default_factory=list)  # every delivery attempt, last MAX_DELIVERIES
     history: list[JobEvent] = Field(default_factory=list)
+    # Readiness (vmqueue/readiness.py): what ends a create, and the phases on the way there.
+    ready_when: ReadyWhen = ReadyWhen.running
+    ready_deadline_s: float = 600.0  # from running_at
+    ready_via: ReadyVia = ReadyVia.public
+    ssh_port: int = 22
+    running_at: datetime | None = None  # the worker saw the provider report the VM running
+    ready_at: datetime | None = None  # ready_when was met (ssh answered, cloud-init phoned home)
+    phoned_home_at: datetime | None = None  # cloud-init's post arrived (possibly before running was seen)
+    host_keys: list[HostKey] = Field(default_factory=list)
+    # ready_when=cloud_init: the digest of the phone-home token, set by the producer; the job store
+    # writes it beside the record (keys.ready_token_key), never into it.
+    _ready_token_digest: str | None = PrivateAttr(default=None)
+
+    @property
+    def awaiting_ready(self) -> bool:
+        """Running, and ``ready_when`` asks for more: the job goes on to ``ready`` (or fails)."""
+        return self.state == JobState.running and self.ready_when != ReadyWhen.running
+
+    @property
+    def final(self) -> bool:
+        """In a state the job never leaves."""
+        return self.state in FINAL_STATES and not self.awaiting_ready
+
+    @property
+    def succeeded(self) -> bool:
+        """Ended as asked: running (or ready, when ready_when asks for more), gone, done."""
+        return self.final and self.state != JobState.failed
 
     @property
     def cancel_pending(self) -> bool:
@@ -516,7 +598,7 @@ class Job(BaseModel):
     @property
     def finished(self) -> bool:
         return (
-            self.state in FINAL_STATES
+            self.final
             and self.cleanup not in (CleanupState.pending, CleanupState.destroying)
             and not self.cancel_pending
         )

@@ -71,6 +71,28 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(8, ge=1, le=50, description="deliveries of one webhook before giving up")
     webhook_retry_base_s: float = Field(5.0, gt=0, description="first backoff; doubles per attempt, full jitter")
     webhook_retry_max_s: float = Field(600.0, gt=0, description="longest wait between two attempts")
+    # Readiness (vmqueue/readiness.py): ready_when=ssh probes, ready_when=cloud_init phone-homes.
+    ready_base_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="the HTTP API's URL as VMs reach it (phone_home); unset: ready_when=cloud_init is refused",
+    )
+    ready_deadline_s: float = Field(600.0, gt=0, description="default seconds from running to ready, else fail")
+    ready_probe_initial_s: float = Field(0.5, gt=0, description="first wait between SSH probes of one VM")
+    # A refused or unanswered probe costs the scanner next to nothing, and each second of wait here
+    # is a second a caller waits past sshd's start: short.
+    ready_probe_max_s: float = Field(2.0, gt=0, description="longest wait between SSH probes of one VM")
+    ready_probe_timeout_s: float = Field(5.0, gt=0, description="one SSH probe: connect and key exchange")
+    ready_concurrency: int = Field(256, ge=1, description="SSH probes in flight at once per worker process")
+    ready_host_key_algs: list[str] = Field(
+        default_factory=lambda: ["ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512"],
+        description="host key types the scanner accepts, in OpenSSH's order of preference",
+    )
+    ready_all_host_keys: bool = Field(
+        False,
+        description="read every type in ready_host_key_algs (one more key exchange each), not only the "
+        "one the server prefers (enough for known_hosts: OpenSSH then asks for that type)",
+    )
     eta_task_limit: int = 20_000
 
 

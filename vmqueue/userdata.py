@@ -9,6 +9,7 @@ on OCI beside the key in a metadata map that is capped as a whole. Plain stdlib 
 from __future__ import annotations
 
 import base64
+import copy
 import email
 import hashlib
 import json
@@ -124,3 +125,84 @@ def sent_size(provider: str, options: Any, ssh_key: SSHPublicKey, script: str, i
             return SentSize(total, GCP_METADATA_BYTES, "metadata (the script and the SSH key)")
         return SentSize(len(script.encode()), GCP_VALUE_BYTES, "one metadata value")
     return SentSize(len(script.encode()), PLAIN_LIMITS[provider], "user-data")
+
+
+# -- merging vmqueue's own cloud-config into a user's script, whatever its format ---------------------
+# cloud-init reads user-data as one of several formats (https://cloudinit.readthedocs.io/en/latest/
+# explanation/format.html): ``#cloud-config`` YAML, a shell script (``#!``), ``#include``, or MIME
+# multipart holding several. ``merge_user_data`` adds our keys (``ready_when=cloud_init``: a
+# phone_home): none -> a #cloud-config of ours; ``#cloud-config`` -> keys merged (mappings recurse,
+# lists append, the user's scalars win); anything else -> MIME multipart, the user's part(s) then a
+# text/cloud-config part whose Merge-Type appends to the user's. A pure function of its input (the
+# MIME boundary is a digest), so retries of a create send identical bytes.
+CLOUD_CONFIG = "#cloud-config"
+# Appends our lists to the user's and never replaces a key the user set (cloud-init's merging docs).
+MERGE_TYPE = "list(append)+dict(no_replace,recurse_list)+str()"
+
+
+def _is_mime(script: str) -> bool:
+    return script.lstrip().lower().startswith("content-type:")
+
+
+def _dump(config: dict[str, Any]) -> str:
+    return CLOUD_CONFIG + "\n" + yaml.safe_dump(config, sort_keys=False, width=4096)
+
+
+def cloud_configs(script: str | None) -> list[dict[str, Any]]:
+    """Every cloud-config document in ``script`` (one for ``#cloud-config``, one per MIME part of
+    type ``text/cloud-config``; none for a shell script). ``ValueError`` on YAML that is no mapping."""
+    if not script:
+        return []
+    if script.lstrip().startswith(CLOUD_CONFIG):
+        return [_mapping(script)]
+    if not _is_mime(script):
+        return []
+    found = []
+    for part in email.message_from_string(script.lstrip()).walk():
+        if part.get_content_type() == "text/cloud-config":
+            payload = part.get_payload(decode=True)
+            found.append(_mapping(payload.decode() if isinstance(payload, bytes) else str(payload)))
+    return found
+
+
+def _mapping(text: str) -> dict[str, Any]:
+    document = yaml.safe_load(text)
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ValueError("a #cloud-config document must be a YAML mapping")
+    return document
+
+
+def deep_merge(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """``ours`` merged into ``user``: mappings recurse, lists append, the user's scalars win."""
+    merged = copy.deepcopy(user)
+    for key, value in ours.items():
+        if key not in merged:
+            merged[key] = copy.deepcopy(value)
+        elif isinstance(merged[key], dict) and isinstance(value, dict):
+            merged[key] = deep_merge(merged[key], value)
+        elif isinstance(merged[key], list) and isinstance(value, list):
+            merged[key] = merged[key] + copy.deepcopy(value)
+    return merged
+
+
+def merge_user_data(script: str | None, config: dict[str, Any]) -> str:
+    """The user-data that runs ``script`` and applies our cloud-config ``config`` (see the module doc)."""
+    if not script:
+        return _dump(config)
+    if script.lstrip().startswith(CLOUD_CONFIG):
+        return _dump(deep_merge(_mapping(script), config))
+    ours = MIMEText(_dump(config), "cloud-config")
+    ours["Merge-Type"] = MERGE_TYPE
+    if _is_mime(script):
+        user = email.message_from_string(script.lstrip())
+        parts: list[Any] = user.get_payload() if user.is_multipart() else [user]
+    else:
+        subtype = next((t for prefix, t in SCRIPT_TYPES if script.lstrip().startswith(prefix)), "x-shellscript")
+        parts = [MIMEText(script, subtype)]
+    seed = json.dumps([script, config], sort_keys=True)
+    message = MIMEMultipart(boundary="vmq-" + hashlib.sha256(seed.encode()).hexdigest()[:32])
+    for part in [*parts, ours]:
+        message.attach(part)
+    return message.as_string()

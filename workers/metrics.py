@@ -9,6 +9,8 @@ ended in which state, how the provider APIs behave, or how long a VM took to run
   adapter calls, and those that raised, by error class (``TransientError``, ``RateLimitedError``, ...).
 - ``vmq_create_enqueue_to_running_seconds{provider}``: histogram from enqueue (the producer's
   ``created_at``) to the worker seeing the VM running.
+- ``vmq_create_enqueue_to_ready_seconds{provider,ready_when}``: histogram from enqueue to ``ready``
+  (ssh answered, cloud-init phoned home), for jobs whose ``ready_when`` asks for it.
 
 A worker serves them on ``VMQ_METRICS_PORT`` (unset: no server) at ``VMQ_METRICS_ADDR``
 (default 127.0.0.1), started on worker boot. The threads pool runs every task in the worker's one
@@ -21,13 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 from celery.signals import worker_init
 from prometheus_client import Counter, Histogram, start_http_server
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vmqueue.jobstore import TRANSITION_HOOKS
-from vmqueue.models import FINAL_STATES, Job, JobKind, JobState, utcnow
+from vmqueue.models import Job, JobKind, JobState, utcnow
 
 log = logging.getLogger("vmqueue.worker")
 
@@ -44,6 +47,13 @@ ENQUEUE_TO_RUNNING = Histogram(
     buckets=(1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200),
 )
 
+ENQUEUE_TO_READY = Histogram(
+    "vmq_create_enqueue_to_ready_seconds",
+    "Time from enqueueing a create job to its VM being ready (ready_when ssh or cloud_init)",
+    ["provider", "ready_when"],
+    buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900, 1200, 1800),
+)
+
 
 class MetricsSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VMQ_METRICS_", extra="ignore")
@@ -54,16 +64,25 @@ class MetricsSettings(BaseSettings):
 
 def job_changed(job: Job) -> None:
     """A job store transition hook: count jobs as they reach a final state (exactly once each)."""
-    if job.state not in FINAL_STATES:
+    if job.state == JobState.running and job.kind == JobKind.create:
+        _observe(ENQUEUE_TO_RUNNING.labels(job.provider), job.created_at, job.running_at)
+    if not job.final:
         return
     try:
         JOBS_FINISHED.labels(job.provider, job.kind, job.state).inc()
         if job.state == JobState.failed and job.error:
             JOB_ERRORS.labels(job.provider, job.kind, job.error.code).inc()
-        if job.kind == JobKind.create and job.state == JobState.running:
-            ENQUEUE_TO_RUNNING.labels(job.provider).observe(max((utcnow() - job.created_at).total_seconds(), 0.0))
+        if job.state == JobState.ready:
+            _observe(ENQUEUE_TO_READY.labels(job.provider, job.ready_when), job.created_at, job.ready_at)
     except Exception:  # noqa: BLE001 - metrics must never break a job
         log.exception("job=%s provider=%s could not record metrics", job.id, job.provider)
+
+
+def _observe(histogram, start: datetime, end: datetime | None) -> None:
+    try:
+        histogram.observe(max(((end or utcnow()) - start).total_seconds(), 0.0))
+    except Exception:  # noqa: BLE001 - metrics must never break a job
+        log.exception("could not record a duration")
 
 
 @contextmanager

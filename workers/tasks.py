@@ -80,6 +80,14 @@ def _supervise_ticks(sender, **_: object) -> None:
     threading.Thread(target=supervise, name="vmq-tick-supervisor", daemon=True).start()
 
 
+@worker_ready.connect
+def _scan_readiness(sender, **_: object) -> None:
+    """One SSH readiness scanner per worker process (workers/readyscan.py): its own thread and event loop."""
+    from workers.readyscan import ReadyScanner
+
+    ReadyScanner(runner(), settings).start()
+
+
 def _step(task: Task, job_id: object, kind: JobKind) -> None:
     if not isinstance(job_id, str) or not job_id:
         log.error("%s message rejected: the argument must be a job id string, got %r", task.name, job_id)
@@ -102,7 +110,7 @@ def _fail_internal(job_id: str, exc: Exception) -> None:
     error = JobError(code="internal_error", message=f"{type(exc).__name__}: {exc}")
     try:
         job = store.get(job_id)
-        if job is not None and job.state not in (JobState.running, JobState.gone, JobState.done, JobState.failed):
+        if job is not None and not job.final:
             store.transition(job_id, JobState.failed, f"failed: {error.message}", error=error)
     except Exception:  # noqa: BLE001 - already failing; the original error is what matters
         log.exception("job=%s could not record the internal error", job_id)

@@ -21,7 +21,7 @@ from vmqueue.models import PROVIDERS, Job, JobState, VMInfo
 console = Console()
 err = Console(stderr=True)
 
-SUCCESS = {JobState.running, JobState.gone, JobState.done}
+SUCCESS = {JobState.running, JobState.ready, JobState.gone, JobState.done}
 ProviderOpt = Annotated[str, typer.Option("--provider", "-p", help=f"one of: {', '.join(PROVIDERS)}")]
 WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="follow the job live until it ends")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait at most")]
@@ -126,5 +126,5 @@ def finish(job: Job, wait: bool, timeout: float, as_json: bool) -> None:
     elif not wait:
         console.print(job_table([job]))
         console.print(f"Enqueued. Follow it with [bold]vmq wait {job.id}[/] or [bold]vmq job {job.id}[/].")
-    if wait and job.state not in SUCCESS:
+    if wait and not job.succeeded:
         raise typer.Exit(1)

@@ -23,6 +23,7 @@ from producer.cli.common import (
     read_key,
 )
 from vmqueue.models import PROVIDERS
+from vmqueue.readiness import ReadyVia, ReadyWhen
 
 app = typer.Typer()
 
@@ -45,6 +46,12 @@ def create(
     idempotency_key: Annotated[str | None, typer.Option(help="the same key never creates twice")] = None,
     deadline: Annotated[float | None, typer.Option(help="seconds until running, else fail and destroy")] = None,
     ttl: Annotated[float | None, typer.Option(help="destroy the VM this many seconds from now")] = None,
+    ready_when: Annotated[
+        ReadyWhen, typer.Option(help="what ends the job (and --wait): running, ssh (sshd answers) or cloud_init")
+    ] = ReadyWhen.running,
+    ready_deadline: Annotated[float | None, typer.Option(help="seconds from running to ready, else fail")] = None,
+    ready_via: Annotated[ReadyVia, typer.Option(help="the address SSH probes use")] = ReadyVia.public,
+    ssh_port: Annotated[int, typer.Option(help="the port SSH probes use")] = 22,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 900.0,
     as_json: JsonOpt = False,
@@ -52,6 +59,8 @@ def create(
     """Create a VM. Example:
 
     vmq create -p hetzner --name web-1 --region fsn1 --type cx22 --image ubuntu-24.04 --wait
+
+    With --ready-when ssh, --wait returns once sshd answers (the job lists the host keys).
     """
     try:
         spec = {
@@ -65,7 +74,16 @@ def create(
         }
         startup = script.read_text() if script else None
         job = provisioner().create_vm(
-            spec, read_key(ssh_key), startup, idempotency_key=idempotency_key, deadline_s=deadline, ttl_s=ttl
+            spec,
+            read_key(ssh_key),
+            startup,
+            idempotency_key=idempotency_key,
+            deadline_s=deadline,
+            ready_when=ready_when,
+            ready_deadline_s=ready_deadline,
+            ready_via=ready_via,
+            ssh_port=ssh_port,
+            ttl_s=ttl,
         )
     except (ValidationError, ValueError, OSError) as exc:
         raise bad_input(exc) from None
@@ -130,6 +148,8 @@ def job(job_id: str, as_json: JsonOpt = False) -> None:
     console.print(job_table([found]))
     for event in found.history:
         console.print(f"  {event.at:%H:%M:%S} [bold]{event.state}[/] {event.message}")
+    for key in found.host_keys:
+        console.print(f"  host key {key.type} {key.sha256}")
 
 
 @app.command("wait")

@@ -25,6 +25,7 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 from moto.ssm.models import Parameter, ssm_backends
 
+from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
 from tests.providers.contract import AdapterContract
 from vmqueue.images import IMAGES
 from vmqueue.models import VMSpec, VMStatus
@@ -199,6 +200,18 @@ def described(state: str, **extra: Any) -> dict[str, Any]:
 
 
 class TestAWS(AdapterContract):
+    def test_user_data_with_phone_home_passes_cloud_init_schema(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        """ready_when=cloud_init: the user-data sent (the SSH key merged in as well), whatever the user's
+        script format, passes cloud-init's schema."""
+        ec2 = boto3.client("ec2", region_name=REGION)
+        sent = []
+        for i, script in enumerate(phone_home_scripts().values()):
+            vm = provider.create_vm(make_spec(name=f"web-{i}"), key, script, job_id=f"job-{i}")
+            raw = ec2.describe_instance_attribute(InstanceId=vm.instance_id.split("/")[1], Attribute="userData")
+            sent.append(base64.b64decode(raw["UserData"]["Value"]).decode())
+        assert all(key.openssh in data for data in sent)
+        assert_cloud_init_accepts(sent)
+
     def test_create_sends_key_script_and_labels(self, provider: AWSProvider, key: SSHPublicKey) -> None:
         vm = provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")
         region, native_id = vm.instance_id.split("/")

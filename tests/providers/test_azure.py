@@ -14,6 +14,7 @@ from azure.core.credentials import AccessToken, AccessTokenInfo
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
 from tests.providers.azure_fake import MSI_PATH, NSG_ID, RG, RG_PATH, SUB, SUBNET_ID, FakeARM, error
+from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
 from tests.providers.contract import AdapterContract
 from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
@@ -91,6 +92,15 @@ OWNED = {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": "job-1"}
 
 
 class TestAzure(AdapterContract):
+    def test_user_data_with_phone_home_passes_cloud_init_schema(self, provider: AzureProvider, fake: FakeARM) -> None:
+        """ready_when=cloud_init: the user-data sent, whatever the user's script format, passes cloud-init's schema."""
+        for i, script in enumerate(phone_home_scripts().values()):
+            provider.create_vm(make_spec().model_copy(update={"name": f"web-{i}"}), key(), script, job_id=f"job-{i}")
+        puts = fake.calls_to("PUT", r"/virtualMachines/web-\d$")
+        sent = [base64.b64decode(put.body["properties"]["osProfile"]["customData"]).decode() for put in puts]
+        assert sent == list(phone_home_scripts().values())
+        assert_cloud_init_accepts(sent)
+
     def test_create_sends_key_script_and_labels(self, provider: AzureProvider, fake: FakeARM) -> None:
         ssh_key = key()
         info = provider.create_vm(make_spec(), ssh_key, SCRIPT, job_id="job-1")

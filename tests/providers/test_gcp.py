@@ -19,6 +19,7 @@ import responses
 from google.auth.compute_engine import _metadata
 from google.auth.credentials import AnonymousCredentials, Credentials
 
+from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
 from tests.providers.contract import AdapterContract
 from tests.providers.gcp_fake import FakeCompute, api_error, serve_with_responses
 from vmqueue.models import VMSpec, VMStatus
@@ -95,6 +96,20 @@ def answer_error(rsps: responses.RequestsMock, method: str, url: str, status: in
 
 
 class TestGCP(AdapterContract):
+    def test_user_data_with_phone_home_passes_cloud_init_schema(
+        self, provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey
+    ) -> None:
+        """ready_when=cloud_init: the user-data sent, whatever the user's script format, passes cloud-init's schema."""
+        for i, script in enumerate(phone_home_scripts().values()):
+            provider.create_vm(make_spec(name=f"web-{i}"), key, script, job_id=f"job-{i}")
+        user_data = [
+            {item["key"]: item["value"] for item in body["metadata"]["items"]}["user-data"]
+            for _, body in sent(rsps, "POST")
+            if body and "metadata" in body
+        ]
+        assert user_data == list(phone_home_scripts().values())
+        assert_cloud_init_accepts(user_data)
+
     def test_create_sends_key_script_and_labels(
         self, provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey
     ) -> None:

@@ -10,6 +10,7 @@ import pytest
 import requests
 from pytest_httpserver import HTTPServer
 
+from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
 from tests.providers.contract import AdapterContract, make_ed25519_key
 from tests.providers.fakehttp import mocked, serve
 from tests.providers.hetzner_fake import (
@@ -75,6 +76,16 @@ def provider(monkeypatch: pytest.MonkeyPatch) -> HetznerProvider:
 
 
 class TestHetzner(AdapterContract):
+    def test_user_data_with_phone_home_passes_cloud_init_schema(
+        self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+    ) -> None:
+        """ready_when=cloud_init: the user-data sent, whatever the user's script format, passes cloud-init's schema."""
+        for i, script in enumerate(phone_home_scripts().values()):
+            provider.create_vm(provider.prepare_spec(make_spec(name=f"web-{i}")), key, script, job_id=f"job-{i}")
+        sent = [body["user_data"] for body in fake.calls("POST", "/servers")]
+        assert sent == list(phone_home_scripts().values())
+        assert_cloud_init_accepts(sent)
+
     def test_create_sends_key_script_and_labels(
         self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
     ) -> None:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
 
+from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
 from tests.providers.contract import AdapterContract
 from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
@@ -88,6 +89,15 @@ def make_spec(image: str = IMAGE_2204, **options: Any) -> VMSpec:
 
 
 class TestOCI(AdapterContract):
+    def test_user_data_with_phone_home_passes_cloud_init_schema(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        """ready_when=cloud_init: the user-data sent, whatever the user's script format, passes cloud-init's schema."""
+        for i, script in enumerate(phone_home_scripts().values()):
+            provider.create_vm(make_spec().model_copy(update={"name": f"web-{i}"}), key(), script, job_id=f"job-{i}")
+        calls = fake.calls_to("POST", r"/20160918/instances$")
+        sent = [base64.b64decode(call.body["metadata"]["user_data"]).decode() for call in calls]
+        assert sent == list(phone_home_scripts().values())
+        assert_cloud_init_accepts(sent)
+
     def test_create_sends_key_script_and_labels(self, provider: OCIProvider, fake: FakeOCI) -> None:
         ssh_key = key()
         info = provider.create_vm(make_spec(), ssh_key, SCRIPT, job_id="job-1")

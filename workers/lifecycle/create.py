@@ -19,6 +19,8 @@ class CreateSteps(Steps):
             return self._submit(job)
         if job.state == JobState.provisioning:
             return self._poll_create(job)
+        if job.awaiting_ready:  # a re-sent message (rescue): the schedule entry may be lost with Redis
+            return self._await_ready(job)
         if job.state in (JobState.failed, JobState.cancelled) and job.cleanup in (
             CleanupState.pending,
             CleanupState.destroying,
@@ -100,7 +102,13 @@ class CreateSteps(Steps):
         polls = job.polls + 1
         if vm is not None and vm.status == VMStatus.running:
             job = self.store.transition(
-                job.id, JobState.running, "running", vm=vm, polls=polls, api_calls=job.api_calls + count
+                job.id,
+                JobState.running,
+                "running",
+                vm=vm,
+                polls=polls,
+                api_calls=job.api_calls + count,
+                running_at=utcnow(),
             )
             self._unwatch(job)
             if job.cancel_pending:  # asked while it booted
@@ -111,7 +119,7 @@ class CreateSteps(Steps):
             log.info(
                 "job=%s provider=%s instance=%s running ip=%s", job.id, job.provider, vm.instance_id, vm.public_ipv4
             )
-            return None
+            return self._await_ready(job)  # ready_when ssh / cloud_init: on to the readiness schedule
         if vm is not None and vm.status in DEAD:
             error = JobError(code="vm_error", message=f"the VM ended in {vm.provider_status} instead of running")
             return self._fail(job, error, count, vm=vm)

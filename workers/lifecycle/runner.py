@@ -22,12 +22,13 @@ from workers.lifecycle.create import CreateSteps
 from workers.lifecycle.destroy import DestroySteps
 from workers.lifecycle.failure import FailureSteps
 from workers.lifecycle.get import GetSteps
+from workers.lifecycle.ready import ReadySteps
 from workers.lifecycle.tick import TickSteps
 from workers.providers.base import Provider
 from workers.watchlist import WatchList
 
 
-class JobRunner(CreateSteps, TickSteps, DestroySteps, GetSteps, FailureSteps, CancelSteps, Steps):
+class JobRunner(CreateSteps, TickSteps, ReadySteps, DestroySteps, GetSteps, FailureSteps, CancelSteps, Steps):
     """Runs one step of a job per call (``run``) or one tick of a provider (``tick``).
 
     The steps live in one mixin per phase (create, tick, destroy, get, failure); this class holds

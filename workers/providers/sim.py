@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime
 
 import redis
+import yaml
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,6 +23,7 @@ from vmqueue.models import VMInfo, VMSpec, VMStatus
 from vmqueue.settings import get_settings
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
+from vmqueue.userdata import cloud_configs
 from workers.providers.base import resolve_alias
 from workers.providers.errors import (
     AuthError,
@@ -68,6 +70,11 @@ class SimConfig(BaseSettings):
     stuck_rate: float = 0.0  # VM never leaves pending
     error_rate: float = 0.0  # VM ends in error instead of running
     token: str = ""  # when set, the API rejects callers whose VMQ_SIM_TOKEN differs
+    # The VMs' insides, played by the sim host (workers/providers/simhost.py) on loopback addresses:
+    ssh_port: int = 2222  # the port each VM's sshd listens on, at its public and private address
+    ssh_delay_s: float = 5.0  # sshd answers this long after the VM runs
+    cloud_init_s: float = 10.0  # after the VM runs, cloud-init's final stage (a phone_home, if asked) runs
+    unreachable_rate: float = 0.0  # the VM runs, but its sshd never answers and cloud-init never finishes
 
 
 # Create-or-return-existing by token in one round trip: [created?, instance id].
@@ -119,6 +126,8 @@ class SimProvider:
         fate = (
             "stuck" if random.random() < config.stuck_rate else "error" if random.random() < config.error_rate else "ok"
         )
+        if fate == "ok" and random.random() < config.unreachable_rate:
+            fate = "unreachable"  # runs as far as the API can tell; nothing answers inside
         record = {
             "name": spec.name,
             "region": spec.region,
@@ -130,6 +139,11 @@ class SimProvider:
             "created_ms": now,
             "boot_at_ms": now + boot_ms,
             "fate": fate,
+            # What the sim host does inside the VM: sshd from ssh_up_at_ms, cloud-init's phone_home.
+            "ssh_port": config.ssh_port,
+            "ssh_up_at_ms": now + boot_ms + int(config.ssh_delay_s * 1000),
+            "cloud_init_done_at_ms": now + boot_ms + int(config.cloud_init_s * 1000),
+            "phone_home": json.dumps(_phone_home(startup_script)),
         }
         # The ClientToken: the same job id gets the same VM back, decided atomically in Redis.
         created, instance_id = self._create(
@@ -256,10 +270,10 @@ class SimProvider:
             name=record["name"],
             status=STATUS_MAP.get(raw, VMStatus.unknown),
             provider_status=raw,
-            # Documentation ranges (RFC 5737 / RFC 3849 style): addresses here reach nothing.
-            public_ipv4=f"198.18.{n // 250 % 256}.{n % 250 + 1}" if booted else None,
-            public_ipv6=f"2001:db8::{n:x}" if booted else None,
-            private_ipv4=f"10.0.{n // 250 % 256}.{n % 250 + 1}",
+            # Loopback addresses of this machine, where the sim host plays the VM's sshd: probes of
+            # a sim VM never leave the machine. No IPv6: ::1 is the only loopback address there.
+            public_ipv4=sim_address(n, public=True) if booted else None,
+            private_ipv4=sim_address(n, public=False),
             region=record["region"],
             instance_type=record["instance_type"],
             image=record["image"],
@@ -282,3 +296,17 @@ class SimProvider:
 
     def delete_extra(self, resource: OwnedResource) -> None:
         raise InvalidSpecError(f"sim creates no {resource.kind} beside a VM: nothing to delete")
+
+
+def sim_address(n: int, public: bool) -> str:
+    """The loopback address of sim VM number ``n``: 127.88.x.y public, 127.89.x.y private."""
+    return f"127.{88 if public else 89}.{n // 250 % 256}.{n % 250 + 1}"
+
+
+def _phone_home(user_data: str | None) -> dict | None:
+    """The phone_home cloud-init would run for this user-data (its cloud-config, merged), or None."""
+    try:
+        configs = cloud_configs(user_data)
+    except (ValueError, yaml.YAMLError):
+        return None  # cloud-init would skip a broken document too
+    return next((doc["phone_home"] for doc in configs if isinstance(doc.get("phone_home"), dict)), None)

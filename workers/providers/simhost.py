@@ -1,0 +1,203 @@
+"""The sim VMs' insides: a real sshd and a real cloud-init phone-home for every simulated VM.
+
+``python -m workers.providers.simhost`` (REDIS_URL / VMQ_REDIS_URL as for the workers) follows the
+simulated cloud in Redis (workers/providers/sim.py) and, for each VM that runs:
+
+- from ``ssh_up_at_ms`` on (the VM's boot plus ``VMQ_SIM_SSH_DELAY_S``), an asyncssh server on
+  the VM's public and private loopback addresses (127.88.x.y / 127.89.x.y) at its ``ssh_port``,
+  with host keys generated for that VM (ed25519 and ECDSA P-256, as a fresh Ubuntu has besides RSA),
+  whose public halves go in the VM's record (``host_keys``) so tests can compare;
+- at ``cloud_init_done_at_ms``, if the VM's user-data asked for a ``phone_home``, the POST cloud-init's
+  cc_phone_home makes: form-encoded ``pub_key_*``, ``instance_id``, ``hostname``, ``fqdn`` to its
+  URL (``$INSTANCE_ID`` substituted), ``tries`` attempts 3 s apart.
+
+A VM created with the fate ``unreachable`` (``VMQ_SIM_UNREACHABLE_RATE``) runs but does neither. The
+servers close when the VM is deleted. Only loopback targets are ever contacted: a phone_home URL
+elsewhere is logged and skipped. Everything runs in one asyncio loop: hundreds of VMs cost a few
+listening sockets each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+
+import asyncssh
+import redis
+
+from workers.providers.sim import VMS_KEY, _vm_key, sim_address
+
+log = logging.getLogger("vmqueue.simhost")
+
+POLL_S = 0.2
+HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256")
+PHONE_HOME_FIELDS = {"ssh-ed25519": "pub_key_ed25519", "ecdsa-sha2-nistp256": "pub_key_ecdsa", "ssh-rsa": "pub_key_rsa"}
+PHONE_HOME_RETRY_S = 3.0  # cloud-init's sec_between for phone_home
+
+
+@dataclass
+class SimVM:
+    instance_id: str
+    record: dict[str, str]
+    host_keys: list[asyncssh.SSHKey] = field(default_factory=list)
+    servers: list[asyncssh.SSHAcceptor] = field(default_factory=list)
+    phoned: bool = False
+
+    @property
+    def number(self) -> int:
+        return int(self.instance_id.removeprefix("sim-"))
+
+    def at(self, name: str) -> float:
+        return int(self.record[name]) / 1000
+
+
+class SimHost:
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self.vms: dict[str, SimVM] = {}
+        self.posts = 0  # phone-home POSTs answered 2xx
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        while stop is None or not stop.is_set():
+            try:
+                await self.step()
+            except redis.RedisError as exc:
+                log.warning("sim host: Redis unavailable (%s)", exc)
+            await asyncio.sleep(POLL_S)
+        for vm in list(self.vms.values()):
+            self._close(vm)
+
+    async def step(self) -> None:
+        live = {i.decode() if isinstance(i, bytes) else i for i in self.redis.smembers(VMS_KEY)}
+        for instance_id in [i for i in self.vms if i not in live]:
+            self._close(self.vms.pop(instance_id))
+        new = [i for i in live if i not in self.vms]
+        pipe = self.redis.pipeline(transaction=False)
+        for instance_id in new:
+            pipe.hgetall(_vm_key(instance_id))
+        for instance_id, record in zip(new, pipe.execute(), strict=True):
+            record = {_s(k): _s(v) for k, v in record.items()}
+            if record.get("ssh_up_at_ms"):  # a VM created before the sim knew about insides: skip
+                self.vms[instance_id] = SimVM(instance_id, record)
+        known = list(self.vms)
+        pipe = self.redis.pipeline(transaction=False)
+        for instance_id in known:
+            pipe.hget(_vm_key(instance_id), "delete_at_ms")
+        now = time.time()
+        for instance_id, delete_at in zip(known, pipe.execute(), strict=True):
+            vm = self.vms[instance_id]
+            if delete_at is not None:
+                self._close(self.vms.pop(instance_id))
+                continue
+            if vm.record["fate"] != "ok":
+                continue
+            if not vm.servers and now >= vm.at("ssh_up_at_ms"):
+                await self._start_sshd(vm)
+            if not vm.phoned and now >= vm.at("cloud_init_done_at_ms"):
+                vm.phoned = True
+                phone_home = json.loads(vm.record.get("phone_home") or "null")
+                if phone_home:
+                    self._keys(vm)
+                    asyncio.create_task(self._phone_home(vm, phone_home))
+
+    def _keys(self, vm: SimVM) -> list[asyncssh.SSHKey]:
+        """The VM's host keys, made on first use (first boot) and published in its record."""
+        if not vm.host_keys:
+            vm.host_keys = [asyncssh.generate_private_key(t) for t in HOST_KEY_TYPES]
+            lines = [k.export_public_key("openssh").decode().strip() for k in vm.host_keys]
+            self.redis.hset(_vm_key(vm.instance_id), "host_keys", json.dumps(lines))
+        return vm.host_keys
+
+    async def _start_sshd(self, vm: SimVM) -> None:
+        keys = self._keys(vm)
+        port = int(vm.record["ssh_port"])
+        for public in (True, False):
+            address = sim_address(vm.number, public)
+            try:
+                vm.servers.append(
+                    await asyncssh.listen(address, port, server_host_keys=keys, reuse_address=True, login_timeout=10)
+                )
+            except OSError as exc:
+                log.error("sim host: %s sshd on %s:%s failed: %s", vm.instance_id, address, port, exc)
+
+    async def _phone_home(self, vm: SimVM, config: dict) -> None:
+        url = (
+            str(config.get("url", "")).replace("$INSTANCE_ID", vm.instance_id).replace("${INSTANCE_ID}", vm.instance_id)
+        )
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if not _loopback(host):
+            log.error(
+                "sim host: %s phone_home to %s skipped: the sim only calls loopback addresses", vm.instance_id, url
+            )
+            return
+        public = {PHONE_HOME_FIELDS[k.get_algorithm()]: k.export_public_key("openssh").decode() for k in vm.host_keys}
+        values = {**public, "instance_id": vm.instance_id, "hostname": vm.record["name"], "fqdn": vm.record["name"]}
+        post = config.get("post", "all")
+        names = list(PHONE_HOME_FIELDS.values()) + ["instance_id", "hostname", "fqdn"] if post == "all" else post
+        body = urllib.parse.urlencode({name: values.get(name, "N/A") for name in names}).encode()
+        for attempt in range(int(config.get("tries", 10))):
+            if attempt:
+                await asyncio.sleep(PHONE_HOME_RETRY_S)
+            try:
+                status = await asyncio.to_thread(_post, url, body)
+            except OSError as exc:
+                log.info("sim host: %s phone_home attempt %d failed: %s", vm.instance_id, attempt + 1, exc)
+                continue
+            if 200 <= status < 300:
+                self.posts += 1
+                return
+            log.info("sim host: %s phone_home attempt %d: HTTP %d", vm.instance_id, attempt + 1, status)
+
+    def _close(self, vm: SimVM) -> None:
+        for server in vm.servers:
+            server.close()
+        vm.servers.clear()
+
+
+def _post(url: str, body: bytes) -> int:
+    request = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded", "User-Agent": "Cloud-Init/sim"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback only, checked
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _s(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def main() -> None:
+    from vmqueue.connection import connect
+    from vmqueue.settings import get_settings
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    host = SimHost(connect(get_settings()))
+    log.info("sim host: following the simulated cloud")
+    asyncio.run(host.run())
+
+
+if __name__ == "__main__":
+    main()
