@@ -89,11 +89,12 @@ class SimHost:
         known = list(self.vms)
         pipe = self.redis.pipeline(transaction=False)
         for instance_id in known:
-            pipe.hget(_vm_key(instance_id), "delete_at_ms")
+            pipe.hmget(_vm_key(instance_id), "delete_at_ms", "created_ms")
         now = time.time()
-        for instance_id, delete_at in zip(known, pipe.execute(), strict=True):
+        for instance_id, (delete_at, created) in zip(known, pipe.execute(), strict=True):
             vm = self.vms[instance_id]
-            if delete_at is not None:
+            # Deleted, or another VM under the same id (the sim's state was wiped and ids started over).
+            if delete_at is not None or _s(created or "") != vm.record["created_ms"]:
                 self._close(self.vms.pop(instance_id))
                 continue
             if vm.record["fate"] != "ok":
