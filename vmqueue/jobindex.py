@@ -74,7 +74,7 @@ def expiry_due(job: Job) -> bool:
     return (
         job.expires_at is not None
         and job.expired_at is None
-        and job.state == JobState.running
+        and job.state in (JobState.running, JobState.ready)
         and job.vm_lives
         and not job.cancel_pending
     )

@@ -609,7 +609,7 @@ class Job(BaseModel):
         cancelled with a cleanup not done yet (or skipped, or failed); not once a destroy job took it."""
         if self.kind != JobKind.create or self.instance_id is None or self.vm_destroyed_by is not None:
             return False
-        if self.state in (JobState.provisioning, JobState.running):
+        if self.state in (JobState.provisioning, JobState.running, JobState.ready):
             return True
         return self.cleanup is not None and self.cleanup != CleanupState.done
 

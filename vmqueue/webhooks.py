@@ -23,7 +23,9 @@ from vmqueue.models import Job, JobState, utcnow
 from vmqueue.settings import Settings
 
 # The states a webhook reports, each once per job (a job reaches each at most once).
-NOTIFY_STATES = frozenset({JobState.running, JobState.failed, JobState.gone, JobState.done, JobState.cancelled})
+NOTIFY_STATES = frozenset(
+    {JobState.running, JobState.ready, JobState.failed, JobState.gone, JobState.done, JobState.cancelled}
+)
 MAX_URL_LENGTH = 2048
 
 

@@ -98,7 +98,7 @@ def orphan_reason(vm: VMInfo, job: Job | None, fleet_jobs: Mapping[str, str | No
         return f"labelled with a {job.kind} job"
     if job.instance_id is not None and job.instance_id != vm.instance_id:
         return f"its job recorded another VM ({job.instance_id})"
-    if job.state in IN_FLIGHT or job.state == JobState.running:
+    if job.state in IN_FLIGHT or job.state in (JobState.running, JobState.ready):
         return None
     if job.cleanup in (CleanupState.pending, CleanupState.destroying, CleanupState.skipped):
         return None

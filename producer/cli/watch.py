@@ -12,7 +12,13 @@ from vmqueue.models import JobState
 
 app = typer.Typer()
 
-_COLOURS = {JobState.running: "green", JobState.gone: "green", JobState.done: "green", JobState.failed: "red"}
+_COLOURS = {
+    JobState.running: "green",
+    JobState.ready: "green",
+    JobState.gone: "green",
+    JobState.done: "green",
+    JobState.failed: "red",
+}
 
 
 def event_line(change: JobChange) -> str:
