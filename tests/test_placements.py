@@ -69,6 +69,23 @@ def test_aws_subnet_goes_to_another_region_only_replaced():
     VMSpec.model_validate({**spec, "fallbacks": [{"instance_type": "t3.small"}]})
 
 
+@pytest.mark.parametrize(
+    ("spec", "fallback_region"),
+    [
+        ({"provider": "digitalocean", "region": "nyc3", "instance_type": "s-1vcpu-1gb"}, "sfo3"),
+        ({"provider": "aws", "region": "eu-central-1", "instance_type": "t3.micro"}, "eu-west-1"),
+    ],
+)
+def test_cross_region_fallback_without_options_survives_a_round_trip(spec, fallback_region):
+    """Written out (defaults included) and read back, as the job store does: defaults name no resource of
+    the first region, so the spec still parses (a DigitalOcean job with a region fallback failed here)."""
+    first = VMSpec.model_validate(
+        {**spec, "name": "web-1", "image": "ubuntu-24.04", "fallbacks": [{"region": fallback_region}]}
+    )
+    again = VMSpec.model_validate(first.model_dump(mode="json"))
+    assert again.at_placement(1).region == fallback_region
+
+
 def test_gcp_zone_in_the_same_region_keeps_the_subnetwork():
     gcp = {**AWS, "provider": "gcp", "region": "us-central1-a", "instance_type": "e2-small"}
     gcp["options"] = {"subnetwork": "regions/us-central1/subnetworks/a"}

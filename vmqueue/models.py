@@ -203,7 +203,14 @@ class VMSpec(BaseModel):
                 raise ValueError(f"fallbacks[{i}].options.{said}") from None
             if region_scope(self.provider, there.region) == here:
                 continue
-            kept = [name for name in scoped if name in set_here and name not in (place.options or {})]
+            # A default written out by a JSON round trip (the job store's) is set but names nothing.
+            kept = [
+                name
+                for name in scoped
+                if name in set_here
+                and getattr(self.options, name) not in (None, [])
+                and name not in (place.options or {})
+            ]
             if kept:
                 raise ValueError(
                     f"fallbacks[{i}] moves to {there.region}, but options {', '.join(kept)} name resources of "

@@ -1,7 +1,10 @@
 """A small stateful fake of the DigitalOcean API v2; payloads follow digitalocean/openapi's examples.
 
 A droplet appears on POST as ``new`` without networks, is ``active`` with its IPs from the next read (GET or
-list), and is gone after DELETE. Names are not unique, like the real API.
+list), and is gone after DELETE. Names are not unique, like the real API. In a region of
+``create_errors_in`` the POST is accepted, then the droplet's ``create`` action ends ``errored`` and the
+droplet stays ``new`` (the asynchronous failure); ``GET /v2/droplets/{id}/actions`` lists a droplet's
+actions, newest first, in the spec's action shape (all_droplet_actions.yml).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import re
 from typing import Any
 
 from tests.providers.fakehttp import FakeAPI, Reply
-from tests.providers.hetzner_fake import md5_fingerprint
+from tests.providers.hetzner_fake import md5_fingerprint, now
 
 BASE_URL = "https://api.digitalocean.com"
 CREATED = "2020-07-21T18:37:44Z"
@@ -109,6 +112,21 @@ def droplet_payload(
     }
 
 
+def action_payload(action_id: int, droplet_id: int, region: str, status: str, kind: str = "create") -> dict[str, Any]:
+    """A droplet action as the Actions API reads it; ``status`` is in-progress, completed or errored."""
+    return {
+        "id": action_id,
+        "status": status,
+        "type": kind,
+        "started_at": "2020-07-20T19:37:30Z",
+        "completed_at": None if status == "in-progress" else "2020-07-20T19:37:45Z",
+        "resource_id": droplet_id,
+        "resource_type": "droplet",
+        "region": {"name": "New York 3", "slug": region, "features": ["private_networking"], "available": True},
+        "region_slug": region,
+    }
+
+
 class FakeDigitalOcean(FakeAPI):
     prefix = "/v2"
 
@@ -119,6 +137,9 @@ class FakeDigitalOcean(FakeAPI):
         self._ids = itertools.count(3164444)
         self._booting: dict[int, dict[str, Any]] = {}  # id -> the fields it was created with
         self.max_per_page = MAX_PER_PAGE  # lower it to make a list span pages
+        self.actions: dict[int, list[dict[str, Any]]] = {}  # droplet id -> its actions, oldest first
+        self.create_errors_in: set[str] = set()  # regions where a create is accepted, then its action errors
+        self.created_at: str | None = None  # created_at of POSTed droplets; None: the time of the POST
 
     def add_droplet(self, name: str, **fields: Any) -> dict[str, Any]:
         droplet = droplet_payload(next(self._ids), name, **fields)
@@ -138,6 +159,14 @@ class FakeDigitalOcean(FakeAPI):
     def route(self, method: str, path: str, query: dict[str, str], body: Any) -> Reply:
         if match := re.fullmatch(r"/droplets/(\d+)", path):
             return self._droplet(method, int(match[1]))
+        if method == "GET" and (match := re.fullmatch(r"/droplets/(\d+)/actions", path)):
+            if int(match[1]) not in self.droplets:
+                return 404, RATE_HEADERS, error("not_found", "The resource you were accessing could not be found.")
+            found = self.actions.get(int(match[1]), [])[::-1]
+            per_page = min(int(query.get("per_page", 20)), self.max_per_page)
+            number = int(query.get("page", 1))
+            chunk = found[(number - 1) * per_page : number * per_page]
+            return 200, RATE_HEADERS, {"actions": chunk, "links": {}, "meta": {"total": len(found)}}
         if (method, path) == ("GET", "/droplets"):
             tag = query.get("tag_name")
             found = [self._read(d["id"]) for d in list(self.droplets.values()) if tag is None or tag in d["tags"]]
@@ -175,16 +204,23 @@ class FakeDigitalOcean(FakeAPI):
             "tags": body.get("tags", []),
             "public_ipv6": "2604:a880:0:1010::18a:a001" if body.get("ipv6") else None,
         }
+        fields["created_at"] = self.created_at or now()
         droplet = self.add_droplet(body["name"], status="new", **fields)
-        self._booting[droplet["id"]] = fields
-        href = f"{BASE_URL}/v2/actions/{droplet['id'] + 1}"
-        return 202, RATE_HEADERS, {"droplet": droplet, "links": {"actions": [{"id": 1, "rel": "create", "href": href}]}}
+        errored = body["region"] in self.create_errors_in
+        if not errored:  # an errored create leaves the droplet new
+            self._booting[droplet["id"]] = fields
+        create = action_payload(next(self._ids), droplet["id"], body["region"], "errored" if errored else "completed")
+        self.actions[droplet["id"]] = [create]
+        href = f"{BASE_URL}/v2/actions/{create['id']}"
+        links = {"actions": [{"id": create["id"], "rel": "create", "href": href}]}
+        return 202, RATE_HEADERS, {"droplet": droplet, "links": links}
 
     def _droplet(self, method: str, droplet_id: int) -> Reply:
         if droplet_id not in self.droplets:
             return 404, RATE_HEADERS, error("not_found", "The resource you were accessing could not be found.")
         if method == "DELETE":
             del self.droplets[droplet_id]
+            self.actions.pop(droplet_id, None)
             return 204, RATE_HEADERS, None
         return 200, RATE_HEADERS, {"droplet": self._read(droplet_id)}
 

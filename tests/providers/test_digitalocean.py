@@ -12,8 +12,9 @@ from pytest_httpserver import HTTPServer
 
 from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
 from tests.providers.contract import AdapterContract
-from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, error
+from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, action_payload, error
 from tests.providers.fakehttp import mocked, serve
+from tests.providers.hetzner_fake import now
 from vmqueue.models import JobState, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
@@ -225,6 +226,53 @@ class TestDigitalOcean(AdapterContract):
         vm = provider.get_vm(str(droplet["id"]))
         assert (vm.status, vm.provider_status) == (status, raw)
 
+    def test_late_create_error_raises_capacity_and_destroys(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        """The POST is accepted, then the droplet's create action ends ``errored`` and the droplet stays new:
+        the batched read reports it in error, get_vm raises CapacityError once the droplet's delete is sent."""
+        fake.create_errors_in = {"nyc3"}
+        fake.created_at = "2020-07-21T18:37:44Z"  # read once the action errored, minutes after the POST
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        assert vm.status == VMStatus.pending and len(fake.calls("POST", "/droplets")) == 1
+
+        batched = provider.get_vms([vm.instance_id])[vm.instance_id]
+        assert (batched.status, batched.provider_status) == (VMStatus.error, "create_errored")
+        assert fake.calls("DELETE", f"/droplets/{vm.instance_id}") == []
+        with pytest.raises(CapacityError) as caught:
+            provider.get_vm(vm.instance_id)
+
+        assert caught.value.provider_code == "create_errored"
+        assert "nyc3" in caught.value.message
+        assert fake.droplets == {}  # the failover forgets this id: nothing of it may stay
+        assert len(fake.calls("GET", f"/droplets/{vm.instance_id}/actions")) == 2
+
+    def test_new_droplet_reads_its_actions_only_once_stuck(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider
+    ) -> None:
+        """A droplet new since moments ago costs one GET; one new for minutes (or off) costs one more, the
+        actions list, which decides: completed create -> its status as it is, errored -> CapacityError."""
+        young = fake.add_droplet("web-1", status="new", created_at=now())
+        stuck = fake.add_droplet("web-2", status="new")
+        fake.actions[stuck["id"]] = [action_payload(1, stuck["id"], "nyc3", "in-progress")]
+        off = fake.add_droplet("web-3", status="off")
+        fake.actions[off["id"]] = [action_payload(2, off["id"], "nyc3", "completed")]
+
+        assert provider.get_vm(str(young["id"])).status == VMStatus.pending
+        assert [p for _, p, _, _ in fake.requests] == [f"/droplets/{young['id']}"]
+        assert provider.get_vm(str(stuck["id"])).status == VMStatus.pending
+        assert provider.get_vm(str(off["id"])).status == VMStatus.stopped
+        assert [p for _, p, _, _ in fake.requests][1:] == [
+            f"/droplets/{stuck['id']}",
+            f"/droplets/{stuck['id']}/actions",
+            f"/droplets/{off['id']}",
+            f"/droplets/{off['id']}/actions",
+        ]
+        fake.actions[stuck["id"]] = [action_payload(1, stuck["id"], "nyc3", "errored")]
+        with pytest.raises(CapacityError):
+            provider.get_vm(str(stuck["id"]))
+        assert stuck["id"] not in fake.droplets and off["id"] in fake.droplets
+
     def test_get_undocumented_state_is_unknown(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
         droplet = fake.add_droplet("web-1", status="hibernating")
         assert provider.get_vm(str(droplet["id"])).status == VMStatus.unknown
@@ -391,7 +439,7 @@ class TestDigitalOcean(AdapterContract):
     def test_get_vms_reads_many_in_few_calls(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
         owned = ["managed-by:vmqueue"]
         running = fake.add_droplet("web-1", tags=[*owned, "vmqueue-job:a"])
-        booting = fake.add_droplet("web-2", status="new", tags=[*owned, "vmqueue-job:b"])
+        booting = fake.add_droplet("web-2", status="new", tags=[*owned, "vmqueue-job:b"], created_at=now())
         fake.add_droplet("their-db", tags=["db"])  # not ours: the tag filter leaves it out
         ids = [str(running["id"]), str(booting["id"]), "999999"]
 
@@ -464,3 +512,26 @@ def test_system_create_then_destroy_through_a_worker(
     gone = provisioner.wait(provisioner.destroy_vm("digitalocean", job.instance_id).id, timeout_s=30)
     assert gone.state == JobState.gone, gone.error
     assert fake.droplets == {}
+
+
+@pytest.mark.system
+def test_system_late_create_error_fails_over(
+    worker_factory: Any, provisioner: Any, httpserver: HTTPServer, ssh_key: str
+) -> None:
+    """The create is accepted in nyc3, then its action errors: through a real worker the job fails over to its
+    fallback region, as a refused POST would, and the errored droplet is destroyed."""
+    fake = FakeDigitalOcean()
+    fake.create_errors_in = {"nyc3"}
+    fake.created_at = "2020-07-21T18:37:44Z"  # the worker reads the droplet once its action errored
+    endpoint = serve(httpserver, fake).removesuffix("/v2")  # pydo's paths start with /v2
+    env = {"DIGITALOCEAN_TOKEN": FAKE_TOKEN, "DIGITALOCEAN_ENDPOINT": endpoint, "NO_PROXY": "*"}
+    worker_factory("digitalocean", env=env)
+
+    job = provisioner.wait(provisioner.create_vm(make_spec(fallbacks=[{"region": "sfo3"}]), ssh_key).id, timeout_s=60)
+
+    assert job.state == JobState.running, job.error
+    assert (job.placement, job.vm.region) == (1, "sfo3")
+    assert any("no capacity in nyc3" in event.message for event in job.history)
+    assert [body["region"] for body in fake.calls("POST", "/droplets")] == ["nyc3", "sfo3"]
+    [droplet] = fake.droplets.values()
+    assert str(droplet["id"]) == job.instance_id

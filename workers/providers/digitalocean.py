@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import suppress
+from datetime import UTC, datetime
 from typing import Any
 
 from azure.core.credentials import AzureKeyCredential
@@ -40,6 +41,7 @@ ENDPOINT_ENV = "DIGITALOCEAN_ENDPOINT"  # e.g. a local fake API in system tests
 DEFAULT_ENDPOINT = "https://api.digitalocean.com"
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 5, 30  # azure-core's transport waits 300 s by default
 PAGE_SIZE = 200  # the API's maximum
+CREATE_ERRORED = "create_errored"  # provider_code (and provider_status) of a droplet whose create action errored
 
 # Every documented ``droplet.status`` (droplet.yml enum); ``archive`` is a destroyed droplet (libcloud).
 STATUS_MAP: dict[str, VMStatus] = {
@@ -48,6 +50,11 @@ STATUS_MAP: dict[str, VMStatus] = {
     "off": VMStatus.stopped,
     "archive": VMStatus.terminated,
 }
+
+# A droplet whose create goes well is ``active`` within a minute or so; one still ``new`` after this long, or
+# ``off``/``archive`` (where a failed create may leave it), may have a create action that ended ``errored``,
+# read then and only then, so a healthy boot costs no extra call.
+CREATE_STUCK_S = 90.0
 
 HTTP_STATUSES: dict[int, type[ProviderError]] = {
     400: InvalidSpecError,
@@ -144,10 +151,27 @@ class DigitalOceanProvider:
 
     @map_errors(_map_error)
     def get_vm(self, instance_id: str) -> VMInfo:
+        """See the protocol. A droplet whose ``create`` action ended ``errored`` after the POST was accepted
+        raises CapacityError once its delete is sent, as a refused POST would (the failover that follows
+        forgets this id). The action carries no reason (the Actions API has no error field); the request
+        itself passed the API's checks, which answer 422 at once, so what failed is building the droplet in
+        that region, and another placement may succeed.
+
+        Calls: one GET; one more (the droplet's actions) only while the droplet looks stuck (``new`` for over
+        ``CREATE_STUCK_S``, or ``off``/``archive``); one DELETE when its create errored.
+        """
         status, body = self._client().droplets.get(_droplet_id(instance_id), cls=_with_status)
         if status == 404:  # pydo returns a 404's error body instead of raising
             raise NotFoundError(f"DigitalOcean: no droplet {instance_id}", provider_code=body.get("id"))
-        return _vm_info(body["droplet"])
+        droplet = body["droplet"]
+        if self._create_errored(droplet):
+            self.destroy_vm(instance_id)
+            raise CapacityError(
+                f"DigitalOcean could not create droplet {droplet.get('name')} in "
+                f"{(droplet.get('region') or {}).get('slug')}: its create action errored",
+                provider_code=CREATE_ERRORED,
+            )
+        return _vm_info(droplet)
 
     @map_errors(_map_error)
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
@@ -161,7 +185,15 @@ class DigitalOceanProvider:
         if not wanted:
             return {}
         droplets = self._list(f"{LABEL_MANAGED_BY}:vmqueue")
-        return {str(droplet["id"]): _vm_info(droplet) for droplet in droplets if str(droplet["id"]) in wanted}
+        found = {str(droplet["id"]): _vm_info(droplet) for droplet in droplets if str(droplet["id"]) in wanted}
+        for droplet in droplets:
+            if str(droplet["id"]) in wanted and self._create_errored(droplet):
+                # In error here (raised, it would sink the whole batch); the tick reads such a droplet again
+                # through get_vm, which fails it over.
+                found[str(droplet["id"])] = found[str(droplet["id"])].model_copy(
+                    update={"status": VMStatus.error, "provider_status": CREATE_ERRORED}
+                )
+        return found
 
     def destroy_vm(self, instance_id: str) -> None:
         # A 404 comes back from pydo as an error body, not an exception: already gone is success either way.
@@ -171,6 +203,20 @@ class DigitalOceanProvider:
     @map_errors(_map_error)
     def list_owned_vms(self) -> list[VMInfo]:
         return [_vm_info(droplet) for droplet in self._list(f"{LABEL_MANAGED_BY}:vmqueue")]
+
+    def _create_errored(self, droplet: dict[str, Any]) -> bool:
+        """Whether the droplet's ``create`` action ended ``errored``; read only while the droplet looks stuck.
+
+        One call: GET /v2/droplets/{id}/actions (the API filters it by nothing; ``type`` and ``status`` are
+        read from the answer, docs.digitalocean.com "List Actions for a Droplet"). One page of 200 is
+        enough: a droplet whose create errored has no later actions to push it off the page.
+        """
+        if not _looks_stuck(droplet):
+            return False
+        status, body = self._client().droplet_actions.list(droplet["id"], per_page=PAGE_SIZE, cls=_with_status)
+        if status == 404:  # gone since it was read
+            return False
+        return any(a.get("type") == "create" and a.get("status") == "errored" for a in body.get("actions") or [])
 
     def _adopt(self, job_id: str) -> VMInfo | None:
         """The job's droplet if it exists; duplicates (from outside this adapter) are destroyed, oldest kept."""
@@ -218,6 +264,17 @@ def _droplet_id(instance_id: str) -> int:
     if not instance_id.isdigit():
         raise NotFoundError(f"DigitalOcean: {instance_id!r} is not a droplet id", provider_code="not_found")
     return int(instance_id)
+
+
+def _looks_stuck(droplet: dict[str, Any]) -> bool:
+    """``off``/``archive``, or ``new`` for longer than a healthy create takes: how a failed create leaves it."""
+    status = droplet.get("status")
+    if status in ("off", "archive"):
+        return True
+    if status != "new" or not droplet.get("created_at"):
+        return False
+    created = datetime.fromisoformat(droplet["created_at"].replace("Z", "+00:00"))
+    return (datetime.now(UTC) - created).total_seconds() > CREATE_STUCK_S
 
 
 def _vm_info(droplet: dict[str, Any]) -> VMInfo:
