@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -29,7 +30,7 @@ from botocore.exceptions import (
 )
 
 from vmqueue.images import IMAGES
-from vmqueue.models import VMInfo, VMSpec, VMStatus
+from vmqueue.models import LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus
 from vmqueue.options import AWSOptions
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
@@ -51,6 +52,7 @@ BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, conn
 # DescribeInstances' largest page (MaxResults 5-1000, AWS EC2 API reference); the paginators follow
 # NextToken across pages, so this sets only how many calls a long list takes.
 LIST_PAGE_SIZE = 1000
+VOLUME_PAGE_SIZE = 500  # DescribeVolumes' largest page (MaxResults 5-500)
 FILTER_CHUNK = 200  # ids per DescribeInstances filter; conservative: no value limit is published for it (unverified)
 CREDENTIAL_HINT = "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE (boto3's default chain)"
 
@@ -276,22 +278,9 @@ class AWSProvider:
             return None
 
     def list_owned_vms(self) -> list[VMInfo]:
-        """One filtered DescribeInstances (paged) per region in ``list_regions``."""
-        if not self.list_regions:
-            raise AuthError("no AWS region to list: set VMQ_AWS_REGIONS, AWS_REGION or AWS_DEFAULT_REGION")
-        vms: list[VMInfo] = []
-        for region in self.list_regions:
-            with map_errors(_map_error):
-                pages = (
-                    self._client("ec2", region)
-                    .get_paginator("describe_instances")
-                    .paginate(
-                        Filters=[{"Name": "tag:managed-by", "Values": ["vmqueue"]}],
-                        PaginationConfig={"PageSize": LIST_PAGE_SIZE},
-                    )
-                )
-                vms += [_vm_info(region, i) for page in pages for r in page["Reservations"] for i in r["Instances"]]
-        return vms
+        """One filtered DescribeInstances per region in ``list_regions``, every page."""
+        pages = self._owned_pages("describe_instances", LIST_PAGE_SIZE)
+        return [_vm_info(region, i) for region, page in pages for r in page["Reservations"] for i in r["Instances"]]
 
     def _split_id(self, instance_id: str) -> tuple[str, str]:
         region, _, native_id = instance_id.rpartition("/")
@@ -306,32 +295,33 @@ class AWSProvider:
         """EBS volumes tagged managed-by=vmqueue (a create tags its instance's volumes too), one filtered
         DescribeVolumes per region in ``list_regions``, every page (NextToken). A root volume goes with
         its instance (DeleteOnTermination); one left ``available`` is attached to nothing."""
-        if not self.list_regions:
-            raise AuthError("no AWS region to list: set VMQ_AWS_REGIONS, AWS_REGION or AWS_DEFAULT_REGION")
         found: list[OwnedResource] = []
-        for region in self.list_regions:
-            with map_errors(_map_error):
-                pages = (
-                    self._client("ec2", region)
-                    .get_paginator("describe_volumes")
-                    .paginate(
-                        Filters=[{"Name": "tag:managed-by", "Values": ["vmqueue"]}],
-                        PaginationConfig={"PageSize": LIST_PAGE_SIZE},
+        for region, page in self._owned_pages("describe_volumes", VOLUME_PAGE_SIZE):
+            for volume in page["Volumes"]:
+                attached = [a["InstanceId"] for a in volume.get("Attachments", []) if a.get("State") != "detached"]
+                found.append(
+                    OwnedResource(
+                        provider=self.name,
+                        kind="volume",
+                        resource_id=f"{region}/{volume['VolumeId']}",
+                        labels={t["Key"]: t["Value"] for t in volume.get("Tags", [])},
+                        attached_to=f"{region}/{attached[0]}" if attached else None,
+                        created_at=volume.get("CreateTime"),
                     )
                 )
-                for volume in (v for page in pages for v in page["Volumes"]):
-                    attached = [a["InstanceId"] for a in volume.get("Attachments", []) if a.get("State") != "detached"]
-                    found.append(
-                        OwnedResource(
-                            provider=self.name,
-                            kind="volume",
-                            resource_id=f"{region}/{volume['VolumeId']}",
-                            labels={t["Key"]: t["Value"] for t in volume.get("Tags", [])},
-                            attached_to=f"{region}/{attached[0]}" if attached else None,
-                            created_at=volume.get("CreateTime"),
-                        )
-                    )
         return found
+
+    def _owned_pages(self, operation: str, page_size: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(region, page) for every page of a ``tag:managed-by=vmqueue`` filtered describe call, in each
+        region of ``list_regions`` (the paginator follows NextToken)."""
+        if not self.list_regions:
+            raise AuthError("no AWS region to list: set VMQ_AWS_REGIONS, AWS_REGION or AWS_DEFAULT_REGION")
+        for region in self.list_regions:
+            with map_errors(_map_error):
+                paginator = self._client("ec2", region).get_paginator(operation)
+                owned = [{"Name": f"tag:{LABEL_MANAGED_BY}", "Values": ["vmqueue"]}]
+                for page in paginator.paginate(Filters=owned, PaginationConfig={"PageSize": page_size}):
+                    yield region, page
 
     def delete_extra(self, resource: OwnedResource) -> None:
         """DeleteVolume; a volume already gone is success (InvalidVolume.NotFound)."""
