@@ -20,6 +20,7 @@ CASES = {
     "throughput": (["--jobs", "50", "--rounds", "1", "--concurrency", "4"], ["vmqueue get jobs", "bare celery no-op"]),
     "enqueue": (["--jobs", "100", "--rounds", "1", "--chunk", "50"], ["Provisioner.create_vm", "raw send_task"]),
     "footprint": (["--repeat", "1", "--concurrency", "4"], ["sim / all-sdks", "hetzner / all-sdks"]),
+    "listing": (["--sizes", "100,300", "--repeat", "3"], ["newest 50 failed jobs", "filtered ms"]),
 }
 
 

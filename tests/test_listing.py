@@ -78,6 +78,17 @@ def test_filters_and_pages_newest_first(provisioner, redis_client):
     assert walk(provisioner.list_jobs, {"state": "running"}, 5) == []
 
 
+def test_a_sparse_intersection_walks_many_chunks_and_pages_through_them(provisioner):
+    # Two filter sets of ~150 each that share only every 13th job: the walk spans several chunks.
+    store = provisioner.store
+    jobs = [make(store, f"vm-{i}", provider="aws" if i % 2 or i % 13 == 0 else "sim") for i in range(300)]
+    for job in jobs[::2]:
+        store.transition(job.id, JobState.failed, "x")
+    expect = [j.id for i, j in reversed(list(enumerate(jobs))) if i % 2 == 0 and i % 13 == 0]
+    assert walk(provisioner.list_jobs, {"state": "failed", "provider": "aws"}, 3) == expect
+    assert walk(provisioner.list_jobs, {"state": "failed", "provider": "aws"}, 100) == expect
+
+
 def test_every_write_moves_the_job_in_the_index(provisioner, redis_client):
     store = provisioner.store
     job = make(store, "web-1")

@@ -1,7 +1,7 @@
 """The job store for asyncio (``redis.asyncio``): what a producer needs, written the same way.
 
 Records, scripts, events, index entries and idempotency keys are written with ``JobStore``'s own
-helpers (``queue_add``, ``transition_change``, the compare-and-set script and ``JobStore._changed``),
+helpers (``add_arguments``, ``transition_change``, the compare-and-set script and ``JobStore._changed``),
 so a record the async client writes is the record the sync client writes, byte for byte in layout,
 and the job index (vmqueue/jobindex.py) follows it the same way.
 """
@@ -12,13 +12,14 @@ import redis.asyncio
 
 from vmqueue import jobindex, keys
 from vmqueue.jobstore import (
+    _ADD,
     _CAS,
     _RELEASE,
     TRANSITION_HOOKS,
     JobStore,
     _log_unreplicated,
+    add_arguments,
     cas_arguments,
-    queue_add,
     queue_create_ended,
     transition_change,
 )
@@ -33,12 +34,12 @@ class AsyncJobStore:
         self.ttl_s = settings.job_ttl_s
         self.idempotency_ttl_s = settings.idempotency_ttl_s
         self._cas = client.register_script(_CAS)
+        self._add = client.register_script(_ADD)
         self._release = client.register_script(_RELEASE)
 
     async def add(self, job: Job, startup_script: str | None = None) -> Job:
-        pipe = self.redis.pipeline(transaction=startup_script is not None)
-        queue_add(pipe, job, startup_script, self.settings)
-        await pipe.execute()
+        add_keys, args = add_arguments(job, startup_script, self.settings)
+        await self._add(keys=add_keys, args=args)
         if self.settings.redis_wait_replicas:  # see jobstore.wait_replicated
             async with self.redis.client() as conn:
                 await conn.set(keys.REPLICATION_PROBE_KEY, job.id, px=60_000)

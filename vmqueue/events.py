@@ -1,7 +1,7 @@
 """Live job events: every change of a job's state (or of its cleanup) as an entry in Redis streams.
 
-The job store writes the event in the same step as the record (``queue_event`` in a pipeline for a
-new job; inside the compare-and-set script for a change), so no state change escapes and none is
+The job store writes the event in the same step as the record (inside the add script for a new
+job, the compare-and-set script for a change; ``queue_event`` on its MULTI path), so no state change escapes and none is
 published that was not stored. Two capped streams hold each event:
 
 - ``vmq:events:<job id>``: that job's events (``job_events_maxlen``, expires with the record's TTL),

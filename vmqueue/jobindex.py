@@ -354,7 +354,7 @@ def query_steps(q: JobQuery, limit: int = 50, cursor: str | None = None) -> Step
         fresh = [(m, int(s)) for m, s in walked if last is None or int(s) != last[0] or m < last[1]]
         if not fresh:
             break
-        last = fresh[-1]
+        last = (fresh[-1][1], fresh[-1][0])
         if others:
             held = yield [_cmd("zmscore", key, [m for m, _ in fresh]) for key in others]
             fresh = [entry for i, entry in enumerate(fresh) if all(scores[i] is not None for scores in held)]

@@ -38,6 +38,24 @@ index(4, ARGV[7], 8)
 return 1
 """
 )
+# A new job in one command: its record (ARGV[1], TTL ARGV[2]), its startup script (KEYS[4], ARGV[6],
+# when ARGV[7] is '1'), its readiness token digest (KEYS[5], ARGV[9], if any), its first event to both
+# streams, and its index entries (KEYS[6..], ARGV[10..]).
+# One script, not a pipeline of a dozen commands: each reply costs the client more than Redis's work
+# (bench/enqueue.py), and it is all or nothing like MULTI/EXEC, without its round trips.
+_ADD = (
+    jobindex.LUA_APPLY
+    + """
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if ARGV[7] == '1' then redis.call('set', KEYS[4], ARGV[6], 'EX', ARGV[2]) end
+redis.call('xadd', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'data', ARGV[3])
+redis.call('xadd', KEYS[3], 'MAXLEN', ARGV[5], '*', 'data', ARGV[3])
+redis.call('expire', KEYS[3], ARGV[2])
+if ARGV[9] ~= '' then redis.call('set', KEYS[5], ARGV[9], 'EX', ARGV[2]) end
+index(6, ARGV[8], 10)
+return 1
+"""
+)
 # How many records a process remembers (as last read or written) for one-round-trip updates.
 RAW_CACHE_SIZE = 20_000
 
@@ -55,17 +73,29 @@ log = logging.getLogger("vmqueue.jobstore")
 TRANSITION_HOOKS: list[Callable[[Job], None]] = []
 
 
-def queue_add(pipe: Any, job: Job, startup_script: str | None, settings: Settings) -> None:
-    """Queue on ``pipe`` (a blocking or an asyncio pipeline: both buffer commands alike) the writes that
-    store a new job, its first event and its index entries, so ``JobStore`` and ``AsyncJobStore`` store
-    one alike."""
-    pipe.set(keys.job_key(job.id), job.model_dump_json(), ex=settings.job_ttl_s)
-    if startup_script is not None:
-        pipe.set(keys.script_key(job.id), startup_script, ex=settings.job_ttl_s)
-    if job._ready_token_digest:  # ready_when=cloud_init: what the phone-home route checks (vmqueue/readiness.py)
-        pipe.set(keys.ready_token_key(job.id), job._ready_token_digest, ex=settings.job_ttl_s)
-    queue_event(pipe, job.id, describe(job, None).model_dump_json(), settings)
-    jobindex.apply(pipe, job.id, jobindex.changes(jobindex.snapshot(None), job))
+def add_arguments(job: Job, startup_script: str | None, settings: Settings) -> tuple[list, list]:
+    """KEYS and ARGV of ``_ADD`` for a new job, so ``JobStore`` and ``AsyncJobStore`` store one alike."""
+    ops = jobindex.changes(jobindex.snapshot(None), job)
+    script_keys = [
+        keys.job_key(job.id),
+        keys.EVENTS_KEY,
+        keys.events_key(job.id),
+        keys.script_key(job.id),
+        keys.ready_token_key(job.id),
+    ]
+    args = [
+        job.model_dump_json(),
+        settings.job_ttl_s,
+        describe(job, None).model_dump_json(),
+        settings.events_maxlen,
+        settings.job_events_maxlen,
+        startup_script or "",
+        "1" if startup_script is not None else "0",
+        job.id,
+        # ready_when=cloud_init: what the phone-home route checks (vmqueue/readiness.py)
+        job._ready_token_digest or "",
+    ]
+    return [*script_keys, *(k for k, _, _ in ops)], [*args, *(x for _, op, arg in ops for x in (op, arg))]
 
 
 def cas_arguments(
@@ -134,6 +164,7 @@ class JobStore:
         self.idempotency_ttl_s = settings.idempotency_ttl_s
         self._release = client.register_script(_RELEASE)
         self._cas = client.register_script(_CAS)
+        self._add = client.register_script(_ADD)
         self._raw: OrderedDict[str, str] = OrderedDict()
         self._raw_lock = threading.Lock()
 
@@ -144,11 +175,8 @@ class JobStore:
         With ``VMQ_REDIS_WAIT_REPLICAS`` = n > 0 it returns only once n replicas have the record
         (``wait_replicated``), so a job a caller was told about survives a Sentinel failover.
         """
-        # The record and its script: both or neither (MULTI/EXEC). One command needs no MULTI/EXEC
-        # around it: that costs a tenth of an enqueue's time (bench/enqueue.py).
-        pipe = self.redis.pipeline(transaction=startup_script is not None)
-        queue_add(pipe, job, startup_script, self.settings)
-        pipe.execute()
+        add_keys, args = add_arguments(job, startup_script, self.settings)
+        self._add(keys=add_keys, args=args)
         if self.settings.redis_wait_replicas:
             wait_replicated(self.redis, job.id, self.settings)
         return job
