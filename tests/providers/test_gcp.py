@@ -213,6 +213,38 @@ class TestGCP(AdapterContract):
         [(query, _)] = sent(rsps, "GET")[1:]
         assert query["filter"] == f"(operationType eq insert) (targetLink eq .*/zones/{ZONE}/instances/web-1)"
 
+    def test_insert_lookup_keeps_to_its_own_target(self, provider: GCPProvider, rsps: responses.RequestsMock) -> None:
+        """web-1 is gone (404) and the operations list answers another instance's failed insert (web-10, as a
+        looser filter or a proxy might): that failure is not web-1's, so web-1 reads as not found, while the
+        same answer read for web-10 is web-10's capacity failure."""
+        other = FakeCompute()
+        other.fail_inserts = "ZONE_RESOURCE_POOL_EXHAUSTED"
+        other.handle("POST", f"/compute/v1/projects/{PROJECT}/zones/{ZONE}/instances", {}, {"name": "web-10"})
+        [failed] = other.operations
+        listed = {
+            "kind": "compute#operationList",
+            "id": f"projects/{PROJECT}/zones/{ZONE}/operations",
+            "items": [failed],
+        }
+        for name in ("web-1", "web-10"):
+            answer_error(rsps, "GET", f"{API}/instances/{name}", 404, "notFound")
+            rsps.add("GET", f"{API}/operations", json=listed)
+
+        with pytest.raises(NotFoundError):
+            provider.get_vm(ID)
+        with pytest.raises(CapacityError) as err:
+            provider.get_vm(f"{PROJECT}/{ZONE}/web-10")
+        assert err.value.provider_code == "ZONE_RESOURCE_POOL_EXHAUSTED"
+        asked = [
+            parse_qsl(urlparse(c.request.url).query)
+            for c in rsps.calls
+            if c.request.url.split("?")[0].endswith("/operations")
+        ]
+        assert [dict(q)["filter"] for q in asked] == [
+            f"(operationType eq insert) (targetLink eq .*/zones/{ZONE}/instances/{name})"
+            for name in ("web-1", "web-10")
+        ]
+
     def test_get_while_insert_runs_is_pending(
         self, provider: GCPProvider, fake: FakeCompute, key: SSHPublicKey
     ) -> None:

@@ -87,7 +87,7 @@ class CreateSteps(Steps):
             vm = calls(self.providers(job.provider).get_vm, job.instance_id)
         except NotFoundError:
             vm = None
-        except CapacityError as exc:  # an asynchronous create failure: no VM came to be (GCP)
+        except CapacityError as exc:  # a create that failed after it was accepted (GCP, Azure, Hetzner, DigitalOcean)
             return self._fail_over(job, exc, calls.count)
         except ProviderError as exc:
             return self._call_failed(job, exc, calls.count)
