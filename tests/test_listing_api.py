@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
-import httpx
-import pytest
 from typer.testing import CliRunner
 
 from producer.cli import app
 from tests.test_cli import cli_env  # noqa: F401 - the fixture, shared
-from tests.test_web import KEY, Server
+from tests.test_web import api  # noqa: F401 - the fixture (a uvicorn of this module's own), shared
 
 runner = CliRunner()
 # No test worker serves hetzner: its jobs stay queued, so the API's cancel meets a queued job.
 QUEUED = {"provider": "hetzner", "name": "api-q", "region": "fsn1", "instance_type": "cx22", "image": "debian-12"}
 
 
-@pytest.fixture(scope="module")
-def api(test_env, tmp_path_factory) -> Iterator[httpx.Client]:
-    server = Server({**test_env, "VMQ_API_KEYS": f"other-key, {KEY}"}, tmp_path_factory.mktemp("web") / "uvicorn.log")
-    try:
-        server.wait_ready()
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=10) as client:
-            yield client
-    finally:
-        server.stop()
-
-
-def test_list_cancel_extend_over_http(api, redis_client, ssh_key):
+def test_list_cancel_extend_over_http(api, redis_client, ssh_key):  # noqa: F811
     created = [
         api.post("/vms", json={"spec": {**QUEUED, "name": f"api-{i}"}, "ssh_key": ssh_key}).json() for i in range(3)
     ]

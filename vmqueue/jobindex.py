@@ -224,6 +224,7 @@ async def arun(client: redis.asyncio.Redis, steps: Steps[T]) -> T:
 def trim(client: redis.Redis, older_than: float, batch: int = 1000) -> int:
     """Forget up to ``batch`` index entries created before ``older_than`` (epoch s) whose record expired.
 
+    Each sweep pass runs it (workers/tasks.py); a query also forgets the expired records it meets.
     Only records older than the job TTL can have expired, so only that end of ``vmq:idx:all`` is read,
     resuming where the last call stopped (records of living VMs never expire and are passed over).
     Returns how many jobs were forgotten.

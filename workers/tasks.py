@@ -15,7 +15,7 @@ import redis
 from celery import Task
 from celery.signals import worker_ready
 
-from vmqueue import keys
+from vmqueue import jobindex, keys
 from vmqueue.connection import connect
 from vmqueue.jobstore import JobStore
 from vmqueue.models import JobError, JobKind, JobState
@@ -164,6 +164,9 @@ def sweep(request: object) -> None:
     calls = ProviderCalls(parsed.provider, run.limit, settings)
     sweeper = Sweeper(run.store, run.providers(parsed.provider), calls, _resend, stalled_after_s(settings))
     report = sweeper.run(parsed)
+    if not parsed.dry_run:  # the job index's entries of records that expired (vmqueue/jobindex.py)
+        if forgotten := jobindex.trim(run.store.redis, time.time() - settings.job_ttl_s):
+            log.info("job index: the entries of %d expired records forgotten", forgotten)
     mode = "dry run" if parsed.dry_run else "pass"
     log.info(
         "provider=%s sweep %s (%s): %d listed, %d owned, %d orphans, %d stalled jobs",
