@@ -246,6 +246,8 @@ def submit(job: Job, startup_script: str | None = None) -> Protocol[Job]:
         if job.idempotency_key:
             yield Call("release_idempotency_key", (job.idempotency_key, job.id))
         raise
+    # With VMQ_REDIS_WAIT_REPLICAS: return only once replicas have the record and the message.
+    yield Call("replicated", (job.id,))
     return job
 
 

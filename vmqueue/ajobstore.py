@@ -40,14 +40,17 @@ class AsyncJobStore:
     async def add(self, job: Job, startup_script: str | None = None) -> Job:
         add_keys, args = add_arguments(job, startup_script, self.settings)
         await self._add(keys=add_keys, args=args)
+        return job
+
+    async def replicated(self, job_id: str) -> None:
+        """``JobStore.replicated`` for asyncio."""
         if self.settings.redis_wait_replicas:  # see jobstore.wait_replicated
             async with self.redis.client() as conn:
-                await conn.set(keys.REPLICATION_PROBE_KEY, job.id, px=60_000)
+                await conn.set(keys.REPLICATION_PROBE_KEY, job_id, px=60_000)
                 acked = await conn.execute_command(
                     "WAIT", self.settings.redis_wait_replicas, self.settings.redis_wait_timeout_ms
                 )
-            _log_unreplicated(job.id, acked, self.settings)
-        return job
+            _log_unreplicated(job_id, acked, self.settings)
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self.redis.get(keys.job_key(job_id))

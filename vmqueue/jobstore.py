@@ -172,14 +172,17 @@ class JobStore:
     def add(self, job: Job, startup_script: str | None = None) -> Job:
         """Write a new job's record, first event and index entries (and its script beside it: both or neither).
 
-        With ``VMQ_REDIS_WAIT_REPLICAS`` = n > 0 it returns only once n replicas have the record
-        (``wait_replicated``), so a job a caller was told about survives a Sentinel failover.
+        The producer calls ``replicated`` once the job's message is published too.
         """
         add_keys, args = add_arguments(job, startup_script, self.settings)
         self._add(keys=add_keys, args=args)
-        if self.settings.redis_wait_replicas:
-            wait_replicated(self.redis, job.id, self.settings)
         return job
+
+    def replicated(self, job_id: str) -> None:
+        """With ``VMQ_REDIS_WAIT_REPLICAS`` = n > 0: block until n replicas have every write so far
+        (the job's record and its message), see ``wait_replicated``; else nothing."""
+        if self.settings.redis_wait_replicas:
+            wait_replicated(self.redis, job_id, self.settings)
 
     def claim_idempotency_key(self, key: str, job_id: str) -> str | None:
         """Bind ``key`` to ``job_id``; returns the job id it was already bound to, if any."""
