@@ -9,6 +9,7 @@ IDEMPOTENCY_PREFIX = "vmq:idem:"
 LOCK_PREFIX = "vmq:lock:"
 DUE_PREFIX = "vmq:due:"  # when a job's next scheduled step is due; an earlier message is a duplicate
 RATE_LIMIT_PREFIX = "vmq:ratelimit"
+BUDGET_PREFIX = "vmq:budget:"  # <provider>:<scope>:<bucket>: API budgets (workers/budget.py)
 SIM_PREFIX = "vmq:sim:"
 WATCH_PREFIX = "vmq:watch:"  # hash per provider: instance id -> job id of VMs being waited for
 TICKER_PREFIX = "vmq:ticker:"  # per provider: the token of the one live batch-read chain

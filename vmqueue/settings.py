@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     rate_limit: dict[str, str] = Field(
         default_factory=dict, description='per-provider API limits, e.g. {"aws": "10/second"}'
     )
+    budget: dict[str, str] = Field(
+        default_factory=dict,
+        description='API budget overrides per bucket, e.g. {"aws.run_instances": "10@4/s", "digitalocean.minute": '
+        '"200/minute"} (workers/budget_profiles.py names the buckets)',
+    )
     worker_concurrency: int = 64
     # Webhooks (vmqueue/webhooks.py, workers/webhooks.py): signed per Standard Webhooks.
     webhook_secret: SecretStr | None = Field(
@@ -96,7 +101,8 @@ class Settings(BaseSettings):
     eta_task_limit: int = 20_000
 
 
-# Published per-account API limits, kept below (PROVIDERS.md); VMQ_RATE_LIMIT overrides any of them.
+# Sustained request rate per provider the tick interval is derived from (the per-bucket budgets are in
+# workers/budget_profiles.py); VMQ_RATE_LIMIT overrides any of them and caps all of a provider's requests.
 DEFAULT_RATE_LIMITS: dict[str, str] = {
     "sim": "500/second",
     "hetzner": "3600/hour",

@@ -1,4 +1,4 @@
-"""How a task calls an adapter: the shared per-provider rate limit, then quick retries (layer 1).
+"""How a task calls an adapter: quick retries (layer 1); the adapter's transport charges the shared budget.
 
 Layer 1 (here, tenacity) retries transient errors and short rate limits a few times within one
 task step; what still fails goes back to the task, which retries the job later (layer 2,
@@ -7,52 +7,22 @@ task step; what still fails goes back to the task, which retries the job later (
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from limits import parse
-from limits.storage import storage_from_string
-from limits.strategies import MovingWindowRateLimiter
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
-from vmqueue import keys
-from vmqueue.connection import limits_storage_uri
-from vmqueue.settings import Settings, rate_limit_for
+from vmqueue.settings import Settings
 from workers import metrics
 from workers.backoff import full_jitter_backoff
-from workers.providers.errors import ProviderError, RateLimitedError
+from workers.budget import Budget
+from workers.providers.errors import ProviderError
 
 T = TypeVar("T")
 
-# Waiting for a rate-limit slot longer than this is better done as a task retry than in a thread.
-MAX_THROTTLE_WAIT_S = 10.0
-
-
-class SharedRateLimit:
-    """One moving-window limit per provider in Redis, so all workers together stay under it."""
-
-    def __init__(self, settings: Settings):
-        uri, options = limits_storage_uri(settings)
-        self._limiter = MovingWindowRateLimiter(storage_from_string(uri, key_prefix=keys.RATE_LIMIT_PREFIX, **options))
-        self._settings = settings
-        self._items = {}
-
-    def acquire(self, provider: str) -> None:
-        """Block until a call slot is free; past ``MAX_THROTTLE_WAIT_S`` the task retries instead."""
-        item = self._items.get(provider) or self._items.setdefault(
-            provider, parse(rate_limit_for(self._settings, provider))
-        )
-        waited = 0.0
-        while not self._limiter.hit(item, provider):
-            reset_at = self._limiter.get_window_stats(item, provider).reset_time
-            pause = min(max(reset_at - time.time(), 0.01), 1.0)
-            if waited + pause > MAX_THROTTLE_WAIT_S:
-                raise RateLimitedError(
-                    f"shared {provider} API limit {item} reached", provider_code="vmq_throttle", retry_after_s=pause
-                )
-            time.sleep(pause)
-            waited += pause
+# The shared API budget (per provider, per bucket, per HTTP request): workers/budget.py. Adapters charge
+# it from their SDK transport, so a step's adapter call is metered request by request, pages included.
+SharedRateLimit = Budget
 
 
 class ProviderCalls:
@@ -75,7 +45,6 @@ class ProviderCalls:
         )
         for attempt in retrying:
             with attempt:
-                self.limit.acquire(self.provider)
                 self.count += 1
                 with metrics.provider_call(self.provider, getattr(fn, "__name__", "call")):
                     return fn(*args, **kwargs)

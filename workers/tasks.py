@@ -34,9 +34,10 @@ BROKER_RETRY_S = 5.0
 @cache
 def runner() -> JobRunner:
     store = JobStore(connect(settings), settings)
-    return JobRunner(
-        store, settings, get_provider, SharedRateLimit(settings), start_ticker=_start_ticker, start_job=_start_job
-    )
+    budget = SharedRateLimit(settings, store.redis)
+    # Every adapter the runner gets charges the shared budget per HTTP request, from its SDK transport.
+    providers = budget.metered(get_provider)
+    return JobRunner(store, settings, providers, budget, start_ticker=_start_ticker, start_job=_start_job)
 
 
 @cache

@@ -6,6 +6,9 @@ fails while any name below has no test, so no protocol method goes untested (hcl
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping
+
 from vmqueue.sshkeys import SSHPublicKey, throwaway_public_key
 
 REQUIRED_TESTS = (
@@ -27,6 +30,7 @@ REQUIRED_TESTS = (
     "test_missing_credentials_auth_error",
     "test_sdk_retries_off",
     "test_list_owned_vms",
+    "test_meter_sees_every_request",
 )
 
 
@@ -44,3 +48,24 @@ def make_ed25519_key(comment: str = "test@vmqueue") -> str:
 def parsed_key() -> SSHPublicKey:
     """A fresh parsed public key, as the pipeline hands one to an adapter."""
     return SSHPublicKey.parse(make_ed25519_key())
+
+
+class RecordingMeter:
+    """A ``Meter`` that records what an adapter's transport reports: each request before it goes out
+    (method, target, scope) and each answer (method, target, status, headers)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str]] = []
+        self.answers: list[tuple[str, str, int, dict[str, str]]] = []
+        self._lock = threading.Lock()
+
+    def before(self, method: str, target: str, scope: str = "") -> None:
+        with self._lock:
+            self.sent.append((method, target, scope))
+
+    def after(self, method: str, target: str, status: int, headers: Mapping[str, str], scope: str = "") -> None:
+        with self._lock:
+            self.answers.append((method, target, status, dict(headers)))
+
+    def requests(self) -> list[tuple[str, str]]:
+        return [(method, target) for method, target, _ in self.sent]

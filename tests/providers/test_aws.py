@@ -26,7 +26,7 @@ from moto.ec2.models import ec2_backends
 from moto.ssm.models import Parameter, ssm_backends
 
 from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
-from tests.providers.contract import AdapterContract
+from tests.providers.contract import AdapterContract, RecordingMeter
 from vmqueue.images import IMAGES
 from vmqueue.models import VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
@@ -211,6 +211,25 @@ class TestAWS(AdapterContract):
             sent.append(base64.b64decode(raw["UserData"]["Value"]).decode())
         assert all(key.openssh in data for data in sent)
         assert_cloud_init_accepts(sent)
+
+    def test_meter_sees_every_request(self, provider: AWSProvider, key: SSHPublicKey) -> None:
+        """Each attempt on the wire passes the meter first, named <service>:<Operation> in its region."""
+        meter = provider.meter = RecordingMeter()
+        wire: list[str] = []
+        ec2 = provider._client("ec2", REGION)
+        # before-send is the last event before the wire (moto answers from it): the event names the operation.
+        ec2.meta.events.register_first(
+            "before-send", lambda event_name, **_: wire.append(f"ec2:{event_name.split('.')[-1]}")
+        )
+        vm = provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")
+        provider.get_vm(vm.instance_id)
+        provider.get_vms([vm.instance_id])
+        provider.destroy_vm(vm.instance_id)
+
+        assert [target for _, target, _ in meter.sent] == wire
+        assert wire == ["ec2:RunInstances", "ec2:DescribeInstances", "ec2:DescribeInstances", "ec2:TerminateInstances"]
+        assert {scope for _, _, scope in meter.sent} == {REGION}
+        assert [t for _, t, _, _ in meter.answers] == wire
 
     def test_create_sends_key_script_and_labels(self, provider: AWSProvider, key: SSHPublicKey) -> None:
         vm = provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")

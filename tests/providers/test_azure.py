@@ -15,7 +15,7 @@ from requests.exceptions import ConnectionError as RequestsConnectionError
 
 from tests.providers.azure_fake import MSI_PATH, NSG_ID, RG, RG_PATH, SUB, SUBNET_ID, FakeARM, error
 from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
-from tests.providers.contract import AdapterContract
+from tests.providers.contract import AdapterContract, RecordingMeter
 from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
 from vmqueue.models import JobState, VMSpec, VMStatus
@@ -100,6 +100,19 @@ class TestAzure(AdapterContract):
         sent = [base64.b64decode(put.body["properties"]["osProfile"]["customData"]).decode() for put in puts]
         assert sent == list(phone_home_scripts().values())
         assert_cloud_init_accepts(sent)
+
+    def test_meter_sees_every_request(self, provider: AzureProvider, fake: FakeARM, key: Any) -> None:
+        """Each request on the wire passes the meter first (the budget's hook), and each answer after it."""
+        meter = provider.meter = RecordingMeter()
+        vm = provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id="job-1")
+        boot(fake)
+        provider.get_vm(vm.instance_id)
+        provider.get_vms([vm.instance_id])
+        provider.destroy_vm(vm.instance_id)
+
+        wire = [(call.method, call.path) for call in fake.calls]
+        assert meter.requests() == wire and sum(m == "PUT" for m, _ in wire) == 3
+        assert [(m, t) for m, t, _, _ in meter.answers] == wire
 
     def test_create_sends_key_script_and_labels(self, provider: AzureProvider, fake: FakeARM) -> None:
         ssh_key = key()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import requests
 from pytest_httpserver import HTTPServer
 
 from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
-from tests.providers.contract import AdapterContract
+from tests.providers.contract import AdapterContract, RecordingMeter
 from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean, action_payload, error
 from tests.providers.fakehttp import mocked, serve
 from tests.providers.hetzner_fake import now
@@ -83,6 +84,21 @@ class TestDigitalOcean(AdapterContract):
         sent = [body["user_data"] for body in fake.calls("POST", "/droplets")]
         assert sent == list(phone_home_scripts().values())
         assert_cloud_init_accepts(sent)
+
+    def test_meter_sees_every_request(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        """Each request on the wire passes the meter first (the budget's hook), and each answer after it."""
+        meter = provider.meter = RecordingMeter()
+        vm = provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id=JOB)
+        provider.get_vm(vm.instance_id)
+        provider.get_vms([vm.instance_id])
+        provider.destroy_vm(vm.instance_id)
+
+        wire = [(method, f"/v2{path}") for method, path, _, _ in fake.requests]
+        assert [(m, unquote(t)) for m, t in meter.requests()] == wire and ("POST", "/v2/droplets") in wire
+        assert [(m, unquote(t)) for m, t, _, _ in meter.answers] == wire
+        assert any("ratelimit-remaining" in {h.lower() for h in headers} for *_, headers in meter.answers)
 
     def test_create_sends_key_script_and_labels(
         self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey

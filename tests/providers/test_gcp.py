@@ -20,7 +20,7 @@ from google.auth.compute_engine import _metadata
 from google.auth.credentials import AnonymousCredentials, Credentials
 
 from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
-from tests.providers.contract import AdapterContract
+from tests.providers.contract import AdapterContract, RecordingMeter
 from tests.providers.gcp_fake import FakeCompute, api_error, serve_with_responses
 from vmqueue.models import VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
@@ -109,6 +109,20 @@ class TestGCP(AdapterContract):
         ]
         assert user_data == list(phone_home_scripts().values())
         assert_cloud_init_accepts(user_data)
+
+    def test_meter_sees_every_request(
+        self, provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey
+    ) -> None:
+        """Each request on the wire passes the meter first (the budget's hook), and each answer after it."""
+        meter = provider.meter = RecordingMeter()
+        vm = provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id="job-1")
+        provider.get_vm(vm.instance_id)
+        provider.get_vms([vm.instance_id, f"{PROJECT}/{ZONE}/never-made"])
+        provider.destroy_vm(vm.instance_id)
+
+        wire = [(c.request.method, urlparse(c.request.url).path) for c in rsps.calls]
+        assert meter.requests() == wire and len(wire) >= 5
+        assert [(m, t) for m, t, _, _ in meter.answers] == wire
 
     def test_create_sends_key_script_and_labels(
         self, provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey

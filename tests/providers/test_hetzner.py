@@ -11,7 +11,7 @@ import requests
 from pytest_httpserver import HTTPServer
 
 from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
-from tests.providers.contract import AdapterContract, make_ed25519_key
+from tests.providers.contract import AdapterContract, RecordingMeter, make_ed25519_key
 from tests.providers.fakehttp import mocked, serve
 from tests.providers.hetzner_fake import (
     BASE_URL,
@@ -85,6 +85,22 @@ class TestHetzner(AdapterContract):
         sent = [body["user_data"] for body in fake.calls("POST", "/servers")]
         assert sent == list(phone_home_scripts().values())
         assert_cloud_init_accepts(sent)
+
+    def test_meter_sees_every_request(self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
+        """Each request on the wire passes the meter first (the budget's hook), and each answer after it."""
+        meter = provider.meter = RecordingMeter()
+        fake.fail("POST", "/servers", status=429, body=error("rate_limit_exceeded", "slow down"))
+        with pytest.raises(RateLimitedError):
+            provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id=JOB)
+        vm = provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id=JOB)
+        provider.get_vm(vm.instance_id)
+        provider.get_vms([vm.instance_id])
+        provider.destroy_vm(vm.instance_id)
+
+        wire = [(method, path) for method, path, _, _ in fake.requests]
+        assert meter.requests() == wire and ("POST", "/servers") in wire
+        assert 429 in [status for _, _, status, _ in meter.answers]
+        assert [(m, t) for m, t, _, _ in meter.answers] == wire
 
     def test_create_sends_key_script_and_labels(
         self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
 
 from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
-from tests.providers.contract import AdapterContract
+from tests.providers.contract import AdapterContract, RecordingMeter
 from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
 from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error
@@ -97,6 +97,18 @@ class TestOCI(AdapterContract):
         sent = [base64.b64decode(call.body["metadata"]["user_data"]).decode() for call in calls]
         assert sent == list(phone_home_scripts().values())
         assert_cloud_init_accepts(sent)
+
+    def test_meter_sees_every_request(self, provider: OCIProvider, fake: FakeOCI, key: Any) -> None:
+        """Each request on the wire passes the meter first (the budget's hook), and each answer after it."""
+        meter = provider.meter = RecordingMeter()
+        vm = provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id="job-1")
+        provider.get_vm(vm.instance_id)
+        provider.get_vms([vm.instance_id])
+        provider.destroy_vm(vm.instance_id)
+
+        wire = [(call.method, call.path) for call in fake.calls]
+        assert meter.requests() == wire and len(wire) >= 4
+        assert [(m, t) for m, t, _, _ in meter.answers] == wire
 
     def test_create_sends_key_script_and_labels(self, provider: OCIProvider, fake: FakeOCI) -> None:
         ssh_key = key()

@@ -46,6 +46,7 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+from workers.providers.metering import Metered, meter_botocore
 
 # The SDK's retries are off: our task layer decides when to send again (PROVIDERS.md, DESIGN §4).
 BOTO_CONFIG = Config(retries={"mode": "standard", "total_max_attempts": 1}, connect_timeout=10, read_timeout=60)
@@ -132,7 +133,7 @@ def _map_error(exc: Exception) -> ProviderError:
     return cls(message, provider_code=code, retry_after_s=float(retry_after) if retry_after.isdigit() else None)
 
 
-class AWSProvider:
+class AWSProvider(Metered):
     """EC2 instances; see the ``Provider`` protocol."""
 
     name = "aws"
@@ -162,9 +163,12 @@ class AWSProvider:
         with self._lock:
             if (service, region) not in self._clients:
                 self._session = self._session or boto3.Session()
-                self._clients[service, region] = self._session.client(
+                client = self._session.client(
                     service, region_name=region, endpoint_url=self._endpoint_url, config=BOTO_CONFIG
                 )
+                # Every attempt on the wire is charged to the account's budget in that region (workers/budget.py).
+                meter_botocore(client, lambda: self.meter, region)
+                self._clients[service, region] = client
             return self._clients[service, region]
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:

@@ -39,6 +39,7 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+from workers.providers.metering import Metered, azure_hooks
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class _Clients(NamedTuple):
     network: Any
 
 
-class AzureProvider:
+class AzureProvider(Metered):
     """Azure Compute + Network; see the Provider protocol."""
 
     name = "azure"
@@ -162,7 +163,8 @@ class AzureProvider:
                     from azure.identity import DefaultAzureCredential
 
                     self._credential = DefaultAzureCredential()
-                kwargs = dict(CLIENT_KWARGS)
+                # Every attempt on the wire is charged to the subscription's budget (workers/budget.py).
+                kwargs = {**CLIENT_KWARGS, **azure_hooks(lambda: self.meter)}
                 if self._endpoint:
                     kwargs["base_url"] = self._endpoint
                     kwargs["credential_scopes"] = ["https://management.azure.com/.default"]

@@ -35,6 +35,7 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+from workers.providers.metering import Metered, azure_hooks
 
 TOKEN_ENVS = ("DIGITALOCEAN_TOKEN", "DIGITALOCEAN_ACCESS_TOKEN")  # Terraform's order
 ENDPOINT_ENV = "DIGITALOCEAN_ENDPOINT"  # e.g. a local fake API in system tests
@@ -88,7 +89,7 @@ def _map_error(exc: Exception) -> ProviderError:
     return ProviderError(f"DigitalOcean: {type(exc).__name__}: {exc}")
 
 
-class DigitalOceanProvider:
+class DigitalOceanProvider(Metered):
     """DigitalOcean; see the Provider protocol. Credentials: ``DIGITALOCEAN_TOKEN`` (or ``..._ACCESS_TOKEN``)."""
 
     name = "digitalocean"
@@ -113,6 +114,8 @@ class DigitalOceanProvider:
                 authentication_policy=AzureKeyCredentialPolicy(
                     AzureKeyCredential(self._token), "Authorization", prefix="Bearer"
                 ),
+                # Every attempt on the wire is charged to the token's budget (workers/budget.py).
+                **azure_hooks(lambda: self.meter),
             )
         return self._sdk
 

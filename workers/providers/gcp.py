@@ -30,6 +30,7 @@ from google.api_core.exceptions import GoogleAPICallError
 from google.auth.credentials import AnonymousCredentials, Credentials
 from google.auth.exceptions import GoogleAuthError, TransportError
 from google.cloud import compute_v1
+from requests.adapters import HTTPAdapter
 
 from vmqueue.images import IMAGES
 from vmqueue.models import LABEL_JOB, VMInfo, VMSpec, VMStatus
@@ -48,6 +49,7 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+from workers.providers.metering import Metered, mount_metered
 
 CALL_TIMEOUT_S = 30.0
 OWNED_FILTER = 'labels.managed-by = "vmqueue"'
@@ -132,7 +134,7 @@ def _map_insert_error(exc: Exception) -> ProviderError:
     return InvalidSpecError(error.message, provider_code=error.provider_code) if type(error) is NotFoundError else error
 
 
-class GCPProvider:
+class GCPProvider(Metered):
     """Compute Engine instances; see the ``Provider`` protocol."""
 
     name = "gcp"
@@ -157,9 +159,11 @@ class GCPProvider:
         with self._lock, map_errors(_map_error):
             if client_cls not in self._clients:
                 options = {"api_endpoint": self.api_endpoint} if self.api_endpoint else None
-                self._clients[client_cls] = client_cls(
-                    credentials=self._adc(), client_options=options, transport="rest"
-                )
+                client = client_cls(credentials=self._adc(), client_options=options, transport="rest")
+                # Every request on the wire is charged to the project's budget (workers/budget.py); the
+                # REST transport's AuthorizedSession is a requests session.
+                mount_metered(client._transport._session, HTTPAdapter, lambda: self.meter)
+                self._clients[client_cls] = client
             return self._clients[client_cls]
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:

@@ -14,6 +14,7 @@ import time
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 import requests
 from hcloud import APIException, Client
@@ -22,6 +23,7 @@ from hcloud.locations import Location
 from hcloud.server_types import ServerType
 from hcloud.servers import BoundServer, Server, ServerCreatePublicNetwork
 from hcloud.ssh_keys import BoundSSHKey
+from requests.adapters import HTTPAdapter
 
 from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus, job_id_of
 from vmqueue.options import HetznerOptions
@@ -39,6 +41,7 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+from workers.providers.metering import Metered, mount_metered
 
 TOKEN_ENV = "HCLOUD_TOKEN"
 ENDPOINT_ENV = "HCLOUD_ENDPOINT"  # e.g. a local fake API in system tests
@@ -126,7 +129,7 @@ def _map_error(exc: Exception) -> ProviderError:
     return ProviderError(f"Hetzner: {type(exc).__name__}: {exc}")
 
 
-class HetznerProvider:
+class HetznerProvider(Metered):
     """Hetzner Cloud; see the Provider protocol. Credentials: ``HCLOUD_TOKEN`` (one token = one project)."""
 
     name = "hetzner"
@@ -144,6 +147,8 @@ class HetznerProvider:
             # Private in hcloud 2.27.0 (pinned): its retries re-POST a create after a read timeout; ours decide.
             client._client._retry_max_retries = 0
             client._client._session.hooks["response"].append(_remember_rate_limit)
+            # Every request on the wire is charged to the project's budget (workers/budget.py).
+            mount_metered(client._client._session, HTTPAdapter, lambda: self.meter, urlsplit(self._endpoint).path)
             self._sdk = client
         return self._sdk
 

@@ -32,6 +32,7 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+from workers.providers.metering import Metered, mount_metered
 
 ENDPOINT_ENV = "VMQ_OCI_ENDPOINT"
 TIMEOUT_S = (10.0, 60.0)  # (connect, read): the threads pool enforces no time limit of its own
@@ -101,7 +102,7 @@ class _Clients(NamedTuple):
     search: Any
 
 
-class OCIProvider:
+class OCIProvider(Metered):
     """OCI Compute; see the Provider protocol."""
 
     name = "oci"
@@ -134,11 +135,17 @@ class OCIProvider:
                 if self._endpoint:
                     kwargs["service_endpoint"] = self._endpoint
                 config = {**self._config, "region": region}
-                self._clients[region] = _Clients(
+                clients = _Clients(
                     oci.core.ComputeClient(config, **kwargs),
                     oci.core.VirtualNetworkClient(config, **kwargs),
                     oci.resource_search.ResourceSearchClient(config, **kwargs),
                 )
+                # Every request on the wire is charged to the tenancy's budget (workers/budget.py); OCI
+                # sends through its vendored copy of requests.
+                # (its https adapter keeps OCI's own transport behaviour; the subclass only wraps send).
+                for client in clients:
+                    mount_metered(client.base_client.session, oci.base_client.OCIHTTPAdapter, lambda: self.meter)
+                self._clients[region] = clients
             return self._clients[region]
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:

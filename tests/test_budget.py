@@ -1,0 +1,177 @@
+"""The API budget (workers/budget.py) on a real Redis: buckets per action class, debt-ordered waits,
+windows, header corrections, overrides, the create schedule, and every adapter's meter wiring."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from vmqueue.settings import Settings
+from workers.budget import Budget
+from workers.budget_profiles import AWS, AZURE, DIGITALOCEAN, GCP, HETZNER, PROFILES, Bucket, parse_bucket
+from workers.providers.errors import RateLimitedError
+
+
+@pytest.fixture
+def budget(redis_url: str, redis_client: redis.Redis) -> Budget:
+    return Budget(Settings(redis_url=redis_url), redis_client, max_wait_s=2.0)
+
+
+def settings_with(redis_url: str, **fields: object) -> Settings:
+    return Settings(redis_url=redis_url, **fields)
+
+
+def test_every_profile_names_its_sources_and_classifies_its_calls() -> None:
+    for profile in PROFILES.values():
+        for name, bucket in profile.buckets.items():
+            assert bucket.source, f"{profile.provider}.{name} has no source"
+        for requests in profile.calls.values():
+            for method, target in requests:
+                assert set(profile.classify(method, target)) <= set(profile.buckets)
+
+
+def test_ec2_meters_each_action_in_its_own_bucket() -> None:
+    assert AWS.classify("POST", "ec2:RunInstances") == ("run_instances",)
+    assert AWS.classify("POST", "ec2:DescribeInstances") == ("non_mutating",)
+    assert AWS.classify("POST", "ec2:TerminateInstances") == ("mutating",)
+    assert AZURE.classify("PUT", "/x") == ("writes",) and AZURE.classify("DELETE", "/x") == ("deletes",)
+    assert GCP.classify("GET", "/compute/v1/projects/p/aggregated/instances") == ("lists",)
+    assert GCP.classify("GET", "/compute/v1/projects/p/zones/z/operations") == ("operation_reads",)
+    assert DIGITALOCEAN.classify("GET", "/v2/droplets") == ("minute", "hour")
+
+
+def test_a_bucket_refuses_past_its_burst_and_other_actions_go_on(budget: Budget) -> None:
+    """RunInstances bursts 5: the sixth waits for a refill token; a Describe goes on at once."""
+    budget.max_wait_s = 0.0
+    for _ in range(5):
+        assert budget.take("aws", AWS, "POST", "ec2:RunInstances", "eu-central-1")[0]
+    charged, wait, _ = budget.take("aws", AWS, "POST", "ec2:RunInstances", "eu-central-1")
+    assert not charged and 0.3 < wait <= 0.5  # 2 tokens a second
+    assert budget.take("aws", AWS, "POST", "ec2:DescribeInstances", "eu-central-1")[0]
+    assert budget.take("aws", AWS, "POST", "ec2:RunInstances", "us-east-1")[0]  # per region
+
+
+def test_waiters_reserve_tokens_in_order_at_the_refill_rate(budget: Budget) -> None:
+    profile = budget.profile("aws", "aws")
+    profile = type(profile)(**{**profile.__dict__, "buckets": {**profile.buckets, "run_instances": Bucket(2, 10.0)}})
+    sent: list[float] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        budget.acquire("aws", "POST", "ec2:RunInstances", "r", profile=profile)
+        with lock:
+            sent.append(time.monotonic())
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # 2 at once, then one every 0.1 s: 6 more need 0.6 s; never two in the same refill interval.
+    assert 0.5 < max(sent) - started < 1.5
+    gaps = sorted(b - a for a, b in zip(sorted(sent)[2:], sorted(sent)[3:], strict=False))
+    assert gaps[0] > 0.05
+
+
+def test_a_wait_past_the_limit_raises_and_charges_nothing(budget: Budget) -> None:
+    for _ in range(5):
+        budget.acquire("aws", "POST", "ec2:RunInstances", "r")
+    budget.max_wait_s = 0.2
+    for _ in range(3):
+        with pytest.raises(RateLimitedError) as raised:
+            budget.acquire("aws", "POST", "ec2:RunInstances", "r")
+        assert raised.value.provider_code == "vmq_throttle" and raised.value.retry_after_s > 0.2
+    time.sleep(0.5)  # one token back: the refused tries took none
+    budget.max_wait_s = 0.0
+    assert budget.take("aws", AWS, "POST", "ec2:RunInstances", "r")[0]
+
+
+def test_windows_count_requests_of_both_windows(redis_url: str, redis_client: redis.Redis) -> None:
+    budget = Budget(settings_with(redis_url, budget={"digitalocean.minute": "3/minute"}), redis_client, max_wait_s=0)
+    profile = budget.profile("digitalocean")
+    for _ in range(3):
+        assert budget.take("digitalocean", profile, "GET", "/v2/droplets")[0]
+    charged, wait, _ = budget.take("digitalocean", profile, "GET", "/v2/droplets")
+    assert not charged and 50 < wait <= 60
+
+
+def test_overrides_replace_one_bucket_and_bad_ones_name_the_buckets(redis_url: str, redis_client: redis.Redis) -> None:
+    budget = Budget(settings_with(redis_url, budget={"aws.run_instances": "50@10/s"}), redis_client)
+    profile = budget.profile("aws")
+    assert profile.buckets["run_instances"] == Bucket(50, 10.0, source="override")
+    assert profile.buckets["non_mutating"] == AWS.buckets["non_mutating"]
+    with pytest.raises(ValueError, match="aws.run_instances"):
+        Budget(settings_with(redis_url, budget={"aws.runinstances": "5@2/s"}), redis_client).profile("aws")
+    with pytest.raises(ValueError, match="<capacity>@<refill>/s"):
+        parse_bucket("lots")
+
+
+def test_vmq_rate_limit_caps_every_request_of_the_provider(redis_url: str, redis_client: redis.Redis) -> None:
+    budget = Budget(settings_with(redis_url, rate_limit={"aws": "2/minute"}), redis_client, max_wait_s=0)
+    profile = budget.profile("aws")
+    assert budget.take("aws", profile, "POST", "ec2:RunInstances")[0]
+    assert budget.take("aws", profile, "POST", "ec2:DescribeInstances")[0]
+    assert not budget.take("aws", profile, "POST", "ec2:DescribeInstances")[0]
+
+
+def test_hetzner_headers_pace_before_a_429(budget: Budget) -> None:
+    """Another client of the project spent the budget: RateLimit-Remaining says 0, so we wait for the refill."""
+    budget.max_wait_s = 0.0
+    profile = budget.profile("hetzner")
+    assert budget.take("hetzner", profile, "GET", "/servers")[0]
+    budget.observe("hetzner", profile, "GET", "/servers", {"RateLimit-Limit": "3600", "RateLimit-Remaining": "0"})
+    charged, wait, _ = budget.take("hetzner", profile, "GET", "/servers")
+    assert not charged and 0.9 < wait <= 1.0  # one token a second
+    # A header never raises our own model: remaining 3600 after we spent one leaves 3599 at most.
+    time.sleep(1.0)
+    budget.observe("hetzner", profile, "GET", "/servers", {"RateLimit-Remaining": "3600"})
+    assert budget.take("hetzner", profile, "GET", "/servers")[2] < 3600
+
+
+def test_digitalocean_hour_header_blocks_until_its_reset(budget: Budget) -> None:
+    budget.max_wait_s = 0.0
+    profile = budget.profile("digitalocean")
+    reset = time.time() + 30
+    headers = {"ratelimit-limit": "5000", "ratelimit-remaining": "0", "ratelimit-reset": str(int(reset))}
+    budget.observe("digitalocean", profile, "GET", "/v2/droplets", headers)
+    charged, wait, _ = budget.take("digitalocean", profile, "POST", "/v2/droplets")
+    assert not charged and 25 < wait <= 31
+
+
+def test_azure_subscription_and_compute_headers(budget: Budget) -> None:
+    budget.max_wait_s = 0.0
+    profile = budget.profile("azure")
+    headers = {
+        "x-ms-ratelimit-remaining-subscription-writes": "0",
+        "x-ms-ratelimit-remaining-resource": "Microsoft.Compute/LowCostGet3Min;0,Microsoft.Compute/LowCostGet30Min;900",
+    }
+    found = budget.observe("azure", profile, "GET", "/x", headers)
+    compute = {"Microsoft.Compute/LowCostGet3Min", "Microsoft.Compute/LowCostGet30Min"}
+    assert {o.bucket for o in found} == {"writes", *compute}
+    assert not budget.take("azure", profile, "PUT", "/vm")[0]  # writes: 10 a second back
+    charged, wait, _ = budget.take("azure", profile, "GET", "/vm")  # Compute's 3-minute read policy is spent
+    assert not charged and 170 < wait <= 180
+    assert budget.take("azure", profile, "DELETE", "/vm")[0]
+
+
+def test_create_schedule_gives_each_job_one_slot_at_the_create_rate(budget: Budget) -> None:
+    """EC2 creates: 5 at once, then one every 0.5 s; a job asking again keeps its slot."""
+    delays = [budget.create_delay("aws", f"job-{i}") for i in range(8)]
+    assert delays[:5] == [0.0] * 5
+    assert delays[5:] == pytest.approx([0.5, 1.0, 1.5], abs=0.05)
+    assert budget.create_delay("aws", "job-7") == pytest.approx(1.5, abs=0.05)
+    # Hetzner's creates share the project bucket with the tick's reads: they leave the reads their share.
+    assert HETZNER.create_pace() == (1.0, 3600.0)
+
+
+def test_metered_registry_sets_each_adapter_meter_once(budget: Budget) -> None:
+    from workers.providers.sim import SimProvider
+
+    sim = SimProvider(redis_client=budget.redis)
+    get = budget.metered(lambda name: sim)
+    meter = get("sim").meter
+    assert meter.provider == "sim" and get("sim").meter is meter

@@ -1,0 +1,103 @@
+"""Every provider's API budget, shared by all workers through Redis and charged per HTTP request.
+
+The adapters' SDK transports call a ``Meter`` (workers/providers/metering.py) before each request and
+after each answer; the ``Budget`` behind it takes one token from every bucket of the provider's profile
+(workers/budget_profiles.py) the request belongs to, and corrects its buckets from the remaining
+budget the provider reports in headers, so all workers pace before the provider says 429.
+
+- Token buckets (EC2, Hetzner, ARM) live in one Redis hash each and are charged by one Lua script
+  for all of a request's buckets at once. A request that finds a bucket short reserves its token
+  anyway (the bucket goes into debt) and sleeps until it is due, so waiting requests go out in
+  order at the refill rate instead of polling. A wait longer than ``MAX_THROTTLE_WAIT_S`` takes
+  nothing and raises ``RateLimitedError`` (``provider_code="vmq_throttle"``): the task retries later.
+- Windows (DigitalOcean's minute and hour, GCP's per-minute quotas) are the ``limits`` library's
+  moving and fixed windows.
+- Header observations correct a token bucket down to what the provider says is left, or, for a
+  budget the profile does not model (DigitalOcean's hour as the API counts it, Azure Compute's own
+  policies), block requests of its class once nothing is left until it refills.
+
+Overrides: ``VMQ_BUDGET='{"aws.run_instances": "10@4/s", "digitalocean.minute": "200/minute"}'``
+(provider.bucket -> ``<capacity>@<refill>/s`` or a ``limits`` window). ``VMQ_RATE_LIMIT`` (one
+``limits`` string per provider) adds one window every request of that provider counts against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import redis
+
+from vmqueue import keys
+from vmqueue.settings import Settings
+from workers.budget_buckets import BucketStore
+from workers.budget_profiles import Profile
+from workers.providers.errors import RateLimitedError
+
+# Waiting for a budget longer than this is better done as a task retry than in a worker thread.
+MAX_THROTTLE_WAIT_S = 10.0
+
+
+class Budget(BucketStore):
+    """The shared budgets of every provider a process calls; requests wait here for their tokens."""
+
+    def __init__(
+        self, settings: Settings, client: redis.Redis | None = None, *, max_wait_s: float = MAX_THROTTLE_WAIT_S
+    ):
+        super().__init__(settings, client, prefix=keys.BUDGET_PREFIX, max_wait_s=max_wait_s)
+
+    def acquire(
+        self, provider: str, method: str = "GET", target: str = "", scope: str = "", *, profile: Profile | None = None
+    ) -> float:
+        """Charge one request, sleeping until it is within budget; returns the seconds slept.
+
+        Raises ``RateLimitedError`` (``provider_code="vmq_throttle"``, ``retry_after_s`` set) when the
+        wait would pass ``max_wait_s``: nothing is charged then.
+        """
+        profile = profile or self.profile(provider)
+        slept = 0.0
+        while True:
+            charged, wait, _ = self.take(provider, profile, method, target, scope, self.max_wait_s - slept)
+            if charged or slept + wait > self.max_wait_s:
+                if not charged:
+                    raise RateLimitedError(
+                        f"{provider} API budget spent: {method} {target} would wait {wait:.1f}s",
+                        provider_code="vmq_throttle",
+                        retry_after_s=wait,
+                    )
+                if wait > 0:  # a reservation: the token is ours once its time has come
+                    time.sleep(wait)
+                return slept + wait
+            time.sleep(wait)  # a window: try again when it has room
+            slept += wait
+
+    def meter(self, provider: str, base: str | None = None) -> BudgetMeter:
+        return BudgetMeter(self, provider, self.profile(provider, base))
+
+    def metered(self, providers: Callable[[str], Any]) -> Callable[[str], Any]:
+        """Wrap a provider registry so every adapter it returns charges this budget per request."""
+
+        def get(name: str) -> Any:
+            provider = providers(name)
+            if getattr(provider, "meter_owner", None) is not self:
+                provider.meter = self.meter(name, getattr(provider, "budget_profile", None))
+                provider.meter_owner = self
+            return provider
+
+        return get
+
+
+class BudgetMeter:
+    """The ``Meter`` an adapter's transport calls (see workers/providers/metering.py)."""
+
+    def __init__(self, budget: Budget, provider: str, profile: Profile):
+        self.budget = budget
+        self.provider = provider
+        self.profile = profile
+
+    def before(self, method: str, target: str, scope: str = "") -> None:
+        self.budget.acquire(self.provider, method, target, scope, profile=self.profile)
+
+    def after(self, method: str, target: str, status: int, headers: Mapping[str, str], scope: str = "") -> None:
+        self.budget.observe(self.provider, self.profile, method, target, headers, scope)

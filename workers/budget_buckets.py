@@ -1,0 +1,243 @@
+"""The Redis side of API budgets: token buckets, ``limits`` windows, header corrections, create slots.
+
+Shared by the workers' ``Budget`` (workers/budget.py: a client that waits for its budget) and the
+simulated cloud (workers/providers/sim.py: a provider that refuses with 429 once a budget is spent),
+so both count the same way. Imports nothing of the adapters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from typing import Any
+
+import redis
+from limits import parse
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
+
+from vmqueue import keys
+from vmqueue.settings import TICK_SHARE_OF_LIMIT, Settings
+from workers.budget_profiles import PROFILES, Bucket, Observation, Profile, parse_bucket
+
+# Charge every token bucket of a request at once, or none. KEYS: n token buckets, then observation
+# hashes. ARGV: now, max wait, n, then capacity and refill per bucket. A short bucket goes into debt
+# when the wait is within max wait. Returns {charged 1/0, wait s, tokens left in the emptiest bucket}
+# (numbers as strings: Redis truncates Lua numbers to integers).
+_TAKE = """
+local now, max_wait, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local wait, least = 0, math.huge
+local tokens = {}
+for i = 1, n do
+  local cap, rate = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local s = redis.call('hmget', KEYS[i], 't', 'at')
+  local t = tonumber(s[1])
+  if t == nil then t = cap else t = math.min(cap, t + (now - tonumber(s[2])) * rate) end
+  tokens[i] = t
+  if t < 1 then wait = math.max(wait, (1 - t) / rate) end
+end
+local observed = {}
+for i = n + 1, #KEYS do
+  local fields = redis.call('hgetall', KEYS[i])
+  for j = 1, #fields, 2 do
+    local r, reset = string.match(fields[j + 1], '^(%S+) (%S+)$')
+    r, reset = tonumber(r), tonumber(reset)
+    if r < 1 and now < reset then wait = math.max(wait, reset - now) end
+    observed[#observed + 1] = {KEYS[i], fields[j], r, reset}
+  end
+end
+if wait > max_wait then return {0, tostring(wait), '0'} end
+for i = 1, n do
+  local cap, rate = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  redis.call('hset', KEYS[i], 't', tostring(tokens[i] - 1), 'at', tostring(now))
+  redis.call('expire', KEYS[i], math.ceil(cap / rate) + 60)
+  least = math.min(least, tokens[i] - 1)
+end
+for _, o in ipairs(observed) do
+  redis.call('hset', o[1], o[2], tostring(o[3] - 1) .. ' ' .. tostring(o[4]))
+end
+if least == math.huge then least = 0 end
+return {1, tostring(wait), tostring(least)}
+"""
+
+# A header says ``remaining`` is left of a token bucket: never more than our own model holds.
+_SYNC = """
+local now, cap, rate, remaining = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local s = redis.call('hmget', KEYS[1], 't', 'at')
+local t = tonumber(s[1])
+if t == nil then t = cap else t = math.min(cap, t + (now - tonumber(s[2])) * rate) end
+redis.call('hset', KEYS[1], 't', tostring(math.min(t, remaining)), 'at', tostring(now))
+redis.call('expire', KEYS[1], math.ceil(cap / rate) + 60)
+return 1
+"""
+
+# One virtual schedule of creates per provider (GCRA): a slot per job, at most ``burst`` at once and
+# then one every 1/rate s. KEYS: the provider's schedule, the job's slot. ARGV: now, interval, tau.
+_SLOT = """
+local now, interval, tau = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local mine = redis.call('get', KEYS[2])
+if mine then return tostring(tonumber(mine) - now) end
+local tat = math.max(tonumber(redis.call('get', KEYS[1]) or '0'), now)
+local slot = math.max(now, tat - tau)
+local ttl = math.ceil(tat + interval - now) + 3600
+redis.call('set', KEYS[1], tostring(tat + interval), 'EX', ttl)
+redis.call('set', KEYS[2], tostring(slot), 'EX', ttl)
+return tostring(slot - now)
+"""
+
+
+class BucketStore:
+    """Budgets in Redis under ``prefix``; thread-safe (Redis does the counting).
+
+    ``max_wait_s``: how much debt a token bucket may take on for one request (0: refuse at once, as a
+    cloud does). ``overrides``: apply ``VMQ_BUDGET`` and ``VMQ_RATE_LIMIT`` (a client's choice; the
+    simulated cloud enforces the published profile).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis | None = None,
+        *,
+        prefix: str = keys.BUDGET_PREFIX,
+        max_wait_s: float = 0.0,
+        overrides: bool = True,
+    ):
+        from vmqueue.connection import connect
+
+        self.settings = settings
+        self.redis = client or connect(settings)
+        self.prefix = prefix
+        self.max_wait_s = max_wait_s
+        self._overrides = overrides
+        self._take = self.redis.register_script(_TAKE)
+        self._sync = self.redis.register_script(_SYNC)
+        self._slot = self.redis.register_script(_SLOT)
+        options: dict[str, Any] = {"key_prefix": f"{keys.RATE_LIMIT_PREFIX}:{prefix}"}
+        if settings.redis_url.startswith("rediss://"):
+            options["ssl_cert_reqs"] = settings.redis_ssl_cert_reqs
+        storage = storage_from_string(settings.redis_url, **options)
+        self._moving = MovingWindowRateLimiter(storage)
+        self._fixed = FixedWindowRateLimiter(storage)
+        self._profiles: dict[tuple[str, str], Profile] = {}
+
+    # -- the model ----------------------------------------------------------------------------
+    def profile(self, provider: str, base: str | None = None) -> Profile:
+        """``base``'s published profile (default: the provider's own) with this deployment's overrides.
+
+        Raises ``ValueError`` for an override that names no bucket of the profile or does not parse.
+        """
+        cache_key = (provider, base or provider)
+        if cache_key not in self._profiles:
+            profile = PROFILES[base or provider]
+            buckets: dict[str, Bucket] = dict(profile.buckets)
+            if self._overrides:
+                for name, text in self.settings.budget.items():
+                    owner, _, bucket = name.partition(".")
+                    if owner != provider:
+                        continue
+                    if bucket not in buckets:
+                        known = ", ".join(f"{provider}.{b}" for b in buckets)
+                        raise ValueError(f"VMQ_BUDGET names no bucket {name!r}; known: {known}")
+                    buckets[bucket] = parse_bucket(text, buckets[bucket])
+                if extra := self.settings.rate_limit.get(provider):
+                    parse(extra)  # a bad VMQ_RATE_LIMIT fails here, not at the first request
+                    buckets["total"] = Bucket(window=extra, source="VMQ_RATE_LIMIT")
+            classify = profile.classify
+            if "total" in buckets:
+                classify = _with_total(profile.classify)
+            self._profiles[cache_key] = replace(profile, buckets=buckets, classify=classify)
+        return self._profiles[cache_key]
+
+    def _key(self, provider: str, scope: str, bucket: str, bucket_def: Bucket, target: str) -> str:
+        key = f"{self.prefix}{provider}:{scope}:{bucket}"
+        return f"{key}:{target}" if bucket_def.per_action else key
+
+    # -- spending -------------------------------------------------------------------------------
+    def take(
+        self, provider: str, profile: Profile, method: str, target: str, scope: str = "", max_wait_s: float = 0.0
+    ) -> tuple[bool, float, float]:
+        """One try: (charged, seconds to wait before sending, tokens left in the emptiest token bucket).
+
+        Charged with a wait: the token is reserved (its bucket in debt) and due after the wait, which is
+        at most ``max_wait_s``. Not charged: the wait until it could be. A window refusing counts the
+        try (the ``limits`` windows have no reservations).
+        """
+        names = profile.classify(method, target)
+        now = time.time()
+        window_wait = 0.0
+        for name in names:
+            bucket = profile.buckets[name]
+            if bucket.kind != "window":
+                continue
+            limiter = self._fixed if bucket.fixed else self._moving
+            item = parse(bucket.window)
+            identity = self._key(provider, scope, name, bucket, target)
+            if not limiter.hit(item, identity):
+                window_wait = max(window_wait, limiter.get_window_stats(item, identity).reset_time - now, 0.01)
+        if window_wait:
+            return False, window_wait, 0.0
+        tokens = [(n, profile.buckets[n]) for n in names if profile.buckets[n].kind == "token"]
+        token_keys = [self._key(provider, scope, n, b, target) for n, b in tokens]
+        observed = [f"{self.prefix}{provider}:{scope}:seen:{n}" for n in names]
+        if profile.headers is not None:
+            observed.append(f"{self.prefix}{provider}:{scope}:seen-class:{profile.request_class(method, target)}")
+        args: list[Any] = [repr(now), repr(max_wait_s), len(tokens)]
+        for _, bucket in tokens:
+            args += [repr(bucket.capacity), repr(bucket.refill_per_s)]
+        charged, wait, least = self._take(keys=[*token_keys, *observed], args=args)
+        return bool(int(charged)), float(wait), float(least)
+
+    def observe(
+        self, provider: str, profile: Profile, method: str, target: str, headers: Mapping[str, str], scope: str = ""
+    ) -> list[Observation]:
+        """Correct the budget from an answer's headers (see the profile's ``headers``)."""
+        if profile.headers is None:
+            return []
+        found = profile.headers(method, target, headers)
+        now = time.time()
+        for seen in found:
+            bucket = profile.buckets.get(seen.bucket)
+            if bucket is not None and bucket.kind == "token":
+                key = self._key(provider, scope, seen.bucket, bucket, target)
+                args = [repr(now), repr(bucket.capacity), repr(bucket.refill_per_s), repr(seen.remaining)]
+                self._sync(keys=[key], args=args)
+                continue
+            if bucket is not None:  # a window the provider counts itself: blocks once empty, until its reset
+                key, field = f"{self.prefix}{provider}:{scope}:seen:{seen.bucket}", "_"
+                reset_at = seen.reset_at or now + parse(bucket.window).get_expiry()
+            else:  # a policy of the provider's own, for one class of requests
+                key = f"{self.prefix}{provider}:{scope}:seen-class:{seen.applies_to}"
+                field, reset_at = seen.bucket, now + (seen.window_s or 60.0)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hset(key, field, f"{seen.remaining!r} {reset_at!r}")
+            pipe.expire(key, int(max(reset_at - now, 1)) + 60)
+            pipe.execute()
+        return found
+
+    # -- pacing creates -------------------------------------------------------------------------
+    def create_delay(self, provider: str, job_id: str, base: str | None = None) -> float:
+        """Seconds until this job's create fits the provider's budget (0: now); the same slot on every call.
+
+        Creates of a provider take slots of one schedule at the rate the create's buckets refill (less
+        the share the tick's reads take when they meter the same buckets), so a thousand creates wait
+        as countdowns, in order, instead of a thousand threads waiting on a bucket.
+        """
+        profile = self.profile(provider, base)
+        rate, burst = profile.create_pace()
+        if rate == float("inf"):
+            return 0.0
+        reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
+        if reads & {n for m, t in profile.create_requests() for n in profile.classify(m, t)}:
+            rate *= 1 - TICK_SHARE_OF_LIMIT
+        interval = 1.0 / rate
+        delay = self._slot(
+            keys=[f"{self.prefix}{provider}:schedule", f"{self.prefix}{provider}:slot:{job_id}"],
+            args=[repr(time.time()), repr(interval), repr((burst - 1) * interval)],
+        )
+        return max(0.0, float(delay))
+
+
+def _with_total(classify: Callable[[str, str], tuple[str, ...]]) -> Callable[[str, str], tuple[str, ...]]:
+    return lambda method, target: (*classify(method, target), "total")
