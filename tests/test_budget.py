@@ -175,3 +175,56 @@ def test_metered_registry_sets_each_adapter_meter_once(budget: Budget) -> None:
     get = budget.metered(lambda name: sim)
     meter = get("sim").meter
     assert meter.provider == "sim" and get("sim").meter is meter
+
+
+def _sim(monkeypatch: pytest.MonkeyPatch, client: redis.Redis, profile: str):
+    from workers.providers.sim import SimProvider
+
+    monkeypatch.setenv("VMQ_SIM_PROFILE", profile)
+    monkeypatch.setenv("VMQ_SIM_BOOT_S", "0")
+    return SimProvider(redis_client=client)
+
+
+def _create(sim, i: int):
+    from vmqueue.models import VMSpec
+    from vmqueue.sshkeys import SSHPublicKey, throwaway_public_key
+
+    spec = VMSpec(provider="sim", name=f"vm-{i}", region="sim-1", instance_type="small", image="ubuntu-24.04")
+    return sim.create_vm(spec, SSHPublicKey.parse(throwaway_public_key()), job_id=f"job-{i}")
+
+
+def test_sim_plays_a_profile_requests_per_call_and_pages(monkeypatch: pytest.MonkeyPatch, redis_client) -> None:
+    from tests.providers.contract import RecordingMeter
+
+    azure = _sim(monkeypatch, redis_client, "azure")
+    azure.meter = meter = RecordingMeter()
+    _create(azure, 0)
+    assert [m for m, _ in meter.requests()] == ["PUT", "PUT", "PUT"]  # public IP, NIC, VM: three writes
+    assert "x-ms-ratelimit-remaining-subscription-writes" in meter.answers[-1][3]
+
+    hetzner = _sim(monkeypatch, redis_client, "hetzner")
+    hetzner.meter = meter = RecordingMeter()
+    ids = [_create(hetzner, i).instance_id for i in range(1, 121)]
+    meter.sent.clear()
+    hetzner.get_vms(ids)
+    assert meter.requests() == [("GET", "/servers")] * 3  # 50 a page
+    assert int(meter.answers[-1][3]["RateLimit-Remaining"]) < 3600
+
+
+def test_sim_refuses_over_budget_and_a_metered_client_never_meets_a_429(
+    monkeypatch: pytest.MonkeyPatch, redis_client, redis_url: str
+) -> None:
+    from workers.providers.sim import REQUESTS_KEY
+
+    sim = _sim(monkeypatch, redis_client, "aws")  # RunInstances: 5 at once, then 2 a second
+    for i in range(5):
+        _create(sim, i)
+    with pytest.raises(RateLimitedError) as refused:
+        _create(sim, 5)
+    assert refused.value.retry_after_s and redis_client.hget(REQUESTS_KEY, "429") == "1"
+
+    redis_client.delete(*redis_client.keys("vmq:sim:cloud:*"))
+    sim.meter = Budget(Settings(redis_url=redis_url), redis_client).meter("sim", "aws")
+    for i in range(10, 18):  # the client's own budget makes the last three wait for their tokens
+        _create(sim, i)
+    assert redis_client.hget(REQUESTS_KEY, "429") == "1"

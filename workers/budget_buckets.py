@@ -189,6 +189,15 @@ class BucketStore:
         charged, wait, least = self._take(keys=[*token_keys, *observed], args=args)
         return bool(int(charged)), float(wait), float(least)
 
+    def window_stats(
+        self, provider: str, profile: Profile, bucket: str, target: str, scope: str = ""
+    ) -> tuple[int, float]:
+        """(requests left, epoch s of the next reset) of a window bucket."""
+        spec = profile.buckets[bucket]
+        limiter = self._fixed if spec.fixed else self._moving
+        stats = limiter.get_window_stats(parse(spec.window), self._key(provider, scope, bucket, spec, target))
+        return stats.remaining, stats.reset_time
+
     def observe(
         self, provider: str, profile: Profile, method: str, target: str, headers: Mapping[str, str], scope: str = ""
     ) -> list[Observation]:

@@ -676,3 +676,13 @@ def test_system_create_and_destroy_through_a_worker(worker_factory: Any, provisi
         )
     finally:
         server.stop()
+
+
+def test_first_attempt_create_costs_one_request_root_volume_included(provider: AWSProvider, key: SSHPublicKey) -> None:
+    """The AMI's root device is looked up once per AMI and region: later creates send RunInstances alone."""
+    ami = publish_ami("ubuntu-24.04")
+    spec = make_spec(image=ami, options={"root_volume_gb": 30})
+    provider.create_vm(spec, key, None, job_id="job-0", first_attempt=True)
+    meter = provider.meter = RecordingMeter()
+    provider.create_vm(spec.model_copy(update={"name": "web-2"}), key, None, job_id="job-1", first_attempt=True)
+    assert [target for _, target, _ in meter.sent] == ["ec2:RunInstances"]

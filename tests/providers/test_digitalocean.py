@@ -551,3 +551,23 @@ def test_system_late_create_error_fails_over(
     assert [body["region"] for body in fake.calls("POST", "/droplets")] == ["nyc3", "sfo3"]
     [droplet] = fake.droplets.values()
     assert str(droplet["id"]) == job.instance_id
+
+
+def test_first_attempt_create_costs_one_request(
+    fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+) -> None:
+    """No tag lookup before a first POST; the account's SSH key is checked once per process."""
+    provider.create_vm(provider.prepare_spec(make_spec(name="web-0")), key, job_id="job-0", first_attempt=True)
+    fake.requests.clear()
+    provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id=JOB, first_attempt=True)
+    assert [(m, p) for m, p, _, _ in fake.requests] == [("POST", "/droplets")]
+
+
+def test_first_attempt_lost_answer_is_adopted_on_the_next(
+    fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+) -> None:
+    """A first POST that reached the API but lost its answer: the next attempt (not first) finds its droplet."""
+    fake.fail("POST", "/droplets", status=500, after=True)
+    vm = provider.create_vm(provider.prepare_spec(make_spec()), key, job_id=JOB, first_attempt=True)
+    again = provider.create_vm(provider.prepare_spec(make_spec()), key, job_id=JOB)
+    assert again.instance_id == vm.instance_id and len(fake.calls("POST", "/droplets")) == 1

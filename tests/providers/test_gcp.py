@@ -515,3 +515,10 @@ def test_system_create_destroy_and_failed_insert_through_a_worker(
     fake.fail_inserts = "ZONE_RESOURCE_POOL_EXHAUSTED"  # accepted, then failed in the zone operation
     failed = provisioner.wait(provisioner.create_vm(make_spec(name="web-2"), ssh_key).id, timeout_s=60)
     assert failed.state == JobState.failed and failed.error.code == "capacity", failed.error
+
+
+def test_first_attempt_create_costs_one_request(
+    provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock, key: SSHPublicKey
+) -> None:
+    provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id="job-1", first_attempt=True)
+    assert [c.request.method for c in rsps.calls] == ["POST"]

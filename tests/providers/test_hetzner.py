@@ -521,3 +521,36 @@ def test_system_late_capacity_failure_fails_over(
     assert [body["location"] for body in fake.calls("POST", "/servers")] == ["fsn1", "nbg1"]
     [server] = fake.servers.values()
     assert str(server["id"]) == job.instance_id and server["location"]["name"] == "nbg1"
+
+
+def test_first_attempt_create_costs_one_request(
+    fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+) -> None:
+    """No lookup by name before a first POST; the project's SSH key is resolved once per process."""
+    provider.create_vm(provider.prepare_spec(make_spec(name="web-0")), key, job_id="job-0", first_attempt=True)
+    fake.requests.clear()
+    vm = provider.create_vm(provider.prepare_spec(make_spec(name="web-1")), key, job_id=JOB, first_attempt=True)
+    assert [(m, p) for m, p, _, _ in fake.requests] == [("POST", "/servers")]
+    [body] = fake.calls("POST", "/servers")
+    assert body["ssh_keys"] == [next(iter(fake.ssh_keys))] and vm.labels["vmqueue-job"] == JOB
+
+
+def test_first_attempt_on_a_taken_name_still_refuses_a_foreign_server(
+    fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+) -> None:
+    fake.add_server("web-1", labels={"vmqueue-job": "someone-else"})
+    with pytest.raises(InvalidSpecError, match="not this job's"):
+        provider.create_vm(provider.prepare_spec(make_spec()), key, job_id=JOB, first_attempt=True)
+    assert len(fake.servers) == 1
+
+
+def test_a_deleted_cached_key_is_looked_up_again(
+    fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+) -> None:
+    provider.create_vm(provider.prepare_spec(make_spec(name="web-0")), key, job_id="job-0", first_attempt=True)
+    fake.ssh_keys.clear()  # someone deleted it in the console
+    fake.fail("POST", "/servers", status=422, body=error("invalid_input", "ssh key not found"))
+    with pytest.raises(InvalidSpecError):
+        provider.create_vm(provider.prepare_spec(make_spec()), key, job_id=JOB, first_attempt=True)
+    provider.create_vm(provider.prepare_spec(make_spec()), key, job_id=JOB, first_attempt=True)
+    assert len(fake.ssh_keys) == 1

@@ -480,3 +480,8 @@ def test_system_create_then_destroy_through_a_worker(
     gone = provisioner.wait(provisioner.destroy_vm("oci", job.instance_id).id, timeout_s=30)
     assert gone.state == JobState.gone, gone.error
     assert instance["lifecycleState"] == "TERMINATED"
+
+
+def test_first_attempt_create_costs_one_request(provider: OCIProvider, fake: FakeOCI) -> None:
+    provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1", first_attempt=True)
+    assert [(c.method, c.path.rsplit("/", 1)[-1]) for c in fake.calls] == [("POST", "instances")]

@@ -30,6 +30,13 @@ class CreateSteps(Steps):
 
     def _submit(self, job: Job) -> Next | None:
         provider = self.providers(job.provider)
+        # No create of this job was ever sent (still queued): it may skip the adapter's lookups, and
+        # it waits for its slot in the provider's API budget as a countdown, holding no thread.
+        first_attempt = job.state == JobState.queued
+        if first_attempt:
+            delay = self.limit.create_delay(job.provider, job.id, getattr(provider, "budget_profile", None))
+            if delay > 0.05:
+                return Next(delay)
         calls = ProviderCalls(job.provider, self.limit, self.settings)
         try:
             # Every create parameter is fixed once and stored, so each retry sends the identical request.
@@ -53,6 +60,7 @@ class CreateSteps(Steps):
                 SSHPublicKey.parse(job.ssh_key),
                 self.store.script(job.id),
                 job_id=attempt_key(job.id, job.placement),
+                first_attempt=first_attempt,
             )
         except CapacityError as exc:
             return self._fail_over(job, exc, calls.count)

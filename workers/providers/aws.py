@@ -154,6 +154,7 @@ class AWSProvider(Metered):
         self.list_regions = list_regions or env_regions or [r for r in (self.default_region,) if r]
         self._clients: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
+        self._root_devices: dict[tuple[str, str], str] = {}  # (region, AMI) -> its root device name
 
     def _client(self, service: str, region: str) -> Any:
         """One client per service and region, made on first use.
@@ -181,7 +182,13 @@ class AWSProvider(Metered):
         return spec.model_copy(update={"image": ami})
 
     def create_vm(
-        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+        self,
+        spec: VMSpec,
+        ssh_key: SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        job_id: str,
+        first_attempt: bool = False,
     ) -> VMInfo:
         opts = spec.options if isinstance(spec.options, AWSOptions) else AWSOptions()
         # The bytes the producer measured (vmqueue.userdata), so a script it let through fits here too.
@@ -210,15 +217,19 @@ class AWSProvider(Metered):
         ec2 = self._client("ec2", spec.region)
         with map_errors(_map_error):
             if opts.root_volume_gb:
-                # The AMI's root device name never changes, so retries still send identical parameters.
-                images = ec2.describe_images(ImageIds=[spec.image])["Images"]
-                image = next((i for i in images if i.get("ImageId") == spec.image), None)
-                if image is None:
-                    raise InvalidSpecError(
-                        f"no AMI {spec.image} in {spec.region}", provider_code="InvalidAMIID.NotFound"
-                    )
+                # The AMI's root device name never changes, so retries still send identical parameters, and
+                # it is looked up once per AMI and region per process.
+                if (device := self._root_devices.get((spec.region, spec.image))) is None:
+                    images = ec2.describe_images(ImageIds=[spec.image])["Images"]
+                    image = next((i for i in images if i.get("ImageId") == spec.image), None)
+                    if image is None:
+                        raise InvalidSpecError(
+                            f"no AMI {spec.image} in {spec.region}", provider_code="InvalidAMIID.NotFound"
+                        )
+                    device = image["RootDeviceName"]
+                    self._root_devices[spec.region, spec.image] = device
                 ebs = {"VolumeSize": opts.root_volume_gb, "VolumeType": "gp3", "DeleteOnTermination": True}
-                params["BlockDeviceMappings"] = [{"DeviceName": image["RootDeviceName"], "Ebs": ebs}]
+                params["BlockDeviceMappings"] = [{"DeviceName": device, "Ebs": ebs}]
             instance = ec2.run_instances(**params)["Instances"][0]
         return _vm_info(spec.region, instance)
 

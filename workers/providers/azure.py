@@ -183,7 +183,13 @@ class AzureProvider(Metered):
         return resolved
 
     def create_vm(
-        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+        self,
+        spec: VMSpec,
+        ssh_key: SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        job_id: str,
+        first_attempt: bool = False,
     ) -> VMInfo:
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceExistsError

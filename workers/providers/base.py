@@ -31,7 +31,13 @@ class Provider(Protocol):
         ...
 
     def create_vm(
-        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+        self,
+        spec: VMSpec,
+        ssh_key: SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        job_id: str,
+        first_attempt: bool = False,
     ) -> VMInfo:
         """Ask the provider for one VM and return at once with its native ``instance_id``.
 

@@ -98,6 +98,7 @@ class DigitalOceanProvider(Metered):
         self._token = token or next(filter(None, map(os.environ.get, TOKEN_ENVS)), None)
         self._endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
         self._sdk: Client | None = None
+        self._ssh_keys: set[str] = set()  # MD5 fingerprints known to be on the account
 
     def _client(self) -> Client:
         if self._sdk is None:
@@ -124,9 +125,16 @@ class DigitalOceanProvider(Metered):
 
     @map_errors(_map_error)
     def create_vm(
-        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+        self,
+        spec: VMSpec,
+        ssh_key: SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        job_id: str,
+        first_attempt: bool = False,
     ) -> VMInfo:
-        if adopted := self._adopt(job_id):
+        # A first attempt sent nothing before: no droplet of this job can exist, so no lookup by tag.
+        if not first_attempt and (adopted := self._adopt(job_id)):
             return adopted
         options = spec.options if isinstance(spec.options, DigitalOceanOptions) else DigitalOceanOptions()
         body: dict[str, Any] = {
@@ -150,6 +158,8 @@ class DigitalOceanProvider(Metered):
             if isinstance(exc, ServiceResponseError) or (exc.status_code or 500) >= 500:
                 if adopted := self._adopt(job_id):
                     return adopted
+            # A cached key someone deleted from the account since: the next attempt looks it up again.
+            self._ssh_keys.discard(ssh_key.md5_fingerprint)
             raise
 
     @map_errors(_map_error)
@@ -240,7 +250,12 @@ class DigitalOceanProvider(Metered):
             page += 1
 
     def _ssh_key(self, key: SSHPublicKey) -> str:
-        """The key's MD5 fingerprint, which droplet creation accepts; the key is added once, shared by every job."""
+        """The key's MD5 fingerprint, which droplet creation accepts; the key is added once, shared by every job.
+
+        Checked once per fingerprint per process (one token is one account); later creates send no lookup.
+        """
+        if key.md5_fingerprint in self._ssh_keys:
+            return key.md5_fingerprint
         keys = self._client().ssh_keys
         status, _ = keys.get(key.md5_fingerprint, cls=_with_status)
         if status == 404:
@@ -250,6 +265,7 @@ class DigitalOceanProvider(Metered):
                 # Another job added the same key since our lookup.
                 if exc.status_code != 422 or "already in use" not in str(_error_body(exc).get("message")):
                     raise
+        self._ssh_keys.add(key.md5_fingerprint)
         return key.md5_fingerprint
 
     def list_owned_extras(self) -> list[OwnedResource]:

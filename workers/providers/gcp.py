@@ -172,7 +172,13 @@ class GCPProvider(Metered):
         return spec.model_copy(update={"image": family}) if family else spec
 
     def create_vm(
-        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+        self,
+        spec: VMSpec,
+        ssh_key: SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        job_id: str,
+        first_attempt: bool = False,
     ) -> VMInfo:
         opts = spec.options if isinstance(spec.options, GCPOptions) else GCPOptions()
         project, zone = opts.project or self._default_project(), spec.region

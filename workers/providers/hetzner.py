@@ -22,7 +22,7 @@ from hcloud.images import Image
 from hcloud.locations import Location
 from hcloud.server_types import ServerType
 from hcloud.servers import BoundServer, Server, ServerCreatePublicNetwork
-from hcloud.ssh_keys import BoundSSHKey
+from hcloud.ssh_keys import BoundSSHKey, SSHKey
 from requests.adapters import HTTPAdapter
 
 from vmqueue.models import LABEL_JOB, LABEL_MANAGED_BY, VMInfo, VMSpec, VMStatus, job_id_of
@@ -138,6 +138,7 @@ class HetznerProvider(Metered):
         self._token = token or os.environ.get(TOKEN_ENV)
         self._endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
         self._sdk: Client | None = None
+        self._ssh_keys: dict[str, int] = {}  # MD5 fingerprint -> the project's SSH key id
 
     def _client(self) -> Client:
         if self._sdk is None:
@@ -157,11 +158,21 @@ class HetznerProvider(Metered):
 
     @map_errors(_map_error)
     def create_vm(
-        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+        self,
+        spec: VMSpec,
+        ssh_key: SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        job_id: str,
+        first_attempt: bool = False,
     ) -> VMInfo:
-        if adopted := self._adopt(spec.name, job_id):
+        # A first attempt sent nothing before: no server of this job can exist, so no lookup by name
+        # (a taken name still answers uniqueness_error below). The prelude costs nothing once the
+        # project's SSH key is known: one POST per create.
+        if not first_attempt and (adopted := self._adopt(spec.name, job_id)):
             return adopted
         options = spec.options if isinstance(spec.options, HetznerOptions) else HetznerOptions()
+        fingerprint = ssh_key.md5_fingerprint
         try:
             response = self._client().servers.create(
                 name=spec.name,
@@ -177,6 +188,8 @@ class HetznerProvider(Metered):
             # The name is taken: by this job's earlier POST whose answer was lost, or by someone else.
             if exc.code == "uniqueness_error" and (adopted := self._adopt(spec.name, job_id)):
                 return adopted
+            # A cached key someone deleted from the project since: the next attempt looks it up again.
+            self._ssh_keys.pop(fingerprint, None)
             raise
         return _vm_info(response.server)
 
@@ -270,8 +283,19 @@ class HetznerProvider(Metered):
             )
         return _vm_info(server)
 
-    def _ssh_key(self, key: SSHPublicKey) -> BoundSSHKey:
-        """The project's key with this fingerprint, added once and shared by every job (never deleted)."""
+    def _ssh_key(self, key: SSHPublicKey) -> SSHKey:
+        """The project's key with this fingerprint, added once and shared by every job (never deleted).
+
+        Resolved once per fingerprint per process (one token is one project): later creates name the
+        key by id and send no lookup.
+        """
+        if (key_id := self._ssh_keys.get(key.md5_fingerprint)) is not None:
+            return SSHKey(id=key_id)
+        found = self._find_or_add_key(key)
+        self._ssh_keys[key.md5_fingerprint] = found.id
+        return found
+
+    def _find_or_add_key(self, key: SSHPublicKey) -> BoundSSHKey:
         keys = self._client().ssh_keys
         if found := keys.get_by_fingerprint(key.md5_fingerprint):
             return found

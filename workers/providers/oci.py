@@ -177,7 +177,13 @@ class OCIProvider(Metered):
         return spec.model_copy(update={"image": images[0].id})
 
     def create_vm(
-        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+        self,
+        spec: VMSpec,
+        ssh_key: SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        job_id: str,
+        first_attempt: bool = False,
     ) -> VMInfo:
         from oci.core.models import (
             CreateVnicDetails,

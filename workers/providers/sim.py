@@ -4,6 +4,14 @@ Every worker process sees the same cloud. A VM boots after a settable time, call
 latency, and faults are injected by rate. Settings come from ``VMQ_SIM_*`` environment variables;
 the Redis hash ``vmq:sim:config`` overrides any of them at run time (tests and benchmarks change
 faults without restarting workers). Counters of API calls by kind live in ``vmq:sim:calls``.
+
+It meters like a real cloud: each adapter call is the HTTP requests the adapter of
+``VMQ_SIM_PROFILE`` would send (a create on the "azure" profile is three writes, a batched read one
+request per page of that provider's page size), each request passes the worker's budget meter, and,
+with a profile set, the simulated API enforces that provider's published buckets itself: a request
+over budget is refused with 429 and Retry-After, and answers carry the provider's rate-limit headers.
+Requests on the simulated wire are counted in ``vmq:sim:requests`` ("<method> <target>" -> n, and
+"429" -> refused). The profile is read from the environment only (the worker's meter is fixed at start).
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vmqueue.keys import SIM_PREFIX
 from vmqueue.models import VMInfo, VMSpec, VMStatus
-from vmqueue.settings import get_settings
+from vmqueue.settings import Settings, get_settings
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import cloud_configs
-from workers.providers.base import resolve_alias
+from workers.budget_buckets import BucketStore
+from workers.budget_profiles import PROFILES, Profile
+from workers.providers.base import SETTLED_STATUSES, resolve_alias
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -34,6 +44,7 @@ from workers.providers.errors import (
     RateLimitedError,
     TransientError,
 )
+from workers.providers.metering import Metered
 
 # The sim reports raw states the way a provider would; the table maps them like any adapter's.
 STATUS_MAP: dict[str, VMStatus] = {
@@ -46,10 +57,10 @@ STATUS_MAP: dict[str, VMStatus] = {
 CONFIG_KEY = f"{SIM_PREFIX}config"
 CALLS_KEY = f"{SIM_PREFIX}calls"  # hash: call kind -> count, and "<kind>:<fault>" -> count
 CALLS_PER_S_KEY = f"{SIM_PREFIX}calls_per_s"  # hash: epoch second -> calls in that second
+REQUESTS_KEY = f"{SIM_PREFIX}requests"  # hash: "<method> <target>" -> requests on the simulated wire; "429"
 LOG_KEY = f"{SIM_PREFIX}log"  # list of recent calls, newest first: {"t", "kind", "outcome"}
 VMS_KEY = f"{SIM_PREFIX}vms"  # set of live instance ids
 LOG_LENGTH = 20_000
-BATCH_SIZE = 1000  # VMs one get_vms call reads, like AWS DescribeInstances' page
 
 
 class SimConfig(BaseSettings):
@@ -75,6 +86,7 @@ class SimConfig(BaseSettings):
     ssh_delay_s: float = 5.0  # sshd answers this long after the VM runs
     cloud_init_s: float = 10.0  # after the VM runs, cloud-init's final stage (a phone_home, if asked) runs
     unreachable_rate: float = 0.0  # the VM runs, but its sshd never answers and cloud-init never finishes
+    profile: str = ""  # a provider whose published API budget the simulated cloud plays (budget_profiles.py)
 
 
 # Create-or-return-existing by token in one round trip: [created?, instance id].
@@ -97,7 +109,7 @@ def _vm_key(instance_id: str) -> str:
     return f"{SIM_PREFIX}vm:{instance_id}"
 
 
-class SimProvider:
+class SimProvider(Metered):
     """See the protocol (workers/providers/base.py)."""
 
     name = "sim"
@@ -110,12 +122,38 @@ class SimProvider:
         self._caller_token = caller_token if caller_token is not None else self._env.token
         self._configs: dict[frozenset, SimConfig] = {}
         self._create = self._redis.register_script(_CREATE)
+        if self._env.profile and self._env.profile not in PROFILES:
+            raise ValueError(f"VMQ_SIM_PROFILE={self._env.profile!r}: use one of {', '.join(PROFILES)}")
+        self.budget_profile = self._env.profile or None
+        self.profile: Profile = PROFILES[self._env.profile or "sim"]
+        # The simulated API's own buckets (the published ones, no client overrides), refusing at once.
+        self._cloud = (
+            BucketStore(self._settings(redis_client), self._redis, prefix=f"{SIM_PREFIX}cloud:", overrides=False)
+            if self._env.profile
+            else None
+        )
+
+    @staticmethod
+    def _settings(client: redis.Redis | None) -> Settings:
+        """The settings, pointed at the Redis of a client given in (tests hand the sim their own)."""
+        if client is None:
+            return get_settings()
+        kwargs = client.connection_pool.connection_kwargs
+        return Settings(
+            redis_url=f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+        )
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:
         return resolve_alias(self.name, spec)
 
     def create_vm(
-        self, spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None = None, *, job_id: str
+        self,
+        spec: VMSpec,
+        ssh_key: SSHPublicKey,
+        startup_script: str | None = None,
+        *,
+        job_id: str,
+        first_attempt: bool = False,
     ) -> VMInfo:
         config = self._begin("create")
         if random.random() < config.capacity_rate or spec.region in config.full_regions.split(","):
@@ -168,10 +206,12 @@ class SimProvider:
         return self._info(record)
 
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
-        """One call reads up to ``BATCH_SIZE`` VMs, as a filtered list call would."""
+        """One request per page of the profile's page size, as a filtered list call would; plus the
+        profile's ``settle_reads`` for each VM seen settled (OCI and Azure read those once more)."""
         found: dict[str, VMInfo] = {}
-        for start in range(0, len(instance_ids), BATCH_SIZE):
-            chunk = instance_ids[start : start + BATCH_SIZE]
+        size = self.profile.page_size
+        for start in range(0, len(instance_ids), size):
+            chunk = instance_ids[start : start + size]
             self._begin("get_many")
             pipe = self._redis.pipeline(transaction=False)
             for instance_id in chunk:
@@ -179,6 +219,10 @@ class SimProvider:
             for record in pipe.execute():
                 if record and not self._gone(record):
                     found[record["instance_id"]] = self._info(record)
+        if self.profile.settle_reads:
+            for _ in range(sum(vm.status in SETTLED_STATUSES for vm in found.values())):
+                for method, target in self.profile.settle_reads:
+                    self._request(method, target)
         return found
 
     def destroy_vm(self, instance_id: str) -> None:
@@ -189,7 +233,8 @@ class SimProvider:
         self._redis.hsetnx(key, "delete_at_ms", _now_ms() + int(config.destroy_s * 1000))
 
     def list_owned_vms(self) -> list[VMInfo]:
-        self._begin("list")
+        pages = max(1, -(-self._redis.scard(VMS_KEY) // self.profile.page_size))
+        self._call("list", pages=pages)
         owned = []
         for instance_id in self._redis.smembers(VMS_KEY):
             record = self._redis.hgetall(_vm_key(instance_id))
@@ -216,9 +261,12 @@ class SimProvider:
     def _begin(self, kind: str) -> SimConfig:
         return self._call(kind)[0]
 
-    def _call(self, kind: str, read: str | None = None) -> tuple[SimConfig, dict[str, str] | None]:
-        """One API call: the config, the counters and the hash ``read`` (if any; as it was when the
-        call arrived) in one round trip, then the latency and the faults."""
+    def _call(self, kind: str, read: str | None = None, pages: int = 1) -> tuple[SimConfig, dict[str, str] | None]:
+        """One API call: its requests through the meter and the simulated API's budget, then the
+        config, the counters and the hash ``read`` (if any; as it was when the call arrived) in one
+        round trip, then the latency and the faults."""
+        for method, target in self.profile.calls[kind] * pages:
+            self._request(method, target)
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(CONFIG_KEY)
         if read is not None:
@@ -240,6 +288,24 @@ class SimProvider:
             self._count(kind, "transient")
             raise TransientError("503 service unavailable", provider_code="unavailable")
         return config, replies[1] if read is not None else None
+
+    def _request(self, method: str, target: str) -> None:
+        """One request on the simulated wire: the worker's meter, then the simulated API's own budget."""
+        self.meter.before(method, target)
+        headers: dict[str, str] = {}
+        if self._cloud is not None:
+            charged, wait, least = self._cloud.take(self.profile.provider, self.profile, method, target)
+            headers = _rate_headers(self._cloud, self.profile, method, target, least)
+            if not charged:
+                self._redis.hincrby(REQUESTS_KEY, "429", 1)
+                self.meter.after(method, target, 429, {**headers, "Retry-After": f"{wait:.3f}"})
+                raise RateLimitedError(
+                    f"simulated {self.profile.provider} API: {method} {target} over budget",
+                    provider_code="rate_limit_exceeded",
+                    retry_after_s=wait,
+                )
+        self._redis.hincrby(REQUESTS_KEY, f"{method} {target}", 1)
+        self.meter.after(method, target, 200, headers)
 
     def _count(self, kind: str, outcome: str = "", pipe: redis.client.Pipeline | None = None) -> None:
         now = time.time()
@@ -310,3 +376,22 @@ def _phone_home(user_data: str | None) -> dict | None:
     except (ValueError, yaml.YAMLError):
         return None  # cloud-init would skip a broken document too
     return next((doc["phone_home"] for doc in configs if isinstance(doc.get("phone_home"), dict)), None)
+
+
+def _rate_headers(cloud: BucketStore, profile: Profile, method: str, target: str, least: float) -> dict[str, str]:
+    """The rate-limit headers the profile's provider sends with an answer (what is left after it)."""
+    left = str(max(0, int(least)))
+    if profile.provider == "hetzner":
+        bucket = profile.buckets["project"]
+        full_at = time.time() + (bucket.capacity - max(least, 0)) / bucket.refill_per_s
+        return {
+            "RateLimit-Limit": str(int(bucket.capacity)),
+            "RateLimit-Remaining": left,
+            "RateLimit-Reset": str(int(full_at)),
+        }
+    if profile.provider == "digitalocean":
+        remaining, reset_at = cloud.window_stats(profile.provider, profile, "hour", target)
+        return {"ratelimit-limit": "5000", "ratelimit-remaining": str(remaining), "ratelimit-reset": str(int(reset_at))}
+    if profile.provider == "azure":
+        return {f"x-ms-ratelimit-remaining-subscription-{profile.classify(method, target)[0]}": left}
+    return {}
