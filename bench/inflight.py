@@ -3,12 +3,15 @@
 Measures, in one run, on a private redis-server:
   vmqueue   N create jobs through the whole pipeline (producer -> Redis -> one worker process with
             --slots threads -> sim), with the default poll schedule: wall time from the first enqueue
-            until every job is running, divided by the boot time (goal <= 1.25), and provider API
-            calls per created VM from the sim's counters (goal <= 6).
+            until every job is running, divided by the boot time (goal <= 1.15 as the median of
+            --runs runs in this invocation), and provider API calls per created VM from the sim's
+            counters (goal <= 6). The jobs are enqueued with one ``Provisioner.create_vms`` call
+            (one Redis MULTI/EXEC, one batched publish), as a fleet or batch script does;
+            ``--single`` enqueues with ``create_vm`` one by one instead.
   blocking  the baseline: a thread per VM that creates it and then calls get_vm in a sleep loop,
             with the same number of slots (--slots) -- what a blocking waiter does.
 
-    python -m bench.inflight                       # 1,000 VMs, 20 s boot, 64 slots
+    python -m bench.inflight                       # 3 runs of 1,000 VMs, 20 s boot, 64 slots
     python -m bench.inflight --vms 200 --boot 5    # a quick look
 """
 
@@ -44,7 +47,13 @@ def _reset(client: redis.Redis) -> None:
 
 
 def run_pipeline(
-    server: RedisServer, vms: int, boot_s: float, slots: int, env_extra: dict[str, str], events: bool = True
+    server: RedisServer,
+    vms: int,
+    boot_s: float,
+    slots: int,
+    env_extra: dict[str, str],
+    events: bool = True,
+    bulk: bool = True,
 ) -> dict:
     from producer import Provisioner
 
@@ -59,7 +68,13 @@ def run_pipeline(
         provisioner = Provisioner(Settings(redis_url=server.url))
         key = throwaway_public_key()
         started = time.monotonic()
-        jobs = [provisioner.create_vm(sim_spec(f"bench-{i}"), key).id for i in range(vms)]
+        if bulk:
+            jobs = [
+                job.id
+                for job in provisioner.create_vms({"spec": sim_spec(f"bench-{i}"), "ssh_key": key} for i in range(vms))
+            ]
+        else:
+            jobs = [provisioner.create_vm(sim_spec(f"bench-{i}"), key).id for i in range(vms)]
         enqueued_s = time.monotonic() - started
         pending = set(jobs)
         finished: dict[str, Job] = {}
@@ -125,6 +140,8 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="skip the (slow) blocking baseline")
     parser.add_argument("--env", action="append", default=[], help="extra worker env KEY=VALUE (repeatable)")
     parser.add_argument("--no-events", action="store_true", help="worker without -E (Flower sees no tasks)")
+    parser.add_argument("--runs", type=int, default=3, help="pipeline runs; the median is the figure (default 3)")
+    parser.add_argument("--single", action="store_true", help="enqueue with create_vm one by one, not create_vms")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
@@ -132,19 +149,38 @@ def main() -> None:
     server.start()
     try:
         extra = dict(item.split("=", 1) for item in args.env)
-        ours = run_pipeline(server, args.vms, args.boot, args.slots, extra, events=not args.no_events)
+        runs = [
+            run_pipeline(
+                server, args.vms, args.boot, args.slots, extra, events=not args.no_events, bulk=not args.single
+            )
+            for _ in range(args.runs)
+        ]
+        ours = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
         base = None if args.no_baseline else run_blocking(server, args.vms, args.boot, args.slots, args.baseline_poll)
     finally:
         server.cleanup()
 
-    figures = {"vms": args.vms, "boot_s": args.boot, "slots": args.slots, "vmqueue": ours, "blocking": base}
+    ratios = sorted(r["wall_s"] / args.boot for r in runs)
+    figures = {
+        "vms": args.vms,
+        "boot_s": args.boot,
+        "slots": args.slots,
+        "enqueue": "create_vm" if args.single else "create_vms",
+        "ratios": ratios,
+        "vmqueue": ours,
+        "blocking": base,
+    }
     if args.json:
         print(json.dumps(figures, indent=2))
         return
-    print(f"P1/P2: {args.vms} creates on sim, {args.boot:.0f} s boot, one worker process, {args.slots} slots")
+    print(
+        f"P1/P2: {args.vms} creates on sim, {args.boot:.0f} s boot, one worker process, {args.slots} slots,"
+        f" enqueued with {figures['enqueue']}, {len(runs)} runs"
+    )
+    print(f"  runs      {', '.join(f'{r:.2f}' for r in ratios)} x boot (the median is the figure below)")
     print(
         f"  vmqueue   enqueue {ours['enqueue_s']:.2f} s, all running after {ours['wall_s']:.1f} s"
-        f" -> {ours['wall_s'] / args.boot:.2f} x boot (goal <= 1.25);"
+        f" -> {ours['wall_s'] / args.boot:.2f} x boot (goal <= 1.15, median);"
         f" {ours['calls_per_vm']:.2f} API calls per VM (goal <= 6)  {ours['calls']}"
     )
     sub, det = ours["submit_lag_s"], ours["detect_lag_s"]

@@ -7,13 +7,14 @@ job id on the provider's own queue, and returns the ``Job`` at once; ``wait`` fo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
 from producer import control
+from producer.bulk import build_all, enqueue_all
 from producer.submit import (
     IdempotencyConflict,
     JobNotFound,
@@ -91,6 +92,18 @@ class Provisioner:
             ssh_port=ssh_port,
         )
         return self._submit(job, script)
+
+    def create_vms(self, creates: Iterable[Mapping[str, Any]]) -> list[Job]:
+        """Validate and enqueue many creates; each a mapping of ``create_vm``'s arguments (``spec``,
+        ``ssh_key``, ``startup_script``, ``idempotency_key``, ...). Returns the jobs in order.
+
+        Every create is validated before anything is stored (the first bad one raises as ``create_vm``
+        would, with a note naming its index); the jobs are stored in one Redis MULTI/EXEC and their
+        messages published in one batch (producer/bulk.py), far fewer round trips than ``create_vm``
+        each. Idempotency keys behave as in ``create_vm``.
+        """
+        built = build_all(self.settings, creates)
+        return enqueue_all(self.store, self.celery, self.settings, built, self._publish)
 
     def destroy_vm(
         self, provider: str, instance_id: str, *, idempotency_key: str | None = None, callback_url: str | None = None

@@ -37,6 +37,10 @@ from workers.providers.errors import RateLimitedError
 
 # Waiting for a budget longer than this is better done as a task retry than in a worker thread.
 MAX_THROTTLE_WAIT_S = 10.0
+# A request that had to wait goes this much after its token is due: the provider counts it when it
+# arrives, a network latency after ours, so its bucket runs that much behind ours. Margins do not add
+# up: the next reservation is due from the bucket's schedule, not from when this one went.
+PACING_MARGIN_S = 0.05
 
 
 class Budget(BucketStore):
@@ -67,9 +71,9 @@ class Budget(BucketStore):
                         retry_after_s=wait,
                     )
                 if wait > 0:  # a reservation: the token is ours once its time has come
-                    time.sleep(wait)
+                    time.sleep(wait + PACING_MARGIN_S)
                 return slept + wait
-            time.sleep(wait)  # a window: try again when it has room
+            time.sleep(wait + PACING_MARGIN_S)  # a window: try again when it has room
             slept += wait
 
     def meter(self, provider: str, base: str | None = None) -> BudgetMeter:

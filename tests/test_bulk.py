@@ -1,0 +1,58 @@
+"""``Provisioner.create_vms``: many creates validated first, stored in one MULTI/EXEC, published in one batch."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from producer.client import IdempotencyConflict
+from vmqueue import keys
+from vmqueue.models import JobState
+
+pytestmark = pytest.mark.system
+
+
+def spec(name: str, **extra: object) -> dict:
+    return {
+        "provider": "sim",
+        "name": name,
+        "region": "sim-1",
+        "instance_type": "small",
+        "image": "ubuntu-24.04",
+        **extra,
+    }
+
+
+def test_create_vms_runs_every_job_like_create_vm(sim_worker, provisioner, sim, ssh_key) -> None:
+    sim.configure(boot_s=1)
+    creates = [{"spec": spec(f"bulk-{i}"), "ssh_key": ssh_key} for i in range(12)]
+    creates[3]["startup_script"] = "#!/bin/sh\necho hi\n"
+    jobs = provisioner.create_vms(creates)
+    assert [job.spec.name for job in jobs] == [f"bulk-{i}" for i in range(12)]
+    assert all(job.state == JobState.queued for job in jobs)
+    finished = [provisioner.wait(job.id, timeout_s=60) for job in jobs]
+    assert all(job.state == JobState.running and job.vm.public_ipv4 for job in finished)
+    assert finished[3].has_startup_script and sim.calls()["create"] >= 12
+
+
+def test_one_bad_create_enqueues_nothing_and_names_its_index(provisioner, redis_client, ssh_key) -> None:
+    creates = [{"spec": spec(f"ok-{i}"), "ssh_key": ssh_key} for i in range(5)]
+    creates[3] = {"spec": spec("bad", region=""), "ssh_key": ssh_key}
+    before = redis_client.llen(keys.queue_name("sim"))
+    with pytest.raises(ValidationError) as raised:
+        provisioner.create_vms(creates)
+    assert "in create 3 of the batch" in "".join(raised.value.__notes__)
+    assert redis_client.llen(keys.queue_name("sim")) == before
+    assert not [k for k in redis_client.scan_iter(f"{keys.JOB_PREFIX}*") if "ok-" in (redis_client.get(k) or "")]
+
+
+def test_idempotency_keys_in_a_batch_return_the_same_jobs(sim_worker, provisioner, ssh_key) -> None:
+    creates = [{"spec": spec(f"idem-{i}"), "ssh_key": ssh_key, "idempotency_key": f"batch-{i}"} for i in range(4)]
+    first = provisioner.create_vms(creates)
+    again = provisioner.create_vms([*creates, {"spec": spec("idem-new"), "ssh_key": ssh_key}])
+    assert [j.id for j in again[:4]] == [j.id for j in first] and again[4].id not in {j.id for j in first}
+    clash = [{"spec": spec("other"), "ssh_key": ssh_key, "idempotency_key": "batch-0"}]
+    with pytest.raises(IdempotencyConflict):
+        provisioner.create_vms([{"spec": spec("fresh"), "ssh_key": ssh_key, "idempotency_key": "fresh-1"}, *clash])
+    # The conflict released the key this call had claimed: a later batch gets it.
+    assert provisioner.create_vms([{"spec": spec("fresh"), "ssh_key": ssh_key, "idempotency_key": "fresh-1"}])
