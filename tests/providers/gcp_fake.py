@@ -132,10 +132,14 @@ class FakeCompute:
 
     def _aggregated(self, project: str, *, query: dict[str, str], **_: Any) -> tuple[int, dict[str, Any]]:
         wanted = dict(re.findall(r'labels\.(\S+) = "([^"]*)"', query.get("filter", "")))
+        # "(name = "a") OR (name = "b")": any of the names (the form vmqueue's batched read sends).
+        names = set(re.findall(r'(?<![.\w])name = "([^"]*)"', query.get("filter", "")))
         matching = [
             (zone, instance)
-            for (p, zone, _name), instance in self.instances.items()
-            if p == project and all(instance.get("labels", {}).get(k) == v for k, v in wanted.items())
+            for (p, zone, name), instance in self.instances.items()
+            if p == project
+            and all(instance.get("labels", {}).get(k) == v for k, v in wanted.items())
+            and (not names or name in names)
         ]
         # Paged as the API pages it: at most maxResults (default and largest 500) a page, the rest
         # behind nextPageToken (here the offset of the next page).

@@ -210,11 +210,15 @@ class FakeHetzner(FakeAPI):
             return self._server_actions(int(match[1]), query)
         if (method, path) == ("GET", "/servers"):
             found = [
-                self._read(s["id"])
+                s
                 for s in self.servers.values()
                 if query.get("name", s["name"]) == s["name"] and _matches(s["labels"], query.get("label_selector"))
             ]
-            return 200, {}, page("servers", found, query, self.max_per_page)
+            if query.get("sort") == "id:desc":  # the only sort vmqueue sends
+                found.sort(key=lambda s: -s["id"])
+            listed = page("servers", found, query, self.max_per_page)
+            listed["servers"] = [self._read(s["id"]) for s in listed["servers"]]
+            return 200, {}, listed
         if (method, path) == ("POST", "/servers"):
             return self._create_server(body)
         if (method, path) == ("GET", "/ssh_keys"):

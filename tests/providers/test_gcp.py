@@ -433,7 +433,8 @@ class TestGCP(AdapterContract):
         unlisted = [["instances", "gone"], ["instances", "web-4"], [ZONE, "operations"], [ZONE, "operations"]]
         assert sorted(paths[1:]) == sorted(unlisted)
         [(query, _)] = sent(rsps, "GET")[:1]
-        assert query["filter"] == 'labels.managed-by = "vmqueue"'
+        # Filtered to the names asked, so the cost follows the VMs in flight, not the project's fleet.
+        assert query["filter"] == " OR ".join(f'(name = "{n}")' for n in ["gone", "web-1", "web-2", "web-3", "web-4"])
 
     def test_get_vms_matches_get_vm(self, provider: GCPProvider, fake: FakeCompute, key: SSHPublicKey) -> None:
         provider.create_vm(make_spec(), key, None, job_id="job-1")
@@ -522,3 +523,17 @@ def test_first_attempt_create_costs_one_request(
 ) -> None:
     provider.create_vm(provider.prepare_spec(make_spec()), key, SCRIPT, job_id="job-1", first_attempt=True)
     assert [c.request.method for c in rsps.calls] == ["POST"]
+
+
+def test_get_vms_cost_grows_with_vms_in_flight_not_the_fleet(
+    provider: GCPProvider, fake: FakeCompute, rsps: responses.RequestsMock
+) -> None:
+    for i in range(1200):  # long-lived: three pages of 500 unfiltered
+        fake.add_instance(PROJECT, ZONE, f"old-{i}", labels={"managed-by": "vmqueue"})
+    in_flight = []
+    for i in range(60):
+        fake.add_instance(PROJECT, ZONE, f"new-{i}", status="STAGING", labels={"managed-by": "vmqueue"})
+        in_flight.append(f"{PROJECT}/{ZONE}/new-{i}")
+    rsps.calls.reset()
+    assert set(provider.get_vms(in_flight)) == set(in_flight)
+    assert len(rsps.calls) == 2  # 60 names, 50 a filter

@@ -554,3 +554,19 @@ def test_a_deleted_cached_key_is_looked_up_again(
         provider.create_vm(provider.prepare_spec(make_spec()), key, job_id=JOB, first_attempt=True)
     provider.create_vm(provider.prepare_spec(make_spec()), key, job_id=JOB, first_attempt=True)
     assert len(fake.ssh_keys) == 1
+
+
+def test_get_vms_cost_grows_with_vms_in_flight_not_the_fleet(fake: FakeHetzner, provider: HetznerProvider) -> None:
+    """5,000 long-lived servers would be 100 pages; newest first, the tick reads the page its VMs are on."""
+    owned = {"managed-by": "vmqueue"}
+    for i in range(160):  # long-lived, older than every VM in flight
+        fake.add_server(f"old-{i}", labels=owned)
+    in_flight = [str(fake.add_server(f"new-{i}", status="initializing", labels=owned)["id"]) for i in range(30)]
+    vms = provider.get_vms(in_flight)
+    assert set(vms) == set(in_flight)
+    assert [(q.get("sort"), q.get("page")) for _, _, q, _ in fake.requests] == [("id:desc", "1")]
+    # Asked for an old one too: the list pages down to it, and no further.
+    fake.requests.clear()
+    oldest_asked = str(sorted(fake.servers)[100])
+    assert oldest_asked in provider.get_vms([*in_flight, oldest_asked])
+    assert len(fake.requests) == 2  # (30 new + 60 old down to it) / 50 a page

@@ -215,23 +215,33 @@ class HetznerProvider(Metered):
 
     @map_errors(_map_error)
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
-        """The project's ``managed-by=vmqueue`` servers in one label-filtered list, kept to ``instance_ids``.
+        """The project's ``managed-by=vmqueue`` servers, newest first, down to the oldest id asked.
 
-        Calls: one per 50 vmqueue servers in the project (hcloud's page size, the API's maximum), however
-        many ids are asked. Hetzner has no "these ids" filter, so the label is the filter: a server
-        without it is not seen here (reads as not found), and every server vmqueue creates carries it.
+        Calls: one per 50 vmqueue servers created since the oldest VM asked for (those in flight are
+        the newest), however many long-lived servers the project holds: the list is sorted by id
+        descending and stops at the page that reaches below the oldest id, or once every id is found.
+        Hetzner has no "these ids" filter, so the label is the filter: a server without it is not
+        seen here (reads as not found; the tick reads such a VM once through ``get_vm``).
         """
-        wanted = set(instance_ids)
+        wanted = {int(i) for i in instance_ids if i.isdigit()}
         if not wanted:
             return {}
-        servers = self._client().servers.get_all(label_selector=f"{LABEL_MANAGED_BY}=vmqueue")
-        # A failed create reads as a server in error here (raised, it would sink the whole batch); the
-        # tick reads such a server again through get_vm, which fails a capacity failure over.
-        return {
-            str(server.id): _vm_info(server, self._create_failure(server))
-            for server in servers
-            if str(server.id) in wanted
-        }
+        client, oldest, found, page = self._client(), min(wanted), {}, 1
+        while True:
+            # hcloud 2.27's get_list has no ``sort``; the API's GET /servers does (docs.hetzner.cloud).
+            params = {"label_selector": f"{LABEL_MANAGED_BY}=vmqueue", "sort": "id:desc", "per_page": 50, "page": page}
+            answer = client._client.request(method="GET", url="/servers", params=params)
+            servers = answer.get("servers") or []
+            for raw in servers:
+                if raw["id"] in wanted:
+                    # A failed create reads as a server in error here (raised, it would sink the whole
+                    # batch); the tick reads such a server again through get_vm, which fails it over.
+                    server = BoundServer(client.servers, raw)
+                    found[str(raw["id"])] = _vm_info(server, self._create_failure(server))
+            next_page = ((answer.get("meta") or {}).get("pagination") or {}).get("next_page")
+            if not servers or not next_page or min(r["id"] for r in servers) <= oldest or len(found) == len(wanted):
+                return found
+            page = next_page
 
     def destroy_vm(self, instance_id: str) -> None:
         with suppress(NotFoundError), map_errors(_map_error):
