@@ -55,4 +55,7 @@ def test_idempotency_keys_in_a_batch_return_the_same_jobs(sim_worker, provisione
     with pytest.raises(IdempotencyConflict):
         provisioner.create_vms([{"spec": spec("fresh"), "ssh_key": ssh_key, "idempotency_key": "fresh-1"}, *clash])
     # The conflict released the key this call had claimed: a later batch gets it.
-    assert provisioner.create_vms([{"spec": spec("fresh"), "ssh_key": ssh_key, "idempotency_key": "fresh-1"}])
+    [fresh] = provisioner.create_vms([{"spec": spec("fresh"), "ssh_key": ssh_key, "idempotency_key": "fresh-1"}])
+    # Every job ends here, so no create of this test lands in the next one's cloud.
+    for job in [*again, fresh]:
+        assert provisioner.wait(job.id, timeout_s=60).state == JobState.running
