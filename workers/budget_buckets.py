@@ -18,6 +18,7 @@ from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from vmqueue import keys
+from vmqueue.connection import limits_storage_uri
 from vmqueue.settings import TICK_SHARE_OF_LIMIT, Settings
 from workers.budget_profiles import PROFILES, Bucket, Observation, Profile, parse_bucket
 
@@ -114,10 +115,8 @@ class BucketStore:
         self._take = self.redis.register_script(_TAKE)
         self._sync = self.redis.register_script(_SYNC)
         self._slot = self.redis.register_script(_SLOT)
-        options: dict[str, Any] = {"key_prefix": f"{keys.RATE_LIMIT_PREFIX}:{prefix}"}
-        if settings.redis_url.startswith("rediss://"):
-            options["ssl_cert_reqs"] = settings.redis_ssl_cert_reqs
-        storage = storage_from_string(settings.redis_url, **options)
+        uri, options = limits_storage_uri(settings)  # the same Redis, TLS or sentinels included
+        storage = storage_from_string(uri, key_prefix=f"{keys.RATE_LIMIT_PREFIX}:{prefix}", **options)
         self._moving = MovingWindowRateLimiter(storage)
         self._fixed = FixedWindowRateLimiter(storage)
         self._profiles: dict[tuple[str, str], Profile] = {}
