@@ -21,6 +21,7 @@ CASES = {
     "enqueue": (["--jobs", "100", "--rounds", "1", "--chunk", "50"], ["Provisioner.create_vm", "raw send_task"]),
     "footprint": (["--repeat", "1", "--concurrency", "4"], ["sim / all-sdks", "hetzner / all-sdks"]),
     "listing": (["--sizes", "100,300", "--repeat", "3"], ["newest 50 failed jobs", "filtered ms"]),
+    "budget": (["--profile", "hetzner", "--vms", "20", "--boot", "2"], ["hetzner", "floor", "x 429"]),
 }
 
 

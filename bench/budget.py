@@ -1,0 +1,137 @@
+"""Provider profiles: 1,000 creates on the sim playing one provider's published API budget, one worker.
+
+For each profile (workers/budget_profiles.py) the simulated cloud meters like that provider (requests per
+call, page sizes, its buckets enforced with 429 and Retry-After, its rate-limit headers) and the worker
+spends the same budget from its side. Measures, in one run per profile, on a private redis-server:
+  wall      time from the first enqueue (one ``create_vms`` call) until every VM is running
+  floor     max(boot, the time the profile's buckets need for the unavoidable requests: one create
+            each, one read per page of VMs, and the reads per VM an adapter makes as it settles)
+  ratio     wall / floor (goal <= 1.10), and requests the simulated API refused with 429 (goal 0)
+"floor+boot" (the last unavoidable create, then its boot) is printed beside it: a create-bound
+profile cannot finish before it.
+
+    python -m bench.budget                                   # every profile, 1,000 VMs, 30 s boot
+    python -m bench.budget --profile hetzner --vms 200       # one profile, a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from limits import parse
+
+from bench.harness import ROOT, RedisServer, Worker, sim_spec
+from bench.inflight import _reset
+from vmqueue import keys
+from vmqueue.models import JobState
+from vmqueue.settings import Settings
+from vmqueue.sshkeys import throwaway_public_key
+from workers.budget_profiles import PROFILES, Bucket, Profile
+
+
+def _time_for(bucket: Bucket, requests: int) -> float:
+    """Seconds from a full budget until ``requests`` requests have gone out (the last one's time)."""
+    if bucket.window:
+        item = parse(bucket.window)
+        return math.floor((requests - 1) / item.amount) * item.get_expiry()
+    return max(0.0, (requests - bucket.capacity) / bucket.refill_per_s)
+
+
+def floor_s(profile: Profile, vms: int, boot_s: float) -> tuple[float, float]:
+    """(the issue's floor: max(boot, request time), the request time + boot) for ``vms`` creates."""
+    spent: dict[str, int] = {}
+    requests = list(profile.calls["create"]) * vms
+    requests += list(profile.calls["get_many"]) * math.ceil(vms / profile.page_size)
+    requests += list(profile.settle_reads) * vms
+    for method, target in requests:
+        for name in profile.classify(method, target):
+            key = f"{name}:{target}" if profile.buckets[name].per_action else name
+            spent[key] = spent.get(key, 0) + 1
+    request_s = max(_time_for(profile.buckets[k.split(":")[0]], n) for k, n in spent.items())
+    return max(boot_s, request_s), request_s + boot_s
+
+
+def run_profile(server: RedisServer, name: str, vms: int, boot_s: float, slots: int, tick_s: float) -> dict:
+    from producer import Provisioner
+
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    _reset(client)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
+    env.update(
+        REDIS_URL=server.url,
+        PYTHONPATH=str(ROOT),
+        VMQ_SIM_BOOT_S=str(boot_s),
+        VMQ_SIM_PROFILE=name,
+        VMQ_BATCH_POLL_S=str(tick_s),
+        VMQ_DEADLINE_S=str(max(600.0, 4 * floor_s(PROFILES[name], vms, boot_s)[1])),
+    )
+    worker = Worker("sim", env, slots, Path(tempfile.mkdtemp(prefix="vmq-budget-")), loglevel="WARNING").wait_ready()
+    try:
+        provisioner = Provisioner(Settings(redis_url=server.url))
+        key = throwaway_public_key()
+        started = time.monotonic()
+        jobs = provisioner.create_vms({"spec": sim_spec(f"budget-{i}"), "ssh_key": key} for i in range(vms))
+        pending = {job.id for job in jobs}
+        limit_s = 4 * floor_s(PROFILES[name], vms, boot_s)[1] + 120
+        while pending and time.monotonic() - started < limit_s:
+            ids = list(pending)
+            for job_id, raw in zip(ids, client.mget([keys.job_key(j) for j in ids]), strict=True):
+                state = json.loads(raw)["state"] if raw else None
+                if state == JobState.running:
+                    pending.discard(job_id)
+                elif state == JobState.failed:
+                    raise SystemExit(f"FAIL: {name}: job {job_id} failed: {json.loads(raw).get('error')}")
+            time.sleep(0.25)
+        wall_s = time.monotonic() - started
+        if pending:
+            raise SystemExit(f"FAIL: {name}: {len(pending)} jobs still not running after {wall_s:.0f}s")
+        from workers.providers.sim import REQUESTS_KEY
+
+        requests = {k: int(v) for k, v in client.hgetall(REQUESTS_KEY).items()}
+        return {"wall_s": wall_s, "refused_429": requests.pop("429", 0), "requests": requests}
+    finally:
+        worker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", action="append", choices=sorted(set(PROFILES) - {"sim"}), help="(repeatable)")
+    parser.add_argument("--vms", type=int, default=1000, help="creates per profile (default 1000)")
+    parser.add_argument("--boot", type=float, default=30.0, help="simulated boot time, s (default 30)")
+    parser.add_argument("--slots", type=int, default=64, help="worker threads (default 64)")
+    parser.add_argument("--tick", type=float, default=1.0, help="VMQ_BATCH_POLL_S of the worker (default 1)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    names = args.profile or sorted(set(PROFILES) - {"sim"})
+
+    server = RedisServer(aof=False)
+    server.start()
+    figures = {}
+    try:
+        for name in names:
+            result = run_profile(server, name, args.vms, args.boot, args.slots, args.tick)
+            floor, floor_boot = floor_s(PROFILES[name], args.vms, args.boot)
+            figures[name] = {**result, "floor_s": floor, "floor_plus_boot_s": floor_boot}
+            if not args.json:
+                print(
+                    f"  {name:<13} all running after {result['wall_s']:7.1f} s; floor {floor:6.1f} s"
+                    f" -> ratio {result['wall_s'] / floor:.2f} (goal <= 1.10);"
+                    f" floor+boot {floor_boot:6.1f} s -> {result['wall_s'] / floor_boot:.2f};"
+                    f" {result['refused_429']} x 429 (goal 0); {sum(result['requests'].values())} requests",
+                    flush=True,
+                )
+    finally:
+        server.cleanup()
+    if args.json:
+        print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
