@@ -561,7 +561,8 @@ def test_get_vms_cost_grows_with_vms_in_flight_not_the_fleet(fake: FakeHetzner, 
     owned = {"managed-by": "vmqueue"}
     for i in range(160):  # long-lived, older than every VM in flight
         fake.add_server(f"old-{i}", labels=owned)
-    in_flight = [str(fake.add_server(f"new-{i}", status="initializing", labels=owned)["id"]) for i in range(30)]
+    # "starting": on their way (an old "initializing" server would look like a failed create and cost a read).
+    in_flight = [str(fake.add_server(f"new-{i}", status="starting", labels=owned)["id"]) for i in range(30)]
     vms = provider.get_vms(in_flight)
     assert set(vms) == set(in_flight)
     assert [(q.get("sort"), q.get("page")) for _, _, q, _ in fake.requests] == [("id:desc", "1")]
