@@ -1,8 +1,8 @@
 """Many creates in one go (``Provisioner.create_vms``): what a fleet or a batch script enqueues.
 
 The same jobs as ``create_vm`` makes one by one, for a fraction of the round trips: every request is
-validated before anything is stored, the new jobs' records, scripts, first events and index entries
-go to Redis in one MULTI/EXEC (all or none), and their messages leave in one batched publish
+validated before anything is stored, the new jobs go to Redis as the job store's own add script, one
+per job, in one MULTI/EXEC (all or none), and their messages leave in one batched publish
 (kombu's ``Producer.batch``: one pipeline for the task messages and their task-sent events).
 Measured in bench/inflight.py (P1) and bench/enqueue.py.
 """
@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from producer.submit import build_create, request_hash, run, submit, task_message
 from vmqueue import keys
-from vmqueue.jobstore import JobStore, queue_add
+from vmqueue.jobstore import JobStore, add_arguments
 from vmqueue.models import Job, JobError, JobState
 from vmqueue.settings import Settings
 
@@ -77,9 +77,11 @@ def enqueue_all(
     if new:
         pipe = store.redis.pipeline(transaction=True)
         for job, script in new:
-            queue_add(pipe, job, script, settings)
+            add_keys, args = add_arguments(job, script, settings)
+            store._add(keys=add_keys, args=args, client=pipe)  # the job store's one-script add, pipelined
         pipe.execute()
         _publish_all(store, celery, [job for job, _ in new])
+        store.replicated(new[-1][0].id)  # one WAIT covers every record and message written before it
         results.update((job.id, job) for job, _ in new)
     return [results[job.id] for job, _ in built]
 
