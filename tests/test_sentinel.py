@@ -191,3 +191,31 @@ def test_the_async_client_reaches_the_master_through_the_sentinels(ha_settings, 
 
     created, read = asyncio.run(enqueue_and_read())
     assert created == read
+
+
+def test_a_command_on_a_connection_to_the_killed_master_reaches_the_new_one(sentinel_redis, ha_settings):
+    """The reconnect inside a command's retry asks the sentinels again (redis-py 7 would retry the
+    dead master's address until its retries ran out), for the blocking and the asyncio client."""
+    import asyncio
+
+    from vmqueue.connection import connect_async
+
+    sentinel_redis.wait_healthy()
+    blocking = connect(ha_settings)
+    blocking.set("vmq:test:before", "1")  # a pooled connection to the current master
+
+    async def async_client():
+        client = connect_async(ha_settings)
+        await client.set("vmq:test:before-async", "1")
+        return client
+
+    loop = asyncio.new_event_loop()
+    try:
+        aclient = loop.run_until_complete(async_client())
+        killed = sentinel_redis.kill_master()
+        assert blocking.set("vmq:test:after", "1")  # its connection died with the master
+        assert loop.run_until_complete(aclient.set("vmq:test:after-async", "1"))
+        assert sentinel_redis.master_port() != killed
+        loop.run_until_complete(aclient.aclose())
+    finally:
+        loop.close()

@@ -106,6 +106,30 @@ def _retry_options(patient: bool = True, retry_class: type = Retry) -> dict[str,
     }
 
 
+class _MasterConnection(redis.sentinel.SentinelManagedConnection):
+    """A master connection that asks the sentinels where the master is on every reconnect.
+
+    redis-py 7 reconnects a dropped connection inside a command's retry through
+    ``connect_check_health``, which reuses the address of the last connect: after a failover every
+    retry went to the dead master until the retries ran out. Asking the sentinels first makes the
+    retry reach the new master (tests/test_sentinel.py, a command in flight during the kill).
+    """
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if self._sock is None and self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
+class _AsyncMasterConnection(redis.asyncio.sentinel.SentinelManagedConnection):
+    """``_MasterConnection`` for ``redis.asyncio``."""
+
+    async def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        if not self.is_connected and self.connection_pool.is_master:
+            self.host, self.port = await self.connection_pool.get_master_address()
+        return await super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
+
+
 def sentinel_kwargs(settings: Settings) -> dict[str, Any]:
     """Connection options for the sentinels themselves (not the master)."""
     options: dict[str, Any] = {"socket_connect_timeout": 2, "socket_timeout": 2}
@@ -124,6 +148,7 @@ def connect(settings: Settings, *, patient: bool = True) -> redis.Redis:
         sentinel = redis.sentinel.Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs(settings))
         return sentinel.master_for(
             settings.redis_master_name,
+            connection_class=_MasterConnection,
             decode_responses=True,
             db=target.db,
             username=target.username,
@@ -151,6 +176,7 @@ def connect_async(settings: Settings) -> redis.asyncio.Redis:
         sentinel = redis.asyncio.sentinel.Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs(settings))
         return sentinel.master_for(
             settings.redis_master_name,
+            connection_class=_AsyncMasterConnection,
             decode_responses=True,
             db=target.db,
             username=target.username,
