@@ -44,7 +44,8 @@ SCENARIOS = {
     "R7": "the job store loses every key (Redis back without its data) while N VMs run; two sweep passes "
     "with no delay and no destroy limit: no running VM is destroyed",
     "R8": "destroy --fleet of N/4 VMs whose creates are still in flight (slow API), its first run timing out: "
-    "no entry forgotten early, 0 VMs and an empty fleet record at the end, no VM created twice",
+    "every create not finished is cancelled, no entry forgotten early, 0 VMs and an empty fleet record at "
+    "the end, no VM created twice",
     "HA": ha.DESCRIPTION,
 }
 
@@ -436,7 +437,8 @@ def r8(cluster: Cluster, sizes: Sizes) -> Result:
     applied = runner.apply(fleet)
     began = time.monotonic()
     first = runner.destroy()  # vmq destroy --fleet with a timeout shorter than a create's answer
-    cancelling = sum(t.action == "cancelling" for t in first)
+    cancelling = sum(t.action == "cancelling" for t in first)  # cancelled, waiting for its worker and cleanup
+    cancelled_at_once = sum(t.action == "cancelled" for t in first)  # was queued: ended without a VM
     finished_first = runner.follow(first, sizes.latency_ms / 2000, step=runner.advance_destroy)
     kept_entries = cluster.client.hlen(keys.fleet_key(fleet.name))
     runs, done = 1, finished_first
@@ -448,9 +450,13 @@ def r8(cluster: Cluster, sizes: Sizes) -> Result:
     vms, entries = cluster.sim.existing_vms(), cluster.client.hlen(keys.fleet_key(fleet.name))
     creates = cluster.sim.calls().get("create", 0)
     result.job_ids = [t.job_id for t in applied if t.job_id]
+    store = cluster.provisioner.store
+    create_states = Counter(str(job.state) for job in (store.get(j) for j in result.job_ids) if job is not None)
     result.figures.update(
         fleet_vms=len(applied),
         cancelling_at_first_run=cancelling,
+        cancelled_at_first_run=cancelled_at_once,
+        create_states=dict(create_states),
         entries_after_first_run=kept_entries,
         destroy_runs=runs,
         sim_create_calls=creates,
@@ -459,6 +465,10 @@ def r8(cluster: Cluster, sizes: Sizes) -> Result:
         elapsed_s=round(time.monotonic() - began, 1),
     )
     result.check(cancelling > 0 and not finished_first, "the first run met creates in flight and timed out")
+    result.check(
+        create_states["cancelled"] >= cancelling + cancelled_at_once and set(create_states) <= {"cancelled", "running"},
+        f"every create not finished at the first run was cancelled ({dict(create_states)})",
+    )
     result.check(kept_entries >= cancelling, f"no entry of a create in flight was forgotten ({kept_entries} kept)")
     result.check(done and not vms, f"0 VMs at the end ({len(vms)})")
     result.check(entries == 0, f"the fleet record is empty ({entries} entries)")

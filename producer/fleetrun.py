@@ -17,9 +17,11 @@ release of an idempotency key is a compare-and-delete: two applies at once never
 ``destroy`` destroys every VM the record holds (also ones since removed from the file), then forgets
 them and releases their idempotency keys, so the next apply creates them anew. An entry is
 forgotten only when its VM is gone or provably never existed: a create still in flight is
-cancelled, i.e. followed until it records its instance id, whose VM is then destroyed (a create
-that ends without a VM is forgotten then). The entry stays while that is not settled, so a destroy
-that times out leaves it for the next run to finish.
+cancelled (``Provisioner.cancel``, recorded in the job store): a queued one ends at once without
+calling the provider, one past queued ends at its worker's next check, and a VM it made meanwhile
+is destroyed by the create's own cleanup. The entry is forgotten once the create has ended and
+its VM, if any, is gone, and shows as ``cancelled``. The entry stays while that is not settled, so
+a destroy that times out leaves it for the next run to finish.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from producer.client import IdempotencyConflict, Provisioner
+from producer.client import IdempotencyConflict, JobNotFound, Provisioner
+from producer.control import CancelRefused
 from producer.fleet import Fleet, FleetVM
 from vmqueue import keys
 from vmqueue.models import CleanupState, Job, JobKind, JobState, VMStatus, utcnow
@@ -65,13 +68,15 @@ class Tracked:
 
     ident: str  # "<provider>/<name>"
     # created | existing | checked (read again: its create job expired) | cancelling (destroy: a create
-    # in flight, destroyed once it has an id) | destroying | none
+    # in flight, cancelled) | cancelled (destroy: that create ended and its VM, if any, is gone) |
+    # destroying | none
     action: str
     job_id: str | None = None
     job: Job | None = None
     note: str = ""
     create_id: str | None = None  # destroy: the create job the fleet entry names
     settled: bool = True  # destroy: False while a step is still to take for this entry
+    cancel_sent: bool = False  # destroy: this run asked for the create's cancel (once a run: each ask republishes)
 
     @property
     def provider(self) -> str:
@@ -182,8 +187,8 @@ class FleetRunner:
 
     # -- destroy ----------------------------------------------------------------------------
     def destroy(self) -> list[Tracked]:
-        """Take the first step for every VM the fleet record holds: a destroy for each VM with an
-        instance id; a create still in flight is followed (``advance_destroy``) until it has one."""
+        """Take the first step for every VM the fleet record holds: a destroy for each VM whose create
+        finished, a cancel for each create still in flight (``advance_destroy``)."""
         tracked = [
             Tracked(ident, "cancelling", record["job_id"], None, create_id=record["job_id"], settled=False)
             for ident, record in sorted(self._records().items())
@@ -195,9 +200,11 @@ class FleetRunner:
     def advance_destroy(self, tracked: list[Tracked]) -> None:
         """One step of ``destroy --fleet`` for every entry not settled (``follow`` calls it each round).
 
-        An entry is forgotten only when the VM its create recorded is gone (and the create will
-        make no other: it is finished) or when the create finished without a VM. Where ``cancel``
-        exists (issue 19) a create in flight would be cancelled here instead of awaited.
+        A create not finished is cancelled (once per run; the job store keeps the request) and
+        awaited: its worker ends it, and its cleanup destroys a VM it made. An entry is forgotten only
+        when the create finished without a VM, or its VM is gone: destroyed by the create's cleanup,
+        or by a destroy job sent here for a VM whose create finished (ran, or failed or was cancelled
+        with a cleanup that did not destroy it).
         """
         records = self._records()
         for item in tracked:
@@ -205,8 +212,18 @@ class FleetRunner:
                 continue
             create = self.store.get(item.create_id or "")
             record = records.get(item.ident) or {}
-            instance_id = (create.instance_id if create else None) or record.get("instance_id")
             destroying = item.job if item.action == "destroying" else None
+            if destroying is None and create is not None and not create.finished:
+                create = self._cancel(item, create)
+                if create is not None and not create.finished:
+                    item.action, item.job_id, item.job = "cancelling", create.id, create
+                    item.note = (
+                        f"its create was cancelled; its cleanup destroys {create.instance_id}"
+                        if create.instance_id
+                        else "its create is in flight: cancelled, any VM it makes is destroyed by its cleanup"
+                    )
+                    continue
+            instance_id = (create.instance_id if create else None) or record.get("instance_id")
             if destroying is not None and destroying.instance_id == instance_id:
                 if destroying.state == JobState.failed:
                     item.settled = True  # the destroy's error is the row's; the entry stays
@@ -217,34 +234,47 @@ class FleetRunner:
                     else:
                         item.note = "its VM is gone; waiting for its create job to end"
                 continue
+            cancelled = create is not None and create.state == JobState.cancelled
             if instance_id is None:
-                if create is not None and not create.finished:
-                    item.action, item.job_id, item.job = "cancelling", create.id, create
-                    item.note = "its create is in flight: cancelled, its VM is destroyed once it has an id"
-                    continue
                 self._forget(item.ident, item.create_id or "")
-                item.action, item.job_id, item.job, item.settled = "none", None, None, True
+                item.settled = True
+                if cancelled:
+                    item.action, item.job_id, item.job = "cancelled", create.id, create
+                    item.note = "its create was cancelled before it made a VM"
+                    continue
+                item.action, item.job_id, item.job = "none", None, None
                 item.note = (
                     "its create ended without recording a VM"
                     if create
                     else "its create job expired without recording a VM"
                 )
                 continue
-            if (
-                destroying is None
-                and create
-                and create.state == JobState.failed
-                and create.cleanup == CleanupState.done
-            ):
+            if destroying is None and create and _cleaned_up(create):
                 self._forget(item.ident, create.id)
-                item.action, item.job_id, item.job, item.settled = "none", None, None, True
+                item.settled = True
+                if cancelled:
+                    item.action, item.job_id, item.job = "cancelled", create.id, create
+                    item.note = f"its create was cancelled; its cleanup destroyed {instance_id}"
+                    continue
+                item.action, item.job_id, item.job = "none", None, None
                 item.note = "no VM exists for it (its failed create's cleanup destroyed it)"
                 continue
             # No idempotency key: destroy is safe to repeat, and a re-run must retry a failed destroy.
             gone = self.provisioner.destroy_vm(item.provider, instance_id)
             item.action, item.job_id, item.job = "destroying", gone.id, gone
-            if create is not None and not create.finished:
-                item.note = "its create was in flight: cancelled by destroying its VM"
+
+    def _cancel(self, item: Tracked, create: Job) -> Job | None:
+        """Ask once per run for the cancel of ``create`` (idempotent: the first request stands, a repeat
+        only sends the job's step again); the create as it is now (None: its record expired)."""
+        if item.cancel_sent:
+            return create
+        item.cancel_sent = True
+        try:
+            return self.provisioner.cancel(create.id, by="vmq destroy --fleet", reason=f"fleet {self.fleet} destroyed")
+        except CancelRefused:
+            return self.store.get(create.id)  # it ended meanwhile (or a destroy took its VM): read as it is
+        except JobNotFound:
+            return None
 
     # -- following --------------------------------------------------------------------------
     def follow(
@@ -311,7 +341,8 @@ def _replaceable(job: Job) -> bool:
 
 
 def _cleaned_up(job: Job) -> bool:
-    return job.state == JobState.failed and job.cleanup == CleanupState.done
+    """A create that ended failed or cancelled and whose own cleanup destroyed its VM."""
+    return job.state in (JobState.failed, JobState.cancelled) and job.cleanup == CleanupState.done
 
 
 def _drift(job: Job, vm: FleetVM) -> str:
@@ -326,4 +357,5 @@ def all_running(tracked: list[Tracked]) -> bool:
 
 
 def all_gone(tracked: list[Tracked]) -> bool:
-    return all(t.action == "none" or t.state == "gone" for t in tracked)
+    """Every entry settled with no VM left: destroyed, cancelled (its VM, if any, destroyed) or none."""
+    return all(t.action in ("none", "cancelled") or t.state == "gone" for t in tracked)

@@ -247,22 +247,45 @@ def test_an_entry_is_replaced_only_by_compare_and_set_on_the_job_it_replaces(set
     assert redis_client.get(keys.idempotency_key("fleet:solo:sim/a")) == "j2"
 
 
+THREE_VMS = ONE_VM.replace("fleet: solo", "fleet: trio").replace("  - name: web-1\n", "  - name: web\n    count: 3\n")
+
+
 @pytest.mark.system
-def test_destroy_fleet_never_forgets_a_create_in_flight(cli_env, sim_worker, sim, redis_client, tmp_path):
-    # Issue 13 (3): the create's answer comes after destroy's timeout. The entry must stay, and the
-    # VM be destroyed once the create recorded it; nothing is left behind and nothing made twice.
-    path = _fleet_dir(tmp_path, ONE_VM)
-    sim.configure(latency_ms=2500)
+def test_destroy_fleet_cancels_the_creates_in_flight(
+    cli_env, sim_worker_paused, worker_factory, sim, redis_client, tmp_path
+):
+    # Issue 13 (3): destroy --fleet runs while one create waits for the (slow) API's answer and two
+    # are still queued (a worker of one slot). Every create is cancelled: the queued ones never call
+    # the provider, the one in flight ends at its worker's next check and its cleanup destroys the VM
+    # it made. An entry is forgotten only once its create ended and its VM is gone; rows say cancelled.
+    worker_factory("sim", concurrency=1)
+    path = _fleet_dir(tmp_path, THREE_VMS)
+    sim.configure(latency_ms=2000)
     assert runner.invoke(app, ["apply", str(path), "--no-wait"]).exit_code == 0
+    creates = sorted(_create_jobs(redis_client))
+    assert len(creates) == 3
+
+    def states() -> list[str]:
+        return sorted(Job.model_validate_json(redis_client.get(keys.job_key(j))).state for j in creates)
+
+    wait_for(lambda: "submitting" in states(), timeout_s=20, what="a create waiting for the API's answer")
     early = runner.invoke(app, ["destroy", "--fleet", str(path), "--json", "--timeout", "1"])
-    assert early.exit_code == 1, early.output
-    (row,) = json.loads(early.stdout)["vms"]
-    assert row["action"] == "cancelling" and "destroyed once it has an id" in row["note"]
-    assert redis_client.hexists(keys.fleet_key("solo"), "sim/web-1")  # not forgotten
+    assert early.exit_code == 1, early.output  # the create in flight outlasts the timeout
+    rows = json.loads(early.stdout)["vms"]
+    in_flight = [row for row in rows if row["action"] == "cancelling"]
+    assert len(in_flight) == 1 and "cancelled" in in_flight[0]["note"], rows
+    assert {(row["action"], row["state"]) for row in rows if row not in in_flight} == {("cancelled", "cancelled")}
+    # The entry of the create in flight stays; the queued ones ended without a VM and are forgotten.
+    assert list(redis_client.hgetall(keys.fleet_key("trio"))) == [f"sim/{in_flight[0]['name']}"]
 
     done = runner.invoke(app, ["destroy", "--fleet", str(path), "--json", "--timeout", "60"])
     assert done.exit_code == 0, done.output
-    assert [vm["state"] for vm in json.loads(done.stdout)["vms"]] == ["gone"]
-    assert redis_client.hgetall(keys.fleet_key("solo")) == {}
+    (row,) = json.loads(done.stdout)["vms"]
+    assert (row["action"], row["state"], row["job_id"]) == ("cancelled", "cancelled", in_flight[0]["job_id"])
+    assert row["instance_id"] and "its cleanup destroyed" in row["note"]
+    assert redis_client.hgetall(keys.fleet_key("trio")) == {}
     wait_for(lambda: sim.existing_vms() == [], timeout_s=20, what="no VM left")
-    assert sim.calls()["create"] == 1
+    assert states() == ["cancelled"] * 3
+    assert sim.calls()["create"] == 1  # the queued creates never called the provider
+    jobs = (Job.model_validate_json(redis_client.get(k)) for k in redis_client.scan_iter(match=keys.job_key("*")))
+    assert [j.id for j in jobs if j.kind == JobKind.destroy] == []  # the create's cleanup destroyed its VM

@@ -102,6 +102,9 @@ def _follow(
         return runner.follow(tracked, timeout_s, update, step)
 
 
+_COLOURS = {"running": "green", "gone": "green", "cancelled": "green", "failed": "red"}
+
+
 def _report(fleet: str, tracked: list[Tracked], as_json: bool, done: bool) -> None:
     if as_json:
         rows = [t.row() for t in tracked]
@@ -113,7 +116,7 @@ def _report(fleet: str, tracked: list[Tracked], as_json: bool, done: bool) -> No
     table.add_column("error", ratio=1, overflow="fold")
     for item in tracked:
         row = item.row()
-        colour = {"running": "green", "gone": "green", "failed": "red"}.get(row["state"], "yellow")
+        colour = _COLOURS.get(row["state"], "yellow")
         private = f"{row['private_ipv4']} (private)" if row["private_ipv4"] else None
         ips = "\n".join(ip for ip in (row["public_ipv4"], row["public_ipv6"], private) if ip)
         problem = " ".join(p for p in (row["error"], row["note"]) if p)
