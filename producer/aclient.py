@@ -12,13 +12,14 @@ submission steps are ``producer.submit``'s, shared with the sync client::
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
-from producer import control
+from producer import control, diagnose
 from producer.apublish import AsyncPublisher
 from producer.submit import (
     JobTimeout,
@@ -32,9 +33,10 @@ from producer.submit import (
     submit,
     task_message,
 )
+from vmqueue import keys
 from vmqueue.ajobstore import AsyncJobStore
 from vmqueue.celery_config import make_celery
-from vmqueue.connection import connect_async
+from vmqueue.connection import check_redis_async, connect_async
 from vmqueue.events import Cursor, Event, afollow, alatest_id
 from vmqueue.jobindex import JobPage, JobQuery
 from vmqueue.models import Job, VMSpec
@@ -58,6 +60,7 @@ class AsyncProvisioner:
         self.redis = connect_async(self.settings)
         self.store = AsyncJobStore(self.redis, self.settings)
         self.publisher = AsyncPublisher(self.celery, self.redis)
+        self._redis_checked_at = float("-inf")
 
     async def __aenter__(self) -> AsyncProvisioner:
         return self
@@ -119,7 +122,31 @@ class AsyncProvisioner:
         return await self._submit(build_get(self.settings, provider, instance_id, callback_url=callback_url))
 
     async def get_job(self, job_id: str) -> Job:
-        return found(await self.store.get(job_id), job_id, self.settings)
+        """``Provisioner.get_job``: by id or unique id prefix."""
+        job = await self.store.get(job_id)
+        if job is None and diagnose.is_prefix(job_id):
+            job = await self.store.get(await self.resolve_job_id(job_id))
+        return found(job, job_id, self.settings)
+
+    async def resolve_job_id(self, prefix: str) -> str:
+        """``Provisioner.resolve_job_id``."""
+        if not diagnose.is_prefix(prefix):
+            return prefix
+        matches = [k async for k in self.redis.scan_iter(match=diagnose.prefix_match(prefix), count=1000)]
+        return diagnose.pick(prefix, matches)
+
+    async def ensure_redis(self) -> None:
+        """``Provisioner.ensure_redis``, awaited (never blocks the event loop)."""
+        now = time.monotonic()
+        if now - self._redis_checked_at >= diagnose.REDIS_CHECK_EVERY_S:
+            await check_redis_async(self.settings)
+            self._redis_checked_at = now
+
+    async def notice(self, job: Job) -> str | None:
+        """``Provisioner.notice``."""
+        if diagnose.needs_worker_check(job) and not await self.redis.exists(keys.served_key(job.provider)):
+            return diagnose.no_worker_notice(job)
+        return None
 
     async def cancel(self, job_id: str, *, by: str | None = None, reason: str = "") -> Job:
         """``Provisioner.cancel``."""
@@ -163,6 +190,7 @@ class AsyncProvisioner:
         the event stream waits before the record is looked at anyway.
         """
         job = await self.get_job(job_id)
+        job_id = job.id  # a prefix is resolved once
         try:
             async with asyncio.timeout(timeout_s):
                 if on_update:
@@ -192,4 +220,4 @@ class AsyncProvisioner:
 
     async def _publish(self, job: Job) -> None:
         task, queue, argsrepr = task_message(job)
-        await self.publisher.send_task(task, [job.id], queue, argsrepr)
+        await self.publisher.send_task(task, [job.id], queue, argsrepr, task_id=job.id)

@@ -29,12 +29,12 @@ class AsyncPublisher:
         self._serializer = celery.conf.task_serializer
         self._reply_to = celery.thread_oid  # what send_task puts in reply_to (no result backend reads it)
 
-    def message(self, task: str, args: list[object], queue: str, argsrepr: str) -> str:
+    def message(self, task: str, args: list[object], queue: str, argsrepr: str, task_id: str | None = None) -> str:
         """The JSON text ``send_task(task, args=args, queue=queue, argsrepr=argsrepr, kwargsrepr="{}")``
         would push onto ``queue``."""
         if queue not in self.celery.amqp.queues:  # as send_task does (task_create_missing_queues=False)
             raise KeyError(f"queue {queue!r} is not defined in the Celery configuration")
-        task_id = str(uuid.uuid4())
+        task_id = task_id or str(uuid.uuid4())
         headers, properties, body, _ = self.celery.amqp.create_task_message(
             task_id, task, args, {}, reply_to=self._reply_to, argsrepr=argsrepr, kwargsrepr="{}", ignore_result=None
         )
@@ -58,6 +58,8 @@ class AsyncPublisher:
         }
         return json.dumps(envelope)
 
-    async def send_task(self, task: str, args: list[object], queue: str, argsrepr: str) -> None:
+    async def send_task(
+        self, task: str, args: list[object], queue: str, argsrepr: str, task_id: str | None = None
+    ) -> None:
         """Publish one task message; the client's reconnect policy rides out a short Redis outage."""
-        await self.redis.lpush(queue, self.message(task, args, queue, argsrepr))
+        await self.redis.lpush(queue, self.message(task, args, queue, argsrepr, task_id))

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from producer import control
+from producer import control, diagnose
 from producer.bulk import build_all, enqueue_all
 from producer.submit import (
     IdempotencyConflict,
@@ -30,8 +30,9 @@ from producer.submit import (
     submit,
     task_message,
 )
+from vmqueue import keys
 from vmqueue.celery_config import make_celery
-from vmqueue.connection import connect
+from vmqueue.connection import check_redis, connect
 from vmqueue.events import Cursor, Event, follow, latest_id
 from vmqueue.jobindex import JobPage, JobQuery
 from vmqueue.jobstore import JobStore
@@ -50,6 +51,7 @@ class Provisioner:
         self.settings = settings or get_settings()
         self.celery = celery_app or make_celery(self.settings, main="vmqueue.producer")
         self.store = JobStore(connect(self.settings), self.settings)
+        self._redis_checked_at = float("-inf")
 
     def create_vm(
         self,
@@ -117,7 +119,35 @@ class Provisioner:
         return self._submit(build_get(self.settings, provider, instance_id, callback_url=callback_url))
 
     def get_job(self, job_id: str) -> Job:
-        return found(self.store.get(job_id), job_id, self.settings)
+        """The job with this id, or this unique id prefix (the CLI's table shows 8 characters).
+
+        Raises ``JobNotFound`` (``diagnose.AmbiguousJobId`` when several jobs start with the prefix).
+        """
+        job = self.store.get(job_id)
+        if job is None and diagnose.is_prefix(job_id):
+            job = self.store.get(self.resolve_job_id(job_id))
+        return found(job, job_id, self.settings)
+
+    def resolve_job_id(self, prefix: str) -> str:
+        """The one job id starting with ``prefix``; a key scan, for people typing ids (not hot paths)."""
+        if not diagnose.is_prefix(prefix):
+            return prefix
+        return diagnose.pick(prefix, self.store.redis.scan_iter(match=diagnose.prefix_match(prefix), count=1000))
+
+    def ensure_redis(self) -> None:
+        """``RedisUnavailable`` (one line naming the URL) within seconds when Redis does not answer;
+        asked at most once per ``diagnose.REDIS_CHECK_EVERY_S``, so a caller may ask before every request."""
+        now = time.monotonic()
+        if now - self._redis_checked_at >= diagnose.REDIS_CHECK_EVERY_S:
+            check_redis(self.settings)
+            self._redis_checked_at = now
+
+    def notice(self, job: Job) -> str | None:
+        """What a person following ``job`` should know that its state does not say, or ``None``: today,
+        that it has been queued for a while and no live worker serves its queue (workers/presence.py)."""
+        if diagnose.needs_worker_check(job) and not self.store.redis.exists(keys.served_key(job.provider)):
+            return diagnose.no_worker_notice(job)
+        return None
 
     def cancel(self, job_id: str, *, by: str | None = None, reason: str = "") -> Job:
         """Take a job back (producer/control.py): ``cancelled`` at once if it was queued, else once its
@@ -168,6 +198,7 @@ class Provisioner:
     ) -> Job:
         """Block until the job is finished (cleanup of a failed create included); ``JobTimeout`` after."""
         deadline = time.monotonic() + timeout_s
+        job_id = self.get_job(job_id).id  # a prefix is resolved once
         while True:
             job = self.get_job(job_id)
             if on_update:
@@ -192,4 +223,5 @@ class Provisioner:
 
     def _publish(self, job: Job) -> None:
         task, queue, argsrepr = task_message(job)
-        self.celery.send_task(task, args=[job.id], queue=queue, argsrepr=argsrepr, kwargsrepr="{}")
+        # The job's id is its task's id: Flower keeps one row per job (workers/jobevents.py).
+        self.celery.send_task(task, args=[job.id], queue=queue, task_id=job.id, argsrepr=argsrepr, kwargsrepr="{}")

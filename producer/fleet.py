@@ -36,7 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from producer.submit import expiry
-from vmqueue.models import LABEL_FLEET, CreateRequest, VMSpec
+from vmqueue.models import LABEL_FLEET, CreateRequest, DeadlineS, Placement, VMSpec
 from vmqueue.options import ProviderName
 from vmqueue.readiness import ReadyWhen
 
@@ -58,7 +58,11 @@ class VMFields(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     ssh_key: str | None = Field(None, description="public key file (relative to the fleet file) or key line")
     script: str | None = Field(None, description="startup script file, relative to the fleet file")
-    deadline_s: float | None = Field(None, gt=0, description="seconds until running, else fail and destroy")
+    deadline_s: DeadlineS | None = None
+    fallbacks: list[Placement] | None = Field(
+        None, description="placements to try in order when the provider has no capacity (region, instance_type)"
+    )
+    destroy_on_failure: bool | None = Field(None, description="destroy the VM of a failed create (default: true)")
     ttl_s: float | None = Field(None, gt=0, description="destroy the VM this many seconds after apply created it")
     expires_at: datetime | None = Field(None, description="destroy the VM at this time (with a zone: ...Z)")
     ready_when: ReadyWhen | None = Field(None, description="running (default), ssh or cloud_init: what apply waits for")
@@ -108,6 +112,7 @@ class FleetVM:
     line: int | None
     ttl_s: float | None = None
     expires_at: datetime | None = None
+    destroy_on_failure: bool | None = None
 
     @property
     def name(self) -> str:
@@ -194,6 +199,7 @@ def _expand(
                 "image": fields["image"],
                 "labels": {**fields["labels"], LABEL_FLEET: parsed.fleet},
                 "options": fields["options"],
+                "fallbacks": fields["fallbacks"],
             }
             spec = {k: v for k, v in spec.items() if v is not None}  # unset reads "missing", not "not a string"
             try:
@@ -222,7 +228,12 @@ def _expand(
             except ValueError as exc:
                 problems.append(Problem(entry_line, where, str(exc)))
                 break
-            vms.append(FleetVM(ident, request, fields["deadline_s"], entry_line, fields["ttl_s"], fields["expires_at"]))
+            vms.append(
+                FleetVM(
+                    ident, request, fields["deadline_s"], entry_line, fields["ttl_s"], fields["expires_at"],
+                    fields["destroy_on_failure"],
+                )
+            )  # fmt: skip
     return problems
 
 

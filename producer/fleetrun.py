@@ -159,6 +159,7 @@ class FleetRunner:
                 expires_at=vm.expires_at,
                 ready_when=vm.request.ready_when,
                 ready_deadline_s=vm.request.ready_deadline_s,
+                destroy_on_failure=vm.destroy_on_failure,
             )
         except IdempotencyConflict:
             # Another apply (or one that died before recording) holds the key: adopt its job.

@@ -199,8 +199,9 @@ def found(job: Job | None, job_id: str, settings: Settings) -> Job:
 
 def task_message(job: Job) -> tuple[str, str, str]:
     """(task name, queue, argsrepr) of a job's first message. The argsrepr is what Flower shows for
-    the task: readable, and never a script or key."""
-    return TASKS[job.kind], keys.queue_name(job.provider), f"({job.kind} {job.provider} job={job.id})"
+    the task (searchable by kind, provider, VM name and job id), never a script or key."""
+    name = job.spec.name if job.spec else None
+    return TASKS[job.kind], keys.queue_name(job.provider), keys.task_argsrepr(job.kind, job.provider, job.id, name)
 
 
 # -- the submission protocol, without I/O -----------------------------------------------------------

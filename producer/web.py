@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Path, Query, Reques
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from kombu.exceptions import OperationalError
 from pydantic import ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,6 +33,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from producer import phonehome, weblisting
 from producer.aclient import AsyncProvisioner
 from producer.submit import IdempotencyConflict, JobNotFound, expiry
+from vmqueue.connection import RedisUnavailable, check_redis_async
 from vmqueue.events import STREAM_ID
 from vmqueue.models import CreateRequest, Job
 from vmqueue.options import ProviderName
@@ -72,6 +74,12 @@ class CreateVMBody(CreateRequest):
         return self
 
 
+class JobView(Job):
+    """``GET /jobs/{id}``: the job, and what its state alone does not say."""
+
+    notice: str | None = Field(None, description="e.g. that no worker serves the job's queue, and how to start one")
+
+
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
 _header = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <API key>")
 
@@ -93,8 +101,10 @@ def _authorize(
         )
 
 
-def _provisioner(request: Request) -> AsyncProvisioner:
-    return request.app.state.provisioner
+async def _provisioner(request: Request) -> AsyncProvisioner:
+    provisioner: AsyncProvisioner = request.app.state.provisioner
+    await provisioner.ensure_redis()  # Redis down: 503 naming the URL within seconds, not after the retries
+    return provisioner
 
 
 Auth = Depends(_authorize)
@@ -128,7 +138,8 @@ def create_app(
             if provisioner is None:
                 await app.state.provisioner.aclose()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load their scripts from this app, not from a CDN (no internet needed).
+    app = FastAPIOffline(
         title="vmqueue",
         version="0.1.0",
         summary="Create, inspect and destroy cloud VMs as jobs on a queue.",
@@ -139,6 +150,7 @@ def create_app(
     app.add_exception_handler(JobNotFound, _error(status.HTTP_404_NOT_FOUND))
     app.add_exception_handler(IdempotencyConflict, _error(status.HTTP_409_CONFLICT))
     app.add_exception_handler(InvalidCallbackURL, _bad_callback)
+    app.add_exception_handler(RedisUnavailable, _error(status.HTTP_503_SERVICE_UNAVAILABLE))  # names the URL
     for unavailable in (redis.ConnectionError, redis.TimeoutError, OperationalError):
         app.add_exception_handler(unavailable, _error(status.HTTP_503_SERVICE_UNAVAILABLE, "queue unavailable"))
 
@@ -162,10 +174,12 @@ def create_app(
         response.headers["Location"] = f"/jobs/{job.id}"
         return job
 
-    @app.get("/jobs/{job_id}", response_model=Job, dependencies=[Auth], tags=["jobs"])
-    async def get_job(job_id: Annotated[str, Path(max_length=128)], vmq: Vmq) -> Job:
-        """A job's state, VM, error and history."""
-        return await vmq.get_job(job_id)
+    @app.get("/jobs/{job_id}", response_model=JobView, dependencies=[Auth], tags=["jobs"])
+    async def get_job(job_id: Annotated[str, Path(max_length=128)], vmq: Vmq) -> JobView:
+        """A job's state, VM, error and history, and a ``notice`` when its state alone misleads;
+        any unique prefix of its id works."""
+        job = await vmq.get_job(job_id)
+        return JobView.model_validate({**job.model_dump(), "notice": await vmq.notice(job)})
 
     @app.get("/jobs/{job_id}/events", response_class=EventSourceResponse, dependencies=[Auth], tags=["jobs"])
     async def job_events(
@@ -213,10 +227,14 @@ def create_app(
     app.include_router(weblisting.router(Auth))  # list, cancel, extend
     app.include_router(phonehome.router)  # cloud-init's phone_home (ready_when=cloud_init): token, not API key
 
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        """Liveness, without auth (it reveals nothing)."""
-        return {"status": "ok"}
+    @app.get("/healthz", tags=["ops"], responses={503: {"description": "Redis does not answer"}})
+    async def healthz(request: Request) -> JSONResponse:
+        """Readiness, without auth: 200 when Redis answers, else 503 saying which URL does not."""
+        try:
+            await check_redis_async(request.app.state.provisioner.settings)
+        except RedisUnavailable as exc:
+            return JSONResponse({"status": "unavailable", "redis": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok", "redis": "ok"})
 
     return app
 

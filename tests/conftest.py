@@ -71,8 +71,9 @@ def flush_keeping_bindings(client: redis.Redis) -> None:
         client.delete(*doomed[start : start + 1000])
 
 
-# kombu's own bookkeeping, written by any running worker at any time (the unacked-message sweep).
-KOMBU_KEYS = ("_kombu.", "unacked")
+# Written by any running worker at any time: kombu's own bookkeeping (the unacked-message sweep) and
+# the marks of the queues live workers serve (workers/presence.py).
+KOMBU_KEYS = ("_kombu.", "unacked", "vmq:served:")
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from producer.cli import app
+from tests.conftest import KOMBU_KEYS
 from vmqueue.settings import get_settings
 
 runner = CliRunner()
@@ -38,7 +39,7 @@ def test_bad_input_exits_2_names_the_field_and_enqueues_nothing(cli_env, redis_c
     assert result.exit_code == 2
     assert "spec.name" in result.output and "options.sim.zone" in result.output
     assert "Nothing was enqueued" in result.output
-    assert [k for k in redis_client.scan_iter() if not k.startswith("_kombu.")] == []
+    assert [k for k in redis_client.scan_iter() if not k.startswith(KOMBU_KEYS)] == []
 
 
 def test_bad_key_file_is_explained(cli_env, tmp_path):

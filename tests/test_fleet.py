@@ -15,6 +15,7 @@ from producer.client import Provisioner
 from producer.fleet import FleetError, load_fleet
 from producer.fleetrun import FleetRunner
 from tests import test_cli
+from tests.conftest import KOMBU_KEYS
 from vmqueue import keys
 from vmqueue.models import Job, JobKind, JobState
 
@@ -100,7 +101,7 @@ def test_apply_of_an_invalid_file_exits_2_and_enqueues_nothing(cli_env, redis_cl
     assert result.exit_code == 2
     assert "7 problem(s)" in result.output and "fleet.yaml:19: vms[2] (db).options.aws.zone" in result.output
     assert "Nothing was enqueued" in result.output
-    assert [k for k in redis_client.scan_iter() if not k.startswith("_kombu.")] == []
+    assert [k for k in redis_client.scan_iter() if not k.startswith(KOMBU_KEYS)] == []
 
 
 def test_destroy_needs_an_instance_or_a_fleet_but_not_both(cli_env):

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from bench.harness import ROOT, free_port
+from tests.conftest import KOMBU_KEYS
 
 KEY = "test-key-9d1c"
 SECRET = "MARKER-web-never-echoed"
@@ -142,7 +143,7 @@ def test_invalid_requests_are_422_naming_the_field_and_never_echo_the_script(api
     assert wrong_key.status_code == 422 and ["body", "ssh_key"] in [e["loc"] for e in wrong_key.json()["detail"]]
     assert api.get("/vms/linode/1").status_code == 422
     assert api.delete("/vms/sim/bad id").status_code == 422
-    assert [k for k in redis_client.scan_iter() if not k.startswith("_kombu.")] == []
+    assert [k for k in redis_client.scan_iter() if not k.startswith(KOMBU_KEYS)] == []
 
 
 def test_openapi_documents_the_routes_and_the_auth(api):

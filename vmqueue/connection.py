@@ -13,7 +13,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -209,3 +209,58 @@ def limits_storage_uri(settings: Settings) -> tuple[str, dict[str, Any]]:
     if target.password:
         options["password"] = target.password
     return f"redis+sentinel://{hosts}/{settings.redis_master_name}", options
+
+
+class RedisUnavailable(redis.ConnectionError):
+    """Redis does not answer at the configured URL. The message is one line that names the URL
+    (password hidden) and says what to do; a ``redis.ConnectionError``, so handlers of that catch it."""
+
+
+def redacted_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (safe to print or log); each of a Sentinel list's."""
+    if ";" in url:
+        return ";".join(redacted_url(part) for part in url.split(";"))
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_redis(settings: Settings) -> None:
+    """One PING without retries (``connect(patient=False)``: answered within about two seconds), else
+    ``RedisUnavailable``. The job store's client rides out a restart by retrying for about half a
+    minute; a producer asks this first so that a Redis that is simply not there is said at once."""
+    client = connect(settings, patient=False)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise _unavailable(settings, exc) from None
+    finally:
+        client.close()
+
+
+async def check_redis_async(settings: Settings) -> None:
+    """``check_redis`` for asyncio: the same PING, timeouts and message, awaited."""
+    options = _retry_options(patient=False, retry_class=redis.asyncio.retry.Retry)
+    if is_sentinel_url(settings.redis_url):
+        target = parse_sentinel_url(settings.redis_url)
+        sentinel = redis.asyncio.sentinel.Sentinel(target.sentinels, sentinel_kwargs=sentinel_kwargs(settings))
+        client = sentinel.master_for(
+            settings.redis_master_name, db=target.db, username=target.username, password=target.password, **options
+        )
+    else:
+        client = redis.asyncio.Redis.from_url(settings.redis_url, **options, **(redis_ssl_options(settings) or {}))
+    try:
+        await client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise _unavailable(settings, exc) from None
+    finally:
+        await client.aclose()
+
+
+def _unavailable(settings: Settings, exc: BaseException) -> RedisUnavailable:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    url = redacted_url(settings.redis_url)
+    return RedisUnavailable(f"cannot reach Redis at {url} ({reason}): start it, or point REDIS_URL at yours")

@@ -26,6 +26,7 @@ INDEX_PREFIX = "vmq:idx:"
 READY_PREFIX = "vmq:ready:"
 READY_DUE = f"{READY_PREFIX}due"  # sorted set: job id -> when its readiness is next looked at (epoch s)
 READY_TARGETS = f"{READY_PREFIX}targets"  # hash: job id -> what the scanner probes (JSON)
+SERVED_PREFIX = "vmq:served:"  # per provider: refreshed by every live worker of its queue (short TTL)
 
 TASK_CREATE = "vmq.create"
 TASK_DESTROY = "vmq.destroy"
@@ -35,6 +36,18 @@ TASK_SWEEP = "vmq.sweep"
 TASK_WEBHOOK = "vmq.webhook"
 # Webhook deliveries have a queue (and workers) of their own: a slow receiver never holds a job's slot.
 WEBHOOK_QUEUE = f"{QUEUE_PREFIX}webhooks"
+
+
+def task_argsrepr(kind: str, provider: str, job_id: str, name: str | None = None) -> str:
+    """What Flower shows as a job task's arguments, searchable by kind, provider, VM name and job id.
+
+    Never a script or key: the task's only real argument is the job id.
+    """
+    return f"({kind} {provider}{f' {name}' if name else ''} job={job_id})"
+
+
+def served_key(provider: str) -> str:
+    return f"{SERVED_PREFIX}{provider}"
 
 
 def queue_name(provider: str) -> str:

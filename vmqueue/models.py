@@ -9,7 +9,7 @@ import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, get_args
+from typing import Annotated, Any, get_args
 
 import yaml
 from pydantic import (
@@ -50,6 +50,11 @@ _HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 LABEL_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 LABEL_VALUE = re.compile(r"^[a-z0-9_-]{0,63}$")
 MAX_USER_LABELS = 20
+MAX_DEADLINE_S = 86_400
+
+# A job's deadline in seconds: refused at the producer when not positive (a VM would be created and
+# destroyed at once) or beyond a day. The Python API, the HTTP API, fleet files and the CLI share it.
+DeadlineS = Annotated[float, Field(gt=0, le=MAX_DEADLINE_S, description="seconds until running (create) or gone")]
 
 
 def utcnow() -> datetime:
@@ -334,7 +339,11 @@ def check_startup_script(
         try:
             document = yaml.safe_load(script)
         except yaml.YAMLError as exc:
-            raise ValueError(f"startup_script is #cloud-config but not valid YAML: {exc}") from None
+            # Only the problem and its place: PyYAML's own message quotes the script's lines.
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ValueError(f"startup_script is #cloud-config but not valid YAML: {problem}{where}") from None
         if document is not None and not isinstance(document, dict):
             raise ValueError("startup_script is #cloud-config but its YAML is not a mapping")
     elif not (first.startswith("#!") or first.startswith("#include") or first.lower().startswith("content-type:")):
@@ -361,9 +370,13 @@ def check_phone_home(script: str | None, context: dict | None) -> str:
 
 
 class CreateRequest(BaseModel):
-    """A create job's input, validated as a whole before anything is enqueued."""
+    """A create job's input, validated as a whole before anything is enqueued.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Its errors never quote the input: a startup script may hold secrets, and a web backend logs
+    ``str()`` of the error (``hide_input_in_errors``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     spec: VMSpec
     ssh_key: SSHKeyField
@@ -554,7 +567,7 @@ class Job(BaseModel):
     updated_at: datetime = Field(default_factory=utcnow)
     submitted_at: datetime | None = None  # the create call was first sent
     delete_sent_at: datetime | None = None  # the delete call went out (destroy job, or cleanup of a create)
-    deadline_s: float = 600.0
+    deadline_s: DeadlineS = 600.0
     destroy_on_failure: bool = True
     cleanup: CleanupState | None = None
     idempotency_key: str | None = None

@@ -15,9 +15,14 @@ broker_fixes.apply()  # a Redis restart must not kill the worker (celery/kombu 5
 settings = get_settings()
 app = make_celery(settings, main="vmqueue")
 app.conf.update(worker_pool="threads", worker_concurrency=settings.worker_concurrency)
+# Tasks (job steps, webhook deliveries), then signal handlers (metrics, log context, presence,
+# Flower's job events, the preflight at start).
 app.conf.include = [
     "workers.tasks",
     "workers.webhooks",
     "workers.metrics",
     "workers.logctx",
-]  # the last two: signal handlers
+    "workers.presence",
+    "workers.jobevents",
+    "workers.preflight",
+]

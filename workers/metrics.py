@@ -101,7 +101,16 @@ def _serve(**_: object) -> None:
     settings = MetricsSettings()
     if settings.port is None:
         return
-    start_http_server(settings.port, addr=settings.addr)
+    try:
+        start_http_server(settings.port, addr=settings.addr)
+    except OSError as exc:
+        # Said plainly, once: the worker still serves its queue, only without metrics.
+        log.error(
+            "metrics: port %s on %s is in use or not available (%s); this worker serves no metrics. "
+            "Give each worker process on a host its own VMQ_METRICS_PORT",
+            settings.port, settings.addr, exc.strerror or exc,
+        )  # fmt: skip
+        return
     log.info("metrics: serving Prometheus metrics on http://%s:%s/metrics", settings.addr, settings.port)
 
 

@@ -19,6 +19,7 @@ from vmqueue import jobindex, keys
 from vmqueue.connection import connect
 from vmqueue.jobstore import JobStore
 from vmqueue.models import JobError, JobKind, JobState
+from workers import jobevents
 from workers.app import app, settings
 from workers.calls import ProviderCalls, SharedRateLimit
 from workers.expiry import Expiry
@@ -57,7 +58,8 @@ def _start_job(job_id: str, countdown_s: float) -> None:
             args=[job_id],
             countdown=countdown_s,
             queue=keys.queue_name(job.provider),
-            argsrepr=f"({job.kind} {job.provider} job={job.id})",
+            task_id=job.id,  # the job's one task id: Flower keeps one row per job
+            argsrepr=_argsrepr(job),
         )
 
 
@@ -103,7 +105,12 @@ def _step(task: Task, job_id: object, kind: JobKind) -> None:
         _fail_internal(job_id, exc)
         raise
     if outcome is not None and outcome.message:
-        raise task.retry(countdown=outcome.countdown_s, max_retries=None)
+        # The retry keeps the job's readable arguments: Flower's row (and its search) would else turn
+        # to "('<id>',)" at the first poll, losing the VM's name.
+        argsrepr = getattr(task.request, "argsrepr", None)
+        raise task.retry(countdown=outcome.countdown_s, max_retries=None, argsrepr=argsrepr)
+    # No success of the task's own: Flower's row for the job ends as the job ends (workers/jobevents.py).
+    jobevents.step_ended(job_id, runner().store)
 
 
 def _fail_internal(job_id: str, exc: Exception) -> None:
@@ -178,5 +185,8 @@ def sweep(request: object) -> None:
 def _resend(job) -> None:
     """A stalled job's task again, as the producer sent it (workers/rescue.py says why it is safe)."""
     task = {JobKind.create: create, JobKind.destroy: destroy, JobKind.get: get}[job.kind]
-    argsrepr = f"({job.kind} {job.provider} job={job.id})"
-    task.apply_async(args=[job.id], queue=keys.queue_name(job.provider), argsrepr=argsrepr)
+    task.apply_async(args=[job.id], queue=keys.queue_name(job.provider), task_id=job.id, argsrepr=_argsrepr(job))
+
+
+def _argsrepr(job) -> str:
+    return keys.task_argsrepr(job.kind, job.provider, job.id, job.spec.name if job.spec else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from producer.cli import demo, fleet, jobs, listing, sweep, watch, web, worker
+from producer.cli import check, demo, fleet, jobs, listing, sweep, watch, web, worker
 
 app = typer.Typer(
     help=(
@@ -21,5 +21,5 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-for module in (jobs, listing, watch, fleet, sweep, worker, demo, web):
+for module in (jobs, listing, watch, fleet, sweep, worker, check, demo, web):
     app.add_typer(module.app)

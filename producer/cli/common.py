@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -30,9 +31,23 @@ DEFAULT_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.p
 
 
 def provisioner():
+    """The Provisioner, once Redis answered: else one line naming the URL, exit 1 (within seconds)."""
     from producer.client import Provisioner
+    from vmqueue.connection import RedisUnavailable
 
-    return Provisioner()
+    client = Provisioner()
+    try:
+        client.ensure_redis()
+    except RedisUnavailable as exc:
+        err.print(f"[red]{escape(str(exc))}[/]", soft_wrap=True)
+        raise typer.Exit(1) from None
+    return client
+
+
+def interrupted(what: str) -> typer.Exit:
+    """Ctrl-C while following jobs: they go on without us; say so and how to follow them (exit 130)."""
+    err.print(f"\n[yellow]Interrupted:[/] stopped following; {what}", soft_wrap=True)
+    return typer.Exit(130)
 
 
 def bad_input(exc: Exception) -> typer.Exit:
@@ -59,6 +74,12 @@ def pairs(values: list[str], what: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def placement(value: str) -> dict[str, str]:
+    """``--fallback REGION`` or ``REGION:TYPE`` as a ``Placement`` mapping (validated with the spec)."""
+    region, _, instance_type = value.partition(":")
+    return {"region": region, "instance_type": instance_type} if instance_type else {"region": region}
 
 
 def read_key(value: str | None) -> str:
@@ -112,19 +133,37 @@ def finish(job: Job, wait: bool, timeout: float, as_json: bool) -> None:
     if wait:
         from producer.client import JobTimeout
 
+        told: set[str] = set()
+
+        def tell(current: Job) -> None:
+            # Said once, under the live table: what the state alone does not say (no worker, ...).
+            notice = client.notice(current)
+            if notice and notice not in told:
+                told.add(notice)
+                err.print(f"[yellow]{escape(notice)}[/]", soft_wrap=True)
+
         try:
             if as_json:
-                job = client.wait(job.id, timeout_s=timeout)
+                job = client.wait(job.id, timeout_s=timeout, on_update=tell)
             else:
                 with Live(job_table([job]), console=console, refresh_per_second=4) as live:
-                    job = client.wait(job.id, timeout_s=timeout, on_update=lambda j: live.update(job_table([j])))
+
+                    def update(current: Job) -> None:
+                        live.update(job_table([current]))
+                        tell(current)
+
+                    job = client.wait(job.id, timeout_s=timeout, on_update=update)
         except JobTimeout as exc:
             err.print(f"[yellow]{exc}[/]; follow it with `vmq wait {job.id}`")
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise interrupted(f"job {job.id} goes on. Follow it with `vmq wait {job.id}`") from None
     if as_json:
         console.print_json(job.model_dump_json())
     elif not wait:
         console.print(job_table([job]))
         console.print(f"Enqueued. Follow it with [bold]vmq wait {job.id}[/] or [bold]vmq job {job.id}[/].")
     if wait and not job.succeeded:
+        if not as_json:  # the table shows 8 characters; the full id is what a person copies
+            err.print(f"job {job.id} {job.state}: `vmq job {job.id}` shows its history", soft_wrap=True)
         raise typer.Exit(1)

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from producer.cli.common import JsonOpt, TimeoutOpt, console, err, provisioner
+from producer.cli.common import JsonOpt, TimeoutOpt, console, err, interrupted, provisioner
 from producer.fleet import FleetError, load_fleet
 from producer.fleetrun import FleetRunner, Tracked, all_gone, all_running
 
@@ -41,7 +41,10 @@ def apply(
     fleet = _load(fleet_file)
     runner = FleetRunner(provisioner(), fleet.name)
     tracked = runner.apply(fleet)
-    done = _follow(runner, tracked, timeout, as_json, "running") if wait else True
+    try:
+        done = _follow(runner, tracked, timeout, as_json, "running") if wait else True
+    except KeyboardInterrupt:
+        raise interrupted(f"the {len(tracked)} job(s) go on. Follow them with `vmq apply {fleet_file}`") from None
     runner.settle_applied(tracked)
     _report(fleet.name, tracked, as_json, done)
     if wait and not (done and all_running(tracked)):
@@ -53,7 +56,11 @@ def destroy_fleet(fleet_file: Path, timeout: float, as_json: bool) -> None:
     fleet = _load(fleet_file)
     runner = FleetRunner(provisioner(), fleet.name)
     tracked = runner.destroy()
-    done = _follow(runner, tracked, timeout, as_json, "gone", step=runner.advance_destroy)
+    try:
+        done = _follow(runner, tracked, timeout, as_json, "gone", step=runner.advance_destroy)
+    except KeyboardInterrupt:
+        what = f"the destroys sent so far go on. Finish and follow them with `vmq destroy --fleet {fleet_file}`"
+        raise interrupted(what) from None
     _report(fleet.name, tracked, as_json, done)
     if not (done and all_gone(tracked)):
         raise typer.Exit(1)

@@ -19,6 +19,7 @@ from producer.cli.common import (
     finish,
     job_table,
     pairs,
+    placement,
     provisioner,
     read_key,
 )
@@ -52,13 +53,23 @@ def create(
     ready_deadline: Annotated[float | None, typer.Option(help="seconds from running to ready, else fail")] = None,
     ready_via: Annotated[ReadyVia, typer.Option(help="the address SSH probes use")] = ReadyVia.public,
     ssh_port: Annotated[int, typer.Option(help="the port SSH probes use")] = 22,
+    fallback: Annotated[
+        list[str], typer.Option(help="REGION or REGION:TYPE to try next when there is no capacity, repeatable")
+    ] = [],  # noqa: B006
+    destroy_on_failure: Annotated[
+        bool | None,
+        typer.Option(
+            "--destroy-on-failure/--keep-on-failure",
+            help="destroy the VM of a failed create [default: VMQ_DESTROY_ON_FAILURE, true]",
+        ),
+    ] = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 900.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a VM. Example:
 
-    vmq create -p hetzner --name web-1 --region fsn1 --type cx22 --image ubuntu-24.04 --wait
+    vmq create -p hetzner --name web-1 --region fsn1 --type cx22 --image ubuntu-24.04 --fallback nbg1 --wait
 
     With --ready-when ssh, --wait returns once sshd answers (the job lists the host keys).
     """
@@ -71,6 +82,7 @@ def create(
             "image": image,
             "labels": pairs(label, "--label"),
             "options": pairs(option, "--option"),
+            "fallbacks": [placement(value) for value in fallback],
         }
         startup = script.read_text() if script else None
         job = provisioner().create_vm(
@@ -84,6 +96,7 @@ def create(
             ready_via=ready_via,
             ssh_port=ssh_port,
             ttl_s=ttl,
+            destroy_on_failure=destroy_on_failure,
         )
     except (ValidationError, ValueError, OSError) as exc:
         raise bad_input(exc) from None

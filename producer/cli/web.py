@@ -21,6 +21,7 @@ def web(
     try:
         import uvicorn
     except ImportError:
-        err.print("[red]The HTTP API needs its extra:[/] pip install 'vmqueue[web]'")
+        # markup=False: rich would read "[web]" as a style tag and print pip install 'vmqueue'.
+        err.print("The HTTP API needs its extra: pip install 'vmqueue[web]'", markup=False, style="red")
         raise typer.Exit(2) from None
     uvicorn.run("producer.web:app", host=host, port=port, workers=workers, proxy_headers=True)

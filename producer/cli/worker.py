@@ -27,7 +27,10 @@ def worker(
     webhooks: Annotated[
         bool, typer.Option("--webhooks", help="serve webhook deliveries (vmq.webhooks) instead of a provider")
     ] = False,
-    concurrency: Annotated[int, typer.Option("-c", "--concurrency", help="threads; polls hold none")] = 64,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("-c", "--concurrency", help="threads (polls hold none) [default: VMQ_WORKER_CONCURRENCY, 64]"),
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run a worker for one provider's queue (wraps `celery -A workers.app worker -Q vmq.<provider>`),
@@ -40,6 +43,12 @@ def worker(
     elif provider not in PROVIDERS:
         err.print(f"[red]Unknown provider {provider!r}[/]; one of: {', '.join(PROVIDERS)}")
         raise typer.Exit(2)
-    argv = worker_argv(provider, concurrency, name=f"{provider}@%h", loglevel=loglevel)
+    if concurrency is None:
+        from vmqueue.settings import get_settings
+
+        concurrency = get_settings().worker_concurrency
+    # The process id makes the name unique on the host (exec keeps it): two workers of one provider
+    # on one machine show as two in Flower and answer pings apart.
+    argv = worker_argv(provider, concurrency, name=f"{provider}-{os.getpid()}@%h", loglevel=loglevel)
     console.print(f"[dim]exec {' '.join(argv[2:])}[/]")
     os.execv(sys.executable, argv)

@@ -1,0 +1,123 @@
+"""Flower shows jobs, not only tasks: a job's task ends as the job ends.
+
+A job's task id is its job id (the producer sends it so, and every later message of the job reuses
+it), so Flower keeps one row per job: polls are retries of it. Without this module that row would
+read ``SUCCESS`` with result ``None`` the moment the create was submitted, while the VM boots for a
+minute more and may still fail; Flower's Failed filter would stay empty while jobs fail.
+
+So a job task never reports success of its own (it ends with Celery's ``Ignore``, which sends no
+event), and the one place every final state passes, the job store's transition hook, sends the
+task event the job deserves, for the job's task id:
+
+- ``task-succeeded`` with a short ``result``: ``running web-1 198.51.100.7``, ``gone 12345``,
+  ``done web-1 running 198.51.100.7``;
+- ``task-failed`` with ``exception`` (and ``result``, which Flower's search reads)
+  ``capacity: no capacity in fsn1 (cx22)``, and the job's recent history as the ``traceback``;
+- ``task-revoked`` for a cancelled job (Flower: ``REVOKED``).
+
+``runtime`` is the job's age in seconds (enqueue to final state). One event per job as a rule; a
+job task whose step ends with the job finished but sent nothing itself (its cleanup just ended,
+which Flower showed as ``RETRY`` and lets override a final state; a job cancelled while queued, at
+the producer; a duplicate message) says the final state again. The batched tick settles many jobs
+in one task and sends one event for each, never a message.
+
+Nothing secret is in these events: a VM name, an instance id, IPs, an error code and message and
+the job's history lines, exactly what ``vmq job`` prints. Startup scripts are never in a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery.exceptions import Ignore
+from celery.signals import celeryd_after_setup
+
+from vmqueue.jobstore import TRANSITION_HOOKS, JobStore
+from vmqueue.models import FINAL_STATES, Job, JobKind, JobState
+from workers.app import app
+
+log = logging.getLogger("vmqueue.worker")
+
+MAX_TEXT = 300  # characters of an error message Flower shows; the job keeps it whole
+HISTORY_LINES = 12
+
+_node: dict[str, str] = {}  # the worker's node name ("sim-123@host"), once it is set up
+_sent = threading.local()  # per pool thread: the last job this thread sent a final event for
+
+
+@celeryd_after_setup.connect
+def _named(sender: str, **_: object) -> None:
+    _node["name"] = sender
+
+
+def summary(job: Job) -> str:
+    """One line saying how the job ended: what Flower shows as its result."""
+    vm = job.vm
+    name = (job.spec.name if job.spec else None) or (vm.name if vm else None) or ""
+    address = (vm.public_ipv4 or vm.public_ipv6 or vm.private_ipv4 or "") if vm else ""
+    if job.state == JobState.failed:
+        error = f"{job.error.code}: {job.error.message}" if job.error else "failed"
+        return error if len(error) <= MAX_TEXT else error[: MAX_TEXT - 1] + "…"
+    if job.state == JobState.cancelled:
+        return " ".join(p for p in ("cancelled", name, job.instance_id or "") if p)
+    if job.kind == JobKind.destroy:
+        return " ".join(p for p in ("gone", job.instance_id) if p)
+    if job.kind == JobKind.get:
+        return " ".join(p for p in ("done", name, vm.status if vm else "", address) if p)
+    return " ".join(p for p in (str(job.state), name, address) if p)
+
+
+def final_event(job: Job) -> tuple[str, dict[str, Any]] | None:
+    """The task event (type, fields) a job in a final state sends for its task id; ``None`` before."""
+    if job.state not in FINAL_STATES:
+        return None
+    runtime = max((job.updated_at - job.created_at).total_seconds(), 0.0)
+    text = summary(job)
+    if job.state == JobState.failed:
+        history = "\n".join(f"{e.at:%H:%M:%S} {e.state} {e.message}" for e in job.history[-HISTORY_LINES:])
+        return "task-failed", {"exception": text, "result": text, "traceback": history, "runtime": runtime}
+    if job.state == JobState.cancelled:
+        return "task-revoked", {"result": text, "terminated": False, "expired": False, "signum": None}
+    return "task-succeeded", {"result": text, "runtime": runtime}
+
+
+def send(job: Job) -> None:
+    """Send the job's final task event, if it has one (one publish on the event exchange)."""
+    event = final_event(job)
+    if event is None or not app.conf.worker_send_task_events:
+        return
+    kind, fields = event
+    with app.events.default_dispatcher(hostname=_node.get("name")) as dispatcher:
+        dispatcher.send(kind, uuid=job.id, **fields)
+    _sent.job_id = job.id
+
+
+def job_changed(job: Job) -> None:
+    """The job store's transition hook: a job that reached a final state tells Flower."""
+    if job.state not in FINAL_STATES:
+        return
+    try:
+        send(job)
+    except Exception:  # noqa: BLE001 - monitoring must never break a job
+        log.warning("job=%s provider=%s could not send its final task event", job.id, job.provider, exc_info=True)
+
+
+def step_ended(job_id: str, store: JobStore) -> None:
+    """A job task's step is over and sends no further message: end the task without an event.
+
+    The job reached its final state in this step (the transition hook told Flower), or another chain
+    carries it (the tick), or the message was a duplicate. A job that is finished now without this
+    step having said so gets its final event (one read of the record). Raises ``Ignore``.
+    """
+    said, _sent.job_id = getattr(_sent, "job_id", None) == job_id, None
+    if not said:
+        job = store.get(job_id)
+        if job is not None and job.finished:
+            job_changed(job)
+    raise Ignore()
+
+
+if job_changed not in TRANSITION_HOOKS:
+    TRANSITION_HOOKS.append(job_changed)
