@@ -93,9 +93,10 @@ def _publish_all(store: JobStore, celery: Celery, jobs: list[Job]) -> None:
             with batch(max_size=PUBLISH_BATCH) if batch else nullcontext():
                 for job in jobs:
                     task, queue, argsrepr = task_message(job)
-                    celery.send_task(
-                        task, args=[job.id], queue=queue, argsrepr=argsrepr, kwargsrepr="{}", producer=producer
-                    )
+                    celery.send_task(  # task id = job id, as every message of a job (workers/jobevents.py)
+                        task, args=[job.id], queue=queue, task_id=job.id, argsrepr=argsrepr, kwargsrepr="{}",
+                        producer=producer,
+                    )  # fmt: skip
     except Exception as exc:
         # Not enqueued (a batch is discarded whole on error): the records say so, keys are freed.
         error = JobError(code="enqueue_failed", message=f"{type(exc).__name__}: {exc}", retryable=True)
