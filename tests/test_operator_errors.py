@@ -24,6 +24,7 @@ from producer.cli import app
 from producer.diagnose import AmbiguousJobId
 from producer.fleet import FleetError, load_fleet
 from producer.submit import JobNotFound
+from tests import test_cli
 from tests.conftest import KOMBU_KEYS
 from vmqueue import keys
 from vmqueue.models import PROVIDERS, Job, JobError, JobState
@@ -36,14 +37,7 @@ HETZNER = ["create", "-p", "hetzner", "--name", "h-1", "--region", "fsn1", "--ty
 SECRET = "MARKER-script-never-in-an-error"
 
 
-@pytest.fixture
-def cli_env(monkeypatch, test_env, redis_client):
-    for key, value in test_env.items():
-        if key.startswith("VMQ_") or key == "REDIS_URL":
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session for the CLI
 
 
 def _app_keys(redis_client) -> list[str]:
