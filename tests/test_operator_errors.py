@@ -74,6 +74,7 @@ def test_a_fleet_deadline_that_is_not_positive_names_its_line(tmp_path, ssh_key)
         "#cloud-config\nruncmd: [echo " + SECRET + "\nfoo: : bar\n",  # bad YAML: PyYAML quotes the line
         "echo " + SECRET,  # no interpreter line
     ],
+    ids=["too-long", "bad-cloud-config", "no-interpreter"],
 )
 def test_no_producer_error_carries_the_startup_script(cli_env, provisioner, tmp_path, ssh_key, script):
     with pytest.raises(ValidationError) as caught:
