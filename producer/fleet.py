@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from producer.submit import expiry
 from vmqueue.models import LABEL_FLEET, CreateRequest, DeadlineS, Placement, VMSpec
 from vmqueue.options import ProviderName
-from vmqueue.readiness import ReadyWhen
+from vmqueue.readiness import ReadyVia, ReadyWhen
 
 # Every VM of a fleet carries LABEL_FLEET, so the fleet's VMs can be found at the provider and in the job index.
 MAX_COUNT = 1000
@@ -67,6 +67,8 @@ class VMFields(BaseModel):
     expires_at: datetime | None = Field(None, description="destroy the VM at this time (with a zone: ...Z)")
     ready_when: ReadyWhen | None = Field(None, description="running (default), ssh or cloud_init: what apply waits for")
     ready_deadline_s: float | None = Field(None, gt=0, description="seconds from running to ready, else fail")
+    ready_via: ReadyVia | None = Field(None, description="public (default) or private: the address SSH probes use")
+    ssh_port: int | None = Field(None, ge=1, le=65535, description="the port SSH probes use (default 22)")
 
 
 class VMEntry(VMFields):
@@ -213,6 +215,8 @@ def _expand(
                     startup_script=inputs["script"],
                     ready_when=fields["ready_when"] or ReadyWhen.running,
                     ready_deadline_s=fields["ready_deadline_s"],
+                    ready_via=fields["ready_via"] or ReadyVia.public,
+                    ssh_port=22 if fields["ssh_port"] is None else fields["ssh_port"],
                 )
             except ValidationError as exc:
                 for error in exc.errors():

@@ -160,6 +160,8 @@ class FleetRunner:
                 ready_when=vm.request.ready_when,
                 ready_deadline_s=vm.request.ready_deadline_s,
                 destroy_on_failure=vm.destroy_on_failure,
+                ready_via=vm.request.ready_via,
+                ssh_port=vm.request.ssh_port,
             )
         except IdempotencyConflict:
             # Another apply (or one that died before recording) holds the key: adopt its job.

@@ -5,21 +5,30 @@ real Celery workers."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from bench.harness import free_port, sim_spec
 from bench.ready import SimHostProcess
+from producer.cli import app as cli_app
+from tests import test_cli
+from tests.test_metrics import _samples
 from tests.test_web import Server
-from vmqueue.models import CleanupState, JobState
+from vmqueue import keys
+from vmqueue.models import CleanupState, Job, JobState
 from vmqueue.readiness import HostKey
 
 pytestmark = pytest.mark.system
 
 API_KEY = "ready-test-key"
+cli_env = test_cli.cli_env  # the CLI's environment fixture: REDIS_URL and VMQ_* of the test session
+cli = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +76,37 @@ def test_ssh_ready_records_host_keys_and_phases_at_no_api_cost(sim_worker, provi
     assert sim.redis.zcard("vmq:ready:due") == 0 and sim.redis.hlen("vmq:ready:targets") == 0
 
 
+def _record_ttl_s(redis_client, job: Job) -> int:
+    """The job record's TTL in Redis: -1 when it never expires (its VM lives on)."""
+    return redis_client.ttl(keys.job_key(job.id))
+
+
 def test_ssh_never_answering_fails_at_ready_deadline_and_vm_is_destroyed(
-    sim_worker, provisioner, sim, sim_host, ssh_key
+    sim_worker, provisioner, settings, sim, sim_host, ssh_key
 ):
     sim.configure(unreachable_rate=1)
     job = provisioner.create_vm(sim_spec("dead-1"), ssh_key, ready_when="ssh", ready_deadline_s=2, ssh_port=sim_host)
+    kept = provisioner.create_vm(
+        sim_spec("dead-kept"),
+        ssh_key,
+        ready_when="ssh",
+        ready_deadline_s=2,
+        ssh_port=sim_host,
+        destroy_on_failure=False,
+    )
     job = provisioner.wait(job.id, timeout_s=30)
     assert job.state == JobState.failed
     assert job.error.code == "ready_timeout" and "ssh did not answer within 2s" in job.error.message
     assert job.running_at is not None and job.ready_at is None
     assert job.cleanup == CleanupState.done  # destroy-on-failure, as for a create that never ran
-    assert sim.live_vms() == []
+    # Its record was made permanent at running (a running VM's record must outlive the TTL); once
+    # the VM is destroyed it expires like any failed create's.
+    assert 0 < _record_ttl_s(sim.redis, job) <= settings.job_ttl_s
+    # Kept on purpose (destroy_on_failure=False): the VM lives on, and so does its record.
+    kept = provisioner.wait(kept.id, timeout_s=30)
+    assert kept.error.code == "ready_timeout" and kept.cleanup == CleanupState.skipped
+    assert _record_ttl_s(sim.redis, kept) == -1
+    assert [vm["instance_id"] for vm in sim.live_vms()] == [kept.instance_id]
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +158,7 @@ def test_cloud_init_never_phoning_home_fails_at_ready_deadline(sim_worker, setti
     assert "cloud-init did not phone home" in job.error.message
     assert job.cleanup == CleanupState.done and sim.live_vms() == []
     assert not sim.redis.exists(f"vmq:ready:token:{job.id}")  # a failed job's token opens nothing
+    assert 0 < _record_ttl_s(sim.redis, job) <= settings.job_ttl_s  # expires like any failed create's
 
 
 def test_cloud_init_is_refused_at_the_producer_without_base_url(provisioner, redis_client, app_keys, ssh_key):
@@ -150,3 +180,113 @@ def test_cloud_init_refuses_a_script_with_its_own_phone_home(settings, redis_cli
     with pytest.raises(ValidationError, match="with the phone_home that ready_when=cloud_init adds"):
         provisioner.create_vm(sim_spec("ci-z"), ssh_key, big, ready_when="cloud_init")
     assert app_keys() == set()
+
+
+# -- the CLI and fleets wait for readiness ----------------------------------------------------------
+# The sim host's sshd answers 1 s after the VM runs (the sim_host fixture), and the CLI reads the job
+# every 0.5 s: a CLI that stopped at running would return, and print, a job that is still running.
+
+
+def _only_job(redis_client) -> Job:
+    (key,) = [k for k in redis_client.scan_iter("vmq:job:*") if k.count(":") == 2]
+    return Job.model_validate_json(redis_client.get(key))
+
+
+def _ready_after_running(job: Job) -> None:
+    assert job.state == JobState.ready, job.history
+    assert [e.state for e in job.history][-2:] == [JobState.running, JobState.ready]
+    assert (job.ready_at - job.running_at).total_seconds() >= 0.5  # long enough for a poll to see running
+    assert job.host_keys
+
+
+def test_cli_create_wait_returns_once_ready_and_prints_host_keys(
+    cli_env, sim_worker, sim, sim_host, redis_client, ssh_key
+):
+    create = ["create", "-p", "sim", "--region", "sim-1", "--type", "small", "--image", "debian-12"]
+    ssh = ["--ssh-key", ssh_key, "--ready-when", "ssh", "--ssh-port", str(sim_host), "--wait", "--timeout", "30"]
+    result = cli.invoke(cli_app, [*create, "--name", "cli-ready-1", *ssh])
+    assert result.exit_code == 0, result.output
+    job = _only_job(redis_client)  # as the CLI left it: ready, not running
+    _ready_after_running(job)
+    # What it printed: the ready phase and the host keys (type and SHA256 fingerprint) of this VM.
+    assert "ready (ssh) at" in result.output and "s after running" in result.output
+    for key in job.host_keys:
+        assert f"host key {key.type} {key.sha256}" in result.output
+    assert {k.sha256 for k in job.host_keys} <= _sim_host_keys(sim, job)
+
+    # --json: the job as a script reads it, with its phases and keys.
+    redis_client.delete(keys.job_key(job.id))
+    result = cli.invoke(cli_app, [*create, "--name", "cli-ready-2", *ssh, "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown["state"] == "ready" and shown["running_at"] and shown["ready_at"]
+    assert [k["sha256"] for k in shown["host_keys"]] == [k.sha256 for k in _only_job(redis_client).host_keys]
+
+
+def test_fleet_apply_with_ready_when_waits_for_ready(
+    cli_env, sim_worker, sim, sim_host, redis_client, ssh_key, tmp_path
+):
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "fleet: ready-demo\n"
+        "defaults:\n  provider: sim\n  region: sim-1\n  instance_type: small\n  image: debian-12\n"
+        f"  ssh_key: {json.dumps(ssh_key.strip())}\n  ready_when: ssh\n  ssh_port: {sim_host}\n"
+        "vms:\n  - name: web\n    count: 2\n  - name: plain-1\n    ready_when: running\n"
+    )
+    result = cli.invoke(cli_app, ["apply", str(fleet), "--json", "--timeout", "30"])
+    assert result.exit_code == 0, result.output
+    rows = {vm["name"]: vm for vm in json.loads(result.stdout)["vms"]}
+    assert {name: vm["state"] for name, vm in rows.items()} == {
+        "web-1": "ready",
+        "web-2": "ready",
+        "plain-1": "running",
+    }
+    for name in ("web-1", "web-2"):
+        _ready_after_running(Job.model_validate_json(redis_client.get(keys.job_key(rows[name]["job_id"]))))
+
+
+def test_fleet_ssh_port_is_checked_with_its_line(tmp_path, ssh_key):
+    from producer.fleet import FleetError, load_fleet
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(
+        "fleet: f\ndefaults:\n  provider: sim\n  region: sim-1\n  instance_type: small\n  image: debian-12\n"
+        f"  ssh_key: {json.dumps(ssh_key.strip())}\nvms:\n  - name: a\n    ready_when: ssh\n    ssh_port: 0\n"
+    )
+    with pytest.raises(FleetError, match=r"fleet.yaml:11: vms\[0\]\.ssh_port: .*greater than or equal to 1"):
+        load_fleet(fleet)
+
+
+# -- metrics: a real worker's /metrics counts a real ready job ---------------------------------------
+
+
+@pytest.fixture
+def sim_worker_frozen(sim_worker_paused) -> Iterator[None]:
+    """The session's sim worker neither consumes (paused) nor scans (SIGSTOP: its readiness scanner
+    would claim the job half the time and count it in its own registry, which serves no metrics)."""
+    pid = sim_worker_paused.process.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_worker_metrics_count_enqueue_to_ready_of_a_real_ready_job(
+    sim_worker_frozen, worker_factory, provisioner, sim_host, ssh_key
+):
+    port = free_port()
+    worker_factory("sim", env={"VMQ_METRICS_PORT": str(port)})
+    job = provisioner.create_vm(sim_spec("metrics-ready"), ssh_key, ready_when="ssh", ssh_port=sim_host)
+    job = provisioner.wait(job.id, timeout_s=30)
+    assert job.state == JobState.ready, job.history
+
+    samples = _samples(port)
+    labels = frozenset({("provider", "sim"), ("ready_when", "ssh")})
+    assert samples[("vmq_create_enqueue_to_ready_seconds_count", labels)] == 1
+    # The one observation is this job's enqueue-to-ready time, from its own timestamps.
+    waited = (job.ready_at - job.created_at).total_seconds()
+    assert samples[("vmq_create_enqueue_to_ready_seconds_sum", labels)] == pytest.approx(waited, abs=1e-3)
+    assert samples[("vmq_create_enqueue_to_running_seconds_count", frozenset({("provider", "sim")}))] == 1
+    finished = frozenset({("provider", "sim"), ("kind", "create"), ("state", "ready")})
+    assert samples[("vmq_jobs_finished_total", finished)] == 1

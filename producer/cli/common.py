@@ -163,7 +163,19 @@ def finish(job: Job, wait: bool, timeout: float, as_json: bool) -> None:
     elif not wait:
         console.print(job_table([job]))
         console.print(f"Enqueued. Follow it with [bold]vmq wait {job.id}[/] or [bold]vmq job {job.id}[/].")
+    else:
+        print_readiness(job)
     if wait and not job.succeeded:
         if not as_json:  # the table shows 8 characters; the full id is what a person copies
             err.print(f"job {job.id} {job.state}: `vmq job {job.id}` shows its history", soft_wrap=True)
         raise typer.Exit(1)
+
+
+def print_readiness(job: Job) -> None:
+    """The ready phase and the host keys read on the way (``ready_when`` ssh / cloud_init), so a
+    caller can fill known_hosts instead of trusting the first connection."""
+    if job.ready_at is not None and job.running_at is not None:
+        after = (job.ready_at - job.running_at).total_seconds()
+        console.print(f"ready ({job.ready_when}) at {job.ready_at:%H:%M:%S}, {after:.1f}s after running")
+    for key in job.host_keys:
+        console.print(f"  host key {key.type} {key.sha256}", highlight=False)

@@ -29,14 +29,17 @@ FleetArg = Annotated[Path, typer.Argument(help="the fleet file (YAML); see examp
 @app.command()
 def apply(
     fleet_file: FleetArg,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="follow the jobs until every VM runs")] = True,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait/--no-wait", help="follow the jobs until every VM runs (is ready, where ready_when asks)"),
+    ] = True,
     timeout: TimeoutOpt = 900.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Create every VM of a fleet file that does not exist yet; re-running it creates nothing new.
 
     The whole file is validated first: every problem is listed with its line, and nothing is
-    enqueued. Exit 0 when every VM is running, 1 otherwise.
+    enqueued. Exit 0 when every VM is running (and ready, where its ready_when asks), 1 otherwise.
     """
     fleet = _load(fleet_file)
     runner = FleetRunner(provisioner(), fleet.name)
@@ -109,7 +112,7 @@ def _follow(
         return runner.follow(tracked, timeout_s, update, step)
 
 
-_COLOURS = {"running": "green", "gone": "green", "cancelled": "green", "failed": "red"}
+_COLOURS = {"running": "green", "ready": "green", "gone": "green", "cancelled": "green", "failed": "red"}
 
 
 def _report(fleet: str, tracked: list[Tracked], as_json: bool, done: bool) -> None:

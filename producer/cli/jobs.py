@@ -20,6 +20,7 @@ from producer.cli.common import (
     job_table,
     pairs,
     placement,
+    print_readiness,
     provisioner,
     read_key,
 )
@@ -161,8 +162,7 @@ def job(job_id: str, as_json: JsonOpt = False) -> None:
     console.print(job_table([found]))
     for event in found.history:
         console.print(f"  {event.at:%H:%M:%S} [bold]{event.state}[/] {event.message}")
-    for key in found.host_keys:
-        console.print(f"  host key {key.type} {key.sha256}")
+    print_readiness(found)
 
 
 @app.command("wait")
