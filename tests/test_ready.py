@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -15,9 +16,10 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from bench.harness import free_port, sim_spec
+from bench.probes import wait_for
 from bench.ready import SimHostProcess
 from producer.cli import app as cli_app
-from tests import test_cli
+from tests import test_cli, test_flower
 from tests.test_metrics import _samples
 from tests.test_web import Server
 from vmqueue import keys
@@ -29,6 +31,7 @@ pytestmark = pytest.mark.system
 API_KEY = "ready-test-key"
 cli_env = test_cli.cli_env  # the CLI's environment fixture: REDIS_URL and VMQ_* of the test session
 cli = CliRunner()
+flower = test_flower.flower  # a real Flower on the session's Redis, fed by the workers' task events
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +293,46 @@ def test_worker_metrics_count_enqueue_to_ready_of_a_real_ready_job(
     assert samples[("vmq_create_enqueue_to_running_seconds_count", frozenset({("provider", "sim")}))] == 1
     finished = frozenset({("provider", "sim"), ("kind", "create"), ("state", "ready")})
     assert samples[("vmq_jobs_finished_total", finished)] == 1
+
+
+# -- Flower: a readiness job's row ends as the job does, at ready -------------------------------------
+
+
+def test_flower_rows_of_readiness_jobs_end_at_ready_or_ready_timeout(
+    sim_worker, settings, sim, sim_host, api, ssh_key, flower
+):
+    from producer import Provisioner
+
+    sim.configure(cloud_init_s=3)  # cloud-init phones home 3 s after the VM runs: a window to look in
+    provisioner = Provisioner(settings.model_copy(update={"ready_base_url": api.url}))
+    plain = provisioner.create_vm(sim_spec("fl-plain"), ssh_key)
+    ssh = provisioner.create_vm(sim_spec("fl-ssh"), ssh_key, ready_when="ssh", ssh_port=sim_host)
+    ci = provisioner.create_vm(sim_spec("fl-ci"), ssh_key, ready_when="cloud_init")
+    # Nothing listens on this port: sshd never answers, the job fails ready_timeout and is destroyed.
+    dead = provisioner.create_vm(
+        sim_spec("fl-dead"), ssh_key, ready_when="ssh", ssh_port=free_port(), ready_deadline_s=2
+    )
+
+    def task(job_id: str) -> dict:
+        return flower.get("/api/tasks").json().get(job_id) or {}
+
+    # Once Flower shows the plain job (it ran with the others) succeeded, the cloud-init job is
+    # running too but waits for its phone-home: its row must not say SUCCESS yet.
+    wait_for(lambda: task(plain.id).get("state") == "SUCCESS", 20, "Flower shows the plain job", 0.2)
+    time.sleep(0.5)  # any event sent at the cloud-init job's running transition has arrived by now
+    assert provisioner.get_job(ci.id).state == JobState.running
+    assert task(ci.id).get("state") != "SUCCESS", task(ci.id)
+
+    jobs = {job.id: provisioner.wait(job.id, timeout_s=30) for job in (ssh, ci, dead)}
+    assert [jobs[i].state for i in (ssh.id, ci.id)] == [JobState.ready, JobState.ready]
+    assert jobs[dead.id].error.code == "ready_timeout" and jobs[dead.id].cleanup == CleanupState.done
+
+    def final() -> bool:
+        return all(task(i).get("state") in ("SUCCESS", "FAILURE") for i in jobs)
+
+    wait_for(final, 20, "Flower shows each job's final state", 0.3)
+    for job in (jobs[ssh.id], jobs[ci.id]):  # ssh: the scanner settled it; cloud-init: the HTTP API did
+        shown = task(job.id)
+        assert shown["state"] == "SUCCESS" and shown["result"] == f"ready {job.spec.name} {job.vm.public_ipv4}"
+    shown = task(dead.id)  # a job seen running that failed its readiness is a failure, not a success
+    assert shown["state"] == "FAILURE" and shown["exception"].startswith("ready_timeout: "), shown

@@ -10,7 +10,8 @@ event), and the one place every final state passes, the job store's transition h
 task event the job deserves, for the job's task id:
 
 - ``task-succeeded`` with a short ``result``: ``running web-1 198.51.100.7``, ``gone 12345``,
-  ``done web-1 running 198.51.100.7``;
+  ``done web-1 running 198.51.100.7``; a create whose ``ready_when`` asks for more ends at
+  ``ready web-1 198.51.100.7``, not at running;
 - ``task-failed`` with ``exception`` (and ``result``, which Flower's search reads)
   ``capacity: no capacity in fsn1 (cx22)``, and the job's recent history as the ``traceback``;
 - ``task-revoked`` for a cancelled job (Flower: ``REVOKED``).
@@ -35,7 +36,7 @@ from celery.exceptions import Ignore
 from celery.signals import celeryd_after_setup
 
 from vmqueue.jobstore import TRANSITION_HOOKS, JobStore
-from vmqueue.models import FINAL_STATES, Job, JobKind, JobState
+from vmqueue.models import Job, JobKind, JobState
 from workers.app import app
 
 log = logging.getLogger("vmqueue.worker")
@@ -70,8 +71,9 @@ def summary(job: Job) -> str:
 
 
 def final_event(job: Job) -> tuple[str, dict[str, Any]] | None:
-    """The task event (type, fields) a job in a final state sends for its task id; ``None`` before."""
-    if job.state not in FINAL_STATES:
+    """The task event (type, fields) a job in a final state sends for its task id; ``None`` before
+    (a running job whose ``ready_when`` asks for more is not final: its row ends at ``ready``)."""
+    if not job.final:
         return None
     runtime = max((job.updated_at - job.created_at).total_seconds(), 0.0)
     text = summary(job)
@@ -95,8 +97,12 @@ def send(job: Job) -> None:
 
 
 def job_changed(job: Job) -> None:
-    """The job store's transition hook: a job that reached a final state tells Flower."""
-    if job.state not in FINAL_STATES:
+    """The job store's transition hook: a job that reached a final state tells Flower.
+
+    Readiness (``ready``, or ``ready_timeout``) is settled by a worker's readiness scanner, whose
+    transitions run this hook like any step's; a job the HTTP API settled on cloud-init's phone-home
+    is handed to a scanner, which runs the hooks for it (workers/lifecycle/ready.py ``ready_due``)."""
+    if not job.final:
         return
     try:
         send(job)
