@@ -1,4 +1,4 @@
-"""A small stateful ARM fake (Compute VMs, Network public IPs/NICs/vnets/NSGs, resource groups).
+"""A small stateful ARM fake (Compute VMs and their OS disks, Network public IPs/NICs/vnets/NSGs, resource groups).
 
 Payloads follow azure-rest-api-specs examples (VirtualMachine_Create_WithSshAuthentication.json,
 VirtualMachine_Get_InstanceView.json, PublicIpAddressGet.json). Transport-agnostic like ``oci_fake``:
@@ -47,6 +47,7 @@ class FakeARM(FakeAPI):
     nic_delete_reads: int = 0  # a NIC DELETE is accepted (202) and the NIC stays "Deleting" for this many GETs
     allocation_fails_in: set[str] = field(default_factory=set)  # locations or sizes whose VMs fail late (Allocation)
     max_page: int = 1000  # the most items one list page holds (lower it to make lists span pages)
+    os_disk_outlives_vm: bool = False  # a VM delete leaves its OS disk (its delete failed), detached
 
     def __post_init__(self) -> None:
         self.resources[RG_PATH.lower()] = {
@@ -100,6 +101,15 @@ class FakeARM(FakeAPI):
             if resource is not None and call.headers.get("if-none-match") == "*":
                 return error(412, "PreconditionFailed", "The resource already exists (If-None-Match: *).")
             return self._put(call, rtype, name, resource)
+        if call.method == "PATCH" and rtype.lower() == "microsoft.compute/disks":
+            # Disks - Update: the body is a DiskUpdate; ``tags`` given replace the disk's tags.
+            if resource is None:
+                return error(
+                    404, "ResourceNotFound", f"The Resource '{rtype}/{name}' under resource group was not found."
+                )
+            if "tags" in call.body:
+                resource["tags"] = dict(call.body["tags"] or {})
+            return _ok(self._view(resource, False))
         return error(405, "MethodNotAllowed", call.method)
 
     def _paged(self, call: Call, items: list[dict[str, Any]]) -> Response:
@@ -169,6 +179,7 @@ class FakeARM(FakeAPI):
                 "timeCreated": "2026-01-15T10:00:00+00:00",
             }
             props["storageProfile"]["osDisk"] |= {"osType": "Linux", "caching": "ReadWrite"}
+            self._os_disk(call, props["storageProfile"]["osDisk"])
             for ref in props["networkProfile"]["networkInterfaces"]:
                 nic = self.get(ref["id"])
                 if nic is None:
@@ -187,6 +198,36 @@ class FakeARM(FakeAPI):
             201 if existing is None else 200,
             {"Azure-AsyncOperation": "https://management.azure.com/op"},
             json.dumps(self._view(resource, False)),
+        )
+
+    def _os_disk(self, call: Call, os_disk: dict[str, Any]) -> None:
+        """The managed OS disk a VM PUT creates (``createOption: FromImage``), named as the request says.
+
+        The request cannot tag it (OSDisk and ManagedDiskParameters have no ``tags``) and the REST
+        reference documents no copy of the VM's tags, so it has none; ``managedBy`` names the VM.
+        """
+        group = call.path.split("/providers/", 1)[0]
+        disk_id = f"{group}/providers/Microsoft.Compute/disks/{os_disk['name']}"
+        os_disk["managedDisk"] = {"storageAccountType": "Standard_LRS", **os_disk.get("managedDisk", {}), "id": disk_id}
+        self.resources.setdefault(
+            disk_id.lower(),
+            {
+                "id": disk_id,
+                "name": os_disk["name"],
+                "type": "Microsoft.Compute/disks",
+                "location": call.body["location"],
+                "tags": {},
+                "managedBy": call.path,
+                "sku": {"name": "Standard_LRS", "tier": "Standard"},
+                "properties": {
+                    "osType": "Linux",
+                    "creationData": {"createOption": "FromImage"},
+                    "diskSizeGB": 30,
+                    "diskState": "Attached",
+                    "timeCreated": "2026-01-15T10:00:00+00:00",
+                    "provisioningState": "Succeeded",
+                },
+            },
         )
 
     def _delete(self, key: str, resource: dict[str, Any] | None) -> Response:
@@ -230,7 +271,14 @@ class FakeARM(FakeAPI):
         return resource
 
     def _cascade(self, vm: dict[str, Any]) -> None:
-        """What delete_option="Delete" removes with the VM: its NICs and their public IPs."""
+        """What delete_option="Delete" removes with the VM: its OS disk, its NICs and their public IPs."""
+        os_disk = vm["properties"]["storageProfile"]["osDisk"]
+        disk = self.resources.get(os_disk.get("managedDisk", {}).get("id", "").lower())
+        if disk is not None:
+            if os_disk.get("deleteOption") == "Delete" and not self.os_disk_outlives_vm:
+                del self.resources[disk["id"].lower()]
+            else:  # detached, as ARM leaves a disk whose VM is gone
+                disk["managedBy"], disk["properties"]["diskState"] = None, "Unattached"
         for ref in vm["properties"]["networkProfile"]["networkInterfaces"]:
             nic = self.resources.get(ref["id"].lower())
             if ref.get("properties", {}).get("deleteOption") != "Delete" or nic is None:

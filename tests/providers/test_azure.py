@@ -50,7 +50,7 @@ def fake() -> Iterator[FakeARM]:
     fake = FakeARM()
 
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        for method in ("GET", "PUT", "DELETE", "POST", "HEAD"):
+        for method in ("GET", "PUT", "PATCH", "DELETE", "POST", "HEAD"):
             mock.add_callback(
                 method, re.compile(r"https://management\.azure\.com/.*"), callback=fake.answer(RequestsConnectionError)
             )
@@ -416,7 +416,7 @@ class TestAzure(AdapterContract):
             assert caught.value.provider_code == "InternalServerError"
             assert list(fake.resources) == [RG_PATH.lower()]
         provider.create_vm(make_spec(), key(), job_id="job-1")  # the retry makes them again
-        assert len(fake.resources) == 4
+        assert len(fake.resources) == 5  # group, IP, NIC, VM and the OS disk it made
 
     def test_refused_create_waits_for_the_nic_delete_and_keeps_its_code(
         self, provider: AzureProvider, fake: FakeARM
@@ -577,10 +577,20 @@ class TestAzure(AdapterContract):
             "10.0.0.4",
         )
         assert (vms[ids[1]].status, vms[ids[1]].public_ipv4) == (VMStatus.pending, None)
-        # One list for all four ids, then get_vm's three GETs for the one VM that settled (it ran).
+        # One list for all four ids, then get_vm's three GETs for the one VM that settled (it ran), and
+        # one PATCH giving its OS disk the VM's tags (the VM PUT could not).
         assert [c.path for c in fake.calls][0] == f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines"
         assert fake.calls[0].query["statusOnly"] == "true"
-        assert [c.path.rsplit("/", 1)[-1] for c in fake.calls[1:]] == ["web-1", "web-1-nic", "web-1-pip"]
+        assert [(c.method, c.path.rsplit("/", 1)[-1]) for c in fake.calls[1:]] == [
+            ("GET", "web-1"),
+            ("GET", "web-1-nic"),
+            ("GET", "web-1-pip"),
+            ("PATCH", "web-1-osdisk"),
+        ]
+        assert (
+            fake.calls[-1].body == {"tags": fake.vm("web-1")["tags"]}
+            and OWNED.items() <= fake.vm("web-1")["tags"].items()
+        )
 
     def test_get_vms_matches_get_vm(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
@@ -716,6 +726,8 @@ def test_system_create_then_destroy_through_a_worker(
     assert job.state == JobState.running, job.error
     assert (job.instance_id, job.vm.status, job.vm.public_ipv4) == (VM_ID, VMStatus.running, "20.61.15.7")
     assert fake.vm("web-1")["tags"] == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": job.id}
+    # The OS disk the VM PUT made carries the VM's tags once the worker saw the VM run (issue 13 (5)).
+    assert fake.get(f"{RG_PATH}/providers/Microsoft.Compute/disks/web-1-osdisk")["tags"] == fake.vm("web-1")["tags"]
     [put] = fake.calls_to("PUT", r"/virtualMachines/web-1$")
     assert base64.b64decode(put.body["properties"]["osProfile"]["customData"]).decode() == SCRIPT
     assert put.headers["authorization"] == "Bearer fake-token"
@@ -742,7 +754,7 @@ def test_system_late_allocation_failure_fails_over(
     assert (job.placement, job.instance_id, job.vm.instance_type) == (1, VM_ID + "-p1", "Standard_B2s")
     assert any("no capacity" in event.message for event in job.history)
     names = sorted(r["name"] for r in fake.resources.values() if r["type"] != "resourceGroups")
-    assert names == ["web-1-p1", "web-1-p1-nic", "web-1-p1-pip"]
+    assert names == ["web-1-p1", "web-1-p1-nic", "web-1-p1-osdisk", "web-1-p1-pip"]
 
 
 def test_the_sweeper_removes_what_a_failed_create_left(provider: AzureProvider, fake: FakeARM, redis_client, settings):
@@ -780,3 +792,52 @@ def test_the_sweeper_removes_what_a_failed_create_left(provider: AzureProvider, 
     assert sweep() == {}
     left = [r["name"] for r in fake.resources.values() if r["type"].startswith("Microsoft.Network/")]
     assert left == []
+
+
+def test_the_sweeper_removes_a_failed_creates_os_disk_and_keeps_a_live_vms(
+    provider: AzureProvider, fake: FakeARM, redis_client, settings
+):
+    # Issue 13 (5): the OS disk a VM PUT makes has no tags (the request cannot set them). web-1 runs;
+    # db-1 fails late (AllocationFailed) and its delete leaves its disk. Both VMs are read settled
+    # once, as a create's batched read does: each disk gets its VM's tags, so the sweeper lists both,
+    # keeps web-1's (attached to a live VM) and removes db-1's (attached to nothing, its job failed).
+    from datetime import UTC, datetime, timedelta
+
+    from vmqueue import keys
+    from vmqueue.jobstore import JobStore
+    from vmqueue.models import Job, JobError, JobKind
+    from vmqueue.sweep import StoreEpoch, SweepRequest
+    from workers.sweeper import Sweeper
+
+    fake.allocation_fails_in, fake.os_disk_outlives_vm = {"Standard_B2s"}, True
+    provider.create_vm(make_spec(), key(), job_id="job-1")
+    failing = make_spec().model_copy(update={"name": "db-1", "instance_type": "Standard_B2s"})
+    provider.create_vm(failing, key(), job_id="job-2")
+    boot(fake)
+    db_id = VM_ID.replace("web-1", "db-1")
+    batch = provider.get_vms([VM_ID, db_id])
+    assert (batch[VM_ID].status, batch[db_id].status) == (VMStatus.running, VMStatus.error)
+    with pytest.raises(CapacityError):
+        provider.get_vm(db_id)  # the VM's delete is sent; its disk stays behind, detached
+    disks = f"{RG_PATH}/providers/Microsoft.Compute/disks"
+    assert fake.get(f"{disks}/db-1-osdisk")["managedBy"] is None
+
+    store = JobStore(redis_client, settings)
+    store.add(Job(id="job-1", kind=JobKind.create, provider="azure", state=JobState.running, instance_id=VM_ID))
+    error_ = JobError(code="capacity", message="AllocationFailed")
+    store.add(Job(id="job-2", kind=JobKind.create, provider="azure", state=JobState.failed, error=error_))
+    redis_client.set(keys.EPOCH_KEY, StoreEpoch(born_at=datetime.now(UTC) - timedelta(days=30)).model_dump_json())
+    sweeper = Sweeper(store, provider, lambda call, *args: call(*args))
+
+    def sweep() -> dict[str, str]:
+        report = sweeper.run(SweepRequest(provider="azure", delay_s=0, max_destroy_share=1))
+        assert report.error is None and report.listed == 1  # web-1, owned by its running job
+        return {o.name or o.instance_id: str(o.action) for o in report.orphans}
+
+    listed = {(r.kind, r.name): r.attached_to for r in provider.list_owned_extras()}
+    assert listed[("disk", "web-1-osdisk")] == VM_ID and listed[("disk", "db-1-osdisk")] is None
+    assert sweep() == {"db-1-osdisk": "reported"}
+    assert sweep() == {"db-1-osdisk": "destroyed"}
+    assert sweep() == {}
+    assert fake.get(f"{disks}/db-1-osdisk") is None
+    assert fake.get(f"{disks}/web-1-osdisk")["managedBy"] == "/" + VM_ID

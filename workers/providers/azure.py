@@ -347,9 +347,10 @@ class AzureProvider(Metered):
 
         Calls: one per page of the subscription's VMs, plus ``get_vm``'s three GETs (VM, NIC, public
         IP) for each VM the list shows settled (running, failed, deleting), so a VM that ends a job's
-        wait reads exactly as ``get_vm`` reads it, IPs included; each VM settles once, then leaves the
-        watch list. ARM's per-group list cannot carry power states ($expand=instanceView needs a scale
-        set filter), hence the subscription-wide list; any VM of the subscription is found, tag or not.
+        wait reads exactly as ``get_vm`` reads it, IPs included, and one PATCH of the OS disk's tags for
+        one running or failed (``_tag_os_disk``); each VM settles once, then leaves the watch list.
+        ARM's per-group list cannot carry power states ($expand=instanceView needs a scale set filter),
+        hence the subscription-wide list; any VM of the subscription is found, tag or not.
         """
         asked: dict[tuple[str, str], str] = {}  # (group, name), lower-case as ARM compares them -> the caller's id
         for instance_id in instance_ids:
@@ -372,11 +373,41 @@ class AzureProvider(Metered):
                 try:
                     # Not get_vm: a late capacity failure reads as a VM in error here (raised, it would
                     # sink the batch); the tick reads that VM again through get_vm, which fails it over.
-                    info = self._read(*_parse_id(instance_id))[1]
+                    model, info = self._read(*_parse_id(instance_id))
                 except NotFoundError:
                     continue  # deleted since the list
+                if info.status in (VMStatus.running, VMStatus.error):
+                    self._tag_os_disk(model)
             found[instance_id] = info
         return found
+
+    def _tag_os_disk(self, vm: Any) -> None:
+        """Give a create's OS disk the VM's tags (ownership included), so the sweeper finds it if it
+        outlives its VM (``list_owned_extras``); one Disks - Update (PATCH) per VM.
+
+        The VM PUT cannot tag the disk it makes (azure-mgmt-compute 39: ``OSDisk`` and
+        ``ManagedDiskParameters`` have no ``tags``; the REST reference documents no copy of the VM's
+        tags), and the disk exists only once the VM reports it (``storageProfile.osDisk.managedDisk.id``),
+        so this runs when a create's VM first reads settled in the batched read (running, or failed
+        before its delete): once per VM, a VM of ours only. A failure is logged, never the read's.
+        Source: Compute REST API, Disks - Update (PATCH, body DiskUpdate with ``tags``).
+        """
+        from azure.mgmt.compute.models import DiskUpdate
+
+        tags = vm.tags or {}
+        os_disk = vm.storage_profile.os_disk if vm.storage_profile else None
+        disk_id = os_disk.managed_disk.id if os_disk and os_disk.managed_disk else None
+        match = _EXTRA_ID.match(disk_id or "")
+        if tags.get(LABEL_MANAGED_BY) != "vmqueue" or not match:
+            return
+        try:
+            with map_errors(_map_error):
+                disks = self._client().compute.disks
+                disks.begin_update(match[1], match[2], DiskUpdate(tags=tags), polling=False).result()
+        except ProviderError as exc:
+            log.warning(
+                "azure: tagging the OS disk %s of %s failed (%s); the sweeper cannot see it", disk_id, vm.name, exc
+            )
 
     def destroy_vm(self, instance_id: str) -> None:
         rg, name = _parse_id(instance_id)
