@@ -203,3 +203,15 @@ def test_webhooks_report_cancels_made_by_the_producer_and_by_the_worker(
             assert body["data"]["cancel"]["by"] == who and body["data"]["cancel"]["reported_at"]
     finally:
         receiver.close()
+
+
+def test_vmq_wait_on_a_cancelled_job_exits_1(paused_queue, provisioner, ssh_key, test_env, redis_client):
+    """A cancelled job did not succeed: `vmq wait` (and `create --wait`, `apply`) exit 1 for it."""
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+
+    job = provisioner.cancel(provisioner.create_vm(spec(), ssh_key).id).id
+    assert not provisioner.get_job(job).succeeded
+    result = CliRunner().invoke(app, ["wait", job, "--timeout", "5"], env={"REDIS_URL": test_env["REDIS_URL"]})
+    assert result.exit_code == 1, result.output

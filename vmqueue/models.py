@@ -607,8 +607,8 @@ class Job(BaseModel):
 
     @property
     def succeeded(self) -> bool:
-        """Ended as asked: running (or ready, when ready_when asks for more), gone, done."""
-        return self.final and self.state != JobState.failed
+        """Ended as asked: running (or ready, when ready_when asks for more), gone, done; not failed or cancelled."""
+        return self.final and self.state not in (JobState.failed, JobState.cancelled)
 
     @property
     def cancel_pending(self) -> bool:

@@ -61,7 +61,7 @@ def create(
         bool | None,
         typer.Option(
             "--destroy-on-failure/--keep-on-failure",
-            help="destroy the VM of a failed create [default: VMQ_DESTROY_ON_FAILURE, true]",
+            help="destroy the VM of a failed create (default: VMQ_DESTROY_ON_FAILURE, true)",
         ),
     ] = None,
     wait: WaitOpt = False,

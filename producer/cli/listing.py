@@ -154,7 +154,7 @@ def extend(
     expires_at: Annotated[str | None, typer.Option(help="destroy the VM at this time (ISO 8601 with a zone)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Move the time a VM created with --ttl/--expires-at is destroyed. Exit 1 if it expired already."""
+    """Move the time a VM created with --ttl (or expires_at in the API) is destroyed; exit 1 if it expired."""
     from producer.client import JobNotFound
     from producer.control import ExtendRefused
 

@@ -29,7 +29,7 @@ def worker(
     ] = False,
     concurrency: Annotated[
         int | None,
-        typer.Option("-c", "--concurrency", help="threads (polls hold none) [default: VMQ_WORKER_CONCURRENCY, 64]"),
+        typer.Option("-c", "--concurrency", help="threads (polls hold none) (default: VMQ_WORKER_CONCURRENCY, 64)"),
     ] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
