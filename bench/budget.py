@@ -58,7 +58,7 @@ def floor_s(profile: Profile, vms: int, boot_s: float) -> tuple[float, float]:
     return max(boot_s, request_s), request_s + boot_s
 
 
-def run_profile(server: RedisServer, name: str, vms: int, boot_s: float, slots: int, tick_s: float) -> dict:
+def run_profile(server: RedisServer, name: str, vms: int, boot_s: float, slots: int, tick_s: float | None) -> dict:
     from producer import Provisioner
 
     client = redis.Redis.from_url(server.url, decode_responses=True)
@@ -69,9 +69,10 @@ def run_profile(server: RedisServer, name: str, vms: int, boot_s: float, slots: 
         PYTHONPATH=str(ROOT),
         VMQ_SIM_BOOT_S=str(boot_s),
         VMQ_SIM_PROFILE=name,
-        VMQ_BATCH_POLL_S=str(tick_s),
         VMQ_DEADLINE_S=str(max(600.0, 4 * floor_s(PROFILES[name], vms, boot_s)[1])),
     )
+    if tick_s is not None:  # else the worker derives it from the profile's read budget
+        env["VMQ_BATCH_POLL_S"] = str(tick_s)
     worker = Worker("sim", env, slots, Path(tempfile.mkdtemp(prefix="vmq-budget-")), loglevel="WARNING").wait_ready()
     try:
         provisioner = Provisioner(Settings(redis_url=server.url))
@@ -106,7 +107,12 @@ def main() -> None:
     parser.add_argument("--vms", type=int, default=1000, help="creates per profile (default 1000)")
     parser.add_argument("--boot", type=float, default=30.0, help="simulated boot time, s (default 30)")
     parser.add_argument("--slots", type=int, default=64, help="worker threads (default 64)")
-    parser.add_argument("--tick", type=float, default=1.0, help="VMQ_BATCH_POLL_S of the worker (default 1)")
+    parser.add_argument(
+        "--tick",
+        type=float,
+        default=None,
+        help="VMQ_BATCH_POLL_S of the worker (default: from the profile's read budget)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
     names = args.profile or sorted(set(PROFILES) - {"sim"})

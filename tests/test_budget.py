@@ -228,3 +228,24 @@ def test_sim_refuses_over_budget_and_a_metered_client_never_meets_a_429(
     for i in range(10, 18):  # the client's own budget makes the last three wait for their tokens
         _create(sim, i)
     assert redis_client.hget(REQUESTS_KEY, "429") == "1"
+
+
+def test_tick_interval_keeps_reads_within_the_read_budget(redis_url: str, redis_client: redis.Redis) -> None:
+    """A 1 s tick spent 60 of DigitalOcean's 250 requests a minute on reads (the budget bench's 429s)."""
+    budget = Budget(Settings(redis_url=redis_url), redis_client)
+    # DigitalOcean's 5,000/hour: a tenth is one read of up to 200 droplets every 7.2 s, five pages per 36 s.
+    assert budget.tick_interval_s("digitalocean", watched=100) == pytest.approx(7.2)
+    assert budget.tick_interval_s("digitalocean", watched=1000) == pytest.approx(36.0)
+    # The sim playing DigitalOcean paces like it; the sim's own budget keeps its 1 s default.
+    assert budget.tick_interval_s("sim", "digitalocean", watched=100) == pytest.approx(7.2)
+    assert budget.tick_interval_s("sim", watched=100) == pytest.approx(1.0)
+    # Hetzner refills 1 a second into its 3,600 bucket: 50 a page, one page per 10 s.
+    assert budget.tick_interval_s("hetzner", watched=120) == pytest.approx(30.0)
+    # EC2 meters DescribeInstances on its own (20/s): the 1 s floor for one page, 2.5 s for five.
+    assert budget.tick_interval_s("aws", watched=100) == pytest.approx(1.0)
+    assert budget.tick_interval_s("aws", watched=1000) == pytest.approx(2.5)
+    # A larger budget configured for the bucket shortens it; an explicit VMQ_BATCH_POLL_S is taken as is.
+    bigger = Budget(settings_with(redis_url, budget={"digitalocean.hour": "50000/hour"}), redis_client)
+    assert bigger.tick_interval_s("digitalocean", watched=100) == pytest.approx(2.4)  # now the 250/minute
+    fixed = Budget(settings_with(redis_url, batch_poll_s=0.5), redis_client)
+    assert fixed.tick_interval_s("digitalocean", watched=1000) == 0.5

@@ -30,7 +30,7 @@ from typing import Any
 import redis
 
 from vmqueue import keys
-from vmqueue.settings import Settings
+from vmqueue.settings import TICK_SHARE_OF_LIMIT, Settings, tick_interval_s
 from workers.budget_buckets import BucketStore
 from workers.budget_profiles import Profile
 from workers.providers.errors import RateLimitedError
@@ -75,6 +75,20 @@ class Budget(BucketStore):
                 return slept + wait
             time.sleep(wait + PACING_MARGIN_S)  # a window: try again when it has room
             slept += wait
+
+    def tick_interval_s(self, provider: str, base: str | None = None, watched: int = 1) -> float:
+        """Seconds between a provider's batched status reads of ``watched`` VMs.
+
+        ``VMQ_BATCH_POLL_S`` when set (taken as is: tests and benchmarks tick fast on fakes). Otherwise
+        the longer of the provider's default interval (vmqueue/settings.py ``tick_interval_s``) and the
+        interval at which the reads spend ``TICK_SHARE_OF_LIMIT`` of each bucket of ``base``'s profile
+        (with this deployment's overrides) they are charged to, e.g. DigitalOcean's 5,000/hour gives a
+        read of up to 200 VMs every 7.2 s and leaves the rest of both windows to creates and deletes.
+        """
+        if self.settings.batch_poll_s is not None:
+            return self.settings.batch_poll_s
+        read_s = self.profile(provider, base).read_interval_s(watched, TICK_SHARE_OF_LIMIT)
+        return max(tick_interval_s(self.settings, provider), read_s)
 
     def meter(self, provider: str, base: str | None = None) -> BudgetMeter:
         return BudgetMeter(self, provider, self.profile(provider, base))

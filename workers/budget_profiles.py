@@ -12,6 +12,7 @@ REST APIs, the operation (``ec2:RunInstances``) for AWS, whose every request is 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -79,6 +80,23 @@ class Profile:
 
     def create_requests(self) -> tuple[Request, ...]:
         return self.calls["create"]
+
+    def read_interval_s(self, vms: int, share: float) -> float:
+        """Seconds between batched reads of ``vms`` VMs so that the reads spend at most ``share`` (0..1]
+        of the sustained rate of every bucket they are charged to; 0.0 when no bucket meters them.
+
+        A read costs ``get_many``'s requests once per page of ``page_size`` VMs. An adapter whose list
+        also pages through VMs nobody asked for (DigitalOcean by tag, Azure by subscription) costs
+        more than this counts; its headers then pace it (workers/budget.py).
+        """
+        pages = max(1, math.ceil(vms / self.page_size))
+        spent: dict[tuple[str, str], int] = {}
+        for method, target in self.calls.get("get_many", ()):
+            for name in self.classify(method, target):
+                key = (name, target if self.buckets[name].per_action else "")
+                spent[key] = spent.get(key, 0) + pages
+        rates = {key: self.buckets[key[0]].rate_per_s() for key in spent}
+        return max((n / (share * rates[key]) for key, n in spent.items() if rates[key] > 0), default=0.0)
 
     def create_pace(self) -> tuple[float, float]:
         """(creates per second, burst) the profile's buckets allow, counting every request of a create."""

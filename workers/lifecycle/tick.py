@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import time
 
 from vmqueue.jobstore import InvalidTransition
 from vmqueue.models import Job, JobKind, JobState, VMInfo, VMStatus
-from vmqueue.settings import tick_interval_s
 from workers.calls import ProviderCalls
 from workers.lifecycle.common import Next, Steps, log
 from workers.providers.base import SETTLED_STATUSES, BatchReads, Provider
@@ -39,7 +37,7 @@ class TickSteps(Steps):
                 settle.append((provider_name, instance_id, job_id, vm, vm is None or vm.status != VMStatus.running))
         for args in settle:
             self._settle(*args)
-        return Next(self.tick_s(provider_name))
+        return Next(self.tick_s(provider_name, len(members)))
 
     def revive_ticks(self, providers: list[str]) -> None:
         """Start a tick chain for each of ``providers`` that has VMs watched but no live chain."""
@@ -69,9 +67,10 @@ class TickSteps(Steps):
         if kick is not None and self.start_job is not None:
             self.start_job(job_id, kick.countdown_s)
 
-    @functools.cache  # noqa: B019 - one runner per process, a handful of providers
-    def tick_s(self, provider_name: str) -> float:
-        return tick_interval_s(self.settings, provider_name)
+    def tick_s(self, provider_name: str, watched: int = 1) -> float:
+        """The provider's tick interval for ``watched`` VMs, within its read budget (workers/budget.py)."""
+        base = getattr(self.providers(provider_name), "budget_profile", None)
+        return self.limit.tick_interval_s(provider_name, base, watched)
 
     def _batched(self, provider: Provider) -> bool:
         return self.start_ticker is not None and isinstance(provider, BatchReads)
