@@ -30,6 +30,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from producer.client import IdempotencyConflict, JobNotFound, Provisioner
 from producer.control import CancelRefused
@@ -128,46 +129,79 @@ class FleetRunner:
 
     # -- apply ------------------------------------------------------------------------------
     def apply(self, fleet: Fleet) -> list[Tracked]:
-        """Enqueue a create for every VM of the file that does not exist from an earlier apply."""
-        records = self._records()
-        return [self._apply_one(vm, records.get(vm.ident)) for vm in fleet.vms]
+        """Enqueue a create for every VM of the file that does not exist from an earlier apply.
 
-    def _apply_one(self, vm: FleetVM, record: dict | None) -> Tracked:
-        idem = self._idempotency_key(vm.ident)
-        replaces = ""
-        if record is not None:
-            job = self.store.get(record["job_id"])
-            if job is None and record.get("instance_id"):
-                read = self.provisioner.get_vm(vm.provider, record["instance_id"])
-                return Tracked(vm.ident, "checked", read.id, read, "its create job expired; the VM was read again")
-            if job is not None and not _replaceable(job):
-                return Tracked(vm.ident, "existing", job.id, job, _drift(job, vm))
-            # The earlier create left no VM: release its key (only if it is still its own: another
-            # apply may have claimed it since), so the create below is a new job. The entry stays
-            # until that job replaces it.
-            self.store.release_idempotency_key(idem, record["job_id"])
-            replaces = record["job_id"]
-        before = utcnow()
+        The creates go in one ``Provisioner.create_vms`` call (one MULTI/EXEC, one batched publish),
+        each with its own idempotency key; then each entry is recorded by compare-and-set.
+        """
+        records = self._records()
+        tracked: dict[str, Tracked] = {}
+        to_create: list[tuple[FleetVM, str]] = []  # (VM, the job id its entry names now: "" if none)
+        for vm in fleet.vms:
+            done = self._existing(vm, records.get(vm.ident))
+            if isinstance(done, Tracked):
+                tracked[vm.ident] = done
+            else:
+                to_create.append((vm, done))
+        if to_create:
+            before = utcnow()
+            for (vm, replaces), job in zip(to_create, self._create_all([vm for vm, _ in to_create]), strict=True):
+                tracked[vm.ident] = self._recorded(vm, job, replaces, before)
+        return [tracked[vm.ident] for vm in fleet.vms]
+
+    def _existing(self, vm: FleetVM, record: dict | None) -> Tracked | str:
+        """What an earlier apply left for ``vm``: a ``Tracked`` when nothing is to be created, else the
+        job id its entry names ("": none) for the new create's compare-and-set."""
+        if record is None:
+            return ""
+        job = self.store.get(record["job_id"])
+        if job is None and record.get("instance_id"):
+            read = self.provisioner.get_vm(vm.provider, record["instance_id"])
+            return Tracked(vm.ident, "checked", read.id, read, "its create job expired; the VM was read again")
+        if job is not None and not _replaceable(job):
+            return Tracked(vm.ident, "existing", job.id, job, _drift(job, vm))
+        # The earlier create left no VM: release its key (only if it is still its own: another
+        # apply may have claimed it since), so the create is a new job. The entry stays until that
+        # job replaces it.
+        self.store.release_idempotency_key(self._idempotency_key(vm.ident), record["job_id"])
+        return record["job_id"]
+
+    def _create_all(self, vms: list[FleetVM]) -> list[Job]:
+        """One job per VM, in order: one ``create_vms`` batch; if a key is held by another request
+        (``IdempotencyConflict``: the batch stored nothing), each VM alone, adopting the holder's job."""
         try:
-            job = self.provisioner.create_vm(
-                vm.request.spec,
-                vm.request.ssh_key,
-                vm.request.startup_script,
-                idempotency_key=idem,
-                deadline_s=vm.deadline_s,
-                ttl_s=vm.ttl_s,
-                expires_at=vm.expires_at,
-                ready_when=vm.request.ready_when,
-                ready_deadline_s=vm.request.ready_deadline_s,
-                destroy_on_failure=vm.destroy_on_failure,
-                ready_via=vm.request.ready_via,
-                ssh_port=vm.request.ssh_port,
-            )
+            return self.provisioner.create_vms(self._create_args(vm) for vm in vms)
+        except IdempotencyConflict:
+            return [self._create_one(vm) for vm in vms]
+
+    def _create_args(self, vm: FleetVM) -> dict:
+        return {
+            "spec": vm.request.spec,
+            "ssh_key": vm.request.ssh_key,
+            "startup_script": vm.request.startup_script,
+            "idempotency_key": self._idempotency_key(vm.ident),
+            "deadline_s": vm.deadline_s,
+            "ttl_s": vm.ttl_s,
+            "expires_at": vm.expires_at,
+            "ready_when": vm.request.ready_when,
+            "ready_deadline_s": vm.request.ready_deadline_s,
+            "destroy_on_failure": vm.destroy_on_failure,
+            "ready_via": vm.request.ready_via,
+            "ssh_port": vm.request.ssh_port,
+        }
+
+    def _create_one(self, vm: FleetVM) -> Job:
+        args = self._create_args(vm)
+        try:
+            return self.provisioner.create_vm(**args)
         except IdempotencyConflict:
             # Another apply (or one that died before recording) holds the key: adopt its job.
-            job = self.store.get(self.redis.get(keys.idempotency_key(idem)) or "")
+            job = self.store.get(self.redis.get(keys.idempotency_key(args["idempotency_key"])) or "")
             if job is None:
                 raise
+            return job
+
+    def _recorded(self, vm: FleetVM, job: Job, replaces: str, before: datetime) -> Tracked:
         now = self._record(vm.ident, job.id, replaces=replaces)
         if now is None or now["job_id"] != job.id:
             # Unreachable while the idempotency key binds the VM to one job; it expires after a day,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from typer.testing import CliRunner
 
+from bench.harness import RedisServer
 from bench.probes import wait_for
 from producer.cli import app
 from producer.client import Provisioner
@@ -18,6 +21,7 @@ from tests import test_cli
 from tests.conftest import KOMBU_KEYS
 from vmqueue import keys
 from vmqueue.models import Job, JobKind, JobState
+from vmqueue.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fleet.yaml"
@@ -249,6 +253,70 @@ def test_an_entry_is_replaced_only_by_compare_and_set_on_the_job_it_replaces(set
 
 
 THREE_VMS = ONE_VM.replace("fleet: solo", "fleet: trio").replace("  - name: web-1\n", "  - name: web\n    count: 3\n")
+
+
+@pytest.fixture
+def private_redis(settings) -> Iterator[tuple[Settings, redis.Redis]]:
+    """A redis-server of the test's own, no worker on it: its command counts are the producer's alone
+    and the jobs stay queued (a session worker would otherwise run them into the next test)."""
+    server = RedisServer(aof=False)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        yield settings.model_copy(update={"redis_url": server.url}), client
+        client.close()
+    finally:
+        server.cleanup()
+
+
+def _execs(client: redis.Redis) -> int:
+    return int(client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0))
+
+
+def test_apply_enqueues_its_creates_in_one_batch_each_with_its_own_key(private_redis, tmp_path):
+    settings, client = private_redis
+    # Provisioner.create_vms stores its jobs in one MULTI/EXEC and publishes them in one batch: one
+    # transaction per apply, however many VMs (create_vm one by one uses none).
+    for name in ("one", "six"):
+        (tmp_path / name).mkdir()
+    FleetRunner(Provisioner(settings), "solo").apply(load_fleet(_fleet_dir(tmp_path / "one", ONE_VM)))  # kombu's setup
+    six = load_fleet(_fleet_dir(tmp_path / "six", THREE_VMS.replace("trio", "six").replace("count: 3", "count: 6")))
+    execs = _execs(client)
+    assert len(FleetRunner(Provisioner(settings), "six").apply(six)) == 6
+    assert _execs(client) - execs == 1
+    fleet = load_fleet(_fleet_dir(tmp_path, THREE_VMS))
+    runner = FleetRunner(Provisioner(settings), "trio")
+    execs = _execs(client)
+    tracked = runner.apply(fleet)
+    assert _execs(client) - execs == 1
+    assert [t.action for t in tracked] == ["created"] * 3 and len({t.job_id for t in tracked}) == 3
+    entries = client.hgetall(keys.fleet_key("trio"))
+    for item in tracked:
+        assert client.get(keys.idempotency_key(f"fleet:trio:{item.ident}")) == item.job_id
+        assert json.loads(entries[item.ident])["job_id"] == item.job_id
+    # Applied again: nothing new, no batch.
+    execs = _execs(client)
+    assert [t.action for t in runner.apply(fleet)] == ["existing"] * 3
+    assert _execs(client) == execs
+    assert {t.job_id for t in tracked} <= _create_jobs(client)
+
+
+def test_apply_adopts_the_job_holding_one_entrys_key_and_creates_the_others(private_redis, tmp_path):
+    """Another request holds one VM's key (a different spec: IdempotencyConflict, the batch stores
+    nothing): that entry adopts the holder's job, the others are created, each under its own key."""
+    settings, client = private_redis
+    fleet = load_fleet(_fleet_dir(tmp_path, THREE_VMS))
+    provisioner = Provisioner(settings)
+    held_ident = fleet.vms[1].ident
+    other = fleet.vms[1].request.spec.model_copy(update={"instance_type": "large"})
+    holder = provisioner.create_vm(other, fleet.vms[1].request.ssh_key, idempotency_key=f"fleet:trio:{held_ident}")
+    tracked = FleetRunner(provisioner, "trio").apply(fleet)
+    by_ident = {t.ident: t for t in tracked}
+    assert by_ident[held_ident].job_id == holder.id
+    assert [t.action for t in tracked if t.ident != held_ident] == ["created", "created"]
+    assert _create_jobs(client) == {t.job_id for t in tracked}
+    entries = client.hgetall(keys.fleet_key("trio"))
+    assert {i: json.loads(e)["job_id"] for i, e in entries.items()} == {t.ident: t.job_id for t in tracked}
 
 
 @pytest.mark.system
