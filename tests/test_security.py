@@ -86,9 +86,12 @@ def _job_store(settings: Settings) -> None:
 
 
 def _rate_limit(settings: Settings) -> None:
+    from vmqueue.connection import connect
     from workers.calls import SharedRateLimit
 
-    SharedRateLimit(settings).acquire("sim")
+    client = connect(settings)
+    client.set_retry(Retry(NoBackoff(), 0))  # a refused certificate is final; don't ride it out
+    SharedRateLimit(settings, client).acquire("sim")
 
 
 def _broker(settings: Settings) -> None:
