@@ -1,6 +1,6 @@
 """Chaos suite: a realistic load on the simulated cloud while things break; prints what it counted.
 
-    python -m bench.chaos                       # R1-R8 at full size (200 jobs, 5 kills)
+    python -m bench.chaos                       # R1-R16 at full size (200 jobs, 5 kills)
     python -m bench.chaos --only R1 R3 --jobs 50
 
 It starts its own redis-server (AOF on, free loopback port), several real sim worker processes and,
@@ -11,6 +11,7 @@ makes the exit status 1. Tests run the same scenarios smaller (tests/test_chaos.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import threading
 import time
@@ -30,7 +31,9 @@ from bench.cluster import Cluster, ClusterConfig
 from bench.harness import sim_spec
 from bench.probes import Sim, scan_values, wait_for
 from vmqueue.models import CleanupState, Job, JobState
+from vmqueue.settings import max_countdown_s, tick_interval_s
 from vmqueue.sshkeys import throwaway_public_key
+from workers.rescue import stalled_after_s, stalled_jobs
 
 SCENARIOS = {
     "R1": "create N VMs while one worker is SIGKILLed K times (and restarted): exactly N VMs, no duplicates",
@@ -47,6 +50,23 @@ SCENARIOS = {
     "every create not finished is cancelled, no entry forgotten early, 0 VMs and an empty fleet record at "
     "the end, no VM created twice",
     "HA": ha.DESCRIPTION,
+    # Issue 12: slow calls, backlogs, skewed clocks, partial failures (the situation's number in brackets).
+    "R9": "[1] a worker stalls (SIGSTOP) mid-call past its lease and the visibility timeout, then resumes: its "
+    "stale steps change nothing; every job ends running or failed with its code, one VM per running job, no leak",
+    "R10": "[3] every sim call fails with a retryable error: creates (prepare_spec included) and destroys all end "
+    "failed within their attempts, no job spends more calls than its phase budget allows",
+    "R11": "[4] every call answers 429 with a reset an hour away for a while: no step is scheduled past its job's "
+    "deadline or a quarter of the visibility timeout; every job ends, running once the limit lifts",
+    "R12": "[5] a backlog of get jobs on workers with 2 threads each: batched reads keep their cadence, each VM is "
+    "seen running within a few tick intervals of booting while most of the backlog still waits",
+    "R13": "[6] worker clocks 1.5 s behind and ahead: steps handed back by the tick (cleanups, failovers) are never "
+    "dropped as early duplicates; each goes on within seconds, not at the rescue",
+    "R14": "[7] N creates wait in the queue (consumers paused) past the rescue's grace: the rescue finds none of them "
+    "lost; once consumers resume, every job runs and each is created once",
+    "R15": "[8] K idempotency keys, 20 callers each at the same instant: every caller gets its key's job (no "
+    "JobNotFound), one job and one VM per key",
+    "R16": "[10] half the creates lose their answer (the VM exists) and half the retries meet no capacity: each job "
+    "gets the VM its token made; no VM without a running job, one per running job",
 }
 
 
@@ -476,6 +496,273 @@ def r8(cluster: Cluster, sizes: Sizes) -> Result:
     return result
 
 
+# -- issue 12 ----------------------------------------------------------------------------------
+def _orphans(vms: list[dict[str, str]], jobs: list[Job | None]) -> list[str]:
+    """VMs that no running job recorded as its own."""
+    mine = {j.instance_id for j in jobs if j is not None and j.state == JobState.running}
+    return [vm["instance_id"] for vm in vms if vm["instance_id"] not in mine]
+
+
+def _ended_with_own_code(result: Result, jobs: list[Job | None], codes: set[str]) -> None:
+    failed = Counter(j.error.code for j in jobs if j is not None and j.state == JobState.failed and j.error)
+    result.figures["failed_by_code"] = dict(failed)
+    result.check(all(j is not None and j.finished for j in jobs), f"every job ended ({_states(jobs)})")
+    result.check(set(failed) <= codes, f"every failure has its own code ({dict(failed)} within {codes})")
+
+
+def r9(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R9")
+    stall_s = cluster.settings.visibility_timeout_s + 2 * cluster.settings.unacked_restore_interval_s + 4
+    lease = {"VMQ_STEP_LEASE_S": "2"}
+    with cluster.replaced_workers([(lease, "workers.app")] * cluster.config.workers):
+        cluster.sim.configure(boot_s=sizes.boot_s, latency_ms=800, capacity_rate=0.1)
+        ids = _create(cluster, "r9", sizes.jobs)
+        time.sleep(1.0)  # steps in flight on every worker
+        stalled = cluster.workers[0]
+        cluster.pause(0, stall_s)
+        jobs = cluster.wait_finished(ids, sizes.timeout_s)
+        dropped = stalled.log().count("this step's outcome is dropped") + stalled.log().count("outlived its lease")
+    cluster.sim.reset()
+    vms, per_job = _vms_by_job(cluster)
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids), stall_s=stall_s, states=_states(jobs), vms=len(vms), stale_steps_dropped=dropped
+    )
+    _ended_with_own_code(result, jobs, {"capacity"})
+    result.check(dropped > 0, f"the stall really cut steps off their lease ({dropped} stale outcomes dropped)")
+    orphans = _orphans(vms, jobs)
+    result.check(not orphans, f"no VM without a running job that recorded it (orphans: {orphans[:5] or 'none'})")
+    dupes = {job: n for job, n in per_job.items() if n > 1}
+    result.check(not dupes, f"no job has two VMs ({dupes or 'none'})")
+    return result
+
+
+def r10(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R10")
+    half = max(sizes.jobs // 2, 1)
+    cluster.sim.configure(boot_s=0.2)
+    made = cluster.wait_finished(_create(cluster, "r10-vm", half), sizes.timeout_s)
+    cluster.sim.configure(transient_rate=1.0)
+    began = time.monotonic()
+    ids = [cluster.provisioner.destroy_vm("sim", j.instance_id).id for j in made if j.state == JobState.running]
+    ids += _create(cluster, "r10-new", half)
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    elapsed = time.monotonic() - began
+    settings = cluster.settings
+    # A phase spends at most max_attempts task-level tries of call_attempts quick tries each.
+    budget = settings.max_attempts * settings.call_attempts
+    calls = [j.api_calls for j in jobs if j is not None]
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        states=_states(jobs),
+        max_calls_per_job=max(calls, default=0),
+        phase_budget_calls=budget,
+        elapsed_s=round(elapsed, 1),
+    )
+    _ended_with_own_code(result, jobs, {"transient"})
+    result.check(all(j.state == JobState.failed for j in jobs), "every job failed: none retried forever")
+    result.check(max(calls, default=0) <= budget, f"no job spent more than {budget} calls (its phase budget)")
+    result.check(all(j.api_calls > 0 for j in jobs), "every job's calls (prepare_spec's included) were counted")
+    return result
+
+
+def r11(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R11")
+    deadline_s, limited_s = 20.0, 4.0
+    cluster.sim.configure(boot_s=sizes.boot_s, rate_limit_rate=1.0, retry_after_s=3600)
+    began = time.monotonic()
+    ids = _create(cluster, "r11", sizes.jobs, deadline_s=deadline_s)
+    time.sleep(limited_s)
+    cluster.sim.configure(rate_limit_rate=0.0)
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    waits = [
+        float(m.group(1))
+        for j in jobs
+        if j is not None
+        for e in j.history
+        if (m := re.search(r"retry \d+ in ([0-9.]+)s", e.message))
+    ]
+    cap = min(deadline_s, max_countdown_s(cluster.settings))
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        states=_states(jobs),
+        retries_scheduled=len(waits),
+        longest_wait_s=max(waits, default=0),
+        cap_s=cap,
+        ended_in_s=round(time.monotonic() - began, 1),
+    )
+    _ended_with_own_code(result, jobs, {"deadline_exceeded"})
+    result.check(waits, "the 429s really scheduled retries")
+    result.check(max(waits, default=0) <= cap, f"no retry scheduled past {cap:.1f}s (deadline, visibility timeout/4)")
+    result.check(sum(j.state == JobState.running for j in jobs) > 0, "jobs ran once the limit lifted")
+    return result
+
+
+def r12(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R12")
+    creates, gets = max(sizes.jobs // 10, 2), sizes.jobs * 2
+    with cluster.replaced_workers([({}, "workers.app")] * cluster.config.workers, concurrency=2):
+        cluster.sim.configure(boot_s=sizes.boot_s)
+        ids = _create(cluster, "r12", creates)
+        wait_for(lambda: all(j.state != JobState.queued for j in cluster.jobs(ids)), 60, "creates submitted")
+        cluster.sim.configure(latency_ms=200)  # each get holds one of the few threads 0.2 s
+        backlog = [cluster.provisioner.get_vm("sim", f"sim-missing-{i}").id for i in range(gets)]
+        jobs = cluster.wait_finished(ids, sizes.timeout_s)
+        waiting = cluster.unfinished(backlog)
+        cluster.wait_finished(backlog, sizes.timeout_s)
+    tick_s = tick_interval_s(cluster.settings, "sim")
+    lags = []
+    for job in jobs:
+        if job is not None and job.state == JobState.running and job.submitted_at:
+            running_at = next(e.at for e in job.history if e.state == JobState.running)
+            lags.append((running_at - job.submitted_at).total_seconds() - sizes.boot_s)
+    bound = sizes.boot_s + 5 * tick_s + 2
+    result.job_ids = ids
+    result.figures.update(
+        creates=creates,
+        gets=gets,
+        gets_waiting_when_creates_ran=waiting,
+        tick_s=tick_s,
+        max_lag_after_boot_s=round(max(lags, default=0), 1),
+    )
+    result.check(
+        all(j is not None and j.state == JobState.running for j in jobs), f"every create ran ({_states(jobs)})"
+    )
+    result.check(
+        waiting >= gets // 4, f"the backlog was still there when the creates ran ({waiting} of {gets} waiting)"
+    )
+    result.check(max(lags, default=0) <= bound, f"each VM seen running within {bound:.0f}s of booting")
+    return result
+
+
+def r13(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R13")
+    skews = ["-1.5", "0", "1.5"]
+    specs = [({"VMQ_BENCH_CLOCK_SKEW_S": skews[i % 3]}, "bench.skewed_app") for i in range(cluster.config.workers)]
+    with cluster.replaced_workers(specs):
+        cluster.sim.configure(boot_s=sizes.boot_s, error_rate=0.3, full_regions="sim-1")
+        key = throwaway_public_key()
+        ids = [
+            cluster.provisioner.create_vm(sim_spec(f"r13-{i}", fallbacks=[{"region": "sim-2"}]), key).id
+            for i in range(sizes.jobs)
+        ]
+        jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    cluster.sim.reset()
+    vms, _ = _vms_by_job(cluster)
+    gaps = []  # from a hand-back (failed: cleanup pending; failing over) to the job's next step
+    for job in jobs:
+        if job is None:
+            continue
+        for before, after in zip(job.history, job.history[1:], strict=False):
+            if before.message.startswith("failed:") or "failing over" in before.message:
+                gaps.append((after.at - before.at).total_seconds())
+    grace = stalled_after_s(cluster.settings)
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        skews_s=skews,
+        states=_states(jobs),
+        hand_backs=len(gaps),
+        longest_gap_s=round(max(gaps, default=0), 1),
+    )
+    _ended_with_own_code(result, jobs, {"vm_error"})
+    result.check(gaps, "jobs were handed back by the tick (cleanups, failovers)")
+    result.check(
+        max(gaps, default=0) < grace / 2, f"every hand-back went on within {grace / 2:.0f}s (no rescue needed)"
+    )
+    orphans = _orphans(vms, jobs)
+    result.check(not orphans, f"no VM left without a running job ({orphans[:5] or 'none'})")
+    return result
+
+
+def r14(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R14")
+    control = cluster.provisioner.celery.control
+    names = [w.name for w in cluster.workers]
+    control.cancel_consumer("vmq.sim", destination=names, reply=True, timeout=5)
+    try:
+        ids = _create(cluster, "r14", sizes.jobs)
+        grace = stalled_after_s(cluster.settings)
+        time.sleep(grace + 2)  # every record is older than the grace now
+        queued = cluster.client.llen("vmq.sim")
+        lost = list(stalled_jobs(cluster.provisioner.store, "sim", grace))
+    finally:
+        control.add_consumer("vmq.sim", destination=names, reply=True, timeout=5)
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    vms, per_job = _vms_by_job(cluster)
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        messages_waiting=queued,
+        found_lost=len(lost),
+        states=_states(jobs),
+        sim_create_calls=cluster.sim.calls().get("create", 0),
+    )
+    result.check(queued >= len(ids), f"the creates really waited in the queue ({queued} messages)")
+    result.check(not lost, f"the rescue found none of them lost ({len(lost)})")
+    result.check(all(j.state == JobState.running for j in jobs), f"every job ran ({_states(jobs)})")
+    result.check(len(vms) == len(ids) and max(per_job.values(), default=0) == 1, "one VM per job")
+    return result
+
+
+def r15(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R15")
+    keys_n, callers = max(sizes.jobs // 10, 1), 20
+    key = throwaway_public_key()
+    barrier = threading.Barrier(keys_n * callers)
+    answers: dict[str, list[object]] = {f"r15-{k}": [] for k in range(keys_n)}
+
+    def call(idem: str) -> None:
+        barrier.wait()
+        try:
+            answers[idem].append(cluster.provisioner.create_vm(sim_spec(idem), key, idempotency_key=idem).id)
+        except Exception as exc:  # noqa: BLE001 - counted: a caller who did not get the job
+            answers[idem].append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=call, args=(idem,)) for idem in answers for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    ids = sorted({a for got in answers.values() for a in got if isinstance(a, str) and len(a) == 32})
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    vms, per_job = _vms_by_job(cluster)
+    errors = [a for got in answers.values() for a in got if not (isinstance(a, str) and len(a) == 32)]
+    result.job_ids = ids
+    result.figures.update(keys=keys_n, callers=keys_n * callers, jobs=len(ids), errors=len(errors), vms=len(vms))
+    result.check(not errors, f"every caller got a job ({errors[:2] or 'no errors'})")
+    result.check(all(len(set(got)) == 1 for got in answers.values()), "all callers of a key got the same job")
+    result.check(len(ids) == keys_n and all(j.state == JobState.running for j in jobs), f"{keys_n} jobs, all running")
+    result.check(len(vms) == keys_n and max(per_job.values(), default=0) == 1, "one VM per key")
+    return result
+
+
+def r16(cluster: Cluster, sizes: Sizes) -> Result:
+    result = Result("R16")
+    cluster.sim.configure(boot_s=sizes.boot_s, lost_response_rate=0.5, capacity_rate=0.5)
+    ids = _create(cluster, "r16", sizes.jobs)
+    jobs = cluster.wait_finished(ids, sizes.timeout_s)
+    calls = cluster.sim.calls()
+    cluster.sim.reset()
+    vms, per_job = _vms_by_job(cluster)
+    result.job_ids = ids
+    result.figures.update(
+        jobs=len(ids),
+        states=_states(jobs),
+        lost_answers=calls.get("create:lost_response", 0),
+        capacity_answers=calls.get("create:capacity", 0),
+        vms=len(vms),
+    )
+    _ended_with_own_code(result, jobs, {"capacity"})
+    result.check(calls.get("create:lost_response", 0) > 0, "answers were really lost")
+    orphans = _orphans(vms, jobs)
+    result.check(not orphans, f"no VM without a running job that recorded it ({orphans[:5] or 'none'})")
+    result.check(max(per_job.values(), default=0) <= 1, "no job has two VMs")
+    return result
+
+
 RUNNERS: dict[str, Callable[[Cluster, Sizes], Result]] = {
     "R1": r1,
     "R2": r2,
@@ -486,6 +773,14 @@ RUNNERS: dict[str, Callable[[Cluster, Sizes], Result]] = {
     "R7": r7,
     "R8": r8,
     "HA": ha.run,  # on a Sentinel-managed cluster of its own
+    "R9": r9,
+    "R10": r10,
+    "R11": r11,
+    "R12": r12,
+    "R13": r13,
+    "R14": r14,
+    "R15": r15,
+    "R16": r16,
 }
 
 

@@ -114,6 +114,42 @@ class Cluster:
         self.retired.append(victim)
         self.workers[slot] = self._worker().wait_ready(60)
 
+    def pause(self, slot: int, seconds: float) -> None:
+        """SIGSTOP one worker for ``seconds``, then SIGCONT: a stalled host (GC pause, frozen VM,
+        partition) whose steps and lease renewals stop mid-call and go on later."""
+        import signal
+        import time
+
+        process = self.workers[slot].process
+        process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            process.send_signal(signal.SIGCONT)
+
+    @contextmanager
+    def replaced_workers(
+        self, specs: list[tuple[dict[str, str], str]], concurrency: int | None = None
+    ) -> Iterator[None]:
+        """Run a scenario on other workers: one per (env overrides, app module) in ``specs``; the
+        usual ones are stopped meanwhile and started again after."""
+        for worker in self.workers:
+            worker.stop()
+        self.retired += self.workers
+        threads = concurrency or self.config.concurrency
+        self.workers = [Worker("sim", {**self.env, **env}, threads, self.workdir, app=app) for env, app in specs]
+        try:
+            for worker in self.workers:
+                worker.wait_ready(60)
+            yield
+        finally:
+            for worker in self.workers:
+                worker.stop()
+            self.retired += self.workers
+            self.workers = [self._worker() for _ in range(self.config.workers)]
+            for worker in self.workers:
+                worker.wait_ready(60)
+
     def restart_redis(self, down_s: float) -> float:
         """Stop redis-server (SIGTERM: the AOF is flushed), keep it down ``down_s``, start it again."""
         import time

@@ -221,32 +221,41 @@ def submit(job: Job, startup_script: str | None = None) -> Protocol[Job]:
     """Record a job and publish its message; the job, or the job an idempotency key already names.
 
     Raises ``IdempotencyConflict`` (key used for another request), ``JobNotFound`` (the key's job
-    expired) and whatever the store or the publish raised; a failed publish leaves the job
-    ``failed`` (``enqueue_failed``) and its idempotency key free.
+    expired) and whatever the store or the publish raised. The key is bound in the same step as the
+    record is written (``add_claiming``), so every caller who finds it bound finds the job. A record
+    becomes runnable only once its message is published (``mark_enqueued``): a failed publish
+    leaves the job ``failed`` (``enqueue_failed``) and its key free, and if even that write fails
+    (one Redis outage), the rescue (workers/rescue.py) fails the unmarked record instead of sending it.
     """
     if job.idempotency_key:
         job.request_hash = job.request_hash or request_hash(job, startup_script)  # build_create may have set it
-        existing = yield Call("claim_idempotency_key", (job.idempotency_key, job.id))
-        if existing:
-            earlier = yield Call("get", (existing,))
-            if earlier is None:
-                raise JobNotFound(f"idempotency key {job.idempotency_key!r} names job {existing}, which has expired")
-            # Compared by fingerprint: the stored spec changes once a worker fixes its parameters.
-            if earlier.request_hash != job.request_hash:
-                raise IdempotencyConflict(
-                    f"idempotency key {job.idempotency_key!r} was used for job {existing} with another request"
-                )
-            return earlier
-    yield Call("add", (job, startup_script))
+    existing = yield Call("add_claiming", (job, startup_script, job.idempotency_key))
+    if existing:
+        earlier = yield Call("get", (existing,))
+        if earlier is None:
+            raise JobNotFound(f"idempotency key {job.idempotency_key!r} names job {existing}, which has expired")
+        # Compared by fingerprint: the stored spec changes once a worker fixes its parameters.
+        if earlier.request_hash != job.request_hash:
+            raise IdempotencyConflict(
+                f"idempotency key {job.idempotency_key!r} was used for job {existing} with another request"
+            )
+        return earlier
     try:
         yield Call("publish", (job,))
     except Exception as exc:
         # Not enqueued: the record says so instead of sitting in "queued" forever.
         error = JobError(code="enqueue_failed", message=f"{type(exc).__name__}: {exc}", retryable=True)
-        yield Call("transition", (job.id, JobState.failed, f"failed: {error.message}"), {"error": error})
-        if job.idempotency_key:
-            yield Call("release_idempotency_key", (job.idempotency_key, job.id))
+        try:
+            yield Call("transition", (job.id, JobState.failed, f"failed: {error.message}"), {"error": error})
+            if job.idempotency_key:
+                yield Call("release_idempotency_key", (job.idempotency_key, job.id))
+        except Exception:  # noqa: BLE001, S110 - the record stays unmarked: the rescue fails it and frees its key
+            pass
         raise
+    try:
+        job = yield Call("mark_enqueued", (job,))
+    except Exception:  # noqa: BLE001, S110 - the message is out and a worker runs the job: the caller hears success
+        pass
     # With VMQ_REDIS_WAIT_REPLICAS: return only once replicas have the record and the message.
     yield Call("replicated", (job.id,))
     return job

@@ -23,7 +23,7 @@ from vmqueue.jobstore import (
     queue_create_ended,
     transition_change,
 )
-from vmqueue.models import Job, JobState
+from vmqueue.models import Job, JobState, utcnow
 from vmqueue.settings import Settings
 
 
@@ -51,6 +51,20 @@ class AsyncJobStore:
                     "WAIT", self.settings.redis_wait_replicas, self.settings.redis_wait_timeout_ms
                 )
             _log_unreplicated(job_id, acked, self.settings)
+
+    async def add_claiming(
+        self, job: Job, startup_script: str | None = None, idempotency_key: str | None = None
+    ) -> str | None:
+        """``JobStore.add_claiming``: record and idempotency key in the one add script."""
+        add_keys, args = add_arguments(job, startup_script, self.settings, idempotency_key)
+        bound = await self._add(keys=add_keys, args=args)
+        return None if bound == 1 else bound
+
+    async def mark_enqueued(self, job: Job) -> Job:
+        """``JobStore.mark_enqueued``."""
+        now = utcnow()
+        await self.update(job.id, lambda j: setattr(j, "enqueued_at", now))
+        return job.model_copy(update={"enqueued_at": now})
 
     async def get(self, job_id: str) -> Job | None:
         raw = await self.redis.get(keys.job_key(job_id))

@@ -25,6 +25,17 @@ from redis.retry import Retry
 
 from vmqueue.settings import Settings
 
+# What a Redis client meets while Redis is away or changing hands, and treats like a lost connection
+# (reconnect, retry with backoff) instead of a bug: a replica promoted or a primary demoted answers
+# READONLY to writes, a failover in progress MASTERDOWN or TRYAGAIN, a restarting server LOADING.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,  # BusyLoadingError (LOADING) is one
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+)
+
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
@@ -102,7 +113,7 @@ def _retry_options(patient: bool = True, retry_class: type = Retry) -> dict[str,
         "socket_timeout": 10,
         "health_check_interval": 30,
         "retry": retry_class(ExponentialBackoff(**_BACKOFF), retries=_RETRIES),
-        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+        "retry_on_error": list(REDIS_UNAVAILABLE),
     }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, get_args
 
@@ -54,7 +54,9 @@ MAX_DEADLINE_S = 86_400
 
 # A job's deadline in seconds: refused at the producer when not positive (a VM would be created and
 # destroyed at once) or beyond a day. The Python API, the HTTP API, fleet files and the CLI share it.
-DeadlineS = Annotated[float, Field(gt=0, le=MAX_DEADLINE_S, description="seconds until running (create) or gone")]
+DeadlineS = Annotated[
+    float, Field(gt=0, le=MAX_DEADLINE_S, description="seconds from enqueue until running (create) or gone")
+]
 
 
 def utcnow() -> datetime:
@@ -543,6 +545,40 @@ class JobEvent(BaseModel):
 MAX_HISTORY = 50
 
 
+class Phase(StrEnum):
+    """A stretch of a job with its own attempt budget and deadline (``Job.phases``)."""
+
+    submit = "submit"  # create: prepare_spec and the create call, per placement
+    poll = "poll"  # create: reads until the VM runs
+    cleanup = "cleanup"  # create that failed with a VM: delete and read until gone
+    destroy = "destroy"  # destroy job: delete and read until gone
+    get = "get"  # get job: one read
+
+
+class PhaseBudget(BaseModel):
+    """How much of one phase's budget a job has used: failed provider calls, and when it began."""
+
+    failures: int = Field(0, description="retryable failures so far; the phase fails at VMQ_MAX_ATTEMPTS")
+    started_at: datetime | None = None
+
+
+class Phases(BaseModel):
+    """One budget per phase, so a create that used all its attempts still leaves its cleanup a full one.
+
+    A later phase (cancel, readiness) adds a field here and spends it through the lifecycle's
+    ``FailureSteps._call_failed(job, exc, count, phase)``.
+    """
+
+    submit: PhaseBudget = Field(default_factory=PhaseBudget)
+    poll: PhaseBudget = Field(default_factory=PhaseBudget)
+    cleanup: PhaseBudget = Field(default_factory=PhaseBudget)
+    destroy: PhaseBudget = Field(default_factory=PhaseBudget)
+    get: PhaseBudget = Field(default_factory=PhaseBudget)
+
+    def of(self, phase: Phase) -> PhaseBudget:
+        return getattr(self, phase.value)
+
+
 class Job(BaseModel):
     """A job as the job store keeps it; the startup script is stored beside it, never in it."""
 
@@ -563,11 +599,17 @@ class Job(BaseModel):
     # (e.g. the AMI an alias resolved to), so every retry sends the identical request.
     prepared_spec: VMSpec | None = None
     polls: int = 0
-    created_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow)  # recorded by the producer: the deadline counts from here
     updated_at: datetime = Field(default_factory=utcnow)
+    # Set once the job's first message is published; until then the record is not runnable and the
+    # rescue fails it instead of sending it (a publish that failed in a Redis outage).
+    enqueued_at: datetime | None = None
     submitted_at: datetime | None = None  # the create call was first sent
     delete_sent_at: datetime | None = None  # the delete call went out (destroy job, or cleanup of a create)
-    deadline_s: DeadlineS = 600.0
+    # First NotFound of the VM before any read saw it: confirmed by later reads (eventual consistency).
+    not_found_since: datetime | None = None
+    deadline_s: DeadlineS = 600.0  # counted from enqueue (created_at): time in the queue counts
+    phases: Phases = Field(default_factory=Phases)
     destroy_on_failure: bool = True
     cleanup: CleanupState | None = None
     idempotency_key: str | None = None
@@ -614,6 +656,11 @@ class Job(BaseModel):
     def cancel_pending(self) -> bool:
         """A cancel was asked for but the job's worker has not acted on it yet."""
         return self.cancel is not None and self.state != JobState.cancelled
+
+    @property
+    def deadline_at(self) -> datetime:
+        """When the job's deadline passes: ``deadline_s`` after it was recorded (queue time counts)."""
+        return self.created_at + timedelta(seconds=self.deadline_s)
 
     @property
     def finished(self) -> bool:

@@ -39,7 +39,12 @@ class Settings(BaseSettings):
     events_maxlen: int = Field(100_000, ge=100, description="events the all-jobs stream keeps (about)")
     job_events_maxlen: int = Field(100, ge=10, description="events each job's own stream keeps")
 
-    deadline_s: float = Field(600.0, description="default per-job deadline until running/gone")
+    deadline_s: float = Field(
+        600.0, description="default per-job deadline: seconds from enqueue until running (create) or gone (destroy)"
+    )
+    cleanup_deadline_s: float = Field(
+        600.0, description="how long the cleanup of a failed create may take, from the failure until the VM is gone"
+    )
     destroy_on_failure: bool = True
     poll_initial_s: float = 2.0
     poll_max_s: float = 15.0
@@ -48,7 +53,9 @@ class Settings(BaseSettings):
         None,
         description="one batched status read per provider this often; default: from the provider's API limit",
     )
-    max_attempts: int = Field(6, description="task-level attempts of one provider call before the job fails")
+    max_attempts: int = Field(
+        6, description="task-level attempts per phase (submit, poll, cleanup, destroy, get) before the phase fails"
+    )
     retry_base_s: float = 2.0
     retry_max_s: float = 60.0
     call_attempts: int = Field(3, description="quick in-call attempts (tenacity) of a transient error")
@@ -99,6 +106,12 @@ class Settings(BaseSettings):
         "one the server prefers (enough for known_hosts: OpenSSH then asks for that type)",
     )
     eta_task_limit: int = 20_000
+
+
+def max_countdown_s(settings: Settings) -> float:
+    """The longest countdown any step's message may carry: far below the visibility timeout, or Redis
+    would deliver the message again while a worker still holds it (kombu#337)."""
+    return settings.visibility_timeout_s / 4
 
 
 # Sustained request rate per provider the tick interval is derived from (the per-bucket budgets are in

@@ -101,5 +101,7 @@ class SweepReport(BaseModel):
     epoch: StoreEpoch | None = None  # the store's epoch this pass saw (or began)
     refused: str | None = None  # why this pass destroyed nothing at all (the store lost records)
     destroy_limit: int | None = None  # the most this pass could destroy (max_destroy_share x everything listed)
+    # queued records whose message was never published (the enqueue failed): failed, not sent
+    never_enqueued: list[str] = Field(default_factory=list)
     error: str | None = None
     finished_at: datetime = Field(default_factory=utcnow)

@@ -25,3 +25,17 @@ def full_jitter_backoff(base_s: float, cap_s: float) -> Backoff:
         return random.uniform(0, min(cap_s, base_s * 2 ** max(attempt, 0)))
 
     return delay
+
+
+def equal_jitter_backoff(base_s: float, cap_s: float) -> Backoff:
+    """For task-level retries of a failed phase: ``uniform(d/2, d)`` with ``d = min(cap, base * 2**n)``.
+
+    Unlike full jitter its floor grows too, so a provider that fails every call (a Hetzner 423
+    ``locked`` on each delete) sees fewer and fewer calls, never a burst of near-zero waits.
+    """
+
+    def delay(attempt: int) -> float:
+        ceiling = min(cap_s, base_s * 2 ** max(attempt, 0))
+        return random.uniform(ceiling / 2, ceiling)
+
+    return delay

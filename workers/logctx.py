@@ -80,6 +80,11 @@ def _enter(task: Task, args: tuple | list | None = None, **_: object) -> None:
     _provider.set(provider)
 
 
+def bind_provider(provider: str) -> None:
+    """For a thread that works for one provider outside any task (the worker's tick timer)."""
+    _provider.set(provider)
+
+
 @task_postrun.connect
 def _leave(**_: object) -> None:
     # The pool reuses its threads: the next task on this thread must not inherit this job.

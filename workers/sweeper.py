@@ -56,8 +56,8 @@ from functools import partial
 import redis
 
 from vmqueue import keys
-from vmqueue.jobstore import JobStore
-from vmqueue.models import LABEL_JOB, CleanupState, Job, JobKind, JobState, VMInfo, VMStatus, job_id_of
+from vmqueue.jobstore import InvalidTransition, JobStore
+from vmqueue.models import LABEL_JOB, CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMStatus, job_id_of
 from vmqueue.sweep import REPORT_TTL_S, Action, Orphan, OwnedResource, StoreEpoch, SweepReport, SweepRequest
 from workers.providers.base import Provider
 from workers.providers.errors import ProviderError
@@ -175,7 +175,7 @@ class Sweeper:
         store: JobStore,
         provider: Provider,
         calls: Callable[..., object],
-        resend: Callable[[Job], None] | None = None,
+        resend: Callable[[Job, int], None] | None = None,  # (job, the step number its message carries)
         stalled_after_s: float = 0.0,
     ):
         self.store = store
@@ -210,11 +210,30 @@ class Sweeper:
     def _rescue(self, request: SweepRequest, report: SweepReport) -> None:
         if self.resend is None:
             return
-        for job in stalled_jobs(self.store, request.provider, self.stalled_after_s):
+        for stalled in stalled_jobs(self.store, request.provider, self.stalled_after_s):
+            job = stalled.job
+            if stalled.never_enqueued:
+                report.never_enqueued.append(job.id)
+                if not request.dry_run:
+                    self._fail_never_enqueued(job)
+                continue
             if not request.dry_run:
-                self.resend(job)
+                self.resend(job, stalled.seq)
             report.rescued.append(job.id)
             log.warning("job=%s provider=%s stalled %s job sent again", job.id, job.provider, job.state)
+
+    def _fail_never_enqueued(self, job: Job) -> None:
+        """A record whose message was never published: its caller was told the enqueue failed."""
+        error = JobError(
+            code="enqueue_failed", message="its message was never published (the enqueue failed)", retryable=True
+        )
+        try:
+            self.store.transition(job.id, JobState.failed, f"failed: {error.message}", error=error)
+        except InvalidTransition:  # a worker got to it after all
+            return
+        if job.idempotency_key:
+            self.store.release_idempotency_key(job.idempotency_key, job.id)
+        log.warning("job=%s provider=%s never enqueued: failed", job.id, job.provider)
 
     def _pass(self, request: SweepRequest, report: SweepReport) -> None:
         # The epoch before the lists: records lost after this read show up on the next pass.

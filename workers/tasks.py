@@ -11,12 +11,11 @@ import threading
 import time
 from functools import cache
 
-import redis
 from celery import Task
 from celery.signals import worker_ready
 
 from vmqueue import jobindex, keys
-from vmqueue.connection import connect
+from vmqueue.connection import REDIS_UNAVAILABLE, connect
 from vmqueue.jobstore import JobStore
 from vmqueue.models import JobError, JobKind, JobState
 from workers import jobevents
@@ -24,6 +23,7 @@ from workers.app import app, settings
 from workers.calls import ProviderCalls, SharedRateLimit
 from workers.expiry import Expiry
 from workers.lifecycle import JobRunner
+from workers.logctx import bind_provider
 from workers.providers.registry import get_provider
 
 log = logging.getLogger("vmqueue.worker")
@@ -47,15 +47,74 @@ def expiry() -> Expiry:
     return Expiry(runner().store, settings, _resend)
 
 
+class Ticker:
+    """The tick of every provider this worker serves, on a timer thread of the worker's own.
+
+    Tick messages waited in the provider's queue behind every job message, so a backlog longer than
+    the tick lease starved the batched reads and the deadlines they enforce (a VM up for a minute
+    still ``provisioning``). The tick runs here instead, outside the pool and the queue: the process
+    holding a provider's tick lease (``WatchList.claim_ticker``) reads that provider every tick
+    interval whatever the queue holds; if it dies, its lease runs out and another worker's thread
+    claims it.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, str] = {}  # provider -> the tick lease this process holds
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+
+    def adopt(self, provider: str, token: str) -> None:
+        """This process claimed ``provider``'s tick lease (a job found no live tick): tick it from now."""
+        with self._lock:
+            self.tokens[provider] = token
+        self._wake.set()
+
+    def run(self, providers: list[str]) -> None:
+        next_at: dict[str, float] = {}
+        while True:
+            now = time.monotonic()
+            for provider in providers:
+                if now < next_at.get(provider, 0.0):
+                    continue
+                next_at[provider] = now + runner().tick_s(provider)
+                try:
+                    self._tick(provider, providers)
+                except Exception as exc:  # noqa: BLE001 - the timer must outlive a Redis outage or a bug
+                    log.warning("provider=%s tick failed: %s: %s", provider, type(exc).__name__, exc)
+            wait = min(next_at.values(), default=now + 1.0) - time.monotonic()
+            self._wake.wait(max(wait, 0.05))
+            self._wake.clear()
+
+    def _tick(self, provider: str, providers: list[str]) -> None:
+        bind_provider(provider)  # its log lines name the provider, and each job's line its job
+        token = self.tokens.get(provider)
+        if token is None:
+            if not runner().watch.providers_waiting([provider]):
+                return
+            token = runner().watch.claim_ticker(provider)
+            if token is None:
+                return  # another worker ticks this provider
+            log.info("provider=%s VMs are watched and no tick runs; this worker ticks them", provider)
+            self.adopt(provider, token)
+        if runner().tick(provider, token) is None:  # nothing watched any more, or the lease went elsewhere
+            with self._lock:
+                if self.tokens.get(provider) == token:
+                    del self.tokens[provider]
+
+
+TICKER = Ticker()
+
+
 def _start_ticker(provider: str, token: str) -> None:
-    tick.apply_async(args=[provider, token], queue=keys.queue_name(provider), argsrepr=f"({provider})")
+    TICKER.adopt(provider, token)
 
 
-def _start_job(job_id: str, countdown_s: float) -> None:
+def _start_job(job_id: str, countdown_s: float, seq: int) -> None:
     job = runner().store.get(job_id)
     if job is not None:
         create.apply_async(
             args=[job_id],
+            kwargs={"seq": seq},
             countdown=countdown_s,
             queue=keys.queue_name(job.provider),
             task_id=job.id,  # the job's one task id: Flower keeps one row per job
@@ -64,23 +123,22 @@ def _start_job(job_id: str, countdown_s: float) -> None:
 
 
 @worker_ready.connect
-def _supervise_ticks(sender, **_: object) -> None:
-    """A thread per worker process that restarts a provider's tick chain if it died (its lease ran
-    out while VMs are still watched), so watched jobs never wait on a dead chain for long, and
-    destroys the VMs whose expiry passed (workers/expiry.py)."""
+def _start_worker_threads(sender, **_: object) -> None:
+    """Per worker process: the tick thread (``Ticker``) and a supervisor that destroys the VMs whose
+    expiry passed (workers/expiry.py), for the providers whose queues this worker consumes."""
     providers = [q.name.removeprefix(keys.QUEUE_PREFIX) for q in sender.task_consumer.queues]
+    threading.Thread(target=TICKER.run, args=(providers,), name="vmq-ticker", daemon=True).start()
     period_s = max(1.0, 2 * min((runner().tick_s(p) for p in providers), default=1.0))
 
     def supervise() -> None:
         while True:
             time.sleep(period_s)
             try:
-                runner().revive_ticks(providers)
                 expiry().run(providers)
             except Exception as exc:  # noqa: BLE001 - a supervisor must outlive a Redis outage
-                log.debug("tick supervisor: %s", exc)
+                log.debug("expiry supervisor: %s", exc)
 
-    threading.Thread(target=supervise, name="vmq-tick-supervisor", daemon=True).start()
+    threading.Thread(target=supervise, name="vmq-expiry-supervisor", daemon=True).start()
 
 
 @worker_ready.connect
@@ -91,24 +149,33 @@ def _scan_readiness(sender, **_: object) -> None:
     ReadyScanner(runner(), settings).start()
 
 
-def _step(task: Task, job_id: object, kind: JobKind) -> None:
+def _step(task: Task, job_id: object, kind: JobKind, seq: object) -> None:
     if not isinstance(job_id, str) or not job_id:
         log.error("%s message rejected: the argument must be a job id string, got %r", task.name, job_id)
         return
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        log.error("%s message rejected: seq must be a step number >= 0, got %r", task.name, seq)
+        return
     try:
-        outcome = runner().run(job_id, kind)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        outcome = runner().run(job_id, kind, seq)
+    except REDIS_UNAVAILABLE as exc:
+        # Redis away or changing hands (READONLY after a failover included): the step runs again later
+        # with the same sequence number; nothing of the job is lost or failed.
         log.warning("job=%s Redis unavailable (%s); retrying the step in %ss", job_id, exc, BROKER_RETRY_S)
-        raise task.retry(countdown=BROKER_RETRY_S, max_retries=None) from exc
+        argsrepr = getattr(task.request, "argsrepr", None)
+        raise task.retry(countdown=BROKER_RETRY_S, max_retries=None, argsrepr=argsrepr, kwargs={"seq": seq}) from exc
     except Exception as exc:
         # A bug must not make a job vanish silently: record it on the job, then let Celery log it.
         _fail_internal(job_id, exc)
         raise
     if outcome is not None and outcome.message:
         # The retry keeps the job's readable arguments: Flower's row (and its search) would else turn
-        # to "('<id>',)" at the first poll, losing the VM's name.
+        # to "('<id>',)" at the first poll, losing the VM's name. The next message carries the step
+        # number the job now expects; a copy of this one is a duplicate.
         argsrepr = getattr(task.request, "argsrepr", None)
-        raise task.retry(countdown=outcome.countdown_s, max_retries=None, argsrepr=argsrepr)
+        raise task.retry(
+            countdown=outcome.countdown_s, max_retries=None, argsrepr=argsrepr, kwargs={"seq": outcome.seq}
+        )
     # No success of the task's own: Flower's row for the job ends as the job ends (workers/jobevents.py).
     jobevents.step_ended(job_id, runner().store)
 
@@ -125,29 +192,32 @@ def _fail_internal(job_id: str, exc: Exception) -> None:
 
 
 @app.task(bind=True, name=keys.TASK_CREATE, max_retries=None)
-def create(self: Task, job_id: str) -> None:
+def create(self: Task, job_id: str, seq: int = 0) -> None:
     """Create a VM: submit once (idempotently), then poll until running, the deadline or an error."""
-    _step(self, job_id, JobKind.create)
+    _step(self, job_id, JobKind.create, seq)
 
 
 @app.task(bind=True, name=keys.TASK_DESTROY, max_retries=None)
-def destroy(self: Task, job_id: str) -> None:
+def destroy(self: Task, job_id: str, seq: int = 0) -> None:
     """Destroy a VM: send the delete, then poll until the provider reports it gone."""
-    _step(self, job_id, JobKind.destroy)
+    _step(self, job_id, JobKind.destroy, seq)
 
 
 @app.task(bind=True, name=keys.TASK_GET, max_retries=None)
-def get(self: Task, job_id: str) -> None:
+def get(self: Task, job_id: str, seq: int = 0) -> None:
     """Read a VM once into the job."""
-    _step(self, job_id, JobKind.get)
+    _step(self, job_id, JobKind.get, seq)
 
 
 @app.task(bind=True, name=keys.TASK_TICK, max_retries=None)
 def tick(self: Task, provider: str, token: str) -> None:
-    """Read every VM of a provider that jobs wait for, in one call, and settle the jobs whose VM settled."""
+    """A tick sent as a message by an earlier version; ticks now run on each worker's ``Ticker`` thread.
+
+    Runs only while its token still holds the provider's tick lease, so it ends within one lease.
+    """
     try:
         outcome = runner().tick(provider, token)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except REDIS_UNAVAILABLE as exc:
         log.warning("provider=%s tick: Redis unavailable (%s); the next job poll restarts the tick", provider, exc)
         return
     if outcome is not None:
@@ -182,10 +252,16 @@ def sweep(request: object) -> None:
     )  # fmt: skip
 
 
-def _resend(job) -> None:
-    """A stalled job's task again, as the producer sent it (workers/rescue.py says why it is safe)."""
+def _resend(job, seq: int = 0) -> None:
+    """A stalled job's task again, with the step number the job expects (workers/rescue.py says why it is safe)."""
     task = {JobKind.create: create, JobKind.destroy: destroy, JobKind.get: get}[job.kind]
-    task.apply_async(args=[job.id], queue=keys.queue_name(job.provider), task_id=job.id, argsrepr=_argsrepr(job))
+    task.apply_async(
+        args=[job.id],
+        kwargs={"seq": seq},
+        queue=keys.queue_name(job.provider),
+        task_id=job.id,
+        argsrepr=_argsrepr(job),
+    )
 
 
 def _argsrepr(job) -> str:

@@ -405,6 +405,21 @@ class TestDigitalOcean(AdapterContract):
         assert info.value.retryable
         assert info.value.retry_after_s is not None and low <= info.value.retry_after_s <= high
 
+    @pytest.mark.parametrize("reset_ago_s", [0, 5])
+    def test_rate_limit_reset_already_past_is_no_hint(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, reset_ago_s: int
+    ) -> None:
+        # A reset at or before now said "retry at once": six attempts in three seconds (issue 12, 4).
+        limits = {
+            "ratelimit-limit": "5000",
+            "ratelimit-remaining": "0",
+            "ratelimit-reset": str(int(time.time()) - reset_ago_s),
+        }
+        fake.fail("GET", "/droplets/1", status=429, headers=limits, body=error("too_many_requests", "slow down"))
+        with pytest.raises(RateLimitedError) as info:
+            provider.get_vm("1")
+        assert info.value.retry_after_s is None
+
     def test_missing_credentials_auth_error(self, fake: FakeDigitalOcean, monkeypatch: pytest.MonkeyPatch) -> None:
         for name in TOKEN_ENVS:
             monkeypatch.delenv(name, raising=False)

@@ -376,6 +376,23 @@ class TestHetzner(AdapterContract):
         assert info.value.retryable
         assert info.value.retry_after_s is not None and 0 < info.value.retry_after_s <= 30
 
+    @pytest.mark.parametrize(("reset_in_s", "expected"), [(3600, 1.0), (0.4, "reset"), (-5, None)])
+    def test_rate_limit_hint_is_one_refill_not_the_full_bucket(
+        self, fake: FakeHetzner, provider: HetznerProvider, reset_in_s: float, expected: object
+    ) -> None:
+        # RateLimit-Reset is when the bucket is full again; it refills one request a second, so an
+        # hour away still means "one request in a second" (issue 12, situation 4). A reset in the
+        # past is no hint at all: the lifecycle's backoff decides.
+        reset = time.time() + reset_in_s
+        headers = {"RateLimit-Limit": "3600", "RateLimit-Remaining": "0", "RateLimit-Reset": f"{reset:.3f}"}
+        fake.fail("GET", "/servers/1", status=429, headers=headers, body=error("rate_limit_exceeded", "limit hit"))
+        with pytest.raises(RateLimitedError) as info:
+            provider.get_vm("1")
+        if expected == "reset":
+            assert 0 < info.value.retry_after_s <= reset_in_s
+        else:
+            assert info.value.retry_after_s == expected
+
     def test_missing_credentials_auth_error(self, fake: FakeHetzner, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv("HCLOUD_TOKEN", raising=False)
         with pytest.raises(AuthError, match="HCLOUD_TOKEN"):

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from vmqueue.models import CleanupState, Job, JobError, JobState, VMInfo, VMStatus, attempt_key, utcnow
+from vmqueue.models import (
+    LABEL_JOB,
+    CleanupState,
+    Job,
+    JobError,
+    JobState,
+    Phase,
+    VMInfo,
+    VMStatus,
+    attempt_key,
+    utcnow,
+)
 from vmqueue.sshkeys import SSHPublicKey
 from workers.calls import ProviderCalls
-from workers.lifecycle.common import DEAD, Next, Steps, _set, log
+from workers.lifecycle.common import DEAD, GONE, Next, Steps, log
 from workers.providers.errors import CapacityError, NotFoundError, ProviderError
 
 
@@ -38,15 +49,29 @@ class CreateSteps(Steps):
             if delay > 0.05:
                 return Next(delay)
         calls = ProviderCalls(job.provider, self.limit, self.settings)
+        # A create call of this placement went out before and its outcome is unknown (an error that
+        # may have come after the provider acted, or a worker that died in the call): a VM may exist.
+        ambiguous = job.state == JobState.submitting and job.prepared_spec is not None
+        if utcnow() >= job.deadline_at:  # the deadline counts from enqueue: time in the queue is spent too
+            if ambiguous and (adopted := self._adopt_lost_vm(job, calls)):
+                return adopted
+            error = JobError(
+                code="deadline_exceeded",
+                message=f"not running {job.deadline_s:.0f}s after enqueue (it waited in the queue)",
+                retryable=True,
+            )
+            return self._fail(job, error, calls.count)
         try:
             # Every create parameter is fixed once and stored, so each retry sends the identical request.
-            spec = job.prepared_spec or provider.prepare_spec(job.spec.at_placement(job.placement))
+            # prepare_spec may call the provider (an image lookup): the shared limit and retries apply.
+            spec = job.prepared_spec or calls(provider.prepare_spec, job.spec.at_placement(job.placement))
         except ProviderError as exc:
-            return self._call_failed(job, exc, calls.count)
+            return self._call_failed(job, exc, calls.count, Phase.submit)
         job = self.store.transition(
             job.id,
             JobState.submitting,
             f"create attempt {job.attempts + 1} in {spec.region} ({spec.instance_type})",
+            change=lambda j: setattr(j.phases.submit, "started_at", j.phases.submit.started_at or utcnow()),
             attempts=job.attempts + 1,
             submitted_at=job.submitted_at or utcnow(),
             prepared_spec=spec,
@@ -62,24 +87,43 @@ class CreateSteps(Steps):
                 job_id=attempt_key(job.id, job.placement),
                 first_attempt=first_attempt,
             )
-        except CapacityError as exc:
-            return self._fail_over(job, exc, calls.count)
         except ProviderError as exc:
-            return self._call_failed(job, exc, calls.count)
+            # Before failing over or failing after an ambiguous outcome (an earlier attempt, or this
+            # retryable error), look for the VM that attempt may have made.
+            if (ambiguous or exc.retryable) and self._gives_up(job, exc, Phase.submit):
+                if adopted := self._adopt_lost_vm(job, calls):
+                    return adopted
+            if isinstance(exc, CapacityError):
+                return self._fail_over(job, exc, calls.count)
+            return self._call_failed(job, exc, calls.count, Phase.submit)
+        return self._accepted(job, vm, calls.count, f"provider accepted the create: {vm.instance_id}")
+
+    def _accepted(self, job: Job, vm: VMInfo, count: int, message: str) -> Next:
         job = self.store.transition(
-            job.id,
-            JobState.provisioning,
-            f"provider accepted the create: {vm.instance_id}",
-            instance_id=vm.instance_id,
-            vm=vm,
-            api_calls=job.api_calls + calls.count,
+            job.id, JobState.provisioning, message, instance_id=vm.instance_id, vm=vm, api_calls=job.api_calls + count
         )
         if job.cancel_pending:  # asked while the create call was out: its VM is known now, and goes
             return self._cancelled(job)
         log.info("job=%s provider=%s instance=%s created; polling", job.id, job.provider, vm.instance_id)
-        if self._batched(provider) and not self._watch(job):
+        if self._batched(self.providers(job.provider)) and not self._watch(job):
             return self._watched(job)
         return Next(self.poll_delay(0))
+
+    def _adopt_lost_vm(self, job: Job, calls: ProviderCalls) -> Next | None:
+        """Find a VM carrying this attempt's label (a create whose answer was lost); adopt it if found."""
+        label = attempt_key(job.id, job.placement)
+        try:
+            owned = calls(self.providers(job.provider).list_owned_vms)
+        except ProviderError as exc:  # cannot tell: the sweeper finds a VM of a failed job by its label
+            log.warning("job=%s provider=%s looking for a lost VM failed: %s", job.id, job.provider, exc)
+            return None
+        vm = next((v for v in owned if v.labels.get(LABEL_JOB) == label and v.status not in GONE), None)
+        if vm is None:
+            return None
+        log.warning("job=%s provider=%s instance=%s adopted after a lost answer", job.id, job.provider, vm.instance_id)
+        return self._accepted(
+            job, vm, calls.count, f"found the VM of an earlier attempt by its label: {vm.instance_id}"
+        )
 
     def _poll_create(self, job: Job) -> Next | None:
         provider = self.providers(job.provider)
@@ -98,7 +142,7 @@ class CreateSteps(Steps):
         except CapacityError as exc:  # a create that failed after it was accepted (GCP, Azure, Hetzner, DigitalOcean)
             return self._fail_over(job, exc, calls.count)
         except ProviderError as exc:
-            return self._call_failed(job, exc, calls.count)
+            return self._call_failed(job, exc, calls.count, Phase.poll)
         return self._observe_create(job, vm, calls.count)
 
     def _observe_create(self, job: Job, vm: VMInfo | None, count: int) -> Next | None:
@@ -131,12 +175,17 @@ class CreateSteps(Steps):
         if vm is not None and vm.status in DEAD:
             error = JobError(code="vm_error", message=f"the VM ended in {vm.provider_status} instead of running")
             return self._fail(job, error, count, vm=vm)
-        if since_submit > job.deadline_s:
+        if utcnow() >= job.deadline_at:
             error = JobError(
                 code="deadline_exceeded",
-                message=f"not running after {job.deadline_s:.0f}s (last status {vm.status if vm else 'not found'})",
+                message=f"not running {job.deadline_s:.0f}s after enqueue "
+                f"(last status {vm.status if vm else 'not found'})",
                 retryable=True,
             )
             return self._fail(job, error, count, vm=vm)
-        self.store.update(job.id, lambda j: _set(j, polls=polls, api_calls=j.api_calls + count, vm=vm or j.vm))
+
+        def note(j: Job) -> None:
+            j.polls, j.api_calls, j.vm = polls, j.api_calls + count, vm or j.vm
+
+        self.store.update(job.id, note)
         return Next(self.poll_delay(polls))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from vmqueue.models import CleanupState, Job, JobError, JobKind, JobState
-from workers.lifecycle.common import Next, Steps, _job_error, _set, log
+from vmqueue.models import CleanupState, Job, JobError, JobKind, JobState, Phase, VMInfo, utcnow
+from vmqueue.settings import max_countdown_s
+from workers.lifecycle.common import Next, Steps, _job_error, _set, log, phase_deadline
 from workers.providers.errors import CapacityError, ProviderError
 
 
@@ -14,8 +15,9 @@ class FailureSteps(Steps):
         """No capacity here: try the spec's next placement, or fail once every one said no.
 
         Adapters raise CapacityError only when the provider refused the VM, so no VM of this attempt
-        exists; the next attempt gets a new idempotency token (``attempt_key``) and a fresh
-        ``prepare_spec`` (an image id may differ per region).
+        exists (the submit step first looks for one after an ambiguous outcome); the next attempt gets
+        a new idempotency token (``attempt_key``) and a fresh ``prepare_spec`` (an image id may differ
+        per region).
         """
         placements = [job.spec.at_placement(i) for i in range(len(job.spec.fallbacks) + 1)]
         here = placements[job.placement]
@@ -45,49 +47,77 @@ class FailureSteps(Steps):
         log.warning("job=%s provider=%s %s", job.id, job.provider, message)
         return Next(0)
 
-    def _call_failed(self, job: Job, exc: ProviderError, count: int) -> Next | None:
-        """Layer 2: a retryable error retries the step later, honouring Retry-After; others fail."""
+    def _gives_up(self, job: Job, exc: ProviderError, phase: Phase) -> bool:
+        """Whether this error ends ``phase``: not retryable, its attempts spent, or its deadline passed."""
+        if not exc.retryable:
+            return True
+        failures = job.phases.of(phase).failures + 1
+        return failures >= self.settings.max_attempts or utcnow() >= phase_deadline(job, phase, self.settings)
+
+    def _call_failed(self, job: Job, exc: ProviderError, count: int, phase: Phase) -> Next | None:
+        """Layer 2: a retryable error retries the phase later, within its attempts and its deadline.
+
+        The wait is the provider's hint (Retry-After, a rate-limit reset) when it gave one, else a
+        backoff whose floor grows with the phase's failures; either is capped by what is left of the
+        phase's deadline and stays far below the visibility timeout. What ends the phase: a
+        non-retryable error (its own code), the attempts spent (the last error's code, "after N
+        attempts"), or the deadline (``deadline_exceeded``, naming the last error).
+        """
         error = _job_error(exc)
-        if exc.retryable and job.attempts < self.settings.max_attempts:
-            delay = exc.retry_after_s if exc.retry_after_s is not None else self.retry_delay(job.attempts)
-            message = f"{error.code}: {error.message}; retry in {delay:.1f}s"
-            self.store.update(job.id, lambda j: (_set(j, api_calls=j.api_calls + count), j.record(message)))
+        failures = job.phases.of(phase).failures + 1
+        left_s = (phase_deadline(job, phase, self.settings) - utcnow()).total_seconds()
+        if exc.retryable and failures < self.settings.max_attempts and left_s > 0:
+            wanted = exc.retry_after_s if exc.retry_after_s is not None else self.retry_delay(failures - 1)
+            delay = min(wanted, left_s, max_countdown_s(self.settings))
+            message = f"{phase}: {error.code}: {error.message}; retry {failures} in {delay:.1f}s"
+
+            def note(j: Job) -> None:
+                j.phases.of(phase).failures = failures
+                j.api_calls += count
+                j.record(message)
+
+            self.store.update(job.id, note)
             log.warning("job=%s provider=%s %s", job.id, job.provider, message)
             return Next(delay)
+        if exc.retryable and left_s <= 0:
+            error = JobError(
+                code="deadline_exceeded",
+                message=f"{phase} not done by its deadline; last error {error.code}: {error.message}",
+                retryable=True,
+                provider_code=exc.provider_code,
+            )
+        elif exc.retryable:
+            error = error.model_copy(update={"message": f"{error.message} (gave up after {failures} {phase} attempts)"})
+        if phase == Phase.cleanup:
+            return self._cleanup_failed(job, error, count)
         return self._fail(job, error, count)
 
-    def _fail(self, job: Job, error: JobError, count: int, vm=None) -> Next | None:
-        has_vm = job.instance_id is not None and job.kind == JobKind.create
-        cleanup = None
-        if has_vm:
-            cleanup = CleanupState.pending if job.destroy_on_failure else CleanupState.skipped
-        job = self.store.transition(
-            job.id,
-            JobState.failed,
-            f"failed: {error.code}: {error.message}",
-            error=error,
-            cleanup=cleanup,
-            api_calls=job.api_calls + count,
-            vm=vm or job.vm,
-        )
+    def _fail(self, job: Job, error: JobError, count: int, vm: VMInfo | None = None) -> Next | None:
+        """Fail the job; whether a cleanup follows is decided from the record being written (which
+        may know a VM this step's snapshot did not), never from the snapshot."""
+
+        def change(j: Job) -> None:
+            has_vm = j.instance_id is not None and j.kind == JobKind.create
+            j.cleanup = (CleanupState.pending if j.destroy_on_failure else CleanupState.skipped) if has_vm else None
+            if j.cleanup == CleanupState.pending:
+                j.phases.cleanup.started_at = utcnow()
+            j.error = error
+            j.api_calls += count
+            j.vm = vm or j.vm
+
+        job = self.store.transition(job.id, JobState.failed, f"failed: {error.code}: {error.message}", change=change)
         # A VM kept on purpose (cleanup skipped) lives on like a running one.
-        self.store.create_ended(job.id, vm_lives=cleanup == CleanupState.skipped)
+        self.store.create_ended(job.id, vm_lives=job.cleanup == CleanupState.skipped)
         self._unwatch(job)
         log.error("job=%s provider=%s failed: %s: %s", job.id, job.provider, error.code, error.message)
-        if cleanup == CleanupState.pending:
+        if job.cleanup == CleanupState.pending:
             return Next(0)
         return None
 
-    def _cleanup_failed(self, job: Job, exc: ProviderError, count: int) -> Next | None:
-        attempts = job.attempts + 1
-        if exc.retryable and attempts <= self.settings.max_attempts:
-            delay = exc.retry_after_s if exc.retry_after_s is not None else self.retry_delay(attempts)
-            message = f"cleanup: {exc.code}: {exc}; retry in {delay:.1f}s"
-            self.store.update(
-                job.id, lambda j: (_set(j, attempts=attempts, api_calls=j.api_calls + count), j.record(message))
-            )
-            return Next(delay)
-        message = f"cleanup failed: {exc.code}: {exc}; the sweeper will find the VM by its ownership labels"
-        self.store.update(job.id, lambda j: (_set(j, cleanup=CleanupState.failed), j.record(message)))
+    def _cleanup_failed(self, job: Job, error: JobError, count: int) -> None:
+        message = f"cleanup failed: {error.code}: {error.message}; the sweeper will find the VM by its ownership labels"
+        self.store.update(
+            job.id, lambda j: (_set(j, cleanup=CleanupState.failed, api_calls=j.api_calls + count), j.record(message))
+        )
         log.error("job=%s provider=%s instance=%s %s", job.id, job.provider, job.instance_id, message)
         return None

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from vmqueue.models import Job, JobState
+from vmqueue.models import Job, JobState, Phase
 from workers.calls import ProviderCalls
-from workers.lifecycle.common import Next, Steps, _set
+from workers.lifecycle.common import Next, Steps
 from workers.providers.errors import ProviderError
 
 
@@ -18,8 +18,7 @@ class GetSteps(Steps):
         try:
             vm = calls(self.providers(job.provider).get_vm, job.instance_id)
         except ProviderError as exc:
-            job = self.store.update(job.id, lambda j: _set(j, attempts=j.attempts + 1))
-            return self._call_failed(job, exc, calls.count)
+            return self._call_failed(job, exc, calls.count, Phase.get)
         self.store.transition(
             job.id, JobState.done, f"status {vm.status}", vm=vm, api_calls=job.api_calls + calls.count
         )

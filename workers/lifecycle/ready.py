@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import time
 
-from vmqueue.jobstore import TRANSITION_HOOKS
+from vmqueue.jobstore import TRANSITION_HOOKS, InvalidTransition
 from vmqueue.models import Job, JobError, JobState, utcnow
 from vmqueue.readiness import HostKey, ReadyVia, ReadyWhen, spend_token
 from workers.lifecycle.common import Next, Steps, log
@@ -61,9 +61,12 @@ class ReadySteps(Steps):
         if lease is None:
             return False
         try:
-            if job is not None and job.awaiting_ready:
-                self._become_ready(job, host_keys, f"ssh answered on {job.ready_via} port {job.ssh_port}")
+            with self.store.fenced(job_id, lease, self.settings.step_lease_s):
+                if job is not None and job.awaiting_ready:
+                    self._become_ready(job, host_keys, f"ssh answered on {job.ready_via} port {job.ssh_port}")
             self.ready_queue.remove(job_id)
+        except InvalidTransition:  # LeaseLost included: another delivery acts on the job
+            pass
         finally:
             self.store.release(job_id, lease)
         return True
@@ -71,27 +74,36 @@ class ReadySteps(Steps):
     def ready_due(self, job_id: str, now: float, deadline: float) -> bool:
         """A claimed entry the scanner does not probe: settled elsewhere (the HTTP API), past its
         deadline, or (cloud-init) not yet. False when the job's lease is busy (retry soon)."""
-        lease, job, _ = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
+        lease, job, due = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
         if lease is None:
             return False
         kick = None
         try:
-            if job is None or not job.awaiting_ready:
-                if job is not None and job.state == JobState.ready:
-                    # Settled by the HTTP API: the transition hooks (metrics) run in the workers.
-                    for hook in TRANSITION_HOOKS:
-                        hook(job)
-                self.ready_queue.remove(job_id)
-            elif now >= deadline:
-                kick = self._ready_expired(job)
-                self.ready_queue.remove(job_id)
-            else:
-                self.ready_queue.reschedule(job_id, deadline)
+            with self.store.fenced(job_id, lease, self.settings.step_lease_s):
+                kick = self._ready_due(job_id, job, now, deadline)
+        except InvalidTransition:  # LeaseLost included: another delivery acts on the job
+            kick = None
         finally:
-            self.store.release(job_id, lease, 0.0 if kick else None)
-        if kick is not None and self.start_job is not None:
-            self.start_job(job_id, kick.countdown_s)  # the destroy-on-failure runs in the job's own chain
+            seq = self._hand_back(job_id, lease, due, kick)
+        if seq is not None and self.start_job is not None:
+            self.start_job(job_id, kick.countdown_s, seq)  # the destroy-on-failure runs in the job's own chain
         return True
+
+    def _ready_due(self, job_id: str, job: Job | None, now: float, deadline: float) -> Next | None:
+        """``ready_due``'s decision, under the job's lease; a ``Next`` when the job's chain must go on."""
+        if job is None or not job.awaiting_ready:
+            if job is not None and job.state == JobState.ready:
+                # Settled by the HTTP API: the transition hooks (metrics) run in the workers.
+                for hook in TRANSITION_HOOKS:
+                    hook(job)
+            self.ready_queue.remove(job_id)
+            return None
+        if now >= deadline:
+            kick = self._ready_expired(job)
+            self.ready_queue.remove(job_id)
+            return kick
+        self.ready_queue.reschedule(job_id, deadline)
+        return None
 
     def _ready_expired(self, job: Job) -> Next | None:
         what = {ReadyWhen.ssh: "ssh did not answer", ReadyWhen.cloud_init: "cloud-init did not phone home"}

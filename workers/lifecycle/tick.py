@@ -47,25 +47,26 @@ class TickSteps(Steps):
                 self.start_ticker(provider_name, token)
 
     def _settle(self, provider_name: str, instance_id: str, job_id: str, vm: VMInfo | None, reread: bool) -> None:
-        lease, job, _ = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
+        lease, job, due = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
         if lease is None:
             return  # the job's own chain is acting on it now
         kick = None
         try:
-            if job is None or job.state != JobState.provisioning or job.instance_id != instance_id:
-                self.watch.remove(provider_name, instance_id)
-                return
-            # Absent, dead or overdue in the batch: one targeted read says why (a GCP insert that failed
-            # for capacity raises CapacityError there, and the job fails over instead of failing).
-            outcome = self._read_create(job) if reread else self._observe_create(job, vm, 0)
-            if outcome is not None and self.store.get(job_id).state != JobState.provisioning:
-                kick = outcome  # a cleanup or a failover: the job needs its own chain again
-        except InvalidTransition:
-            pass
+            with self.store.fenced(job_id, lease, self.settings.step_lease_s):
+                if job is None or job.state != JobState.provisioning or job.instance_id != instance_id:
+                    self.watch.remove(provider_name, instance_id)
+                    return
+                # Absent, dead or overdue in the batch: one targeted read says why (a GCP insert that
+                # failed for capacity raises CapacityError there, and the job fails over instead of failing).
+                outcome = self._read_create(job) if reread else self._observe_create(job, vm, 0)
+                if outcome is not None and self.store.get(job_id).state != JobState.provisioning:
+                    kick = outcome  # a cleanup or a failover: the job needs its own chain again
+        except InvalidTransition:  # LeaseLost included: this tick outlived the job's lease
+            kick = None
         finally:
-            self.store.release(job_id, lease, 0.0 if kick else None)
-        if kick is not None and self.start_job is not None:
-            self.start_job(job_id, kick.countdown_s)
+            seq = self._hand_back(job_id, lease, due, kick)
+        if seq is not None and self.start_job is not None:
+            self.start_job(job_id, kick.countdown_s, seq)
 
     def tick_s(self, provider_name: str, watched: int = 1) -> float:
         """The provider's tick interval for ``watched`` VMs, within its read budget (workers/budget.py)."""
@@ -77,7 +78,7 @@ class TickSteps(Steps):
 
     def _watch(self, job: Job) -> bool:
         """Put the job's VM on the watch list; True when no tick chain was alive (the caller reads this once)."""
-        deadline = job.submitted_at.timestamp() + job.deadline_s
+        deadline = job.deadline_at.timestamp()
         if self.watch.add(job.provider, job.instance_id, job.id, deadline):
             return False
         token = self.watch.claim_ticker(job.provider)
@@ -87,7 +88,7 @@ class TickSteps(Steps):
 
     def _watched(self, job: Job) -> Next:
         """The tick chain carries this job to its deadline: no message of its own until then."""
-        remaining = job.submitted_at.timestamp() + job.deadline_s - time.time()
+        remaining = job.deadline_at.timestamp() - time.time()
         return Next(max(remaining, 0.0) + self.tick_s(job.provider), message=False)
 
     def _unwatch(self, job: Job) -> None:

@@ -9,7 +9,6 @@ The registry imports this module only in a DigitalOcean worker.
 from __future__ import annotations
 
 import os
-import time
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +33,7 @@ from workers.providers.errors import (
     RateLimitedError,
     TransientError,
     map_errors,
+    seconds_until,
 )
 from workers.providers.metering import Metered, azure_hooks
 
@@ -340,9 +340,10 @@ def _error_body(exc: HttpResponseError) -> dict[str, Any]:
 
 
 def _retry_after_s(headers: Any) -> float | None:
-    """``Retry-After`` (seconds, sent on bursts), else the ``ratelimit-reset`` unix time of the hourly limit."""
+    """``Retry-After`` (seconds, sent on bursts), else the ``ratelimit-reset`` unix time of the hourly
+    limit; a reset already past is no hint (None: the caller's backoff decides)."""
     with suppress(TypeError, ValueError, KeyError):
         return float(headers["retry-after"])
-    with suppress(TypeError, ValueError, KeyError):
-        return max(0.0, float(headers["ratelimit-reset"]) - time.time())
+    with suppress(TypeError, KeyError):
+        return seconds_until(headers["ratelimit-reset"])
     return None

@@ -6,6 +6,7 @@ Each adapter has one ``_map_error(exc) -> ProviderError`` and wraps its SDK call
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import ContextDecorator
 from typing import ClassVar
@@ -24,7 +25,8 @@ class ProviderError(Exception):
         super().__init__(message)
         self.message = message
         self.provider_code = provider_code
-        self.retry_after_s = retry_after_s
+        # A wait of zero or less (a reset time already past) is no hint: the caller's backoff decides.
+        self.retry_after_s = retry_after_s if retry_after_s is not None and retry_after_s > 0 else None
 
     def __str__(self) -> str:
         return f"{self.message} [{self.provider_code}]" if self.provider_code else self.message
@@ -72,6 +74,16 @@ class TransientError(ProviderError):
 
     code = "transient"
     retryable = True
+
+
+def seconds_until(reset_epoch_s: object) -> float | None:
+    """A rate-limit reset given as a unix time, as seconds from now; None when missing, malformed or
+    not in the future (a reset at or before now says nothing about when to call again)."""
+    try:
+        wait = float(reset_epoch_s) - time.time()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return wait if wait > 0 else None
 
 
 ERROR_CLASSES: tuple[type[ProviderError], ...] = (

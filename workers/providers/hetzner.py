@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
-import time
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -40,6 +39,7 @@ from workers.providers.errors import (
     RateLimitedError,
     TransientError,
     map_errors,
+    seconds_until,
 )
 from workers.providers.metering import Metered, mount_metered
 
@@ -121,7 +121,7 @@ def _map_error(exc: Exception) -> ProviderError:
         if cls is AuthError:
             message += f"; set {TOKEN_ENV} to a read/write API token of the project"
         retry_after_s = (
-            _seconds_until(getattr(_last_answer, "rate_limit_reset", None)) if cls is RateLimitedError else None
+            _next_request_s(getattr(_last_answer, "rate_limit_reset", None)) if cls is RateLimitedError else None
         )
         return cls(message, provider_code=str(exc.code), retry_after_s=retry_after_s)
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
@@ -374,9 +374,13 @@ def _remember_rate_limit(response: requests.Response, *args: object, **kwargs: o
     _last_answer.rate_limit_reset = response.headers.get("RateLimit-Reset")
 
 
-def _seconds_until(reset: str | None) -> float | None:
-    """Seconds until a ``RateLimit-Reset`` unix time; None when the header is missing or malformed."""
-    try:
-        return max(0.0, float(reset) - time.time()) if reset else None
-    except ValueError:
-        return None
+# Hetzner's bucket refills one request a second; ``RateLimit-Reset`` is when it is *full* again
+# (https://docs.hetzner.cloud/#rate-limiting), which after a burst can be an hour away.
+REFILL_S = 1.0
+
+
+def _next_request_s(reset: str | None) -> float | None:
+    """When one request is allowed again after a 429: one refill interval, or sooner if the bucket is
+    full sooner; None when ``RateLimit-Reset`` is missing, malformed or past (the caller's backoff decides)."""
+    until_full = seconds_until(reset)
+    return None if until_full is None else min(until_full, REFILL_S)

@@ -79,6 +79,10 @@ class SimConfig(BaseSettings):
     full_regions: str = ""  # comma-separated regions where every create meets "no capacity"
     lost_response_rate: float = 0.0  # create succeeds but the answer is lost (a timeout)
     stuck_rate: float = 0.0  # VM never leaves pending
+    # Eventual consistency (EC2 after RunInstances): for this long after its create a VM is unknown to
+    # reads and deletes (a delete of it answers NotFound, which the adapter takes as "already gone").
+    invisible_s: float = 0.0
+    honour_token: bool = True  # False: a provider without idempotency tokens (each create makes a VM)
     error_rate: float = 0.0  # VM ends in error instead of running
     token: str = ""  # when set, the API rejects callers whose VMQ_SIM_TOKEN differs
     # The VMs' insides, played by the sim host (workers/providers/simhost.py) on loopback addresses:
@@ -89,13 +93,18 @@ class SimConfig(BaseSettings):
     profile: str = ""  # a provider whose published API budget the simulated cloud plays (budget_profiles.py)
 
 
-# Create-or-return-existing by token in one round trip: [created?, instance id].
+# Create-or-return-existing by token in one round trip: [1 created / 0 known token / -1 no capacity, id].
+# The token is looked up before capacity, as real providers answer a known token with its VM.
+# ARGV: "1" if capacity refuses a new VM, "1" if tokens are honoured, the VM key prefix, its fields.
 _CREATE = """
-local existing = redis.call('get', KEYS[1])
-if existing then return {0, existing} end
+if ARGV[2] == '1' then
+  local existing = redis.call('get', KEYS[1])
+  if existing then return {0, existing} end
+end
+if ARGV[1] == '1' then return {-1, ''} end
 local id = 'sim-' .. redis.call('incr', KEYS[2])
 redis.call('set', KEYS[1], id)
-redis.call('hset', ARGV[1] .. id, 'instance_id', id, unpack(ARGV, 2))
+redis.call('hset', ARGV[3] .. id, 'instance_id', id, unpack(ARGV, 4))
 redis.call('sadd', KEYS[3], id)
 return {1, id}
 """
@@ -144,6 +153,8 @@ class SimProvider(Metered):
         )
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:
+        # An API call like AWS's image lookup (an SSM parameter read): latency and faults apply.
+        self._begin("prepare")
         return resolve_alias(self.name, spec)
 
     def create_vm(
@@ -156,9 +167,7 @@ class SimProvider(Metered):
         first_attempt: bool = False,
     ) -> VMInfo:
         config = self._begin("create")
-        if random.random() < config.capacity_rate or spec.region in config.full_regions.split(","):
-            self._count("create", "capacity")
-            raise CapacityError(f"no capacity for {spec.instance_type} in {spec.region}", provider_code="capacity")
+        no_capacity = random.random() < config.capacity_rate or spec.region in config.full_regions.split(",")
         now = _now_ms()
         boot_ms = int((config.boot_s + random.uniform(0, config.boot_jitter_s)) * 1000)
         fate = (
@@ -186,8 +195,16 @@ class SimProvider(Metered):
         # The ClientToken: the same job id gets the same VM back, decided atomically in Redis.
         created, instance_id = self._create(
             keys=[f"{SIM_PREFIX}token:{job_id}", f"{SIM_PREFIX}next_id", VMS_KEY],
-            args=[f"{SIM_PREFIX}vm:", *(str(x) for kv in record.items() for x in kv)],
+            args=[
+                "1" if no_capacity else "0",
+                "1" if config.honour_token else "0",
+                f"{SIM_PREFIX}vm:",
+                *(str(x) for kv in record.items() for x in kv),
+            ],
         )
+        if created == -1:
+            self._count("create", "capacity")
+            raise CapacityError(f"no capacity for {spec.instance_type} in {spec.region}", provider_code="capacity")
         if not created:
             return self.get_vm(instance_id, _counted=True)
         record["instance_id"] = instance_id
@@ -200,7 +217,9 @@ class SimProvider(Metered):
         if _counted:
             record = self._redis.hgetall(_vm_key(instance_id))
         else:  # the record rides in the call's own round trip (a get is the hot path of polling)
-            record = self._call("get", read=_vm_key(instance_id))[1]
+            config, record = self._call("get", read=_vm_key(instance_id))
+            if record and self._invisible(record, config):
+                record = None
         if not record or self._gone(record):
             raise NotFoundError(f"instance {instance_id} not found", provider_code="not_found")
         return self._info(record)
@@ -212,12 +231,12 @@ class SimProvider(Metered):
         size = self.profile.page_size
         for start in range(0, len(instance_ids), size):
             chunk = instance_ids[start : start + size]
-            self._begin("get_many")
+            config = self._begin("get_many")
             pipe = self._redis.pipeline(transaction=False)
             for instance_id in chunk:
                 pipe.hgetall(_vm_key(instance_id))
             for record in pipe.execute():
-                if record and not self._gone(record):
+                if record and not self._invisible(record, config) and not self._gone(record):
                     found[record["instance_id"]] = self._info(record)
         if self.profile.settle_reads:
             for _ in range(sum(vm.status in SETTLED_STATUSES for vm in found.values())):
@@ -228,7 +247,8 @@ class SimProvider(Metered):
     def destroy_vm(self, instance_id: str) -> None:
         config = self._begin("destroy")
         key = _vm_key(instance_id)
-        if not self._redis.exists(key):
+        record = self._redis.hgetall(key)
+        if not record or self._invisible(record, config):  # NotFound, which adapters take as "already gone"
             return
         self._redis.hsetnx(key, "delete_at_ms", _now_ms() + int(config.destroy_s * 1000))
 
@@ -323,6 +343,10 @@ class SimProvider(Metered):
         pipe.ltrim(LOG_KEY, 0, LOG_LENGTH - 1)
         if run:
             pipe.execute()
+
+    @staticmethod
+    def _invisible(record: dict[str, str], config: SimConfig) -> bool:
+        return _now_ms() < int(record["created_ms"]) + config.invisible_s * 1000
 
     def _gone(self, record: dict[str, str]) -> bool:
         delete_at = record.get("delete_at_ms")
