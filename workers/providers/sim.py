@@ -285,7 +285,8 @@ class SimProvider(Metered):
         """One API call: its requests through the meter and the simulated API's budget, then the
         config, the counters and the hash ``read`` (if any; as it was when the call arrived) in one
         round trip, then the latency and the faults."""
-        requests = self.profile.calls[kind] * pages
+        # A kind the profile does not list (the image lookup of prepare_spec) sends no metered request.
+        requests = self.profile.calls.get(kind, ()) * pages
         for method, target in requests:
             self._request(method, target, counted=False)
         pipe = self._redis.pipeline(transaction=False)
