@@ -56,6 +56,9 @@ class AsyncJobStore:
         self, job: Job, startup_script: str | None = None, idempotency_key: str | None = None
     ) -> str | None:
         """``JobStore.add_claiming``: record and idempotency key in the one add script."""
+        if idempotency_key is None:
+            await self.add(job, startup_script)
+            return None
         add_keys, args = add_arguments(job, startup_script, self.settings, idempotency_key)
         bound = await self._add(keys=add_keys, args=args)
         return None if bound == 1 else bound

@@ -344,6 +344,9 @@ class JobStore:
 
         Returns the id of the job the key was already bound to (nothing written), else None.
         """
+        if idempotency_key is None:
+            self.add(job, startup_script)
+            return None
         add_keys, args = add_arguments(job, startup_script, self.settings, idempotency_key)
         bound = self._add(keys=add_keys, args=args)
         return None if bound == 1 else bound

@@ -341,6 +341,7 @@ SIM = Profile(
     buckets={"requests": Bucket(500, 500.0, source="vmqueue's simulated cloud")},
     classify=lambda method, target: ("requests",),
     calls={
+        "prepare": (("GET", "prepare"),),  # prepare_spec's image lookup, an API call like AWS's SSM read
         "create": (("POST", "create"),),
         "get": (("GET", "get"),),
         "get_many": (("GET", "get_many"),),
