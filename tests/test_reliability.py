@@ -374,6 +374,8 @@ def test_a_create_record_learns_its_vm_was_destroyed_and_expires(sim_worker, pro
     assert redis_client.ttl(keys.job_key(created.id)) == -1  # a live VM's record never expires
     gone = provisioner.wait(provisioner.destroy_vm("sim", created.instance_id).id, timeout_s=30)
     assert gone.state == JobState.gone
+    # The destroy step tells the create job right after it wrote "gone": wait for that write.
+    _wait(lambda: provisioner.get_job(created.id).vm_destroyed_by, 10)
     after = provisioner.get_job(created.id)
     assert after.vm_destroyed_by == gone.id
     assert 0 < redis_client.ttl(keys.job_key(created.id)) <= provisioner.settings.job_ttl_s
