@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from vmqueue.jobstore import LeaseLost
 from vmqueue.models import (
     LABEL_JOB,
     CleanupState,
@@ -96,7 +97,29 @@ class CreateSteps(Steps):
             if isinstance(exc, CapacityError):
                 return self._fail_over(job, exc, calls.count)
             return self._call_failed(job, exc, calls.count, Phase.submit)
-        return self._accepted(job, vm, calls.count, f"provider accepted the create: {vm.instance_id}")
+        try:
+            return self._accepted(job, vm, calls.count, f"provider accepted the create: {vm.instance_id}")
+        except LeaseLost:
+            self._drop_stale_vm(job, vm, calls)
+            raise
+
+    def _drop_stale_vm(self, job: Job, vm: VMInfo, calls: ProviderCalls) -> None:
+        """This step lost its lease while its create call was out, and the call made a VM. If the job
+        moved on without it (failed, cancelled, or failed over to another placement), nobody will ever
+        record this VM: destroy it now rather than leave it to the orphan sweeper. If the job is still
+        at this placement, its next create call gets this VM back by its token: leave it."""
+        now = self.store.get(job.id)
+        if now is not None and now.placement == job.placement and not now.finished:
+            return
+        if now is not None and now.instance_id == vm.instance_id:
+            return
+        log.warning(
+            "job=%s provider=%s instance=%s made by a stale step: destroyed", job.id, job.provider, vm.instance_id
+        )
+        try:
+            calls(self.providers(job.provider).destroy_vm, vm.instance_id)
+        except ProviderError as exc:  # the sweeper finds it by its ownership labels
+            log.warning("job=%s instance=%s stale VM destroy failed: %s", job.id, vm.instance_id, exc)
 
     def _accepted(self, job: Job, vm: VMInfo, count: int, message: str) -> Next:
         job = self.store.transition(
