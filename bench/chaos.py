@@ -455,6 +455,10 @@ def r8(cluster: Cluster, sizes: Sizes) -> Result:
     cluster.sim.configure(latency_ms=sizes.latency_ms, boot_s=sizes.boot_s, boot_jitter_s=sizes.boot_jitter_s)
     runner = FleetRunner(cluster.provisioner, fleet.name)
     applied = runner.apply(fleet)
+    # On a loaded machine the workers may not have taken any create yet: wait until one is in flight.
+    ids = [t.job_id for t in applied if t.job_id]
+    in_flight = (JobState.submitting, JobState.provisioning)
+    wait_for(lambda: any(j is not None and j.state in in_flight for j in cluster.jobs(ids)), 60, "a create in flight")
     began = time.monotonic()
     first = runner.destroy()  # vmq destroy --fleet with a timeout shorter than a create's answer
     cancelling = sum(t.action == "cancelling" for t in first)  # cancelled, waiting for its worker and cleanup

@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,7 +119,6 @@ class Cluster:
         """SIGSTOP one worker for ``seconds``, then SIGCONT: a stalled host (GC pause, frozen VM,
         partition) whose steps and lease renewals stop mid-call and go on later."""
         import signal
-        import time
 
         process = self.workers[slot].process
         process.send_signal(signal.SIGSTOP)
@@ -152,7 +152,6 @@ class Cluster:
 
     def restart_redis(self, down_s: float) -> float:
         """Stop redis-server (SIGTERM: the AOF is flushed), keep it down ``down_s``, start it again."""
-        import time
 
         began = time.monotonic()
         self.redis_server.stop()
@@ -166,9 +165,17 @@ class Cluster:
         flower.wait_ready(60)
         # Its HTTP side answers before its event receiver listens: tasks sent in between are never
         # seen. A probe job proves the event stream is live before anything is counted.
-        probe = self.provisioner.get_vm("sim", "sim-flower-probe").id
-        wait_for(lambda: any(probe in str(t.get("args")) for t in flower.get("/api/tasks").json().values()),
-                 60, "Flower sees task events", 0.5)  # fmt: skip
+        # A probe sent before the receiver listens is lost for good, so one goes every few seconds.
+        probes: list[str] = []
+
+        def seen() -> bool:
+            if not probes or len(probes) * 5 < time.monotonic() - began:
+                probes.append(self.provisioner.get_vm("sim", "sim-flower-probe").id)
+            tasks = flower.get("/api/tasks").json()
+            return any(p in str(t.get("args")) or p in str(t.get("uuid")) for p in probes for t in tasks.values())
+
+        began = time.monotonic()
+        wait_for(seen, 60, "Flower sees task events", 0.5)
         return flower
 
     def logs(self) -> dict[str, str]:
