@@ -59,8 +59,8 @@ SCENARIOS = {
     "deadline or a quarter of the visibility timeout; every job ends, running once the limit lifts",
     "R12": "[5] a backlog of get jobs on workers with 2 threads each: batched reads keep their cadence, each VM is "
     "seen running within a few tick intervals of booting while most of the backlog still waits",
-    "R13": "[6] worker clocks 1.5 s behind and ahead: steps handed back by the tick (cleanups, failovers) are never "
-    "dropped as early duplicates; each goes on within seconds, not at the rescue",
+    "R13": "[6] worker clocks 1.5 s behind and ahead: steps handed back (cleanups, failovers) are never dropped "
+    "as early duplicates: every job ends and none needs the rescue",
     "R14": "[7] N creates wait in the queue (consumers paused) past the rescue's grace: the rescue finds none of them "
     "lost; once consumers resume, every job runs and each is created once",
     "R15": "[8] K idempotency keys, 20 callers each at the same instant: every caller gets its key's job (no "
@@ -670,7 +670,6 @@ def r13(cluster: Cluster, sizes: Sizes) -> Result:
                 gaps.append((after.at - before.at).total_seconds())
                 if gaps[-1] == max(gaps):
                     worst = f"{job.id}: {before.message[:60]!r} -> {after.message[:60]!r}"
-    grace = stalled_after_s(cluster.settings)
     result.job_ids = ids
     result.figures.update(
         jobs=len(ids),
@@ -682,12 +681,30 @@ def r13(cluster: Cluster, sizes: Sizes) -> Result:
     )
     _ended_with_own_code(result, jobs, {"vm_error"})
     result.check(gaps, "jobs were handed back by the tick (cleanups, failovers)")
+    # A dropped hand-back leaves its job stuck until the rescue sends it again (the periodic sweep
+    # runs all along): none may have needed that. The gaps themselves also hold the shared API limit's
+    # queueing at full size, so they are a figure, not the check.
+    rescued = _rescued_by_sweeps(cluster, ids)
+    result.figures["sent_again_by_the_rescue"] = len(rescued)
     result.check(
-        max(gaps, default=0) < grace / 2, f"every hand-back went on within {grace / 2:.0f}s (no rescue needed)"
+        not rescued, f"no hand-back was lost: the rescue sent none of these jobs again ({rescued[:3] or 'none'})"
     )
     orphans = _orphans(vms, jobs)
     result.check(not orphans, f"no VM left without a running job ({orphans[:5] or 'none'})")
     return result
+
+
+def _rescued_by_sweeps(cluster: Cluster, ids: list[str]) -> list[str]:
+    """Which of ``ids`` the periodic sweeps' rescue sent again (from the reports they stored)."""
+    from vmqueue import keys
+    from vmqueue.sweep import SweepReport
+
+    wanted, found = set(ids), []
+    for key in cluster.client.scan_iter(match=keys.sweep_report_key("*"), count=1000):
+        raw = cluster.client.get(key)
+        if raw:
+            found += [job for job in SweepReport.model_validate_json(raw).rescued if job in wanted]
+    return found
 
 
 def r14(cluster: Cluster, sizes: Sizes) -> Result:

@@ -79,20 +79,18 @@ def drive(runner: JobRunner, job_id: str, kind: JobKind, steps: int = 40, sleep:
 # -- 1 -----------------------------------------------------------------------------------------
 def test_a_step_that_outlived_its_lease_changes_nothing(make_runner, cloud, sim, redis_client, ssh_key):
     # 1: the first delivery's create call outlives its lease (its worker stalled: the lease keeper
-    # renews a live step's lease, so the test lets it run out) and then fails for good (the sim
-    # rejects its token); meanwhile a second delivery took the lease and recorded the VM. The stale
+    # renews a live step's lease, so the test lets it run out) and then fails for good (no capacity,
+    # as the call found it); meanwhile a second delivery took the lease and recorded the VM. The stale
     # step must not mark the job failed "with no VM" and leave the VM running.
     runner = make_runner(step_lease_s=0.5)
     job = record(runner, ssh_key)
-    sim.configure(latency_ms=1500)
+    sim.configure(latency_ms=1500, full_regions="sim-1")
     stale: list[object] = []
     first = threading.Thread(target=lambda: stale.append(runner.run(job.id, JobKind.create, 0)))
     first.start()
-    _wait(lambda: sim.calls().get("prepare", 0) >= 1, 10)  # the image lookup is under way...
-    sim.configure(token="a-token-the-first-call-lacks")  # ...and the create call after it will fail for good
     _wait(lambda: sim.calls().get("create", 0) >= 1, 10)  # the first step is inside its create call
     redis_client.delete(keys.lock_key(job.id))  # its lease ran out while its worker stalled
-    sim.configure(latency_ms=0, token="")
+    sim.configure(latency_ms=0, full_regions="")
     second = runner.run(job.id, JobKind.create, 0)
     assert second is not None and runner.store.get(job.id).state == JobState.provisioning
     first.join(10)

@@ -153,8 +153,10 @@ class SimProvider(Metered):
         )
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:
-        # An API call like AWS's image lookup (an SSM parameter read): latency and faults apply.
-        self._begin("prepare")
+        # An API call like AWS's image lookup (an SSM parameter read): metered, and its faults apply;
+        # it answers at once (``latency_ms`` slows the VM calls), so a create is "submitting" as soon
+        # as a worker takes it, as before the lookup was a call.
+        self._call("prepare", slow=False)
         return resolve_alias(self.name, spec)
 
     def create_vm(
@@ -281,7 +283,9 @@ class SimProvider(Metered):
     def _begin(self, kind: str) -> SimConfig:
         return self._call(kind)[0]
 
-    def _call(self, kind: str, read: str | None = None, pages: int = 1) -> tuple[SimConfig, dict[str, str] | None]:
+    def _call(
+        self, kind: str, read: str | None = None, pages: int = 1, slow: bool = True
+    ) -> tuple[SimConfig, dict[str, str] | None]:
         """One API call: its requests through the meter and the simulated API's budget, then the
         config, the counters and the hash ``read`` (if any; as it was when the call arrived) in one
         round trip, then the latency and the faults."""
@@ -298,7 +302,7 @@ class SimProvider(Metered):
         self._count(kind, pipe=pipe)
         replies = pipe.execute()[len(requests) :]
         config = self._parse_config(replies[0])
-        if config.latency_ms:
+        if config.latency_ms and slow:
             time.sleep(config.latency_ms / 1000)
         if config.token and self._caller_token != config.token:
             self._count(kind, "auth")
