@@ -163,19 +163,7 @@ class Cluster:
         flower = Flower(self.env, self.workdir)
         self.flowers.append(flower)
         flower.wait_ready(60)
-        # Its HTTP side answers before its event receiver listens: tasks sent in between are never
-        # seen. A probe job proves the event stream is live before anything is counted.
-        # A probe sent before the receiver listens is lost for good, so one goes every few seconds.
-        probes: list[str] = []
-
-        def seen() -> bool:
-            if not probes or len(probes) * 5 < time.monotonic() - began:
-                probes.append(self.provisioner.get_vm("sim", "sim-flower-probe").id)
-            tasks = flower.get("/api/tasks").json()
-            return any(p in str(t.get("args")) or p in str(t.get("uuid")) for p in probes for t in tasks.values())
-
-        began = time.monotonic()
-        wait_for(seen, 60, "Flower sees task events", 0.5)
+        flower.wait_events(self.provisioner)
         return flower
 
     def logs(self) -> dict[str, str]:

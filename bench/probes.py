@@ -80,6 +80,24 @@ class Flower:
         wait_for(answers, timeout_s, "flower start", every_s=0.2)
         return self
 
+    def wait_events(self, provisioner, timeout_s: float = 60, every_s: float = 5.0) -> Flower:
+        """Until Flower's event receiver shows a probe job's task.
+
+        Its HTTP side answers before the receiver listens, and a task sent in between is never seen,
+        so a new probe (a get of a VM that does not exist) goes every ``every_s`` until one shows.
+        """
+        probes: list[str] = []
+        began = time.monotonic()
+
+        def seen() -> bool:
+            if len(probes) * every_s <= time.monotonic() - began:
+                probes.append(provisioner.get_vm("sim", "sim-flower-probe").id)
+            tasks = self.get("/api/tasks").json()
+            return any(p in tasks or any(p in str(t.get("args")) for t in tasks.values()) for p in probes)
+
+        wait_for(seen, timeout_s, "Flower sees task events", 0.3)
+        return self
+
     def get(self, path: str, auth: bool = True) -> httpx.Response:
         return httpx.get(f"{self.url}{path}", auth=self.auth if auth else None, timeout=10)
 

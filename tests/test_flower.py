@@ -28,9 +28,7 @@ SECRET = "MARKER-flower-never-shows-this"
 def flower(test_env, provisioner, tmp_path) -> Iterator[Flower]:
     server = Flower(test_env, tmp_path).wait_ready(60)
     try:
-        # Its HTTP side answers before its event receiver listens: a probe job proves events arrive.
-        probe = provisioner.get_vm("sim", "sim-flower-probe").id
-        wait_for(lambda: probe in server.get("/api/tasks").json(), 60, "Flower sees task events", 0.3)
+        server.wait_events(provisioner)  # probe jobs until its event receiver shows one
         yield server
     finally:
         server.stop()
