@@ -105,12 +105,13 @@ def hetzner() -> Iterator[Rig]:
 
 @contextmanager
 def digitalocean() -> Iterator[Rig]:
+    import time
+
     import requests
 
     from tests.providers.digitalocean_fake import BASE_URL, FakeDigitalOcean
     from tests.providers.fakehttp import mocked
-    from tests.providers.hetzner_fake import now
-    from workers.providers.digitalocean import DigitalOceanProvider
+    from workers.providers.digitalocean import DigitalOceanProvider, batch_tag
 
     fake = FakeDigitalOcean()
     with _env(DIGITALOCEAN_ENDPOINT=None), mocked(fake, f"{BASE_URL}/v2"):
@@ -121,11 +122,21 @@ def digitalocean() -> Iterator[Rig]:
             return provider.prepare_spec(VMSpec.model_validate({**raw, "image": "ubuntu-24.04"}))
 
         def seed(n: int, prefix: str, in_flight: bool) -> list[str]:
-            extra = {"status": "new", "created_at": now()} if in_flight else {}
+            if in_flight:  # created through the adapter (unmetered), with the tags it gives
+                key = parsed_key()
+                return [
+                    provider.create_vm(
+                        spec(f"{prefix}-{i}"), key, job_id=f"{prefix}-{i}", first_attempt=True
+                    ).instance_id
+                    for i in range(n)
+                ]
+            # Long-lived: created a day or more ago, one a minute, so in batches no tick lists.
+            day_ago = time.time() - 86_400
             return [
                 str(
                     fake.add_droplet(
-                        f"{prefix}-{i}", tags=[f"managed-by:{OWNED}", f"vmqueue-job:{prefix}-{i}"], **extra
+                        f"{prefix}-{i}",
+                        tags=[f"managed-by:{OWNED}", f"vmqueue-job:{prefix}-{i}", batch_tag(day_ago - 60 * i)],
                     )["id"]
                 )
                 for i in range(n)

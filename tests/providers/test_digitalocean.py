@@ -20,7 +20,7 @@ from vmqueue.models import JobState, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import sent_size
-from workers.providers.digitalocean import DigitalOceanProvider
+from workers.providers.digitalocean import DigitalOceanProvider, batch_tag
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -36,6 +36,9 @@ JOB = "3f2a9c0e5b7d4e1f8a6b2c4d6e8f0a1b"
 SCRIPT = "#cloud-config\nruncmd:\n  - echo hello > /tmp/hello\n"
 FAKE_TOKEN = "fake-" + "do-token"  # not a credential: the fake API accepts anything
 TOKEN_ENVS = ("DIGITALOCEAN_TOKEN", "DIGITALOCEAN_ACCESS_TOKEN", "DIGITALOCEAN_ENDPOINT")
+T0 = 1_796_000_000.0  # 2026-11-30 00:53:20 UTC: the provider's clock in these tests
+BATCH = "vmqueue-batch-202611300053"  # the batch tag of a create sent at T0
+OWNED = ["managed-by:vmqueue"]
 
 # Every status the spec documents for a droplet, and what the PROVIDERS.md table makes of it.
 DOCUMENTED_STATES = {
@@ -71,7 +74,16 @@ def fake() -> Iterator[FakeDigitalOcean]:
 @pytest.fixture
 def provider(monkeypatch: pytest.MonkeyPatch) -> DigitalOceanProvider:
     monkeypatch.delenv("DIGITALOCEAN_ENDPOINT", raising=False)
-    return DigitalOceanProvider(token=FAKE_TOKEN)
+    provider = DigitalOceanProvider(token=FAKE_TOKEN)
+    provider.clock = lambda: T0
+    return provider
+
+
+def ticks(fake: FakeDigitalOcean, provider: DigitalOceanProvider, ids: list[str]) -> list[tuple[str, str, str | None]]:
+    """The requests one ``get_vms`` (a tick's read) sends: (method, path, tag_name)."""
+    fake.requests.clear()
+    provider.get_vms(ids)
+    return [(m, p, q.get("tag_name")) for m, p, q, _ in fake.requests]
 
 
 class TestDigitalOcean(AdapterContract):
@@ -117,12 +129,13 @@ class TestDigitalOcean(AdapterContract):
             "image": "ubuntu-24-04-x64",
             "ssh_keys": [key.md5_fingerprint],
             "user_data": SCRIPT,
-            "tags": ["team:infra", "managed-by:vmqueue", f"vmqueue-job:{JOB}"],
+            "tags": ["team:infra", "managed-by:vmqueue", f"vmqueue-job:{JOB}", BATCH],
             "ipv6": True,
             "monitoring": True,
         }
         assert vm.instance_id == str(next(iter(fake.droplets)))
         assert (vm.provider, vm.status, vm.provider_status) == ("digitalocean", VMStatus.pending, "new")
+        # The batch tag is the adapter's bookkeeping, not a label.
         assert vm.labels == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": JOB}
         # The job's tag was looked up before the POST.
         assert fake.requests[0][:3] == (
@@ -467,24 +480,104 @@ class TestDigitalOcean(AdapterContract):
             provider.list_owned_vms()
             assert rsps.calls[0].request.req_kwargs["timeout"] == (5, 30)
 
-    def test_get_vms_reads_many_in_few_calls(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
-        owned = ["managed-by:vmqueue"]
-        running = fake.add_droplet("web-1", tags=[*owned, "vmqueue-job:a"])
-        booting = fake.add_droplet("web-2", status="new", tags=[*owned, "vmqueue-job:b"], created_at=now())
-        fake.add_droplet("their-db", tags=["db"])  # not ours: the tag filter leaves it out
-        ids = [str(running["id"]), str(booting["id"]), "999999"]
+    def test_get_vms_reads_many_in_few_calls(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        running = provider.create_vm(make_spec(name="web-1"), key, job_id="a")
+        booting = provider.create_vm(make_spec(name="web-2"), key, job_id="b")
+        fake._booting.pop(int(booting.instance_id))  # still new when read
+        fake.add_droplet("their-db", tags=["db", BATCH])  # not ours, in the batch: listed, left out
+        ids = [running.instance_id, booting.instance_id, "999999", "not-a-droplet-id"]
 
-        vms = provider.get_vms(ids)
-
-        assert set(vms) == {str(running["id"]), str(booting["id"])}
-        assert vms[str(running["id"])].status == VMStatus.running
-        assert vms[str(running["id"])].public_ipv4 == "192.241.165.154"
-        assert vms[str(booting["id"])].status == VMStatus.pending
-        # One list call for all three ids, filtered by the ownership tag, at the API's largest page.
-        assert [(m, p, q.get("tag_name"), q.get("per_page")) for m, p, q, _ in fake.requests] == [
-            ("GET", "/droplets", "managed-by:vmqueue", "200")
+        # One list for all of them: the batch of the minute they were created in, at the API's largest page
+        # (an id this process never saw and no batch holds is read by id: 999999, gone).
+        assert ticks(fake, provider, ids) == [
+            ("GET", "/droplets", BATCH),
+            ("GET", "/droplets/999999", None),
         ]
-        assert provider.get_vms([]) == {} and len(fake.requests) == 1
+        assert fake.requests[0][2]["per_page"] == "200"
+        vms = provider.get_vms(ids)
+        assert set(vms) == {running.instance_id, booting.instance_id}
+        assert vms[running.instance_id].status == VMStatus.running
+        assert vms[running.instance_id].public_ipv4 == "192.241.165.154"
+        assert vms[booting.instance_id].status == VMStatus.pending
+        assert provider.get_vms([]) == {}
+
+    def test_tick_cost_independent_of_long_lived_fleet(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        """Issue 15: a tick reading 100 VMs in flight costs the same with 0 and 1,000 long-lived vmqueue
+        droplets (created in earlier minutes, half of them before batch tags existed), in the process that
+        created the VMs and in one that never saw them (another worker, or a restart). It was 1 and 6."""
+        in_flight = [provider.create_vm(make_spec(name=f"n-{i}"), key, job_id=f"n-{i}").instance_id for i in range(100)]
+        costs = {}
+        for fleet in (0, 1000):
+            for n in range(fleet):  # none the first time
+                batch = [batch_tag(T0 - 86_400 - n * 60)] if n % 2 else []
+                fake.add_droplet(
+                    f"old-{n}", tags=[*OWNED, f"vmqueue-job:old-{n}", *batch], created_at="2026-11-20T10:00:00Z"
+                )
+            other = DigitalOceanProvider(token=FAKE_TOKEN)
+            other.clock = lambda: T0 + 20  # its tick, in the same minute
+            costs[fleet] = (len(ticks(fake, provider, in_flight)), len(ticks(fake, other, in_flight)))
+            assert set(provider.get_vms(in_flight)) == set(other.get_vms(in_flight)) == set(in_flight)
+        assert costs == {0: (1, 1), 1000: (1, 1)}
+
+    def test_get_vms_reads_by_id_when_fewer_than_the_batchs_pages(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        # 450 droplets created in one minute (3 pages), 448 of them running by now: the 2 in flight cost 2 GETs.
+        for n in range(448):
+            fake.add_droplet(f"done-{n}", tags=[*OWNED, f"vmqueue-job:done-{n}", BATCH])
+        in_flight = [provider.create_vm(make_spec(name=f"web-{i}"), key, job_id=f"j{i}").instance_id for i in range(2)]
+        assert ticks(fake, provider, in_flight) == [("GET", "/droplets", BATCH)] * 3  # learns 450
+        assert ticks(fake, provider, in_flight) == [("GET", f"/droplets/{i}", None) for i in in_flight]
+        assert set(provider.get_vms(in_flight)) == set(in_flight)
+        # With 3 or more in flight the batch's 3 pages are no dearer.
+        third = provider.create_vm(make_spec(name="web-3"), key, job_id="j3").instance_id
+        assert len(ticks(fake, provider, [*in_flight, third])) == 3
+
+    def test_get_vms_finds_droplets_of_earlier_minutes(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider
+    ) -> None:
+        """Droplets another worker created two minutes ago: the current minute's batch, then the ones before,
+        until all are found; the next read lists only their batch."""
+        earlier = batch_tag(T0 - 120)
+        ids = [str(fake.add_droplet(f"web-{n}", tags=[*OWNED, f"vmqueue-job:{n}", earlier])["id"]) for n in range(5)]
+        assert ticks(fake, provider, ids) == [
+            ("GET", "/droplets", BATCH),
+            ("GET", "/droplets", batch_tag(T0 - 60)),
+            ("GET", "/droplets", earlier),
+        ]
+        assert ticks(fake, provider, ids) == [("GET", "/droplets", earlier)]
+        assert set(provider.get_vms(ids)) == set(ids)
+
+    def test_get_vms_reads_droplets_without_batch_by_id(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider
+    ) -> None:
+        """A droplet created before batch tags existed still resolves: the search for it spends less than
+        reading it by id would, then it is read by id; from the next read on, by id only."""
+        old = [
+            str(fake.add_droplet(f"old-{n}", status="new", tags=[*OWNED, f"vmqueue-job:o{n}"], created_at=now())["id"])
+            for n in range(3)
+        ]
+        first = ticks(fake, provider, old)
+        assert first == [
+            ("GET", "/droplets", BATCH),
+            ("GET", "/droplets", batch_tag(T0 - 60)),
+            *[("GET", f"/droplets/{i}", None) for i in old],
+        ]
+        assert ticks(fake, provider, old) == [("GET", f"/droplets/{i}", None) for i in old]
+        assert {vm.status for vm in provider.get_vms(old).values()} == {VMStatus.pending}
+
+    def test_get_vms_after_a_lost_create_answer_reads_its_batch(
+        self, fake: FakeDigitalOcean, provider: DigitalOceanProvider, key: SSHPublicKey
+    ) -> None:
+        """The answer is lost, the job tag finds the droplet: its batch is known from the droplet read."""
+        fake.fail("POST", "/droplets", exc=requests.ReadTimeout("read timed out"), after=True)
+        vm = provider.create_vm(make_spec(), key, job_id=JOB)
+        provider.clock = lambda: T0 + 300  # read five minutes later
+        assert ticks(fake, provider, [vm.instance_id]) == [("GET", "/droplets", BATCH)]
 
     def test_get_vms_matches_get_vm(self, fake: FakeDigitalOcean, provider: DigitalOceanProvider) -> None:
         droplet = fake.add_droplet("web-1", tags=["managed-by:vmqueue", f"vmqueue-job:{JOB}"])
@@ -537,7 +630,8 @@ def test_system_create_then_destroy_through_a_worker(
     assert (job.vm.status, job.vm.public_ipv4) == (VMStatus.running, "192.241.165.154")
     [droplet] = fake.droplets.values()
     assert str(droplet["id"]) == job.instance_id
-    assert droplet["tags"] == ["team:infra", "managed-by:vmqueue", f"vmqueue-job:{job.id}"]
+    assert droplet["tags"][:3] == ["team:infra", "managed-by:vmqueue", f"vmqueue-job:{job.id}"]
+    assert droplet["tags"][3].startswith("vmqueue-batch-") and len(droplet["tags"]) == 4
     assert [body["user_data"] for body in fake.calls("POST", "/droplets")] == [SCRIPT]
 
     gone = provisioner.wait(provisioner.destroy_vm("digitalocean", job.instance_id).id, timeout_s=30)

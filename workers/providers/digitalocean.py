@@ -3,12 +3,19 @@
 Exactly one droplet per job: the API has no idempotency key and names are not unique, so every droplet
 carries the tag ``vmqueue-job:<id>``, looked up before any POST and after any failure that may have
 followed a POST the API received; a droplet found is adopted, never created again (PROVIDERS.md, DO recipe).
+
+Status reads that cost what is in flight, not the fleet: every droplet also carries the tag of the minute
+its create was sent (``vmqueue-batch-<YYYYMMDDHHMM>``, UTC), and the tick lists only the batches of the
+droplets it waits for, or reads them one by one where that is fewer requests (``get_vms``).
 The registry imports this module only in a DigitalOcean worker.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import threading
+import time
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +50,15 @@ DEFAULT_ENDPOINT = "https://api.digitalocean.com"
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 5, 30  # azure-core's transport waits 300 s by default
 PAGE_SIZE = 200  # the API's maximum
 CREATE_ERRORED = "create_errored"  # provider_code (and provider_status) of a droplet whose create action errored
+
+# The batch tag: one per UTC minute of creates. Tag names allow letters, digits, colons, dashes and
+# underscores, up to 255 characters (API reference, "Create a New Tag"), and a droplet create makes the
+# tags it names (droplet_create.yml: "Tag names can either be existing or new tags"). No colon: a user label
+# always becomes ``key:value``, so none can look like a batch tag.
+BATCH_PREFIX = "vmqueue-batch-"
+BATCH_S = 60
+BATCH_LOOKBACK = 30  # batches a read lists back from the current one to find droplets this process never saw
+KNOWN_MAX = 50_000  # droplet ids whose batch this process remembers (the oldest are forgotten first)
 
 # Every documented ``droplet.status`` (droplet.yml enum); ``archive`` is a destroyed droplet (libcloud).
 STATUS_MAP: dict[str, VMStatus] = {
@@ -93,12 +109,18 @@ class DigitalOceanProvider(Metered):
     """DigitalOcean; see the Provider protocol. Credentials: ``DIGITALOCEAN_TOKEN`` (or ``..._ACCESS_TOKEN``)."""
 
     name = "digitalocean"
+    clock = time.time  # when a create is sent: its batch (tests fix it)
 
     def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
         self._token = token or next(filter(None, map(os.environ.get, TOKEN_ENVS)), None)
         self._endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
         self._sdk: Client | None = None
         self._ssh_keys: set[str] = set()  # MD5 fingerprints known to be on the account
+        # What the reads know of each droplet this process created or read: its batch tag, or None (it has
+        # none, being older than batch tags, or it was gone): read by id. Threads share it (creates, the tick).
+        self._batch_of: dict[str, str | None] = {}
+        self._batch_sizes: dict[str, int] = {}  # batch tag -> droplets its last list held (+ creates since)
+        self._lock = threading.Lock()
 
     def _client(self) -> Client:
         if self._sdk is None:
@@ -137,13 +159,14 @@ class DigitalOceanProvider(Metered):
         if not first_attempt and (adopted := self._adopt(job_id)):
             return adopted
         options = spec.options if isinstance(spec.options, DigitalOceanOptions) else DigitalOceanOptions()
+        batch = batch_tag(self.clock())
         body: dict[str, Any] = {
             "name": spec.name,
             "region": spec.region,
             "size": spec.instance_type,
             "image": int(spec.image) if spec.image.isdigit() else spec.image,
             "ssh_keys": [self._ssh_key(ssh_key)],
-            "tags": [f"{key}:{value}" for key, value in spec.ownership_labels(job_id).items()],
+            "tags": [*(f"{key}:{value}" for key, value in spec.ownership_labels(job_id).items()), batch],
             "ipv6": options.ipv6,
             "monitoring": options.monitoring,
         }
@@ -152,7 +175,7 @@ class DigitalOceanProvider(Metered):
         if options.vpc_uuid:
             body["vpc_uuid"] = options.vpc_uuid
         try:
-            return _vm_info(self._client().droplets.create(body=body)["droplet"])
+            droplet = self._client().droplets.create(body=body)["droplet"]
         except (ServiceResponseError, HttpResponseError) as exc:
             # The request reached the API: a 5xx or a lost answer may still have made the droplet.
             if isinstance(exc, ServiceResponseError) or (exc.status_code or 500) >= 500:
@@ -161,6 +184,8 @@ class DigitalOceanProvider(Metered):
             # A cached key someone deleted from the account since: the next attempt looks it up again.
             self._ssh_keys.discard(ssh_key.md5_fingerprint)
             raise
+        self._learn(str(droplet["id"]), batch, created=True)
+        return _vm_info(droplet)
 
     @map_errors(_map_error)
     def get_vm(self, instance_id: str) -> VMInfo:
@@ -177,6 +202,7 @@ class DigitalOceanProvider(Metered):
         if status == 404:  # pydo returns a 404's error body instead of raising
             raise NotFoundError(f"DigitalOcean: no droplet {instance_id}", provider_code=body.get("id"))
         droplet = body["droplet"]
+        self._learn(str(droplet["id"]), _batch_tag_of(droplet))
         if self._create_errored(droplet):
             self.destroy_vm(instance_id)
             raise CapacityError(
@@ -188,25 +214,63 @@ class DigitalOceanProvider(Metered):
 
     @map_errors(_map_error)
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
-        """The account's ``managed-by:vmqueue`` droplets in one tag-filtered list, kept to ``instance_ids``.
+        """See the protocol. Reads the batches (one tag-filtered list each, 200 a page) of the droplets asked
+        for, or the droplets one by one (GET /v2/droplets/{id}) where that is fewer requests than the
+        batch's pages: a batch holds the droplets created in one minute, so the cost follows the VMs in
+        flight and the creates of their minutes, never the long-lived fleet of older batches.
 
-        Calls: one per 200 vmqueue droplets on the account (the API's largest page), however many ids are
-        asked. The API lists by tag, not by id: a droplet without the tag is not seen here (reads as not
-        found), and every droplet vmqueue creates carries it.
+        A droplet this process did not create or read before (another worker created it, or this one
+        restarted): the batches from the current minute back (at most ``BATCH_LOOKBACK``) are listed while
+        the lists so far plus the next cost fewer requests than reading the droplets still unfound by id;
+        what remains (created before batch tags existed, by a worker whose clock is ahead, or gone) is read
+        by id, and every droplet's batch is remembered for the next read. Calls, per batch of droplets
+        seen before: min(its pages, its droplets asked for); for n droplets never seen, at most 2n - 1
+        (usually one list: the current minute's).
         """
-        wanted = set(instance_ids)
+        wanted = {i for i in instance_ids if i.isdigit()}  # another id is no droplet: absent
         if not wanted:
             return {}
-        droplets = self._list(f"{LABEL_MANAGED_BY}:vmqueue")
-        found = {str(droplet["id"]): _vm_info(droplet) for droplet in droplets if str(droplet["id"]) in wanted}
-        for droplet in droplets:
-            if str(droplet["id"]) in wanted and self._create_errored(droplet):
+        with self._lock:
+            known = {i: self._batch_of[i] for i in wanted if i in self._batch_of}
+        groups: dict[str, set[str]] = {}
+        for instance_id, batch in known.items():
+            if batch is not None:
+                groups.setdefault(batch, set()).add(instance_id)
+        by_id = {i for i, batch in known.items() if batch is None}
+        found: dict[str, dict[str, Any]] = {}
+        listed: set[str] = set()
+        for batch, ids in sorted(groups.items()):
+            if len(ids) < self._list_cost(batch, len(ids)):
+                by_id |= ids  # fewer GETs than pages of the batch
+            else:
+                found |= self._list_batch(batch, wanted)
+                listed.add(batch)
+        unknown, now, spent = wanted - known.keys(), self.clock(), 0
+        for back in range(BATCH_LOOKBACK):
+            unknown -= found.keys()
+            batch = batch_tag(now - back * BATCH_S)
+            if not unknown:
+                break
+            if batch in listed:
+                continue
+            cost = self._list_cost(batch, 0)
+            if spent + cost >= len(unknown):
+                break  # the search never spends more than reading the rest by id would
+            found |= self._list_batch(batch, wanted)
+            listed.add(batch)
+            spent += cost
+        for instance_id in sorted(by_id | (unknown - found.keys())):
+            if droplet := self._read(instance_id):
+                found[instance_id] = droplet
+        vms = {}
+        for instance_id, droplet in found.items():
+            vm = _vm_info(droplet)
+            if self._create_errored(droplet):
                 # In error here (raised, it would sink the whole batch); the tick reads such a droplet again
                 # through get_vm, which fails it over.
-                found[str(droplet["id"])] = found[str(droplet["id"])].model_copy(
-                    update={"status": VMStatus.error, "provider_status": CREATE_ERRORED}
-                )
-        return found
+                vm = vm.model_copy(update={"status": VMStatus.error, "provider_status": CREATE_ERRORED})
+            vms[instance_id] = vm
+        return vms
 
     def destroy_vm(self, instance_id: str) -> None:
         # A 404 comes back from pydo as an error body, not an exception: already gone is success either way.
@@ -238,7 +302,41 @@ class DigitalOceanProvider(Metered):
             return None
         for duplicate in found[1:]:
             self.destroy_vm(str(duplicate["id"]))
+        self._learn(str(found[0]["id"]), _batch_tag_of(found[0]))
         return _vm_info(found[0])
+
+    def _list_batch(self, batch: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
+        """One batch's droplets (every page), remembered; returns those of ``wanted``."""
+        droplets = self._list(batch)
+        with self._lock:
+            self._batch_sizes[batch] = len(droplets)
+            _forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
+        for droplet in droplets:
+            self._learn(str(droplet["id"]), batch)
+        return {str(d["id"]): d for d in droplets if str(d["id"]) in wanted}
+
+    def _list_cost(self, batch: str, at_least: int) -> int:
+        """Requests a list of ``batch`` takes: its pages as last listed (or created into), at least one."""
+        with self._lock:
+            size = max(self._batch_sizes.get(batch, 0), at_least)
+        return max(1, math.ceil(size / PAGE_SIZE))
+
+    def _read(self, instance_id: str) -> dict[str, Any] | None:
+        """One droplet by id (GET /v2/droplets/{id}), remembered; None when it is gone."""
+        status, body = self._client().droplets.get(int(instance_id), cls=_with_status)
+        if status == 404:  # pydo returns a 404's error body instead of raising
+            self._learn(instance_id, None)
+            return None
+        self._learn(instance_id, _batch_tag_of(body["droplet"]))
+        return body["droplet"]
+
+    def _learn(self, instance_id: str, batch: str | None, *, created: bool = False) -> None:
+        with self._lock:
+            self._batch_of.pop(instance_id, None)  # re-inserted: the newest, forgotten last
+            self._batch_of[instance_id] = batch
+            _forget_oldest(self._batch_of, KNOWN_MAX)
+            if created and batch in self._batch_sizes:
+                self._batch_sizes[batch] += 1
 
     def _list(self, tag: str) -> list[dict[str, Any]]:
         droplets, page = [], 1
@@ -279,6 +377,21 @@ class DigitalOceanProvider(Metered):
         raise InvalidSpecError(f"digitalocean creates no {resource.kind} beside a droplet: nothing to delete")
 
 
+def batch_tag(at_s: float) -> str:
+    """The batch tag of a create sent at ``at_s`` (epoch seconds): its UTC minute, ``vmqueue-batch-YYYYMMDDHHMM``."""
+    return BATCH_PREFIX + time.strftime("%Y%m%d%H%M", time.gmtime(at_s - at_s % BATCH_S))
+
+
+def _batch_tag_of(droplet: dict[str, Any]) -> str | None:
+    return next((tag for tag in droplet.get("tags") or [] if tag.startswith(BATCH_PREFIX)), None)
+
+
+def _forget_oldest(entries: dict[str, Any], keep: int) -> None:
+    """Drop the oldest insertions of ``entries`` beyond ``keep`` (the caller holds the lock)."""
+    while len(entries) > keep:
+        del entries[next(iter(entries))]
+
+
 def _droplet_id(instance_id: str) -> int:
     if not instance_id.isdigit():
         raise NotFoundError(f"DigitalOcean: {instance_id!r} is not a droplet id", provider_code="not_found")
@@ -311,7 +424,8 @@ def _vm_info(droplet: dict[str, Any]) -> VMInfo:
         instance_type=droplet.get("size_slug"),
         image=_image_name(droplet.get("image") or {}),
         # Tags are flat ("vmqueue-job:<id>"); a tag without a colon reads as a label with an empty value.
-        labels=dict(tag.partition(":")[::2] for tag in droplet.get("tags") or []),
+        # The batch tag is the adapter's bookkeeping, not a label.
+        labels=dict(tag.partition(":")[::2] for tag in droplet.get("tags") or [] if not tag.startswith(BATCH_PREFIX)),
         created_at=droplet.get("created_at"),
     )
 
