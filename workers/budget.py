@@ -11,7 +11,8 @@ budget the provider reports in headers, so all workers pace before the provider 
   order at the refill rate instead of polling. A wait longer than ``MAX_THROTTLE_WAIT_S`` takes
   nothing and raises ``RateLimitedError`` (``provider_code="vmq_throttle"``): the task retries later.
 - Windows (DigitalOcean's minute and hour, GCP's per-minute quotas) are the ``limits`` library's
-  moving and fixed windows.
+  moving windows, each held ``WINDOW_MARGIN_S`` longer than the provider holds it (see
+  ``BucketStore``); the simulated cloud counts them as published, moving or fixed.
 - Header observations correct a token bucket down to what the provider says is left, or, for a
   budget the profile does not model (DigitalOcean's hour as the API counts it, Azure Compute's own
   policies), block requests of its class once nothing is left until it refills.
@@ -41,6 +42,11 @@ MAX_THROTTLE_WAIT_S = 10.0
 # arrives, a network latency after ours, so its bucket runs that much behind ours. Margins do not add
 # up: the next reservation is due from the bucket's schedule, not from when this one went.
 PACING_MARGIN_S = 0.05
+# Windows hold a slot this much longer than the provider does (whole seconds: ``limits`` windows count
+# in seconds): a slot is reused only once the provider's count of the request that held it, a varying
+# latency after ours, has surely expired too (DigitalOcean's 429s at each minute's turn). Costs one
+# second per window: 250 a minute become 250 per 61 s.
+WINDOW_MARGIN_S = 1
 
 
 class Budget(BucketStore):
@@ -49,7 +55,9 @@ class Budget(BucketStore):
     def __init__(
         self, settings: Settings, client: redis.Redis | None = None, *, max_wait_s: float = MAX_THROTTLE_WAIT_S
     ):
-        super().__init__(settings, client, prefix=keys.BUDGET_PREFIX, max_wait_s=max_wait_s)
+        super().__init__(
+            settings, client, prefix=keys.BUDGET_PREFIX, max_wait_s=max_wait_s, window_margin_s=WINDOW_MARGIN_S
+        )
 
     def acquire(
         self, provider: str, method: str = "GET", target: str = "", scope: str = "", *, profile: Profile | None = None

@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 import redis
-from limits import parse
+from limits import RateLimitItem, RateLimitItemPerSecond, parse
 from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
@@ -23,15 +23,15 @@ from vmqueue.settings import TICK_SHARE_OF_LIMIT, Settings
 from workers.budget_profiles import PROFILES, Bucket, Observation, Profile, parse_bucket
 
 # Charge every token bucket of a request at once, or none. KEYS: n token buckets, then observation
-# hashes. ARGV: now, max wait, n, then capacity and refill per bucket. A short bucket goes into debt
+# hashes. ARGV: now, max wait, n, the window margin, then capacity and refill per bucket. A short bucket goes into debt
 # when the wait is within max wait. Returns {charged 1/0, wait s, tokens left in the emptiest bucket}
 # (numbers as strings: Redis truncates Lua numbers to integers).
 _TAKE = """
-local now, max_wait, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, max_wait, n, margin = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local wait, least = 0, math.huge
 local tokens = {}
 for i = 1, n do
-  local cap, rate = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local cap, rate = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
   local s = redis.call('hmget', KEYS[i], 't', 'at')
   local t = tonumber(s[1])
   if t == nil then t = cap else t = math.min(cap, t + (now - tonumber(s[2])) * rate) end
@@ -44,13 +44,13 @@ for i = n + 1, #KEYS do
   for j = 1, #fields, 2 do
     local r, reset = string.match(fields[j + 1], '^(%S+) (%S+)$')
     r, reset = tonumber(r), tonumber(reset)
-    if r < 1 and now < reset then wait = math.max(wait, reset - now) end
+    if r < 1 and now < reset + margin then wait = math.max(wait, reset + margin - now) end
     observed[#observed + 1] = {KEYS[i], fields[j], r, reset}
   end
 end
 if wait > max_wait then return {0, tostring(wait), '0'} end
 for i = 1, n do
-  local cap, rate = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local cap, rate = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
   redis.call('hset', KEYS[i], 't', tostring(tokens[i] - 1), 'at', tostring(now))
   redis.call('expire', KEYS[i], math.ceil(cap / rate) + 60)
   least = math.min(least, tokens[i] - 1)
@@ -93,7 +93,13 @@ class BucketStore:
 
     ``max_wait_s``: how much debt a token bucket may take on for one request (0: refuse at once, as a
     cloud does). ``overrides``: apply ``VMQ_BUDGET`` and ``VMQ_RATE_LIMIT`` (a client's choice; the
-    simulated cloud enforces the published profile).
+    simulated cloud enforces the published profile). ``window_margin_s``: a client's pacing margin
+    for windows (0: the provider's own count). With a margin, every window (fixed or moving, ``N per
+    T``) is counted as a moving window of N per T + margin: the provider counts each request a
+    latency after us, and that latency varies, so a slot freed in our window is reused only once the
+    provider's has surely freed it too; a moving window is also never caught by a fixed window's
+    boundary, wherever the provider puts it. An observed window (a header's reset) also holds the
+    margin past its reset, which headers give in whole seconds.
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class BucketStore:
         prefix: str = keys.BUDGET_PREFIX,
         max_wait_s: float = 0.0,
         overrides: bool = True,
+        window_margin_s: int = 0,
     ):
         from vmqueue.connection import connect
 
@@ -112,6 +119,7 @@ class BucketStore:
         self.prefix = prefix
         self.max_wait_s = max_wait_s
         self._overrides = overrides
+        self.window_margin_s = window_margin_s
         self._take = self.redis.register_script(_TAKE)
         self._sync = self.redis.register_script(_SYNC)
         self._slot = self.redis.register_script(_SLOT)
@@ -160,20 +168,22 @@ class BucketStore:
         """One try: (charged, seconds to wait before sending, tokens left in the emptiest token bucket).
 
         Charged with a wait: the token is reserved (its bucket in debt) and due after the wait, which is
-        at most ``max_wait_s``. Not charged: the wait until it could be. A window refusing counts the
-        try (the ``limits`` windows have no reservations).
+        at most ``max_wait_s``. Not charged: the wait until it could be. Windows have no reservations:
+        a request is counted in its windows only when all of them have room.
         """
         names = profile.classify(method, target)
         now = time.time()
+        windows = [
+            (*self._window(profile.buckets[name]), self._key(provider, scope, name, profile.buckets[name], target))
+            for name in names
+            if profile.buckets[name].kind == "window"
+        ]
         window_wait = 0.0
-        for name in names:
-            bucket = profile.buckets[name]
-            if bucket.kind != "window":
-                continue
-            limiter = self._fixed if bucket.fixed else self._moving
-            item = parse(bucket.window)
-            identity = self._key(provider, scope, name, bucket, target)
-            if not limiter.hit(item, identity):
+        for limiter, item, identity in windows:
+            if not limiter.test(item, identity):
+                window_wait = max(window_wait, limiter.get_window_stats(item, identity).reset_time - now, 0.01)
+        for limiter, item, identity in windows if not window_wait else ():
+            if not limiter.hit(item, identity):  # another worker took the last slot meanwhile
                 window_wait = max(window_wait, limiter.get_window_stats(item, identity).reset_time - now, 0.01)
         if window_wait:
             return False, window_wait, 0.0
@@ -182,7 +192,7 @@ class BucketStore:
         observed = [f"{self.prefix}{provider}:{scope}:seen:{n}" for n in names]
         if profile.headers is not None:
             observed.append(f"{self.prefix}{provider}:{scope}:seen-class:{profile.request_class(method, target)}")
-        args: list[Any] = [repr(now), repr(max_wait_s), len(tokens)]
+        args: list[Any] = [repr(now), repr(max_wait_s), len(tokens), self.window_margin_s]
         for _, bucket in tokens:
             args += [repr(bucket.capacity), repr(bucket.refill_per_s)]
         charged, wait, least = self._take(keys=[*token_keys, *observed], args=args)
@@ -193,9 +203,16 @@ class BucketStore:
     ) -> tuple[int, float]:
         """(requests left, epoch s of the next reset) of a window bucket."""
         spec = profile.buckets[bucket]
-        limiter = self._fixed if spec.fixed else self._moving
-        stats = limiter.get_window_stats(parse(spec.window), self._key(provider, scope, bucket, spec, target))
+        limiter, item = self._window(spec)
+        stats = limiter.get_window_stats(item, self._key(provider, scope, bucket, spec, target))
         return stats.remaining, stats.reset_time
+
+    def _window(self, bucket: Bucket) -> tuple[FixedWindowRateLimiter | MovingWindowRateLimiter, RateLimitItem]:
+        """The limiter and item a window bucket is counted with (see ``window_margin_s``)."""
+        item = parse(bucket.window or "")
+        if not self.window_margin_s:
+            return (self._fixed if bucket.fixed else self._moving), item
+        return self._moving, RateLimitItemPerSecond(item.amount, item.get_expiry() + self.window_margin_s)
 
     def observe(
         self, provider: str, profile: Profile, method: str, target: str, headers: Mapping[str, str], scope: str = ""
