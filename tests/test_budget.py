@@ -226,7 +226,7 @@ def test_sim_plays_a_profile_requests_per_call_and_pages(monkeypatch: pytest.Mon
     azure = _sim(monkeypatch, redis_client, "azure")
     azure.meter = meter = RecordingMeter()
     _create(azure, 0)
-    assert [m for m, _ in meter.requests()] == ["PUT", "PUT", "PUT"]  # public IP, NIC, VM: three writes
+    assert [m for m, _ in meter.requests()] == ["PUT"]  # the VM, its NIC and public IP declared inside it
     assert "x-ms-ratelimit-remaining-subscription-writes" in meter.answers[-1][3]
 
     hetzner = _sim(monkeypatch, redis_client, "hetzner")

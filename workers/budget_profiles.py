@@ -310,15 +310,11 @@ AZURE = Profile(
     },
     classify=lambda method, target: (_azure_class(method, target),),
     calls={
-        "create": (
-            ("PUT", "/publicIPAddresses/{name}-pip"),
-            ("PUT", "/networkInterfaces/{name}-nic"),
-            ("PUT", "/virtualMachines/{name}"),
-        ),
+        "create": (("PUT", "/virtualMachines/{name}"),),  # its NIC and public IP declared inside it
         "get": (
             ("GET", "/virtualMachines/{name}"),
-            ("GET", "/networkInterfaces/{name}-nic"),
-            ("GET", "/publicIPAddresses/{name}-pip"),
+            ("GET", "/networkInterfaces/{nic}"),
+            ("GET", "/publicIPAddresses/{pip}"),
         ),
         "get_many": (("GET", "/providers/Microsoft.Compute/virtualMachines"),),
         "destroy": (("DELETE", "/virtualMachines/{name}"), ("GET", "/virtualMachines/{name}")),

@@ -1,13 +1,15 @@
 """A small stateful ARM fake (Compute VMs and their OS disks, Network public IPs/NICs/vnets/NSGs, resource groups).
 
 Payloads follow azure-rest-api-specs examples (VirtualMachine_Create_WithSshAuthentication.json,
-VirtualMachine_Get_InstanceView.json, PublicIpAddressGet.json). Transport-agnostic like ``oci_fake``:
+VirtualMachine_Create_WithNetworkInterfaceConfigurationDnsSettings.json, VirtualMachine_Get_InstanceView.json,
+PublicIpAddressGet.json). Transport-agnostic like ``oci_fake``:
 ``handle(method, url, headers, body)`` returns ``(status, headers, body)``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 import time
@@ -48,6 +50,7 @@ class FakeARM(FakeAPI):
     allocation_fails_in: set[str] = field(default_factory=set)  # locations or sizes whose VMs fail late (Allocation)
     max_page: int = 1000  # the most items one list page holds (lower it to make lists span pages)
     os_disk_outlives_vm: bool = False  # a VM delete leaves its OS disk (its delete failed), detached
+    network_outlives_vm: bool = False  # a VM delete leaves its NICs and public IPs (their deletes failed), detached
 
     def __post_init__(self) -> None:
         self.resources[RG_PATH.lower()] = {
@@ -180,13 +183,21 @@ class FakeARM(FakeAPI):
             }
             props["storageProfile"]["osDisk"] |= {"osType": "Linux", "caching": "ReadWrite"}
             self._os_disk(call, props["storageProfile"]["osDisk"])
-            for ref in props["networkProfile"]["networkInterfaces"]:
-                nic = self.get(ref["id"])
-                if nic is None:
+            network = props["networkProfile"]
+            configs = network.pop("networkInterfaceConfigurations", None)
+            if configs is not None and not network.get("networkApiVersion"):
+                return error(
+                    400, "InvalidParameter", "networkApiVersion is required with networkInterfaceConfigurations."
+                )
+            for ref in network.get("networkInterfaces", []):
+                if self.get(ref["id"]) is None:
                     return error(
                         400, "InvalidResourceReference", f"Resource {ref['id']} referenced by resource was not found."
                     )
-                nic["properties"]["virtualMachine"] = {"id": call.path}
+            for ref in network.get("networkInterfaces", []):
+                self.get(ref["id"])["properties"]["virtualMachine"] = {"id": call.path}
+            if configs is not None:
+                network["networkInterfaces"] = [self._inline_nic(call, name, config) for config in configs]
             resource["_power"] = None
             size = props.get("hardwareProfile", {}).get("vmSize")
             if {call.body["location"], size} & self.allocation_fails_in:
@@ -199,6 +210,71 @@ class FakeARM(FakeAPI):
             {"Azure-AsyncOperation": "https://management.azure.com/op"},
             json.dumps(self._view(resource, False)),
         )
+
+    def _inline_nic(self, call: Call, vm_name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """The NIC (and public IP) Compute makes from one of the VM request's ``networkInterfaceConfigurations``
+        (Virtual Machines - Create Or Update, api-version >= 2020-11-01), tagged with the configuration's
+        ``tags``; returns the VM's reference to it, as the documented answer shows
+        (VirtualMachine_Create_WithNetworkInterfaceConfigurationDnsSettings.json: ``networkInterfaces``
+        with the NIC's id and ``primary``). The reference does not say how Azure names them: the fake
+        makes up names (a digest of the VM's id) that nobody can guess, so the adapter must read the ids.
+        """
+        group = call.path.split("/providers/", 1)[0]
+        digest = hashlib.sha1(call.path.lower().encode()).hexdigest()[:6]
+        nic_id = f"{group}/providers/Microsoft.Network/networkInterfaces/{vm_name}-{config['name']}-{digest}"
+        props = config.get("properties", {})
+        ip_configs = []
+        for i, ip_config in enumerate(props.get("ipConfigurations", [])):
+            ip_props = ip_config.get("properties", {})
+            made = {
+                "primary": ip_props.get("primary", False),
+                "privateIPAddress": f"10.0.0.{4 + i}",
+                "privateIPAllocationMethod": "Dynamic",
+                "subnet": ip_props["subnet"],
+                "provisioningState": "Succeeded",
+            }
+            if (pip := ip_props.get("publicIPAddressConfiguration")) is not None:
+                pip_name = f"{vm_name}-{config['name']}-{ip_config['name']}-{pip['name']}-{digest}"
+                pip_id = f"{group}/providers/Microsoft.Network/publicIPAddresses/{pip_name}"
+                pip_props = pip.get("properties", {})
+                self.resources[pip_id.lower()] = {
+                    "id": pip_id,
+                    "name": pip_name,
+                    "type": "Microsoft.Network/publicIPAddresses",
+                    "location": call.body["location"],
+                    "tags": dict(pip.get("tags") or {}),
+                    "sku": pip.get("sku") or {"name": "Standard"},
+                    "properties": {
+                        "publicIPAllocationMethod": pip_props.get("publicIPAllocationMethod", "Static"),
+                        "publicIPAddressVersion": pip_props.get("publicIPAddressVersion", "IPv4"),
+                        "ipAddress": "20.61.15.7",
+                        "provisioningState": "Succeeded",
+                        "idleTimeoutInMinutes": 4,
+                    },
+                    "_delete_with_vm": pip_props.get("deleteOption") == "Delete",
+                }
+                made["publicIPAddress"] = {"id": pip_id}
+            ip_configs.append(
+                {"name": ip_config["name"], "id": f"{nic_id}/ipConfigurations/{ip_config['name']}", "properties": made}
+            )
+        nic_props: dict[str, Any] = {
+            "primary": props.get("primary", False),
+            "ipConfigurations": ip_configs,
+            "virtualMachine": {"id": call.path},
+            "provisioningState": "Succeeded",
+        }
+        if props.get("networkSecurityGroup"):
+            nic_props["networkSecurityGroup"] = props["networkSecurityGroup"]
+        self.resources[nic_id.lower()] = {
+            "id": nic_id,
+            "name": nic_id.rsplit("/", 1)[-1],
+            "type": "Microsoft.Network/networkInterfaces",
+            "location": call.body["location"],
+            "tags": dict(config.get("tags") or {}),
+            "properties": nic_props,
+            "_delete_with_vm": props.get("deleteOption") == "Delete",
+        }
+        return {"id": nic_id, "properties": {"primary": props.get("primary", False)}}
 
     def _os_disk(self, call: Call, os_disk: dict[str, Any]) -> None:
         """The managed OS disk a VM PUT creates (``createOption: FromImage``), named as the request says.
@@ -281,12 +357,17 @@ class FakeARM(FakeAPI):
                 disk["managedBy"], disk["properties"]["diskState"] = None, "Unattached"
         for ref in vm["properties"]["networkProfile"]["networkInterfaces"]:
             nic = self.resources.get(ref["id"].lower())
-            if ref.get("properties", {}).get("deleteOption") != "Delete" or nic is None:
+            if nic is None:
+                continue
+            with_vm = nic.get("_delete_with_vm") or ref.get("properties", {}).get("deleteOption") == "Delete"
+            if not with_vm or self.network_outlives_vm:
+                nic["properties"].pop("virtualMachine", None)  # detached, as ARM leaves a NIC whose VM is gone
                 continue
             del self.resources[ref["id"].lower()]
             for config in nic["properties"].get("ipConfigurations", []):
                 pip_id = config["properties"].get("publicIPAddress", {}).get("id", "").lower()
-                if self.resources.get(pip_id, {}).get("properties", {}).get("deleteOption") == "Delete":
+                pip = self.resources.get(pip_id, {})
+                if pip.get("_delete_with_vm") or pip.get("properties", {}).get("deleteOption") == "Delete":
                     del self.resources[pip_id]
 
     def _view(self, resource: dict[str, Any], instance_view: bool) -> dict[str, Any]:

@@ -91,6 +91,17 @@ def _json(body: dict[str, Any]) -> str:
 OWNED = {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": "job-1"}
 
 
+def nic_of(fake: FakeARM, vm: str = "web-1") -> dict[str, Any]:
+    """The NIC Azure made for the VM from its inline configuration (named by Azure: found by the VM's reference)."""
+    [ref] = fake.vm(vm)["properties"]["networkProfile"]["networkInterfaces"]
+    return fake.get(ref["id"])
+
+
+def pip_of(fake: FakeARM, vm: str = "web-1") -> dict[str, Any]:
+    [config] = nic_of(fake, vm)["properties"]["ipConfigurations"]
+    return fake.get(config["properties"]["publicIPAddress"]["id"])
+
+
 class TestAzure(AdapterContract):
     def test_user_data_with_phone_home_passes_cloud_init_schema(self, provider: AzureProvider, fake: FakeARM) -> None:
         """ready_when=cloud_init: the user-data sent, whatever the user's script format, passes cloud-init's schema."""
@@ -111,7 +122,7 @@ class TestAzure(AdapterContract):
         provider.destroy_vm(vm.instance_id)
 
         wire = [(call.method, call.path) for call in fake.calls]
-        assert meter.requests() == wire and sum(m == "PUT" for m, _ in wire) == 3
+        assert meter.requests() == wire and sum(m == "PUT" for m, _ in wire) == 1
         assert [(m, t) for m, t, _, _ in meter.answers] == wire
 
     def test_create_sends_key_script_and_labels(self, provider: AzureProvider, fake: FakeARM) -> None:
@@ -119,19 +130,9 @@ class TestAzure(AdapterContract):
         info = provider.create_vm(make_spec(), ssh_key, SCRIPT, job_id="job-1")
 
         assert (info.instance_id, info.status, info.provider_status) == (VM_ID, VMStatus.pending, "Creating")
-        [pip] = fake.calls_to("PUT", r"/publicIPAddresses/web-1-pip$")
-        assert pip.body["sku"] == {"name": "Standard"} and pip.body["tags"] == OWNED
-        assert pip.body["properties"] == {
-            "publicIPAllocationMethod": "Static",
-            "publicIPAddressVersion": "IPv4",
-            "deleteOption": "Delete",
-        }
-        [nic] = fake.calls_to("PUT", r"/networkInterfaces/web-1-nic$")
-        [config] = nic.body["properties"]["ipConfigurations"]
-        assert config["properties"]["subnet"] == {"id": SUBNET_ID}
-        assert config["properties"]["publicIPAddress"]["id"].endswith("/publicIPAddresses/web-1-pip")
-        assert nic.body["properties"]["networkSecurityGroup"] == {"id": NSG_ID} and nic.body["tags"] == OWNED
-        [put] = fake.calls_to("PUT", r"/virtualMachines/web-1$")
+        # Not a first attempt: its VM is looked up, then one PUT, the network declared inside it.
+        assert [(c.method, c.path) for c in fake.calls] == [("GET", "/" + VM_ID), ("PUT", "/" + VM_ID)]
+        put = fake.calls[-1]
         assert put.headers["if-none-match"] == "*"
         vm = put.body["properties"]
         assert put.body["tags"] == OWNED and vm["hardwareProfile"] == {"vmSize": "Standard_B1s"}
@@ -147,9 +148,41 @@ class TestAzure(AdapterContract):
             "createOption": "FromImage",
             "deleteOption": "Delete",
         }
-        [ref] = vm["networkProfile"]["networkInterfaces"]
-        assert ref["id"].endswith("/networkInterfaces/web-1-nic")
-        assert ref["properties"] == {"primary": True, "deleteOption": "Delete"}
+        assert vm["networkProfile"] == {
+            "networkApiVersion": "2022-11-01",
+            "networkInterfaceConfigurations": [
+                {
+                    "name": "nic",
+                    "tags": OWNED,
+                    "properties": {
+                        "primary": True,
+                        "deleteOption": "Delete",
+                        "networkSecurityGroup": {"id": NSG_ID},
+                        "ipConfigurations": [
+                            {
+                                "name": "ipconfig1",
+                                "properties": {
+                                    "primary": True,
+                                    "subnet": {"id": SUBNET_ID},
+                                    "publicIPAddressConfiguration": {
+                                        "name": "pip",
+                                        "tags": OWNED,
+                                        "sku": {"name": "Standard"},
+                                        "properties": {
+                                            "deleteOption": "Delete",
+                                            "publicIPAllocationMethod": "Static",
+                                            "publicIPAddressVersion": "IPv4",
+                                        },
+                                    },
+                                },
+                            }
+                        ],
+                    },
+                }
+            ],
+        }
+        # What Azure made with the VM carries its tags (the sweeper's handle) and goes with it.
+        assert nic_of(fake)["tags"] == pip_of(fake)["tags"] == OWNED
         assert all(c.query["api-version"] for c in fake.calls)
 
     def test_create_without_network_options_is_invalid(self, provider: AzureProvider, fake: FakeARM) -> None:
@@ -161,19 +194,23 @@ class TestAzure(AdapterContract):
         provider.create_vm(make_spec(subnet_id=None, nsg_id=None, create_network=True), key(), job_id="job-1")
 
         [vnet] = fake.calls_to("PUT", r"/virtualNetworks/vmq-vnet$")
-        assert vnet.body["properties"]["subnets"] == [
-            {"name": "vmq-subnet", "properties": {"addressPrefix": "10.0.0.0/24"}}
-        ]
+        [made] = vnet.body["properties"]["subnets"]
+        assert (made["name"], made["properties"]["addressPrefix"]) == ("vmq-subnet", "10.0.0.0/24")
         [nsg] = fake.calls_to("PUT", r"/networkSecurityGroups/vmq-nsg$")
         [rule] = nsg.body["properties"]["securityRules"]
         assert (rule["properties"]["destinationPortRange"], rule["properties"]["access"]) == ("22", "Allow")
-        [nic] = fake.calls_to("PUT", r"/networkInterfaces/")
-        assert nic.body["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"].endswith(
+        assert vnet.body["properties"]["subnets"][0]["properties"]["networkSecurityGroup"] == {
+            "id": f"{RG_PATH}/providers/Microsoft.Network/networkSecurityGroups/vmq-nsg"
+        }  # so a VM of another process, which finds the vnet, is covered too
+        [put] = fake.calls_to("PUT", r"/virtualMachines/")
+        [nic] = put.body["properties"]["networkProfile"]["networkInterfaceConfigurations"]
+        assert nic["properties"]["ipConfigurations"][0]["properties"]["subnet"]["id"].endswith(
             "/virtualNetworks/vmq-vnet/subnets/vmq-subnet"
         )
         fake.calls.clear()
         provider.create_vm(make_spec(subnet_id=None, nsg_id=None, create_network=True), key(), job_id="job-1")
         assert not fake.calls_to("PUT", r"/virtualNetworks/|/networkSecurityGroups/")  # exists: left alone
+        assert not fake.calls_to("GET", r"/virtualNetworks/|/resourceGroups/vmq-rg$")  # found once per process
 
     def test_create_resolves_image_alias(self, provider: AzureProvider, fake: FakeARM) -> None:
         assert provider.prepare_spec(make_spec(image="ubuntu-22.04")).image == (
@@ -214,18 +251,35 @@ class TestAzure(AdapterContract):
         assert info.instance_id == again.instance_id == VM_ID
         assert len([r for r in fake.resources.values() if r["type"] == "Microsoft.Compute/virtualMachines"]) == 1
 
-    def test_create_waits_for_public_ip(self, provider: AzureProvider, fake: FakeARM) -> None:
-        fake.ip_updating_reads = 2
-        provider.create_vm(make_spec(), key(), job_id="job-1")
-        assert len(fake.calls_to("GET", r"/publicIPAddresses/")) == 3  # Updating, Updating, Succeeded
-        assert len(fake.calls_to("PUT", r"/networkInterfaces/")) == 1
+    def test_first_attempt_create_costs_one_request(self, provider: AzureProvider, fake: FakeARM) -> None:
+        """No lookup before a first attempt's PUT (no create of the job was ever sent); NIC and public IP
+        inside it. The answer names the NIC Azure made; the public IP reads through it (VM, NIC, IP)."""
+        info = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1", first_attempt=True)
 
-    def test_create_public_ip_never_ready_leaves_nothing(self, provider: AzureProvider, fake: FakeARM) -> None:
-        fake.ip_updating_reads, provider.provision_wait_s = None, 0.0
-        with pytest.raises(TransientError, match="Updating"):
-            provider.create_vm(make_spec(), key(), job_id="job-1")
-        assert not fake.calls_to("PUT", r"/networkInterfaces/")
-        assert list(fake.resources) == [RG_PATH.lower()]
+        assert [(c.method, c.path) for c in fake.calls] == [("PUT", "/" + VM_ID)]
+        assert info.instance_id == VM_ID and info.labels["vmqueue-job"] == "job-1"
+        boot(fake)
+        fake.calls.clear()
+        assert provider.get_vm(VM_ID).public_ipv4 == "20.61.15.7"
+        nic, pip = nic_of(fake), pip_of(fake)
+        assert [c.path for c in fake.calls] == ["/" + VM_ID, nic["id"], pip["id"]]
+
+    def test_first_attempt_on_a_taken_name_still_refuses_a_foreign_vm(self, provider: AzureProvider, fake: FakeARM):
+        provider.create_vm(make_spec(), key(), job_id="job-1", first_attempt=True)
+        fake.calls.clear()
+        with pytest.raises(InvalidSpecError, match="another job"):
+            provider.create_vm(make_spec(), key(), job_id="job-2", first_attempt=True)
+        assert [(c.method, c.headers.get("if-none-match")) for c in fake.calls] == [("PUT", "*"), ("GET", None)]
+        assert fake.vm("web-1")["tags"]["vmqueue-job"] == "job-1"  # the PUT changed nothing (412)
+
+    def test_first_attempt_lost_answer_is_adopted(self, provider: AzureProvider, fake: FakeARM) -> None:
+        fake.drop.append("PUT /virtualMachines/web-1")  # ARM makes the VM, its NIC and IP; the answer is lost
+
+        info = provider.create_vm(make_spec(), key(), job_id="job-1", first_attempt=True)
+
+        assert info.instance_id == VM_ID
+        assert [c.method for c in fake.calls] == ["PUT", "GET"]  # read back once, adopted
+        assert sum(r["type"] == "Microsoft.Compute/virtualMachines" for r in fake.resources.values()) == 1
 
     @pytest.mark.parametrize(
         ("provisioning", "power", "expected"),
@@ -310,14 +364,14 @@ class TestAzure(AdapterContract):
             "Canonical:ubuntu-24_04-lts:server:latest",
         )
         assert info.labels == OWNED and info.created_at is not None
-        assert [c.path.rsplit("/", 1)[-1] for c in fake.calls_to("GET", "")] == ["web-1", "web-1-nic", "web-1-pip"]
+        assert [c.path for c in fake.calls_to("GET", "")] == ["/" + VM_ID, nic_of(fake)["id"], pip_of(fake)["id"]]
 
     def test_get_multi_nic_reads_the_primary(self, provider: AzureProvider, fake: FakeARM) -> None:
         """Two NICs, the first reference the private-only one (primary false): the primary NIC's addresses."""
         provider.create_vm(make_spec(), key(), job_id="job-1")
         boot(fake)
         nic_path = f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/"
-        primary = fake.get(nic_path + "web-1-nic")
+        primary = nic_of(fake)
         second = {
             **primary,
             "id": nic_path + "web-1-nic2",
@@ -350,7 +404,7 @@ class TestAzure(AdapterContract):
 
     def test_get_without_public_ip(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
-        nic = fake.get(f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/web-1-nic")
+        nic = nic_of(fake)
         del nic["properties"]["ipConfigurations"][0]["properties"]["publicIPAddress"]
 
         info = provider.get_vm(VM_ID)
@@ -400,7 +454,7 @@ class TestAzure(AdapterContract):
         )
         with pytest.raises(QuotaExceededError):
             provider.create_vm(make_spec(), key(), job_id="job-1")
-        # Refused for good: the NIC and public IP made for it are deleted before the error is raised.
+        # Refused for good: nothing was made (the NIC and public IP come with the VM or not at all).
         assert list(fake.resources) == [RG_PATH.lower()]
 
         provider.destroy_vm(VM_ID)
@@ -408,39 +462,28 @@ class TestAzure(AdapterContract):
         assert list(fake.resources) == [RG_PATH.lower()]
 
     def test_vm_put_500_every_attempt_leaves_nothing(self, provider: AzureProvider, fake: FakeARM) -> None:
-        """Each attempt whose VM PUT answers 500 removes its NIC and IP: the last one may be the job's last."""
+        """Each attempt whose VM PUT answers 500 looks for its VM (none) and leaves nothing: the last one may
+        be the job's last."""
         for _ in range(3):
             fake.fail("PUT", r"/virtualMachines/", error(500, "InternalServerError", "try later"))
             with pytest.raises(TransientError) as caught:
                 provider.create_vm(make_spec(), key(), job_id="job-1")
             assert caught.value.provider_code == "InternalServerError"
             assert list(fake.resources) == [RG_PATH.lower()]
-        provider.create_vm(make_spec(), key(), job_id="job-1")  # the retry makes them again
-        assert len(fake.resources) == 5  # group, IP, NIC, VM and the OS disk it made
+        provider.create_vm(make_spec(), key(), job_id="job-1")  # the retry makes them
+        assert len(fake.resources) == 5  # group, VM and the OS disk, NIC and public IP it made
 
-    def test_refused_create_waits_for_the_nic_delete_and_keeps_its_code(
-        self, provider: AzureProvider, fake: FakeARM
-    ) -> None:
-        """Quota refusal; the NIC delete is accepted (202) and takes two reads: the IP's delete waits for it,
-        and the error raised is the quota's, not the cleanup's."""
-        fake.nic_delete_reads = 2
+    def test_refused_create_leaves_nothing_and_keeps_its_code(self, provider: AzureProvider, fake: FakeARM) -> None:
+        """A refused VM PUT made nothing (its NIC and public IP are made with the VM or not at all): one
+        request, nothing to clean up, and the error raised is the provider's own."""
         quota = "Operation could not be completed as it results in exceeding approved standardBSFamily Cores quota."
         fake.fail("PUT", r"/virtualMachines/", error(409, "OperationNotAllowed", quota))
 
         with pytest.raises(QuotaExceededError) as caught:
-            provider.create_vm(make_spec(), key(), job_id="job-1")
+            provider.create_vm(make_spec(), key(), job_id="job-1", first_attempt=True)
 
         assert (caught.value.provider_code, caught.value.message) == ("OperationNotAllowed", quota)
-        assert list(fake.resources) == [RG_PATH.lower()]
-        deletes = [c.path.rsplit("/", 1)[-1] for c in fake.calls if c.method == "DELETE"]
-        assert deletes == ["web-1-nic", "web-1-pip"]  # the IP's delete only once the NIC was gone
-
-    def test_refused_create_whose_cleanup_fails_keeps_its_code(self, provider: AzureProvider, fake: FakeARM) -> None:
-        fake.fail("PUT", r"/virtualMachines/", error(409, "SkuNotAvailable", "The requested size is not available."))
-        fake.fail("DELETE", r"/publicIPAddresses/", error(400, "PublicIPAddressCannotBeDeleted", "in use"))
-        with pytest.raises(CapacityError) as caught:
-            provider.create_vm(make_spec(), key(), job_id="job-1")
-        assert caught.value.provider_code == "SkuNotAvailable"
+        assert [c.method for c in fake.calls] == ["PUT"] and list(fake.resources) == [RG_PATH.lower()]
 
     def test_destroy_twice(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
@@ -583,8 +626,8 @@ class TestAzure(AdapterContract):
         assert fake.calls[0].query["statusOnly"] == "true"
         assert [(c.method, c.path.rsplit("/", 1)[-1]) for c in fake.calls[1:]] == [
             ("GET", "web-1"),
-            ("GET", "web-1-nic"),
-            ("GET", "web-1-pip"),
+            ("GET", nic_of(fake)["name"]),
+            ("GET", pip_of(fake)["name"]),
             ("PATCH", "web-1-osdisk"),
         ]
         assert (
@@ -603,6 +646,56 @@ class TestAzure(AdapterContract):
             "20.61.15.7",
             "10.0.0.4",
         )
+
+    def test_get_vms_cost_grows_with_vms_in_flight_not_the_subscription(
+        self, provider: AzureProvider, fake: FakeARM
+    ) -> None:
+        """The first read lists the subscription (and measures the list: pages); from then on a few VMs in
+        flight are read one GET each when that costs less of the read budgets than the list (a page
+        weighs five GETs: Compute's High Cost Get), however many long-lived VMs the subscription holds."""
+        fake.max_page = 2
+        in_flight = [provider.create_vm(make_spec(), key(), job_id="job-1").instance_id]
+        provider.vm_read_gap_s = 0.0  # read again at every call (the gap is covered below)
+        costs = []
+        for long_lived in (10, 40):
+            template = fake.vm("web-1")
+            for n in range(long_lived - sum(r["name"].startswith("old-") for r in fake.resources.values())):
+                clone = {**template, "id": template["id"].replace("web-1", f"old-{long_lived}-{n}")}
+                fake.resources[clone["id"].lower()] = {**clone, "name": clone["id"].rsplit("/", 1)[-1]}
+            provider._list_pages = None  # a new worker process: nothing measured yet
+            fake.calls.clear()
+            provider.get_vms(in_flight)
+            first = len(fake.calls)
+            fake.calls.clear()
+            assert set(provider.get_vms(in_flight)) == set(in_flight)
+            costs.append((first, [(c.method, c.query.get("$expand")) for c in fake.calls]))
+        assert [first for first, _ in costs] == [6, 21]  # one list: 11 and 41 VMs, 2 a page
+        assert [steady for _, steady in costs] == [[("GET", "instanceView")]] * 2  # then one GET, both times
+
+    def test_get_vms_lists_when_the_list_is_cheaper(self, provider: AzureProvider, fake: FakeARM) -> None:
+        ids = [
+            provider.create_vm(
+                make_spec().model_copy(update={"name": f"web-{n}"}), key(), job_id=f"job-{n}"
+            ).instance_id
+            for n in range(5)
+        ]
+        for _ in range(2):
+            fake.calls.clear()
+            assert set(provider.get_vms(ids)) == set(ids)
+            assert [c.path for c in fake.calls] == [f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines"]
+
+    def test_get_vms_reads_a_vm_alone_at_most_once_per_gap(self, provider: AzureProvider, fake: FakeARM) -> None:
+        """Compute meters GETs per VM (12 a minute): a VM read alone is not read again within the gap."""
+        [vm_id] = [provider.create_vm(make_spec(), key(), job_id="job-1").instance_id]
+        provider.get_vms([vm_id])  # the list, measured: one page
+        provider._list_pages, provider.vm_read_gap_s = 10, 3600.0  # a big subscription; a long gap
+        fake.calls.clear()
+        first = provider.get_vms([vm_id])
+        again = provider.get_vms([vm_id])
+        assert first == again and len(fake.calls) == 1
+        provider.vm_read_gap_s = 0.0
+        boot(fake)
+        assert provider.get_vms([vm_id])[vm_id].status is VMStatus.running
 
     def test_list_owned_vms(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
@@ -662,8 +755,9 @@ class TestAzure(AdapterContract):
         extras = {(r.kind, r.name): r for r in provider.list_owned_extras()}
 
         vm_id = VM_ID
-        assert extras[("nic", "web-1-nic")].attached_to == vm_id
-        assert extras[("public_ip", "web-1-pip")].attached_to and extras[("nic", "lost-1-nic")].attached_to is None
+        nic, pip = nic_of(fake)["name"], pip_of(fake)["name"]  # made with the VM, tagged like it
+        assert extras[("nic", nic)].attached_to == vm_id and extras[("nic", nic)].labels == OWNED
+        assert extras[("public_ip", pip)].attached_to and extras[("nic", "lost-1-nic")].attached_to is None
         assert ("nic", "lost-0-nic") not in extras  # no ownership tag: not ours
         assert extras[("disk", "lost-osdisk")].attached_to is None and extras[("disk", "lost-osdisk")].created_at
         assert {r.labels["vmqueue-job"] for k, r in extras.items() if k[1].startswith("lost")} == {"job-9"}
@@ -680,7 +774,7 @@ class TestAzure(AdapterContract):
         assert fake.get(f"{RG_PATH}/providers/Microsoft.Network/publicIPAddresses/lost-1-pip") is None
         assert fake.get(disk_id) is None
         with pytest.raises(ProviderError):  # still in use by the VM: refused, a later pass tries again
-            provider.delete_extra(extras[("nic", "web-1-nic")])
+            provider.delete_extra(extras[("nic", nic)])
 
     def test_local_http_endpoint(self, fake: FakeARM, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("VMQ_AZURE_ENDPOINT", "http://127.0.0.1:9")
@@ -734,7 +828,7 @@ def test_system_create_then_destroy_through_a_worker(
 
     gone = provisioner.wait(provisioner.destroy_vm("azure", job.instance_id).id, timeout_s=30)
     assert gone.state == JobState.gone, gone.error
-    assert list(fake.resources) == [RG_PATH.lower()]  # VM, NIC, public IP: nothing left
+    assert list(fake.resources) == [RG_PATH.lower()]  # VM, NIC, public IP, OS disk: nothing left
 
 
 @pytest.mark.system
@@ -754,12 +848,14 @@ def test_system_late_allocation_failure_fails_over(
     assert (job.placement, job.instance_id, job.vm.instance_type) == (1, VM_ID + "-p1", "Standard_B2s")
     assert any("no capacity" in event.message for event in job.history)
     names = sorted(r["name"] for r in fake.resources.values() if r["type"] != "resourceGroups")
-    assert names == ["web-1-p1", "web-1-p1-nic", "web-1-p1-osdisk", "web-1-p1-pip"]
+    made = [nic_of(fake, "web-1-p1")["name"], pip_of(fake, "web-1-p1")["name"]]  # with the VM, named by Azure
+    assert names == sorted(["web-1-p1", "web-1-p1-osdisk", *made])
 
 
 def test_the_sweeper_removes_what_a_failed_create_left(provider: AzureProvider, fake: FakeARM, redis_client, settings):
-    # Issue 13 (5): the VM is refused for good and the cleanup of its NIC fails too: NIC and public
-    # IP stay behind. list_owned_vms cannot see them; the sweeper finds them and removes both.
+    # Issue 13 (5), issue 15: the VM Azure accepted fails late (AllocationFailed) and its delete leaves
+    # the NIC and public IP it made behind. list_owned_vms cannot see them; they carry the tags the VM
+    # request gave them, so the sweeper finds them and removes both.
     from datetime import UTC, datetime, timedelta
 
     from vmqueue import keys
@@ -768,13 +864,14 @@ def test_the_sweeper_removes_what_a_failed_create_left(provider: AzureProvider, 
     from vmqueue.sweep import StoreEpoch, SweepRequest
     from workers.sweeper import Sweeper
 
-    fake.fail("PUT", r"/virtualMachines/web-1$", error(400, "InvalidParameter", "The size is not available."))
-    fake.fail("DELETE", r"/networkInterfaces/web-1-nic$", error(500, "InternalServerError", "Try again later."))
-    with pytest.raises(InvalidSpecError):
-        provider.create_vm(make_spec(), key(), job_id="job-1")
-    assert fake.get(f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/web-1-nic") is not None
+    fake.allocation_fails_in, fake.network_outlives_vm = {"westeurope"}, True
+    provider.create_vm(make_spec(), key(), job_id="job-1", first_attempt=True)
+    nic_id, pip_id = nic_of(fake)["id"], pip_of(fake)["id"]
+    with pytest.raises(CapacityError):
+        provider.get_vm(VM_ID)  # the failed VM's delete is sent; its NIC and IP stay, detached
+    assert fake.get(nic_id)["tags"] == fake.get(pip_id)["tags"] == OWNED
     store = JobStore(redis_client, settings)
-    error_ = JobError(code="invalid_spec", message="The size is not available.")
+    error_ = JobError(code="capacity", message="AllocationFailed")
     store.add(Job(id="job-1", kind=JobKind.create, provider="azure", state=JobState.failed, error=error_))
     born = datetime.now(UTC) - timedelta(days=30)
     redis_client.set(keys.EPOCH_KEY, StoreEpoch(born_at=born).model_dump_json())

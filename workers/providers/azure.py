@@ -4,9 +4,10 @@ Credentials: ``DefaultAzureCredential`` (e.g. ``AZURE_TENANT_ID``/``AZURE_CLIENT
 plus ``AZURE_SUBSCRIPTION_ID``. The instance id is the VM's ARM id without its leading "/", which the
 contract's instance-id pattern refuses (both forms are accepted):
 ``subscriptions/<sub>/resourceGroups/<rg>/providers/Microsoft.Compute/virtualMachines/<name>``.
-Per VM a Standard static public IP ``{vm}-pip`` and a NIC ``{vm}-nic``; they, the OS disk ``{vm}-osdisk``
-and the VM are deterministic names, so a repeated create PUTs the same resources, and the VM PUT carries
-``If-None-Match: *`` so a second one adopts the first (by its ``vmqueue-job`` tag) instead of replacing it.
+A create is one VM PUT declaring its NIC and Standard static public IP inline (``azure_network``): Azure
+makes them with the VM, tagged like it, and deletes them with it, as it does the OS disk ``{vm}-osdisk``.
+The VM's name is deterministic and its PUT carries ``If-None-Match: *``, so a second create of a job
+adopts the first's VM (by its ``vmqueue-job`` tag) instead of replacing it.
 ``VMQ_AZURE_ENDPOINT`` replaces the ARM endpoint (a local fake in system tests; plain http allowed there).
 """
 
@@ -17,7 +18,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, NamedTuple
 
@@ -27,6 +27,7 @@ from vmqueue.options import AzureOptions
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import custom_data
+from workers.providers import azure_network
 from workers.providers.base import SETTLED_STATUSES
 from workers.providers.errors import (
     AuthError,
@@ -47,7 +48,12 @@ ENDPOINT_ENV = "VMQ_AZURE_ENDPOINT"
 SUBSCRIPTION_ENV = "AZURE_SUBSCRIPTION_ID"
 CREDENTIAL_VARS = "AZURE_SUBSCRIPTION_ID and AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET"
 CLIENT_KWARGS: dict[str, Any] = {"retry_total": 0, "connection_timeout": 10, "read_timeout": 30}
-NETWORK_DEFAULTS = {"vnet": "vmq-vnet", "subnet": "vmq-subnet", "nsg": "vmq-nsg"}  # create_network's names
+# The subscription's read budgets a status read draws on, per minute and region: ARM's reads (25 a second,
+# learn.microsoft.com/azure/azure-resource-manager/management/request-limits-and-throttling), and Compute's
+# "High Cost Get VM" (List, List All: 300) or "Low Cost Get VM" (Get: 8,000; per VM 12, burst 36)
+# (learn.microsoft.com/azure/virtual-machines/compute-throttling-limits). Each weighs what is scarcest.
+READS_PER_MIN = {"list_page": min(1500, 300), "vm_get": min(1500, 8000)}
+COMPUTE_PER_VM_GETS_PER_MIN = 12
 _VM_ID = re.compile(
     r"^/?subscriptions/[^/]+/resourceGroups/([^/]+)/providers/Microsoft\.Compute/virtualMachines/([^/]+)$", re.I
 )
@@ -139,10 +145,9 @@ class AzureProvider(Metered):
     """Azure Compute + Network; see the Provider protocol."""
 
     name = "azure"
-    # Waits inside one call (seconds): a public IP until provisioned, a failed create's NIC until deleted.
-    poll_s: float = 1.0
-    provision_wait_s: float = 20.0
-    helper_delete_wait_s: float = 60.0
+    # Compute's per-VM "Low Cost Get" budget refills 12 a minute: a VM read on its own is read again
+    # no sooner than this (the batched read answers from its last read meanwhile).
+    vm_read_gap_s: float = 60.0 / COMPUTE_PER_VM_GETS_PER_MIN
 
     def __init__(self, credential: Any = None, subscription_id: str | None = None, endpoint: str | None = None) -> None:
         self._credential = credential
@@ -150,6 +155,9 @@ class AzureProvider(Metered):
         self._endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or None
         self._clients: _Clients | None = None
         self._lock = threading.Lock()
+        self._networks: dict[tuple[str, str], str | None] = {}  # create_network: (group, vnet) -> NSG id
+        self._list_pages: int | None = None  # pages of the last subscription-wide VM list (its measured cost)
+        self._vm_reads: dict[str, tuple[float, VMInfo]] = {}  # instance id -> (monotonic s, VMInfo) read alone
 
     def _client(self) -> _Clients:
         from azure.mgmt.compute import ComputeManagementClient
@@ -191,87 +199,25 @@ class AzureProvider(Metered):
         job_id: str,
         first_attempt: bool = False,
     ) -> VMInfo:
+        """See the protocol. One request on a first attempt: the VM PUT, its NIC and public IP declared
+        inside it (``azure_network``). ``If-None-Match: *`` makes a PUT of a name that exists answer 412:
+        the VM is then adopted if this job made it, else the create fails (another job's VM is never
+        rewritten). After an earlier attempt (``first_attempt`` false) its VM is looked up first.
+        """
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceExistsError
-        from azure.mgmt.compute import models as cm
-        from azure.mgmt.network import models as nm
 
         opts, name, tags = _options(spec), _resource_name(spec.name, job_id), spec.ownership_labels(job_id)
         rg, clients = opts.resource_group, self._client()
-        # A VM of this name already: ours (a redelivery) is adopted; another job's must not have its
-        # NIC and IP rewritten by our PUTs, so this is decided before any of them.
-        subnet_id, nsg_id = self._network(spec, opts)
-        existing = self._adopt(rg, name, job_id, missing_ok=True)
-        if existing is not None:
+        with map_errors(_map_error):
+            subnet_id, nsg_id = azure_network.subnet_and_nsg(
+                clients.network, self._subscription_id, spec, opts, self._networks
+            )
+        if not first_attempt and (existing := self._adopt(rg, name, job_id, missing_ok=True)) is not None:
             return existing
-        vm_sent = False
+        vm = _vm_model(spec, opts, name, tags, ssh_key, startup_script, subnet_id, nsg_id)
         try:
             with map_errors(_map_error):
-                pip = clients.network.public_ip_addresses.begin_create_or_update(
-                    rg,
-                    f"{name}-pip",
-                    nm.PublicIPAddress(
-                        location=spec.region,
-                        tags=tags,
-                        sku=nm.PublicIPAddressSku(name="Standard"),  # Basic is retired
-                        public_ip_allocation_method="Static",
-                        public_ip_address_version="IPv4",
-                        delete_option="Delete",
-                    ),
-                    polling=False,
-                ).result()
-                if pip.provisioning_state != "Succeeded":  # a NIC may only reference a provisioned IP
-                    pip = self._provisioned_ip(rg, f"{name}-pip", pip)
-                nic = clients.network.network_interfaces.begin_create_or_update(
-                    rg,
-                    f"{name}-nic",
-                    nm.NetworkInterface(
-                        location=spec.region,
-                        tags=tags,
-                        network_security_group=nm.NetworkSecurityGroup(id=nsg_id) if nsg_id else None,
-                        ip_configurations=[
-                            nm.NetworkInterfaceIPConfiguration(
-                                name="ipconfig1",
-                                primary=True,
-                                subnet=nm.Subnet(id=subnet_id),
-                                private_ip_allocation_method="Dynamic",
-                                public_ip_address=nm.PublicIPAddress(id=pip.id),
-                            )
-                        ],
-                    ),
-                    polling=False,
-                ).result()
-                vm = cm.VirtualMachine(
-                    location=spec.region,
-                    tags=tags,
-                    hardware_profile=cm.HardwareProfile(vm_size=spec.instance_type),
-                    storage_profile=cm.StorageProfile(
-                        image_reference=_image_reference(spec.image),
-                        os_disk=cm.OSDisk(name=f"{name}-osdisk", create_option="FromImage", delete_option="Delete"),
-                    ),
-                    os_profile=cm.OSProfile(
-                        computer_name=spec.name,  # the hostname, whatever the attempt's resource name
-                        admin_username=opts.admin_username,
-                        custom_data=custom_data(startup_script),
-                        linux_configuration=cm.LinuxConfiguration(
-                            disable_password_authentication=True,
-                            ssh=cm.SshConfiguration(
-                                public_keys=[
-                                    cm.SshPublicKey(
-                                        path=f"/home/{opts.admin_username}/.ssh/authorized_keys",
-                                        key_data=ssh_key.openssh,
-                                    )
-                                ]
-                            ),
-                        ),
-                    ),
-                    network_profile=cm.NetworkProfile(
-                        network_interfaces=[
-                            cm.NetworkInterfaceReference(id=nic.id, primary=True, delete_option="Delete")
-                        ]
-                    ),
-                )
-                vm_sent = True
                 try:
                     created = clients.compute.virtual_machines.begin_create_or_update(
                         rg, name, vm, match_condition=MatchConditions.IfMissing, polling=False
@@ -279,41 +225,31 @@ class AzureProvider(Metered):
                 except ResourceExistsError as exc:
                     if exc.status_code != 412:
                         raise
-                    created = None  # another create of this name got there first: look at it below
+                    created = None  # a VM of this name exists: look at it below
         except ProviderError as exc:
-            return self._create_failed(rg, name, job_id, exc, vm_sent)
+            return self._create_failed(rg, name, job_id, exc)
         return _info(created) if created is not None else self._adopt(rg, name, job_id)
 
-    def _create_failed(self, rg: str, name: str, job_id: str, exc: ProviderError, vm_sent: bool) -> VMInfo:
-        """A create that raises leaves nothing behind, and raises the provider's own error.
-
-        The job may never come back (a refusal for good, or its last retry), and without an instance id
-        nothing would delete the NIC and public IP made for it; a retry makes them again. A VM PUT
-        whose answer was lost or a 5xx may still have made the VM: ours is adopted rather than left
-        without its network. A failed cleanup is logged (the ownership tags let the sweeper find what
-        stays) and never replaces the create's error.
-        """
-        if vm_sent and exc.retryable:
-            try:
-                if (adopted := self._adopt(rg, name, job_id, missing_ok=True)) is not None:
-                    return adopted
-            except ProviderError as unknown:
-                # Whether the VM exists is unknown: deleting its NIC now could strand it, so keep all.
-                log.warning("azure create of %s failed (%s); its VM could not be read (%s)", name, exc, unknown)
-                raise exc from None
+    def _create_failed(self, rg: str, name: str, job_id: str, exc: ProviderError) -> VMInfo:
+        """A refused VM PUT made nothing (its NIC and public IP are made with the VM, or not at all): the
+        provider's own error is raised. A PUT whose answer was lost or a 5xx may still have made the VM:
+        ours is adopted. Whether it exists unknown, the create's error is raised (the next attempt looks)."""
+        if not exc.retryable:
+            raise exc
         try:
-            self._delete_helpers(rg, name, wait_s=self.helper_delete_wait_s)
-        except ProviderError as cleanup:
-            log.warning(
-                "azure create of %s failed (%s); its NIC/public IP stay for the sweeper: %s", name, exc, cleanup
-            )
-        raise exc
+            adopted = self._adopt(rg, name, job_id, missing_ok=True)
+        except ProviderError as unknown:
+            log.warning("azure create of %s failed (%s); its VM could not be read (%s)", name, exc, unknown)
+            raise exc from None
+        if adopted is None:
+            raise exc
+        return adopted
 
     def get_vm(self, instance_id: str) -> VMInfo:
         """See the protocol. A VM whose allocation failed after ARM accepted it (instance view
         ``ProvisioningState/failed/AllocationFailed`` and kin) raises CapacityError, as a refused PUT
         would, once its delete is sent: ARM keeps a failed VM, and the failover that follows forgets
-        its id, so the delete (VM, and with it NIC, public IP and OS disk: ``delete_option``) goes first.
+        its id, so the delete (VM, and with it NIC, public IP and OS disk: ``deleteOption``) goes first.
         """
         rg, name = _parse_id(instance_id)
         vm, info = self._read(rg, name)
@@ -332,25 +268,22 @@ class AzureProvider(Metered):
         clients = self._client()
         with map_errors(_map_error):
             vm = clients.compute.virtual_machines.get(rg, name, expand="instanceView")
-            nic = pip = None
-            if vm.provisioning_state != "Deleting" and vm.network_profile and vm.network_profile.network_interfaces:
-                # Generic VM -> NIC -> PIP walk (3 GETs), so an adopted VM with other names reads the same.
-                ref_nic = _primary(vm.network_profile.network_interfaces)
-                nic = _get_or_none(clients.network.network_interfaces.get, ref_nic.id)
-                config = _primary(nic.ip_configurations) if nic and nic.ip_configurations else None
-                ref = config.public_ip_address if config else None
-                pip = _get_or_none(clients.network.public_ip_addresses.get, ref.id) if ref and ref.id else None
+            nic, pip = azure_network.nic_and_public_ip(clients.network, vm)
         return vm, _info(vm, nic, pip)
 
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
-        """One list of the subscription's VMs with their power states (``statusOnly``, paged), kept to the ids.
+        """The VMs of ``instance_ids``, read the cheaper of two ways (``_reads_each_vm``):
 
-        Calls: one per page of the subscription's VMs, plus ``get_vm``'s three GETs (VM, NIC, public
-        IP) for each VM the list shows settled (running, failed, deleting), so a VM that ends a job's
-        wait reads exactly as ``get_vm`` reads it, IPs included, and one PATCH of the OS disk's tags for
-        one running or failed (``_tag_os_disk``); each VM settles once, then leaves the watch list.
-        ARM's per-group list cannot carry power states ($expand=instanceView needs a scale set filter),
-        hence the subscription-wide list; any VM of the subscription is found, tag or not.
+        - one subscription-wide list with power states (``statusOnly=true``, 1,000 VMs a page): one
+          request per page, however few of the subscription's VMs are asked for;
+        - one GET with ``$expand=instanceView`` per VM asked, each VM at most once per ``vm_read_gap_s``
+          (Compute's per-VM budget; a VM read more recently is answered from that read).
+
+        Either way a VM that reads settled (running, failed, deleting) is read like ``get_vm`` (its NIC
+        and public IP: 2 GETs, plus the VM's own in the list's case), so its VMInfo is ``get_vm``'s, and
+        a running or failed one's OS disk gets the VM's tags (one PATCH, ``_tag_os_disk``); each VM
+        settles once, then leaves the watch list. A late capacity failure reads as a VM in error (raised,
+        it would sink the batch); the tick reads that VM again through ``get_vm``, which fails it over.
         """
         asked: dict[tuple[str, str], str] = {}  # (group, name), lower-case as ARM compares them -> the caller's id
         for instance_id in instance_ids:
@@ -361,8 +294,11 @@ class AzureProvider(Metered):
             asked[rg.lower(), name.lower()] = instance_id
         if not asked:
             return {}
+        if self._reads_each_vm(len(asked)):
+            return self._get_each(list(asked.values()))
+        self._vm_reads.clear()  # read by the list from now on
         with map_errors(_map_error):
-            listed = list(self._client().compute.virtual_machines.list_all(status_only="true"))
+            listed = self._list_all()
         found: dict[str, VMInfo] = {}
         for vm in listed:
             match = _VM_ID.match(vm.id or "")
@@ -371,15 +307,63 @@ class AzureProvider(Metered):
             info = _info(vm)
             if info.status in SETTLED_STATUSES:
                 try:
-                    # Not get_vm: a late capacity failure reads as a VM in error here (raised, it would
-                    # sink the batch); the tick reads that VM again through get_vm, which fails it over.
                     model, info = self._read(*_parse_id(instance_id))
                 except NotFoundError:
                     continue  # deleted since the list
-                if info.status in (VMStatus.running, VMStatus.error):
-                    self._tag_os_disk(model)
+                self._settled(model, info)
             found[instance_id] = info
         return found
+
+    def _reads_each_vm(self, vms: int) -> bool:
+        """True when ``vms`` GETs cost less of the subscription's read budgets than one list of it.
+
+        A list page is a Compute "High Cost Get VM" (300 a minute per subscription and region) and an
+        ARM read (1,500 a minute); a VM's GET a "Low Cost Get VM" (8,000 a minute) and an ARM read. Each
+        is weighed by the scarcest budget it draws on: a page costs five GETs. The list's page count is
+        the one measured by the last list (``_list_pages``); until one ran, the list is read (and measured).
+        """
+        if self._list_pages is None:
+            return False
+        return vms / READS_PER_MIN["vm_get"] < self._list_pages / READS_PER_MIN["list_page"]
+
+    def _get_each(self, instance_ids: list[str]) -> dict[str, VMInfo]:
+        """One GET (with instance view) per VM not read within ``vm_read_gap_s``; absent VMs are left out."""
+        compute, network = self._client().compute, self._client().network
+        now, found, reads = time.monotonic(), {}, {}
+        for instance_id in instance_ids:
+            last = self._vm_reads.get(instance_id)
+            if last is not None and now - last[0] < self.vm_read_gap_s:
+                found[instance_id], reads[instance_id] = last[1], last
+                continue
+            try:
+                with map_errors(_map_error):
+                    vm = compute.virtual_machines.get(*_parse_id(instance_id), expand="instanceView")
+                    info = _info(vm)
+                    if info.status in SETTLED_STATUSES:
+                        info = _info(vm, *azure_network.nic_and_public_ip(network, vm))
+            except NotFoundError:
+                continue
+            if info.status in SETTLED_STATUSES:
+                self._settled(vm, info)
+            found[instance_id], reads[instance_id] = info, (now, info)
+        self._vm_reads = reads  # VMs no longer asked for are forgotten
+        return found
+
+    def _list_all(self) -> list[Any]:
+        """Every VM of the subscription with its power state (``statusOnly``), every page (``nextLink``);
+        the number of pages is kept as the list's measured cost."""
+        pages = self._client().compute.virtual_machines.list_all(status_only="true").by_page()
+        vms: list[Any] = []
+        count = 0
+        for page in pages:
+            count += 1
+            vms.extend(page)
+        self._list_pages = max(1, count)
+        return vms
+
+    def _settled(self, vm: Any, info: VMInfo) -> None:
+        if info.status in (VMStatus.running, VMStatus.error):
+            self._tag_os_disk(vm)
 
     def _tag_os_disk(self, vm: Any) -> None:
         """Give a create's OS disk the VM's tags (ownership included), so the sweeper finds it if it
@@ -410,6 +394,8 @@ class AzureProvider(Metered):
             )
 
     def destroy_vm(self, instance_id: str) -> None:
+        """See the protocol. The VM's delete takes its NIC, public IP and OS disk (``deleteOption``); once
+        it is gone, ``{name}-nic`` and ``{name}-pip`` of a create of an earlier version go by name."""
         rg, name = _parse_id(instance_id)
         clients = self._client()
         vms = clients.compute.virtual_machines
@@ -417,14 +403,15 @@ class AzureProvider(Metered):
             with map_errors(_map_error):
                 vms.begin_delete(rg, name, polling=False).result()  # a missing VM answers 204
                 vms.get(rg, name)
-            return None  # still deleting: NIC, IP and disk go with it (delete_option="Delete")
+            return None  # still deleting: NIC, IP and disk go with it (deleteOption="Delete")
         except NotFoundError:
-            pass  # gone, or never made (a half-done create): its helpers go by name below
+            pass  # gone, or never made (a half-done create of an earlier version): helpers by name below
         except InvalidSpecError as exc:
             if exc.provider_code != "ResourceGroupNotFound":
                 raise
             return None  # the group is gone, and everything in it
-        self._delete_helpers(rg, name)
+        with map_errors(_map_error):
+            azure_network.delete_named_leftovers(clients.network, rg, name)
         return None
 
     def _adopt(self, rg: str, name: str, job_id: str, missing_ok: bool = False) -> VMInfo | None:
@@ -440,123 +427,21 @@ class AzureProvider(Metered):
             raise InvalidSpecError(f"a VM named {name!r} already exists in {rg} for another job; pick another name")
         return _info(vm)
 
-    def _delete_helpers(self, rg: str, name: str, wait_s: float = 0.0) -> None:
-        """The VM's NIC, then its public IP, by their deterministic names (absent: 204).
-
-        A NIC delete may be accepted (202) and finish later; until it has, ARM refuses the IP's delete
-        (400 ``PublicIPAddressCannotBeDeleted``). With ``wait_s`` the NIC is read until it is gone (at
-        most that long) before the IP's delete is sent; without, that refusal is raised as transient
-        for a caller that retries (a destroy job).
-        """
-        network = self._client().network
-        with map_errors(_map_error):
-            network.network_interfaces.begin_delete(rg, f"{name}-nic", polling=False).result()
-            nic_gone = lambda: _absent(network.network_interfaces.get, rg, f"{name}-nic")  # noqa: E731
-            if wait_s > 0 and not self._wait(nic_gone, wait_s):
-                raise TransientError(f"NIC {name}-nic is still being deleted after {wait_s:.0f}s")
-            network.public_ip_addresses.begin_delete(rg, f"{name}-pip", polling=False).result()
-
-    def _provisioned_ip(self, rg: str, name: str, pip: Any) -> Any:
-        """The public IP once ``Succeeded``, read for at most ``provision_wait_s``; else TransientError."""
-        network = self._client().network
-        latest = [pip]
-
-        def succeeded() -> bool:
-            latest[0] = network.public_ip_addresses.get(rg, name)
-            return latest[0].provisioning_state == "Succeeded"
-
-        if not self._wait(succeeded, self.provision_wait_s):
-            state = latest[0].provisioning_state
-            raise TransientError(f"public IP {name} is {getattr(state, 'value', state)}; create again later")
-        return latest[0]
-
-    def _wait(self, done: Callable[[], bool], timeout_s: float) -> bool:
-        """Poll ``done`` every ``poll_s`` until it is true (True) or ``timeout_s`` passed (False)."""
-        deadline = time.monotonic() + timeout_s
-        while not done():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(self.poll_s)
-        return True
-
     def list_owned_vms(self) -> list[VMInfo]:
         """VMs of the subscription tagged managed-by=vmqueue, with power states (statusOnly), no IPs.
 
         ARM filters VM lists by scale set only, so the tag filter runs here, over one paged list call.
         """
         with map_errors(_map_error):
-            vms = list(self._client().compute.virtual_machines.list_all(status_only="true"))
+            vms = self._list_all()
         return [_info(vm) for vm in vms if (vm.tags or {}).get(LABEL_MANAGED_BY) == "vmqueue"]
-
-    def _network(self, spec: VMSpec, opts: AzureOptions) -> tuple[str, str | None]:
-        """The subnet id and NSG id of the options; with create_network, made if missing (never silently)."""
-        if opts.subnet_id:
-            return opts.subnet_id, opts.nsg_id
-        vnet, subnet = opts.vnet_name, opts.subnet_name
-        if not opts.create_network and not (vnet and subnet):
-            raise InvalidSpecError(
-                "Azure needs options.subnet_id, or vnet_name and subnet_name, or create_network=true"
-            )
-        vnet, subnet = vnet or NETWORK_DEFAULTS["vnet"], subnet or NETWORK_DEFAULTS["subnet"]
-        rg_path = f"/subscriptions/{self._subscription_id}/resourceGroups/{opts.resource_group}"
-        subnet_id = f"{rg_path}/providers/Microsoft.Network/virtualNetworks/{vnet}/subnets/{subnet}"
-        if opts.create_network:
-            return subnet_id, self._create_network(spec, opts, rg_path, vnet, subnet)
-        return subnet_id, opts.nsg_id
-
-    def _create_network(self, spec: VMSpec, opts: AzureOptions, rg_path: str, vnet: str, subnet: str) -> str | None:
-        """Resource group, an NSG allowing TCP 22 and the vnet/subnet, each only when missing."""
-        from azure.core.exceptions import ResourceNotFoundError
-        from azure.core.rest import HttpRequest
-        from azure.mgmt.network import models as nm
-
-        network, rg, owned = self._client().network, opts.resource_group, {LABEL_MANAGED_BY: "vmqueue"}
-        with map_errors(_map_error):
-            group_url = f"{rg_path}?api-version=2022-09-01"
-            if network.send_request(HttpRequest("GET", group_url)).status_code == 404:
-                body = {"location": spec.region, "tags": owned}
-                network.send_request(HttpRequest("PUT", group_url, json=body)).raise_for_status()
-            try:
-                network.virtual_networks.get(rg, vnet)
-                return opts.nsg_id  # the subnet's own NSG, if any, applies
-            except ResourceNotFoundError:
-                pass
-            nsg_id = opts.nsg_id
-            if nsg_id is None:
-                ssh = nm.SecurityRule(
-                    name="ssh",
-                    priority=1000,
-                    direction="Inbound",
-                    access="Allow",
-                    protocol="Tcp",
-                    source_address_prefix="*",
-                    source_port_range="*",
-                    destination_address_prefix="*",
-                    destination_port_range="22",
-                )
-                group = nm.NetworkSecurityGroup(location=spec.region, tags=owned, security_rules=[ssh])
-                poller = network.network_security_groups.begin_create_or_update(
-                    rg, NETWORK_DEFAULTS["nsg"], group, polling=False
-                )
-                nsg_id = poller.result().id
-            network.virtual_networks.begin_create_or_update(
-                rg,
-                vnet,
-                nm.VirtualNetwork(
-                    location=spec.region,
-                    tags=owned,
-                    address_space=nm.AddressSpace(address_prefixes=["10.0.0.0/16"]),
-                    subnets=[nm.Subnet(name=subnet, address_prefix="10.0.0.0/24")],
-                ),
-                polling=False,
-            )
-        return nsg_id
 
     def list_owned_extras(self) -> list[OwnedResource]:
         """The subscription's NICs, public IPs and managed disks tagged managed-by=vmqueue, one paged list
         each (every page: ARM's ``nextLink``), with what uses each: a NIC's VM, a public IP's NIC, a
-        disk's VM (``managedBy``). A failed create's NIC and IP are attached to nothing. Sources: ARM
-        REST Network Interfaces - List All, Public IP Addresses - List All, Disks - List.
+        disk's VM (``managedBy``). The NIC and public IP a VM PUT declares carry its configurations'
+        tags; one its VM's delete left is attached to nothing. Sources: ARM REST Network Interfaces -
+        List All, Public IP Addresses - List All, Disks - List.
         """
         clients, found = self._client(), []
         with map_errors(_map_error):
@@ -580,6 +465,46 @@ class AzureProvider(Metered):
         client = clients.compute if resource.kind == "disk" else clients.network
         with suppress(NotFoundError), map_errors(_map_error):
             getattr(client, operations[resource.kind]).begin_delete(match[1], match[2], polling=False).result()
+
+
+def _vm_model(
+    spec: VMSpec,
+    opts: AzureOptions,
+    name: str,
+    tags: dict[str, str],
+    ssh_key: SSHPublicKey,
+    startup_script: str | None,
+    subnet_id: str,
+    nsg_id: str | None,
+) -> Any:
+    """The VM PUT's body: size, image, OS disk, Linux login and script, and its network declared inline."""
+    from azure.mgmt.compute import models as cm
+
+    return cm.VirtualMachine(
+        location=spec.region,
+        tags=tags,
+        hardware_profile=cm.HardwareProfile(vm_size=spec.instance_type),
+        storage_profile=cm.StorageProfile(
+            image_reference=_image_reference(spec.image),
+            os_disk=cm.OSDisk(name=f"{name}-osdisk", create_option="FromImage", delete_option="Delete"),
+        ),
+        os_profile=cm.OSProfile(
+            computer_name=spec.name,  # the hostname, whatever the attempt's resource name
+            admin_username=opts.admin_username,
+            custom_data=custom_data(startup_script),
+            linux_configuration=cm.LinuxConfiguration(
+                disable_password_authentication=True,
+                ssh=cm.SshConfiguration(
+                    public_keys=[
+                        cm.SshPublicKey(
+                            path=f"/home/{opts.admin_username}/.ssh/authorized_keys", key_data=ssh_key.openssh
+                        )
+                    ]
+                ),
+            ),
+        ),
+        network_profile=azure_network.inline_network_profile(subnet_id, nsg_id, tags),
+    )
 
 
 def _resource_name(name: str, job_id: str) -> str:
@@ -631,35 +556,6 @@ def _image_reference(urn: str) -> Any:
     return ImageReference(publisher=parts[0], offer=parts[1], sku=parts[2], version=parts[3])
 
 
-def _primary(items: list[Any]) -> Any:
-    """The entry ARM marks ``primary`` (a VM's NIC reference, a NIC's IP configuration), whatever the order.
-
-    ARM requires exactly one primary among several; a lone entry may leave ``primary`` unset.
-    """
-    return next((item for item in items if item.primary), items[0])
-
-
-def _absent(get: Any, rg: str, name: str) -> bool:
-    """True once a GET of the network resource ``name`` answers 404."""
-    from azure.core.exceptions import ResourceNotFoundError
-
-    try:
-        get(rg, name)
-    except ResourceNotFoundError:
-        return True
-    return False
-
-
-def _get_or_none(get: Any, resource_id: str) -> Any | None:
-    """GET a network resource by its ARM id; a missing one is None."""
-    from azure.core.exceptions import ResourceNotFoundError
-
-    parts = resource_id.split("/")
-    with suppress(ResourceNotFoundError):
-        return get(parts[4], parts[-1])
-    return None
-
-
 def _plain_http_auth(credential: Any) -> Any:
     """Bearer auth that also works over http://, for a local fake endpoint only."""
     from azure.mgmt.core.policies import ARMChallengeAuthenticationPolicy
@@ -689,7 +585,7 @@ def _info(vm: Any, nic: Any = None, pip: Any = None) -> VMInfo:
     power = next((code for code in statuses if code.startswith("PowerState/")), None)
     failure = next((code for code in statuses if code.startswith("ProvisioningState/failed/")), None)
     image = vm.storage_profile.image_reference if vm.storage_profile else None
-    ip_config = _primary(nic.ip_configurations) if nic and nic.ip_configurations else None
+    ip_config = azure_network.primary(nic.ip_configurations) if nic and nic.ip_configurations else None
     return VMInfo(
         provider="azure",
         instance_id=vm.id.lstrip("/"),  # vmqueue's instance-id pattern refuses a leading "/"
