@@ -97,6 +97,15 @@ def nic_of(fake: FakeARM, vm: str = "web-1") -> dict[str, Any]:
     return fake.get(ref["id"])
 
 
+def _add_long_lived(fake: FakeARM, count: int) -> None:
+    """Up to ``count`` running VMs beside the test's, copies of web-1 (the list shows them; nobody asks)."""
+    template = fake.vm("web-1")
+    have = sum(r["name"].startswith("old-") for r in fake.resources.values())
+    for n in range(have, count):
+        vm_id = template["id"].replace("/web-1", f"/old-{n}")
+        fake.resources[vm_id.lower()] = {**template, "id": vm_id, "name": f"old-{n}", "_power": "PowerState/running"}
+
+
 def pip_of(fake: FakeARM, vm: str = "web-1") -> dict[str, Any]:
     [config] = nic_of(fake, vm)["properties"]["ipConfigurations"]
     return fake.get(config["properties"]["publicIPAddress"]["id"])
@@ -608,7 +617,7 @@ class TestAzure(AdapterContract):
             provider.create_vm(make_spec().model_copy(update={"name": f"web-{n}"}), key(), job_id=f"job-{n}")
         boot(fake)  # web-1 runs, web-2 is still Creating
         provider.destroy_vm(VM_ID.replace("web-1", "web-3"))
-        ids = [VM_ID.replace("web-1", f"web-{n}") for n in (1, 2, 3, 9)]
+        ids = [VM_ID.replace("web-1", f"web-{n}") for n in (1, 2, 3, 7, 8, 9)]  # 6: more than a page weighs
         fake.calls.clear()
 
         vms = provider.get_vms(ids)
@@ -620,7 +629,7 @@ class TestAzure(AdapterContract):
             "10.0.0.4",
         )
         assert (vms[ids[1]].status, vms[ids[1]].public_ipv4) == (VMStatus.pending, None)
-        # One list for all four ids, then get_vm's three GETs for the one VM that settled (it ran), and
+        # One list for all six ids, then get_vm's three GETs for the one VM that settled (it ran), and
         # one PATCH giving its OS disk the VM's tags (the VM PUT could not).
         assert [c.path for c in fake.calls][0] == f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines"
         assert fake.calls[0].query["statusOnly"] == "true"
@@ -650,27 +659,36 @@ class TestAzure(AdapterContract):
     def test_get_vms_cost_grows_with_vms_in_flight_not_the_subscription(
         self, provider: AzureProvider, fake: FakeARM
     ) -> None:
-        """The first read lists the subscription (and measures the list: pages); from then on a few VMs in
-        flight are read one GET each when that costs less of the read budgets than the list (a page
-        weighs five GETs: Compute's High Cost Get), however many long-lived VMs the subscription holds."""
+        """A VM's GET costs a fifth of a list page (Compute's High Cost Get): fewer VMs in flight than one
+        page weighs are read one GET each from the first read on, however big the subscription."""
         fake.max_page = 2
         in_flight = [provider.create_vm(make_spec(), key(), job_id="job-1").instance_id]
         provider.vm_read_gap_s = 0.0  # read again at every call (the gap is covered below)
-        costs = []
         for long_lived in (10, 40):
-            template = fake.vm("web-1")
-            for n in range(long_lived - sum(r["name"].startswith("old-") for r in fake.resources.values())):
-                clone = {**template, "id": template["id"].replace("web-1", f"old-{long_lived}-{n}")}
-                fake.resources[clone["id"].lower()] = {**clone, "name": clone["id"].rsplit("/", 1)[-1]}
-            provider._list_pages = None  # a new worker process: nothing measured yet
+            _add_long_lived(fake, long_lived)
             fake.calls.clear()
-            provider.get_vms(in_flight)
-            first = len(fake.calls)
+            for _ in range(2):
+                assert set(provider.get_vms(in_flight)) == set(in_flight)
+            assert [(c.method, c.query.get("$expand")) for c in fake.calls] == [("GET", "instanceView")] * 2
+
+    def test_get_vms_measures_the_list_then_reads_the_cheaper_way(self, provider: AzureProvider, fake: FakeARM):
+        """Six VMs in flight weigh more than one page: the first read lists, counting the pages (23: 46 VMs,
+        2 a page); six GETs weigh less than 23 pages, so the next reads are GETs, until the count is old."""
+        fake.max_page = 2
+        specs = [make_spec().model_copy(update={"name": f"web-{n}"}) for n in range(6)]
+        in_flight = [provider.create_vm(spec, key(), job_id=f"job-{n}").instance_id for n, spec in enumerate(specs)]
+        _add_long_lived(fake, 40)
+        provider.vm_read_gap_s = 0.0
+
+        def cost() -> list[str]:
             fake.calls.clear()
             assert set(provider.get_vms(in_flight)) == set(in_flight)
-            costs.append((first, [(c.method, c.query.get("$expand")) for c in fake.calls]))
-        assert [first for first, _ in costs] == [6, 21]  # one list: 11 and 41 VMs, 2 a page
-        assert [steady for _, steady in costs] == [[("GET", "instanceView")]] * 2  # then one GET, both times
+            return [c.path.rsplit("/", 1)[-1] for c in fake.calls]
+
+        assert cost() == ["virtualMachines"] * 23
+        assert cost() == [vm_id.rsplit("/", 1)[-1] for vm_id in in_flight]
+        provider.list_measure_ttl_s = 0.0  # the count is old: listed (and counted) again
+        assert cost() == ["virtualMachines"] * 23
 
     def test_get_vms_lists_when_the_list_is_cheaper(self, provider: AzureProvider, fake: FakeARM) -> None:
         ids = [
@@ -686,9 +704,8 @@ class TestAzure(AdapterContract):
 
     def test_get_vms_reads_a_vm_alone_at_most_once_per_gap(self, provider: AzureProvider, fake: FakeARM) -> None:
         """Compute meters GETs per VM (12 a minute): a VM read alone is not read again within the gap."""
-        [vm_id] = [provider.create_vm(make_spec(), key(), job_id="job-1").instance_id]
-        provider.get_vms([vm_id])  # the list, measured: one page
-        provider._list_pages, provider.vm_read_gap_s = 10, 3600.0  # a big subscription; a long gap
+        vm_id = provider.create_vm(make_spec(), key(), job_id="job-1").instance_id
+        provider.vm_read_gap_s = 3600.0
         fake.calls.clear()
         first = provider.get_vms([vm_id])
         again = provider.get_vms([vm_id])

@@ -148,6 +148,9 @@ class AzureProvider(Metered):
     # Compute's per-VM "Low Cost Get" budget refills 12 a minute: a VM read on its own is read again
     # no sooner than this (the batched read answers from its last read meanwhile).
     vm_read_gap_s: float = 60.0 / COMPUTE_PER_VM_GETS_PER_MIN
+    # A list's page count is trusted this long; then the next batched read lists again (the subscription's
+    # VMs come and go), unless its VMs are too few for any list to be cheaper.
+    list_measure_ttl_s: float = 600.0
 
     def __init__(self, credential: Any = None, subscription_id: str | None = None, endpoint: str | None = None) -> None:
         self._credential = credential
@@ -156,7 +159,7 @@ class AzureProvider(Metered):
         self._clients: _Clients | None = None
         self._lock = threading.Lock()
         self._networks: dict[tuple[str, str], str | None] = {}  # create_network: (group, vnet) -> NSG id
-        self._list_pages: int | None = None  # pages of the last subscription-wide VM list (its measured cost)
+        self._list_pages: tuple[float, int] | None = None  # (monotonic s, pages) of the last subscription list
         self._vm_reads: dict[str, tuple[float, VMInfo]] = {}  # instance id -> (monotonic s, VMInfo) read alone
 
     def _client(self) -> _Clients:
@@ -319,12 +322,16 @@ class AzureProvider(Metered):
 
         A list page is a Compute "High Cost Get VM" (300 a minute per subscription and region) and an
         ARM read (1,500 a minute); a VM's GET a "Low Cost Get VM" (8,000 a minute) and an ARM read. Each
-        is weighed by the scarcest budget it draws on: a page costs five GETs. The list's page count is
-        the one measured by the last list (``_list_pages``); until one ran, the list is read (and measured).
+        is weighed by the scarcest budget it draws on: a page costs five GETs. The list's pages are those
+        the last list counted (``_list_pages``, for ``list_measure_ttl_s``); unmeasured, the list is
+        taken for the one page it costs at least, so fewer VMs than one page weighs are read alone, and
+        more are listed (which measures the list).
         """
-        if self._list_pages is None:
-            return False
-        return vms / READS_PER_MIN["vm_get"] < self._list_pages / READS_PER_MIN["list_page"]
+        measured = self._list_pages
+        if measured is not None and time.monotonic() - measured[0] >= self.list_measure_ttl_s:
+            measured = self._list_pages = None
+        pages = measured[1] if measured is not None else 1
+        return vms / READS_PER_MIN["vm_get"] < pages / READS_PER_MIN["list_page"]
 
     def _get_each(self, instance_ids: list[str]) -> dict[str, VMInfo]:
         """One GET (with instance view) per VM not read within ``vm_read_gap_s``; absent VMs are left out."""
@@ -358,7 +365,7 @@ class AzureProvider(Metered):
         for page in pages:
             count += 1
             vms.extend(page)
-        self._list_pages = max(1, count)
+        self._list_pages = (time.monotonic(), max(1, count))
         return vms
 
     def _settled(self, vm: Any, info: VMInfo) -> None:
