@@ -5,7 +5,12 @@ server per VM on a loopback address) answers ``--sshd-delay`` seconds later. Pri
 
 - ratio: time from the first enqueue until every job is ``ready`` ÷ (boot + sshd delay); goal <= 1.25;
 - provider API calls per VM for ``ready_when=ssh`` and, measured in the same run with the same
-  worker, for ``ready_when=running`` (the baseline): the SSH probes must cost none.
+  worker, for ``ready_when=running`` (the baseline): the SSH probes must cost none;
+- the readiness lag per VM: its job's ``ready_at`` minus the moment its sshd came up (the sim's
+  ``ssh_up_at_ms``: boot + sshd delay), p50/p95/max; what is left of the ratio is the running part;
+- the worker CPU the readiness scanner's threads (``vmq-ready-*``, named at the OS level) used while
+  the batch's creates were still being taken in (until no job is ``queued``/``submitting``) and in
+  all, beside the whole worker's: the scanner shares the process (and its GIL) with the intake.
 
     python -m bench.ready                 # the issue's figure: 1,000 VMs, 20 s boot, sshd 5 s later
     python -m bench.ready --vms 50 --boot 2 --sshd-delay 1   # a quick run
@@ -14,6 +19,7 @@ server per VM on a loopback address) answers ``--sshd-delay`` seconds later. Pri
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +31,38 @@ import redis
 
 from bench.harness import ROOT, RedisServer, Worker, free_port, sim_spec
 from bench.probes import wait_for
+
+
+def thread_cpu_s(pid: int, prefix: str) -> float:
+    """CPU time (user + system) the threads of ``pid`` whose OS name starts with ``prefix`` have used (Linux)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if not (task / "comm").read_text().startswith(prefix):
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CPUWindow:
+    """CPU seconds of the worker and of its readiness scanner threads, read at marked moments."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.marks: dict[str, tuple[float, float]] = {}
+
+    def mark(self, name: str) -> None:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        whole = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        self.marks[name] = (whole, thread_cpu_s(self.pid, "vmq-ready"))
+
+    def between(self, start: str, end: str) -> tuple[float, float]:
+        """(worker, scanner threads) CPU seconds from mark ``start`` to mark ``end``."""
+        (w0, s0), (w1, s1) = self.marks[start], self.marks[end]
+        return w1 - w0, s1 - s0
 
 
 class SimHostProcess:
@@ -60,10 +98,17 @@ class SimHostProcess:
         self._log.close()
 
 
-def run_batch(provisioner, client: redis.Redis, key: str, n: int, ready_when: str, port: int, timeout_s: float):
-    """Enqueue ``n`` creates and wait until all finished; returns (seconds, jobs, API calls)."""
+def run_batch(
+    provisioner, client: redis.Redis, key: str, n: int, ready_when: str, port: int, timeout_s: float, cpu: CPUWindow
+):
+    """Enqueue ``n`` creates and wait until all finished; returns (seconds, jobs, API calls, intake seconds).
+
+    ``cpu`` is marked at the start, when the intake is over (no job queued or submitting any more)
+    and at the end."""
     before = sum(int(v) for k, v in client.hgetall("vmq:sim:calls").items() if ":" not in k)
+    cpu.mark(f"{ready_when}:start")
     start = time.monotonic()
+    intake: list[float] = []
     prefix = ready_when.replace("_", "-")
     ids = [
         provisioner.create_vm(sim_spec(f"{prefix}-{i}"), key, ready_when=ready_when, ssh_port=port).id for i in range(n)
@@ -71,14 +116,35 @@ def run_batch(provisioner, client: redis.Redis, key: str, n: int, ready_when: st
 
     def all_finished():
         raws = client.mget([f"vmq:job:{i}" for i in ids])
+        if not intake and not any(raw and json.loads(raw)["state"] in ("queued", "submitting") for raw in raws):
+            cpu.mark(f"{ready_when}:intake")
+            intake.append(time.monotonic() - start)
         return all(raw and ('"state":"ready"' in raw or '"state":"failed"' in raw or
                             (ready_when == "running" and '"state":"running"' in raw)) for raw in raws)  # fmt: skip
 
     wait_for(all_finished, timeout_s, f"{n} {ready_when} jobs", every_s=0.2)
     elapsed = time.monotonic() - start
+    cpu.mark(f"{ready_when}:end")
+    if not intake:
+        cpu.mark(f"{ready_when}:intake")
+        intake.append(elapsed)
     jobs = [provisioner.get_job(i) for i in ids]
     after = sum(int(v) for k, v in client.hgetall("vmq:sim:calls").items() if ":" not in k)
-    return elapsed, jobs, after - before
+    return elapsed, jobs, after - before, intake[0]
+
+
+def sshd_up_at(client: redis.Redis, jobs) -> dict[str, float]:
+    """Job id -> when the sim host's sshd for its VM came up (epoch s: the VM's boot + sshd delay)."""
+    with_vm = [j for j in jobs if j.instance_id]
+    pipe = client.pipeline(transaction=False)
+    for job in with_vm:
+        pipe.hget(f"vmq:sim:vm:{job.instance_id}", "ssh_up_at_ms")
+    return {j.id: int(ms) / 1000 for j, ms in zip(with_vm, pipe.execute(), strict=True) if ms}
+
+
+def quantiles(values: list[float]) -> str:
+    values = sorted(values)
+    return f"p50 {values[len(values) // 2]:.2f}s p95 {values[int(len(values) * 0.95)]:.2f}s max {values[-1]:.2f}s"
 
 
 def main() -> None:
@@ -114,8 +180,9 @@ def main() -> None:
         provisioner = Provisioner(Settings(redis_url=server.url))
         key = make_ed25519_key()
         timeout = 10 * (args.boot + args.sshd_delay) + 120
-        t_run, running_jobs, calls_run = run_batch(provisioner, client, key, args.vms, "running", port, timeout)
-        t_ssh, ssh_jobs, calls_ssh = run_batch(provisioner, client, key, args.vms, "ssh", port, timeout)
+        cpu = CPUWindow(worker.process.pid)
+        t_run, _, calls_run, _ = run_batch(provisioner, client, key, args.vms, "running", port, timeout, cpu)
+        t_ssh, ssh_jobs, calls_ssh, t_intake = run_batch(provisioner, client, key, args.vms, "ssh", port, timeout, cpu)
         ready = [j for j in ssh_jobs if j.state == "ready"]
         keyed = sum(1 for j in ready if j.host_keys)
         base = args.boot + args.sshd_delay
@@ -125,12 +192,21 @@ def main() -> None:
         print(f"ratio (time until all ready / (boot + sshd delay)): {t_ssh / base:.3f}   goal <= 1.25")
         print(f"provider API calls per VM: running {calls_run / args.vms:.2f}, ssh {calls_ssh / args.vms:.2f}")
         if ready:
-            start = min(j.created_at for j in ssh_jobs)
-            running = sorted((j.running_at - start).total_seconds() for j in ready)
-            waits = sorted((j.ready_at - j.running_at).total_seconds() for j in ready)
-            p50, p95 = waits[len(waits) // 2], waits[int(len(waits) * 0.95)]
-            print(f"ssh batch: last running at +{running[-1]:.1f}s; running -> ready p50 {p50:.1f}s")
-            print(f"  p95 {p95:.1f}s max {waits[-1]:.1f}s (sshd delay {args.sshd_delay:.0f}s)")
+            start = min(j.created_at for j in ssh_jobs).timestamp()
+            up = sshd_up_at(client, ready)
+            last_up = max(up.values()) - start
+            last_ready = max(j.ready_at.timestamp() for j in ready) - start
+            print(f"ssh batch: last sshd up at +{last_up:.1f}s ({last_up / base:.3f} x), "
+                  f"last ready at +{last_ready:.1f}s")  # fmt: skip
+            lags = [j.ready_at.timestamp() - up[j.id] for j in ready if j.id in up]
+            print(f"readiness lag (ready_at - sshd up): {quantiles(lags)}")
+            waits = [(j.ready_at - j.running_at).total_seconds() for j in ready]
+            print(f"  running -> ready {quantiles(waits)} (sshd delay {args.sshd_delay:.0f}s after boot)")
+        intake_worker, intake_scan = cpu.between("ssh:start", "ssh:intake")
+        all_worker, all_scan = cpu.between("ssh:start", "ssh:end")
+        print(f"worker CPU during the ssh batch's intake ({t_intake:.1f}s): {intake_worker:.2f}s, "
+              f"of which readiness threads {intake_scan:.2f}s")  # fmt: skip
+        print(f"worker CPU over the ssh batch: {all_worker:.2f}s, of which readiness threads {all_scan:.2f}s")
         print(f"CPU seconds: worker {worker.cpu_s():.1f}, sim host {host.cpu_s():.1f}")
     finally:
         worker.stop()

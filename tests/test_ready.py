@@ -76,7 +76,8 @@ def test_ssh_ready_records_host_keys_and_phases_at_no_api_cost(sim_worker, provi
         assert {k.sha256 for k in job.host_keys} <= _sim_host_keys(sim, job)
         # The probes are free: as many provider API calls as a job that stopped at running.
         assert job.api_calls == plain.api_calls
-    assert sim.redis.zcard("vmq:ready:due") == 0 and sim.redis.hlen("vmq:ready:targets") == 0
+    # Off the schedule once settled (the scanner settles a batch of jobs, then unschedules them at once).
+    wait_for(lambda: sim.redis.zcard(keys.READY_DUE) + sim.redis.hlen(keys.READY_TARGETS) == 0, 10, "unscheduled")
 
 
 def _record_ttl_s(redis_client, job: Job) -> int:

@@ -5,68 +5,163 @@ from __future__ import annotations
 
 import asyncio
 import email
+import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import asyncssh
 import pytest
+import redis
 import yaml
 from prometheus_client import REGISTRY
 
-from bench.harness import free_port
+from bench.harness import RedisServer, free_port
 from tests.providers.cloudinit_schema import PHONE_HOME_URL, assert_cloud_init_accepts
+from vmqueue import keys
 from vmqueue.jobstore import InvalidTransition, JobStore
 from vmqueue.models import Job, JobKind, JobState, utcnow
-from vmqueue.readiness import phone_home_config
+from vmqueue.readiness import ReadyWhen, phone_home_config
+from vmqueue.settings import Settings
 from vmqueue.userdata import cloud_configs, merge_user_data
-from workers.readyscan import fetch_host_keys, ssh_banner
+from workers.readyqueue import ReadyQueue, ReadyTarget
+from workers.readyscan import ReadyScanner, open_ssh, probe_ssh, probe_wait
 
 ALGS = ["ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512"]
 
 
-def _probe(every: bool, port: int, serve: bool = True) -> list:
-    async def run() -> list:
+class _Counting(asyncssh.SSHServer):
+    connections = 0
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        type(self).connections += 1
+
+
+def _probe(every: bool, port: int, serve: bool = True) -> tuple[list, int]:
+    """Probe a real asyncssh server on ``port``: (keys found, TCP connections it accepted)."""
+
+    async def run() -> tuple[list, int]:
         keys = [asyncssh.generate_private_key(t) for t in ("ssh-ed25519", "ecdsa-sha2-nistp256")]
-        server = await asyncssh.listen("127.0.0.1", port, server_host_keys=keys) if serve else None
+        _Counting.connections = 0
+        server = (
+            await asyncssh.listen("127.0.0.1", port, server_host_keys=keys, server_factory=_Counting) if serve else None
+        )
         try:
             options = asyncssh.SSHClientConnectionOptions(known_hosts=None, client_keys=None, agent_path=None)
-            await ssh_banner("127.0.0.1", port, 5)
-            found = await fetch_host_keys("127.0.0.1", port, ALGS, options, 5, every)
+            found = await probe_ssh("127.0.0.1", port, ALGS, options, 5, every)
         finally:
             if server:
                 server.close()
         expected = {k.get_algorithm(): k.get_fingerprint("sha256") for k in keys}
-        return [(k.type, k.sha256 == expected[k.type], k.openssh.split()[0]) for k in found]
+        return [(k.type, k.sha256 == expected[k.type], k.openssh.split()[0]) for k in found], _Counting.connections
 
     return asyncio.run(run())
 
 
-def test_probe_reads_the_preferred_host_key_or_every_type():
-    assert _probe(False, free_port()) == [("ssh-ed25519", True, "ssh-ed25519")]
+def test_probe_reads_the_preferred_host_key_on_the_connection_it_opened_or_every_type():
+    # One TCP connection: the version line is peeked on it and the key exchange runs on it.
+    assert _probe(False, free_port()) == ([("ssh-ed25519", True, "ssh-ed25519")], 1)
     # Every type the server has (RSA, which it lacks, fails its own negotiation and is skipped).
-    assert sorted(_probe(True, free_port())) == [
+    found, connections = _probe(True, free_port())
+    assert sorted(found) == [
         ("ecdsa-sha2-nistp256", True, "ecdsa-sha2-nistp256"),
         ("ssh-ed25519", True, "ssh-ed25519"),
     ]
+    assert connections == 3  # the first, then one per other type asked for
 
 
-def test_probe_of_a_closed_port_or_a_non_ssh_service_raises():
-    with pytest.raises(OSError):
-        _probe(False, free_port(), serve=False)
+def _serve_lines(lines: bytes) -> tuple[bytes, bytes]:
+    """``open_ssh`` against a server that sends ``lines`` then closes: (what the socket still holds, ``b""``)."""
 
-    async def http_like() -> None:
+    async def run() -> bytes:
         async def answer(reader, writer):
-            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            writer.write(lines)
             await writer.drain()
+            await asyncio.sleep(0.2)
             writer.close()
 
         server = await asyncio.start_server(answer, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            await ssh_banner("127.0.0.1", port, 5)
+            async with asyncio.timeout(5):
+                sock = await open_ssh("127.0.0.1", port)
+            with sock:
+                return sock.recv(100)
         finally:
             server.close()
 
+    return asyncio.run(run())
+
+
+def test_probe_of_a_closed_port_or_a_non_ssh_service_raises():
+    with pytest.raises(OSError):
+        _probe(False, free_port(), serve=False)
     with pytest.raises(ConnectionError, match="no SSH version line"):
-        asyncio.run(http_like())
+        _serve_lines(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+def test_lines_before_the_version_line_are_dropped_and_the_version_line_left_for_the_key_exchange():
+    assert _serve_lines(b"Welcome\r\nto the box\r\nSSH-2.0-OpenSSH_9.6\r\n") == b"SSH-2.0-OpenSSH_9.6\r\n"
+
+
+def test_probe_wait_is_a_share_of_the_wait_so_far_within_its_bounds():
+    wait = probe_wait(0.5, 2.0, share=0.1, jitter=0)
+    assert [wait(s) for s in (0, 3, 5, 10, 20, 600)] == [0.5, 0.5, 0.5, 1.0, 2.0, 2.0]
+    spread = probe_wait(0.5, 2.0, share=0.1, jitter=0.2)
+    assert all(0.8 <= spread(10) <= 1.2 for _ in range(100))
+
+
+@pytest.fixture
+def own_redis() -> Iterator[redis.Redis]:
+    """A redis-server of this test's own: no worker's scanner claims its entries, and its command
+    counts are this test's."""
+    server = RedisServer(aof=False)
+    server.start()
+    yield redis.Redis.from_url(server.url, decode_responses=True)
+    server.cleanup()
+
+
+def _calls(client: redis.Redis, command: str) -> int:
+    return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+
+def _target(job_id: str, port: int) -> ReadyTarget:
+    now = time.time()
+    return ReadyTarget(job_id=job_id, provider="sim", mode=ReadyWhen.ssh, host="127.0.0.1", port=port,
+                       deadline=now + 600, since=now)  # fmt: skip
+
+
+def test_a_probe_that_finds_nothing_costs_no_redis_round_trip(own_redis):
+    """The scanner probes the entries it claimed from memory: a refused probe reschedules nothing in Redis."""
+    queue = ReadyQueue(own_redis)
+    queue.add(_target("job-1", free_port()), time.time())  # nothing listens there: every probe is refused
+    settings = Settings(redis_url="redis://unused", ready_probe_initial_s=0.01, ready_probe_max_s=0.01)
+    scanner = ReadyScanner(SimpleNamespace(store=SimpleNamespace(redis=own_redis)), settings)
+
+    async def scan() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(scanner.run(stop))
+        while scanner.probes < 20:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    asyncio.run(scan())
+    assert scanner.probes >= 20 and list(scanner.held) == ["job-1"]
+    assert _calls(own_redis, "zadd") == 2  # the entry's add and its claim: none per probe
+    assert own_redis.zscore(keys.READY_DUE, "job-1") > time.time()  # held: due again only if its lease ran out
+
+
+def test_renewing_leases_lets_go_of_an_entry_another_scanner_took_over(own_redis):
+    queue = ReadyQueue(own_redis)
+    now = time.time()
+    for job_id in ("kept", "taken"):
+        queue.add(_target(job_id, 22), now)
+    lease = now + 30
+    assert sorted(t.job_id for t in queue.claim(now, 10, lease)) == ["kept", "taken"]
+    own_redis.zadd(keys.READY_DUE, {"taken": now + 99})  # another scanner claimed it after this one stalled
+    assert queue.renew({"kept": lease, "taken": lease}, now + 60) == ["kept"]
+    assert own_redis.zscore(keys.READY_DUE, "kept") == now + 60
+    assert own_redis.zscore(keys.READY_DUE, "taken") == now + 99
 
 
 OURS = phone_home_config(PHONE_HOME_URL)

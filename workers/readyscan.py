@@ -1,11 +1,30 @@
 """The SSH readiness scanner: one asyncio loop per worker process probes every VM waiting for SSH.
 
 It runs in a thread of its own beside Celery's pool, so waiting for sshd holds no worker slot, and
-a probe costs no provider API call (the address came with the running VM's read). Each pass
-claims the due jobs of the shared schedule (workers/readyqueue.py), at most ``ready_concurrency``
-probes in flight; a probe is asyncssh's ``get_server_host_key``: a real key exchange, whose host
-key is what the job records. A VM that does not answer is probed again after a growing wait
-(``ready_probe_initial_s`` x1.5 up to ``ready_probe_max_s``), until its readiness deadline.
+a probe costs no provider API call (the address came with the running VM's read). It shares the
+worker process (and its GIL) with the intake, so a probe that finds nothing must cost next to
+nothing:
+
+- **Claimed once, probed from memory.** The scanner claims due entries of the shared schedule
+  (workers/readyqueue.py) every ``CLAIM_INTERVAL_S`` and keeps the SSH ones in memory (at most
+  ``HOLD_PER_SLOT`` x ``ready_concurrency``), probing each on its own schedule; one round trip every
+  third of a lease renews all their leases. A probe that finds nothing costs no Redis round trip and
+  no thread hop. A scanner that dies (or stalls past the lease) hands its entries on when the lease ends.
+- **Cheap probes, one connection.** A probe is a non-blocking TCP connect (a refused one is one
+  system call) and, once the port accepts, a peek at the server's first line: an SSH version line
+  (RFC 4253 4.2; other lines before it are read and dropped) hands the same socket to asyncssh's
+  ``get_server_host_key``, a real key exchange whose host key is what the job records. The key
+  exchange is offered curve25519/ECDH only (``PROBE_KEX_ALGS``): the probe sends no secret, so
+  post-quantum hybrids only cost CPU on both ends; the host key's signature is checked all the same.
+- **A schedule that follows the wait.** A VM that does not answer is probed again after a tenth of
+  the time it has waited since it was seen running (``WAIT_SHARE``), at least ``ready_probe_initial_s``
+  and at most ``ready_probe_max_s``, jittered, until its readiness deadline: an sshd that comes up
+  T seconds after running is found within about T/10 (never later than the cap), and a VM that
+  never answers is probed less and less often. At most ``ready_concurrency`` probes are in flight.
+- **Settled in batches.** Answered VMs are settled ``ready`` in batches of up to ``SETTLE_BATCH``,
+  one executor call each (workers/lifecycle/ready.py ``ready_reached``: three round trips per job,
+  the schedule's bookkeeping shared).
+
 The first answer's key is the one the server prefers among ``ready_host_key_algs`` (OpenSSH's
 order: ed25519 first); with ``ready_all_host_keys`` one more key exchange per other type reads the
 VM's other host keys (a type the server lacks fails its negotiation and is skipped).
@@ -14,74 +33,157 @@ VM's other host keys (a type the server lacks fails its negotiation and is skipp
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
+import heapq
 import logging
+import random
+import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import asyncssh
 import redis
 
 from vmqueue.readiness import HostKey, ReadyWhen
 from vmqueue.settings import Settings
-from workers.backoff import exponential_backoff
 from workers.lifecycle import JobRunner
 from workers.readyqueue import ReadyQueue, ReadyTarget
 
 log = logging.getLogger("vmqueue.worker")
 
-EXECUTOR_THREADS = 16
-SCAN_INTERVAL_S = 0.2
-BANNER_MAX_LINES = 20  # how often the scanner claims due jobs
+EXECUTOR_THREADS = 8  # Redis calls of the scanner: claims, renewals, settle batches, deadlines
+CLAIM_INTERVAL_S = 0.2  # how often the scanner claims due entries of the shared schedule
+PROBE_TICK_S = 0.05  # probes due within one tick start together
+HOLD_PER_SLOT = 16  # SSH entries held in memory per probe slot (ready_concurrency)
 LEASE_MARGIN_S = 10.0  # a claimed job waits this long past a probe's timeout before another scanner takes it
+SETTLE_BATCH = 32  # answered VMs settled per executor call
+SETTLE_RETRY_S = 0.5  # a job whose lease was busy is settled again after this
+WAIT_SHARE = 0.1  # the wait before the next probe: this share of the wait so far (within the settings' bounds)
+BANNER_MAX_LINES = 20  # lines a server may send before its SSH version line
+BANNER_MAX_BYTES = 255  # one line's limit (RFC 4253 4.2)
+# curve25519 first (OpenSSH >= 6.5), ECDH and DH group14 for servers without it.
+PROBE_KEX_ALGS = [
+    "curve25519-sha256",
+    "curve25519-sha256@libssh.org",
+    "ecdh-sha2-nistp256",
+    "diffie-hellman-group14-sha256",
+]
 PROBE_ERRORS = (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError)
 
 
-async def ssh_banner(host: str, port: int, timeout_s: float) -> str:
-    """The SSH version line the server at ``host:port`` sends on connect (RFC 4253 4.2: it may send
-    other lines first). A cheap first probe: until sshd is up, this is one refused or unanswered
-    TCP connect, where a key exchange attempt would cost the scanner a thousand times more CPU."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+def probe_wait(
+    initial_s: float, cap_s: float, share: float = WAIT_SHARE, jitter: float = 0.2
+) -> Callable[[float], float]:
+    """The wait before probing again a VM that has not answered for ``waited_s``: ``share`` of that
+    wait, within ``[initial_s, cap_s]``, spread by +-``jitter`` so a batch of VMs does not probe in step."""
+
+    def wait(waited_s: float) -> float:
+        return min(cap_s, max(initial_s, share * waited_s)) * random.uniform(1 - jitter, 1 + jitter)
+
+    return wait
+
+
+async def open_ssh(host: str, port: int) -> socket.socket:
+    """A socket connected to ``host:port`` whose server has begun its SSH version line, not yet read.
+
+    Until sshd is up this is one refused (or unanswered) non-blocking connect: no stream objects, no
+    key exchange. Lines a server sends before its version line (RFC 4253 4.2) are read and dropped.
+    Raises ``OSError`` (``ConnectionError`` when the port answers with something other than SSH).
+    The caller bounds the time (``asyncio.timeout``) and owns the socket.
+    """
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
+        await loop.sock_connect(sock, (host, port))
         for _ in range(BANNER_MAX_LINES):
-            line = await asyncio.wait_for(reader.readline(), timeout_s)
-            if not line:
-                break
-            if line.startswith(b"SSH-"):
-                return line.decode(errors="replace").strip()
+            data = await _peek(loop, sock)
+            if data.startswith(b"SSH-"):
+                return sock
+            end = data.find(b"\n")
+            if end < 0:
+                if len(data) >= BANNER_MAX_BYTES:
+                    break
+                await asyncio.sleep(PROBE_TICK_S)  # a line in pieces: wait for the rest
+                continue
+            sock.recv(end + 1)  # a line before the version line: dropped
+        raise ConnectionError("the port answered, but with no SSH version line")
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """What the socket has received so far, left unread; ``ConnectionError`` when it was closed."""
+    readable = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
     finally:
-        writer.close()
-    raise ConnectionError("the port answered, but with no SSH version line")
+        loop.remove_reader(sock.fileno())
+    data = sock.recv(BANNER_MAX_BYTES * BANNER_MAX_LINES, socket.MSG_PEEK)
+    if not data:
+        raise ConnectionError("the port answered, but with no SSH version line")
+    return data
 
 
-async def fetch_host_keys(
+async def probe_ssh(
     host: str, port: int, algs: list[str], options: asyncssh.SSHClientConnectionOptions, timeout_s: float, every: bool
 ) -> list[HostKey]:
-    """The host keys of the SSH server at ``host:port`` (asyncssh's key exchange): the one it prefers
-    among ``algs`` and, with ``every``, those of the other types in ``algs`` too.
+    """The host keys of the SSH server at ``host:port``: the one it prefers among ``algs`` (its key
+    exchange runs on the connection ``open_ssh`` opened) and, with ``every``, those of the other
+    types in ``algs`` too (one more connection and key exchange each).
 
-    Raises what a failed first key exchange raises (``OSError``, ``asyncssh.Error``, ``TimeoutError``):
-    the server is not up. Later exchanges, one per remaining type, fail quietly for a type it lacks.
+    Raises what a failed connect, version line or first key exchange raises (``OSError``,
+    ``asyncssh.Error``, ``TimeoutError``): the server is not up. Later exchanges fail quietly for a type it lacks.
     """
-
-    async def one(server_host_key_algs: list[str]) -> asyncssh.SSHKey | None:
-        return await asyncio.wait_for(
-            asyncssh.get_server_host_key(host, port, server_host_key_algs=server_host_key_algs, options=options),
-            timeout_s,
-        )
-
-    first = await one(algs)
+    async with asyncio.timeout(timeout_s):
+        sock = await open_ssh(host, port)
+        try:
+            first = await _host_key(host, port, algs, options, sock)
+        finally:
+            sock.close()  # asyncssh closed it already, or never took it
     if first is None:
         raise asyncssh.ConnectionLost("the server offered no host key")
     found = {first.get_algorithm(): first}
     rest = [a for a in algs if _key_type(a) not in found] if every else []
-    for key in await asyncio.gather(*(one([a]) for a in rest), return_exceptions=True):
+
+    async def one(alg: str) -> asyncssh.SSHKey | None:
+        async with asyncio.timeout(timeout_s):
+            return await _host_key(host, port, [alg], options)
+
+    for key in await asyncio.gather(*(one(a) for a in rest), return_exceptions=True):
         if isinstance(key, asyncssh.SSHKey):
             found.setdefault(key.get_algorithm(), key)
     return [
         HostKey(type=k.get_algorithm(), sha256=k.get_fingerprint("sha256"), openssh=_openssh(k)) for k in found.values()
     ]
+
+
+async def _host_key(
+    host: str,
+    port: int,
+    algs: list[str],
+    options: asyncssh.SSHClientConnectionOptions,
+    sock: socket.socket | None = None,
+) -> asyncssh.SSHKey | None:
+    # config=None: the worker user's ~/.ssh/config (a ProxyCommand, say) has no say in a probe.
+    return await asyncssh.get_server_host_key(
+        host, port, sock=sock, server_host_key_algs=algs, kex_algs=PROBE_KEX_ALGS, config=None, options=options
+    )
+
+
+def name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` at the OS level too (Linux, 15 bytes), so ``top -H``, py-spy
+    and the readiness benchmark (which reads ``/proc/<pid>/task/*/comm``) can tell its CPU apart."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME, on the thread that calls it
+    except (OSError, AttributeError):  # not Linux: the name is only a convenience
+        pass
 
 
 def _key_type(alg: str) -> str:
@@ -94,6 +196,16 @@ def _openssh(key: asyncssh.SSHKey) -> str:
     return " ".join(key.export_public_key("openssh").decode().split()[:2])
 
 
+@dataclass
+class _Held:
+    """An SSH entry this scanner claimed and probes from memory."""
+
+    target: ReadyTarget
+    lease: float  # the entry's score in the schedule as this scanner last wrote it (its lease's end)
+    since: float  # epoch s the wait counts from: the VM seen running (else the claim)
+    next_at: float = 0.0  # epoch s of the next probe
+
+
 class ReadyScanner:
     """Probes the schedule's due jobs; settles each through the runner (which takes the job's lease)."""
 
@@ -101,9 +213,15 @@ class ReadyScanner:
         self.runner = runner
         self.settings = settings
         self.queue = ReadyQueue(runner.store.redis)
-        self.backoff = exponential_backoff(settings.ready_probe_initial_s, settings.ready_probe_max_s, 1.5)
-        self.tries: dict[str, int] = {}  # per VM in this process: how many probes failed
+        self.wait = probe_wait(settings.ready_probe_initial_s, settings.ready_probe_max_s)
+        self.lease_s = settings.ready_probe_timeout_s * (1 + len(settings.ready_host_key_algs)) + LEASE_MARGIN_S
+        self.held: dict[str, _Held] = {}  # job id -> entry probed from memory
         self.probes = 0  # probes sent by this process (benchmarks and tests read it)
+        self._due: list[tuple[float, str]] = []  # (next probe at, job id), a heap; stale pairs skipped
+        self._in_flight = 0
+        self._answered: dict[str, list[HostKey]] = {}  # job id -> host keys, waiting to be settled
+        self._settling = 0
+        self._tasks: set[asyncio.Task] = set()
 
     @functools.cache  # noqa: B019 - one scanner per process
     def _options(self) -> asyncssh.SSHClientConnectionOptions:
@@ -111,64 +229,149 @@ class ReadyScanner:
         # known_hosts: a probe reads the key, it trusts nothing; no client keys: it never logs in.
         timeout_s = self.settings.ready_probe_timeout_s
         return asyncssh.SSHClientConnectionOptions(
-            known_hosts=None, client_keys=None, agent_path=None, connect_timeout=timeout_s, login_timeout=timeout_s
+            config=None,
+            known_hosts=None,
+            client_keys=None,
+            agent_path=None,
+            connect_timeout=timeout_s,
+            login_timeout=timeout_s,
         )
 
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=lambda: asyncio.run(self.run()), name="vmq-ready-scanner", daemon=True)
+        def main() -> None:
+            name_os_thread("vmq-ready-scan")
+            asyncio.run(self.run())
+
+        thread = threading.Thread(target=main, name="vmq-ready-scan", daemon=True)
         thread.start()
         return thread
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        # Job store calls run in threads: enough of them that settling hundreds of VMs at once (a
-        # few Redis round trips each) does not queue behind the default executor's handful.
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(EXECUTOR_THREADS, "vmq-ready"))
-        in_flight: set[asyncio.Task] = set()
-        lease_s = self.settings.ready_probe_timeout_s * (1 + len(self.settings.ready_host_key_algs)) + LEASE_MARGIN_S
+        # Redis calls run in threads of the scanner's own (named for the OS: their CPU is told apart).
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(EXECUTOR_THREADS, "vmq-ready-io", name_os_thread, ("vmq-ready-io",))
+        )
+        next_claim = next_renew = 0.0
         while stop is None or not stop.is_set():
-            free = self.settings.ready_concurrency - len(in_flight)
-            if free > 0:
-                try:
-                    claimed = await asyncio.to_thread(self.queue.claim, time.time(), free, lease_s)
-                except redis.RedisError as exc:
-                    log.warning("ready scanner: Redis unavailable (%s); retrying", exc)
-                    claimed = []
-                    await asyncio.sleep(1.0)
-                for target in claimed:
-                    task = asyncio.create_task(self._handle(target))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-            await asyncio.sleep(SCAN_INTERVAL_S)
-
-    async def _handle(self, target: ReadyTarget) -> None:
-        try:
             now = time.time()
-            if target.mode != ReadyWhen.ssh or now >= target.deadline:
-                if not await asyncio.to_thread(self.runner.ready_due, target.job_id, now, target.deadline):
-                    await asyncio.to_thread(self.queue.reschedule, target.job_id, now + 1.0)
+            try:
+                if now >= next_renew:
+                    next_renew = now + self.lease_s / 3
+                    await self._renew(now)
+                if now >= next_claim:
+                    next_claim = now + CLAIM_INTERVAL_S
+                    await self._claim(now)
+            except redis.RedisError as exc:
+                log.warning("ready scanner: Redis unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+            self._start_due(time.time())
+            self._settle_answered()
+            await asyncio.sleep(PROBE_TICK_S)
+
+    async def _claim(self, now: float) -> None:
+        room = self.settings.ready_concurrency * HOLD_PER_SLOT - len(self.held)
+        if room <= 0:
+            return
+        lease = now + self.lease_s
+        for target in await asyncio.to_thread(self.queue.claim, now, room, lease):
+            if target.mode != ReadyWhen.ssh:
+                self._spawn(self._look(target))
+            elif held := self.held.get(target.job_id):
+                held.lease = lease  # its lease lapsed (a stall) and this scanner claimed it back
+            else:
+                held = _Held(target, lease, since=target.since or now)
+                self.held[target.job_id] = held
+                self._probe_at(held, now)
+
+    async def _renew(self, now: float) -> None:
+        if not self.held:
+            return
+        lease = now + self.lease_s
+        kept = set(await asyncio.to_thread(self.queue.renew, {i: h.lease for i, h in self.held.items()}, lease))
+        for job_id in list(self.held):
+            if job_id in kept:
+                self.held[job_id].lease = lease
+            elif job_id not in self._answered:  # settled meanwhile, or another scanner's now
+                del self.held[job_id]
+
+    def _probe_at(self, held: _Held, at: float) -> None:
+        held.next_at = min(at, held.target.deadline)
+        heapq.heappush(self._due, (held.next_at, held.target.job_id))
+
+    def _start_due(self, now: float) -> None:
+        while self._due and self._due[0][0] <= now and self._in_flight < self.settings.ready_concurrency:
+            at, job_id = heapq.heappop(self._due)
+            held = self.held.get(job_id)
+            if held is None or held.next_at != at:
+                continue  # let go, or rescheduled since
+            self._in_flight += 1
+            self._spawn(self._probe(held))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, held: _Held) -> None:
+        target = held.target
+        try:
+            if time.time() >= target.deadline:
+                self.held.pop(target.job_id, None)
+                await self._look(target)
                 return
             self.probes += 1
-            timeout_s = self.settings.ready_probe_timeout_s
             try:
-                await ssh_banner(target.host, target.port, timeout_s)
-                host_keys = await fetch_host_keys(
+                host_keys = await probe_ssh(
                     target.host,
                     target.port,
                     self.settings.ready_host_key_algs,
                     self._options(),
-                    timeout_s,
+                    self.settings.ready_probe_timeout_s,
                     self.settings.ready_all_host_keys,
                 )
             except PROBE_ERRORS as exc:
-                tries = self.tries.get(target.job_id, 0)
-                self.tries[target.job_id] = tries + 1
-                at = min(time.time() + self.backoff(tries), target.deadline)
+                now = time.time()
+                wait = self.wait(now - held.since)
                 log.debug("job=%s ssh %s:%s not up (%s); next probe in %.1fs", target.job_id, target.host,
-                          target.port, type(exc).__name__, at - time.time())  # fmt: skip
-                await asyncio.to_thread(self.queue.reschedule, target.job_id, at)
+                          target.port, type(exc).__name__, wait)  # fmt: skip
+                self._probe_at(held, now + wait)
                 return
-            self.tries.pop(target.job_id, None)
-            if not await asyncio.to_thread(self.runner.ready_reached, target.job_id, host_keys):
-                await asyncio.to_thread(self.queue.reschedule, target.job_id, time.time() + 0.5)
+            self._answered[target.job_id] = host_keys
+        except Exception:  # noqa: BLE001 - one job's bug must not stop the scanner; its lease brings it back
+            log.exception("job=%s ready scanner step failed", target.job_id)
+            self.held.pop(target.job_id, None)
+        finally:
+            self._in_flight -= 1
+
+    def _settle_answered(self) -> None:
+        """Hand the answered VMs to the runner in batches (a few executor calls at once)."""
+        while self._answered and self._settling < EXECUTOR_THREADS // 2:
+            batch = dict(list(self._answered.items())[:SETTLE_BATCH])
+            for job_id in batch:
+                del self._answered[job_id]
+            self._settling += 1
+            self._spawn(self._settle(batch))
+
+    async def _settle(self, batch: dict[str, list[HostKey]]) -> None:
+        try:
+            busy = set(await asyncio.to_thread(self.runner.ready_reached, batch))
+        except Exception:  # noqa: BLE001 - Redis down, or a bug: each job is settled again shortly
+            log.exception("ready scanner: settling %d jobs failed; retrying", len(batch))
+            busy = set(batch)
+        finally:
+            self._settling -= 1
+        for job_id, host_keys in batch.items():
+            if job_id in busy:
+                asyncio.get_running_loop().call_later(SETTLE_RETRY_S, self._answered.setdefault, job_id, host_keys)
+            else:
+                self.held.pop(job_id, None)
+
+    async def _look(self, target: ReadyTarget) -> None:
+        """An entry the scanner does not probe: cloud-init's (settled by the HTTP API, or waiting for
+        its deadline), or one past its deadline."""
+        try:
+            now = time.time()
+            if not await asyncio.to_thread(self.runner.ready_due, target.job_id, now, target.deadline):
+                await asyncio.to_thread(self.queue.reschedule, target.job_id, now + 1.0)
         except Exception:  # noqa: BLE001 - one job's bug must not stop the scanner; its lease brings it back
             log.exception("job=%s ready scanner step failed", target.job_id)

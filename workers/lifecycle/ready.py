@@ -47,29 +47,46 @@ class ReadySteps(Steps):
                     "(use ready_via=private from inside its network, or ready_when=cloud_init)",
                 )
                 return self._fail(job, error, 0)
-        deadline = job.running_at.timestamp() + job.ready_deadline_s
+        since = job.running_at.timestamp()
         target = ReadyTarget(
-            job_id=job.id, provider=job.provider, mode=job.ready_when, host=host, port=job.ssh_port, deadline=deadline
+            job_id=job.id,
+            provider=job.provider,
+            mode=job.ready_when,
+            host=host,
+            port=job.ssh_port,
+            deadline=since + job.ready_deadline_s,
+            since=since,
         )
         # SSH: probe now; cloud-init: nothing to do before the deadline unless the API wakes the job.
-        self.ready_queue.add(target, time.time() if host else deadline)
+        self.ready_queue.add(target, time.time() if host else target.deadline)
         return None
 
-    def ready_reached(self, job_id: str, host_keys: list[HostKey]) -> bool:
-        """The scanner's probe succeeded: settle the job ``ready``. False when its lease is busy (retry)."""
-        lease, job, _ = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
-        if lease is None:
-            return False
-        try:
-            with self.store.fenced(job_id, lease, self.settings.step_lease_s):
-                if job is not None and job.awaiting_ready:
-                    self._become_ready(job, host_keys, f"ssh answered on {job.ready_via} port {job.ssh_port}")
-            self.ready_queue.remove(job_id)
-        except InvalidTransition:  # LeaseLost included: another delivery acts on the job
-            pass
-        finally:
-            self.store.release(job_id, lease)
-        return True
+    def ready_reached(self, answered: dict[str, list[HostKey]]) -> list[str]:
+        """The scanner's probes of these jobs (job id -> the host keys read) succeeded: settle each
+        ``ready``, then take them off the schedule in one round trip. Returns the jobs whose lease
+        was busy (the scanner tries those again soon); the others are settled, were already, or
+        (another delivery took the lease meanwhile) come back to a scanner when their entry's lease ends.
+
+        Each job costs three round trips (its lease with its record, the compare-and-set, the
+        release); the schedule's bookkeeping is shared by the batch.
+        """
+        busy, done = [], []
+        for job_id, host_keys in answered.items():
+            lease, job, _ = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
+            if lease is None:
+                busy.append(job_id)
+                continue
+            try:
+                with self.store.fenced(job_id, lease, self.settings.step_lease_s):
+                    if job is not None and job.awaiting_ready:
+                        self._become_ready(job, host_keys, f"ssh answered on {job.ready_via} port {job.ssh_port}")
+                done.append(job_id)
+            except InvalidTransition:  # LeaseLost included: another delivery acts on the job
+                pass  # its entry stays: the scanner lets it go, and its lease brings it back if still needed
+            finally:
+                self.store.release(job_id, lease)
+        self.ready_queue.remove(*done)
+        return busy
 
     def ready_due(self, job_id: str, now: float, deadline: float) -> bool:
         """A claimed entry the scanner does not probe: settled elsewhere (the HTTP API), past its
@@ -112,12 +129,14 @@ class ReadySteps(Steps):
             message=f"running but not ready: {what[job.ready_when]} within {job.ready_deadline_s:.0f}s",
             retryable=True,
         )
-        spend_token(self.store.redis, job.id)
+        if job.ready_when == ReadyWhen.cloud_init:
+            spend_token(self.store.redis, job.id)
         return self._fail(job, error, 0)
 
     def _become_ready(self, job: Job, host_keys: list[HostKey], message: str) -> None:
         job = self.store.transition(job.id, JobState.ready, f"ready: {message}", ready_at=utcnow(), host_keys=host_keys)
-        spend_token(self.store.redis, job.id)
+        if job.ready_when == ReadyWhen.cloud_init:  # only cloud_init has a token (producer/submit.py)
+            spend_token(self.store.redis, job.id)
         waited = (job.ready_at - job.running_at).total_seconds() if job.running_at else 0.0
         log.info(
             "job=%s provider=%s instance=%s ready %.1fs after running", job.id, job.provider, job.instance_id, waited
