@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from vmqueue import broker
 from vmqueue.connection import broker_transport_options, redis_ssl_options
 from vmqueue.keys import WEBHOOK_QUEUE, queue_name
 from vmqueue.models import PROVIDERS
@@ -74,6 +75,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_celery(settings: Settings | None = None, main: str = "vmqueue") -> Celery:
+    broker.install()  # kombu's Redis transports with one client per channel (vmqueue/broker.py)
     app = Celery(main)
     app.conf.update(celery_config(settings or get_settings()))
     return app

@@ -191,19 +191,19 @@ def _fail_internal(job_id: str, exc: Exception) -> None:
         log.exception("job=%s could not record the internal error", job_id)
 
 
-@app.task(bind=True, name=keys.TASK_CREATE, max_retries=None)
+@app.task(bind=True, name=keys.TASK_CREATE, max_retries=None, Request=jobevents.JobRequest)
 def create(self: Task, job_id: str, seq: int = 0) -> None:
     """Create a VM: submit once (idempotently), then poll until running, the deadline or an error."""
     _step(self, job_id, JobKind.create, seq)
 
 
-@app.task(bind=True, name=keys.TASK_DESTROY, max_retries=None)
+@app.task(bind=True, name=keys.TASK_DESTROY, max_retries=None, Request=jobevents.JobRequest)
 def destroy(self: Task, job_id: str, seq: int = 0) -> None:
     """Destroy a VM: send the delete, then poll until the provider reports it gone."""
     _step(self, job_id, JobKind.destroy, seq)
 
 
-@app.task(bind=True, name=keys.TASK_GET, max_retries=None)
+@app.task(bind=True, name=keys.TASK_GET, max_retries=None, Request=jobevents.JobRequest)
 def get(self: Task, job_id: str, seq: int = 0) -> None:
     """Read a VM once into the job."""
     _step(self, job_id, JobKind.get, seq)

@@ -322,6 +322,14 @@ class TestAWS(AdapterContract):
             provider.prepare_spec(make_spec(image="debian-12"))
         assert err.value.provider_code == "ParameterNotFound"
 
+    def test_image_alias_is_looked_up_once_per_region(self, provider: AWSProvider) -> None:
+        # A lookup per create was one SSM request per VM for an answer that changes every few weeks.
+        ami = publish_ami("ubuntu-24.04")
+        meter = provider.meter = RecordingMeter()
+        images = {provider.prepare_spec(make_spec(image="ubuntu-24.04", name=f"web-{i}")).image for i in range(3)}
+        assert images == {ami}
+        assert [target for _, target, _ in meter.sent] == ["ssm:GetParameter"]
+
     def test_create_twice_same_job_one_vm(self, provider: AWSProvider, key: SSHPublicKey) -> None:
         with_client_tokens(provider)
         first = provider.create_vm(make_spec(), key, SCRIPT, job_id="job-1")

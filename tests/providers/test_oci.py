@@ -178,6 +178,17 @@ class TestOCI(AdapterContract):
         with pytest.raises(InvalidSpecError, match="no platform image"):
             provider.prepare_spec(make_spec(image="my-custom-image"))
 
+    def test_image_alias_is_looked_up_once_per_region_and_shape(self, provider: OCIProvider, fake: FakeOCI) -> None:
+        spec = make_spec(image="ubuntu-22.04")
+        images = {provider.prepare_spec(spec.model_copy(update={"name": f"web-{i}"})).image for i in range(3)}
+        assert images == {IMAGE_2204}
+        assert len(fake.calls_to("GET", r"/images$")) == 1
+        with pytest.raises(InvalidSpecError):  # a failed lookup is not kept: each attempt asks again
+            provider.prepare_spec(make_spec(image="ubuntu-24.04"))
+        with pytest.raises(InvalidSpecError):
+            provider.prepare_spec(make_spec(image="ubuntu-24.04"))
+        assert len(fake.calls_to("GET", r"/images$")) == 3
+
     def test_create_twice_same_job_one_vm(self, provider: OCIProvider, fake: FakeOCI) -> None:
         first = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")
         second = provider.create_vm(make_spec(), key(), SCRIPT, job_id="job-1")

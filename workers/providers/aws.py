@@ -46,6 +46,7 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+from workers.providers.lookups import Lookups
 from workers.providers.metering import Metered, meter_botocore
 
 # The SDK's retries are off: our task layer decides when to send again (PROVIDERS.md, DESIGN §4).
@@ -147,6 +148,7 @@ class AWSProvider(Metered):
         list_regions: list[str] | None = None,
     ):
         self._session = session
+        self._images = Lookups()  # alias -> today's AMI, per region (workers/providers/lookups.py)
         self._endpoint_url = endpoint_url  # None: boto3 reads AWS_ENDPOINT_URL[_EC2|_SSM] itself
         # boto3 reads only AWS_DEFAULT_REGION; AWS_REGION is what most tooling sets.
         self.default_region = default_region or os.getenv("AWS_REGION") or os.getenv("AWS_DEFAULT_REGION")
@@ -173,13 +175,16 @@ class AWSProvider(Metered):
             return self._clients[service, region]
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:
-        """Resolve an image alias to today's AMI through its public SSM parameter, once per job."""
+        """Resolve an image alias to today's AMI through its public SSM parameter, once per region and hour."""
         parameter = IMAGES["aws"].get(spec.image)
         if parameter is None:
             return spec
-        with map_errors(_map_error):
-            ami = self._client("ssm", spec.region).get_parameter(Name=parameter)["Parameter"]["Value"]
-        return spec.model_copy(update={"image": ami})
+
+        def lookup() -> str:
+            with map_errors(_map_error):
+                return self._client("ssm", spec.region).get_parameter(Name=parameter)["Parameter"]["Value"]
+
+        return spec.model_copy(update={"image": self._images.get((spec.region, parameter), lookup)})
 
     def create_vm(
         self,

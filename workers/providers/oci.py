@@ -32,6 +32,7 @@ from workers.providers.errors import (
     TransientError,
     map_errors,
 )
+from workers.providers.lookups import Lookups
 from workers.providers.metering import Metered, mount_metered
 
 ENDPOINT_ENV = "VMQ_OCI_ENDPOINT"
@@ -115,6 +116,7 @@ class OCIProvider(Metered):
         self._endpoint = service_endpoint or os.environ.get(ENDPOINT_ENV) or None
         self._clients: dict[str, _Clients] = {}
         self._lock = threading.Lock()
+        self._images = Lookups()  # (region, compartment, OS, version, shape) -> newest image OCID
 
     def _client(self, region: str | None = None) -> _Clients:
         """The clients of one region (default: the config's), made on first use."""
@@ -149,7 +151,8 @@ class OCIProvider(Metered):
             return self._clients[region]
 
     def prepare_spec(self, spec: VMSpec) -> VMSpec:
-        """Resolve an image alias to the newest platform image OCID of that OS and version."""
+        """Resolve an image alias to the newest platform image OCID of that OS and version (asked once
+        per region, compartment, shape and hour: workers/providers/lookups.py)."""
         if spec.image not in IMAGES["oci"]:
             if spec.image.startswith("ocid1.image."):
                 return spec
@@ -158,23 +161,28 @@ class OCIProvider(Metered):
             )
         opts = _options(spec)
         operating_system, version = IMAGES["oci"][spec.image].split(":")
-        with map_errors(_map_error):
-            images = (
-                self._client(spec.region)
-                .compute.list_images(
-                    opts.compartment_id,
-                    operating_system=operating_system,
-                    operating_system_version=version,
-                    shape=spec.instance_type,
-                    sort_by="TIMECREATED",
-                    sort_order="DESC",
-                    lifecycle_state="AVAILABLE",
+
+        def lookup() -> str:
+            with map_errors(_map_error):
+                images = (
+                    self._client(spec.region)
+                    .compute.list_images(
+                        opts.compartment_id,
+                        operating_system=operating_system,
+                        operating_system_version=version,
+                        shape=spec.instance_type,
+                        sort_by="TIMECREATED",
+                        sort_order="DESC",
+                        lifecycle_state="AVAILABLE",
+                    )
+                    .data
                 )
-                .data
-            )
-        if not images:
-            raise InvalidSpecError(f"no {operating_system} {version} image for shape {spec.instance_type}")
-        return spec.model_copy(update={"image": images[0].id})
+            if not images:
+                raise InvalidSpecError(f"no {operating_system} {version} image for shape {spec.instance_type}")
+            return images[0].id
+
+        key = (spec.region, opts.compartment_id, operating_system, version, spec.instance_type)
+        return spec.model_copy(update={"image": self._images.get(key, lookup)})
 
     def create_vm(
         self,

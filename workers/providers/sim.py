@@ -44,6 +44,7 @@ from workers.providers.errors import (
     RateLimitedError,
     TransientError,
 )
+from workers.providers.lookups import Lookups
 from workers.providers.metering import Metered
 
 # The sim reports raw states the way a provider would; the table maps them like any adapter's.
@@ -130,6 +131,7 @@ class SimProvider(Metered):
         self._env = SimConfig()  # read once: building settings from the environment costs ~1 ms
         self._caller_token = caller_token if caller_token is not None else self._env.token
         self._configs: dict[frozenset, SimConfig] = {}
+        self._images = Lookups()  # as the AWS adapter keeps its SSM answers (workers/providers/lookups.py)
         self._create = self._redis.register_script(_CREATE)
         if self._env.profile and self._env.profile not in PROFILES:
             raise ValueError(f"VMQ_SIM_PROFILE={self._env.profile!r}: use one of {', '.join(PROFILES)}")
@@ -155,8 +157,8 @@ class SimProvider(Metered):
     def prepare_spec(self, spec: VMSpec) -> VMSpec:
         # An API call like AWS's image lookup (an SSM parameter read): metered, and its faults apply;
         # it answers at once (``latency_ms`` slows the VM calls), so a create is "submitting" as soon
-        # as a worker takes it, as before the lookup was a call.
-        self._call("prepare", slow=False)
+        # as a worker takes it. Kept per region and image for an hour, as the AWS adapter keeps it.
+        self._images.get((spec.region, spec.image), lambda: self._call("prepare", slow=False))
         return resolve_alias(self.name, spec)
 
     def create_vm(
