@@ -494,6 +494,49 @@ class TestAzure(AdapterContract):
         assert (caught.value.provider_code, caught.value.message) == ("OperationNotAllowed", quota)
         assert [c.method for c in fake.calls] == ["PUT"] and list(fake.resources) == [RG_PATH.lower()]
 
+    def test_a_vm_made_the_old_way_reads_and_goes_with_its_named_nic_and_ip(
+        self, provider: AzureProvider, fake: FakeARM
+    ) -> None:
+        """A VM an earlier vmqueue made with its own PUTs of ``web-1-pip`` and ``web-1-nic`` (here detached
+        on delete): read through the same walk, and destroyed NIC first, then the IP it freed."""
+        base = f"https://management.azure.com{RG_PATH}/providers"
+        pip_id = f"{RG_PATH}/providers/Microsoft.Network/publicIPAddresses/web-1-pip"
+        nic_id = f"{RG_PATH}/providers/Microsoft.Network/networkInterfaces/web-1-nic"
+        fake.handle("PUT", f"{base}/Microsoft.Network/publicIPAddresses/web-1-pip", {}, _json(
+            {"location": "westeurope", "tags": OWNED, "sku": {"name": "Standard"}, "properties": {}}
+        ))  # fmt: skip
+        ip_config = {
+            "name": "ipconfig1",
+            "properties": {"subnet": {"id": SUBNET_ID}, "publicIPAddress": {"id": pip_id}},
+        }
+        fake.handle("PUT", f"{base}/Microsoft.Network/networkInterfaces/web-1-nic", {}, _json(
+            {"location": "westeurope", "tags": OWNED, "properties": {"ipConfigurations": [ip_config]}}
+        ))  # fmt: skip
+        vm = {
+            "location": "westeurope",
+            "tags": OWNED,
+            "properties": {
+                "hardwareProfile": {"vmSize": "Standard_B1s"},
+                "storageProfile": {"osDisk": {"name": "web-1-osdisk", "createOption": "FromImage"}},
+                "osProfile": {"computerName": "web-1", "adminUsername": "ops"},
+                "networkProfile": {"networkInterfaces": [{"id": nic_id, "properties": {"primary": True}}]},
+            },
+        }
+        fake.handle("PUT", f"https://management.azure.com/{VM_ID}", {}, _json(vm))
+        boot(fake)
+        assert provider.get_vm(VM_ID).public_ipv4 == "20.61.15.7"
+        fake.calls.clear()
+
+        provider.destroy_vm(VM_ID)
+
+        assert [(c.method, c.path.rsplit("/", 1)[-1]) for c in fake.calls] == [
+            ("DELETE", "web-1"),
+            ("GET", "web-1"),
+            ("DELETE", "web-1-nic"),
+            ("DELETE", "web-1-pip"),
+        ]
+        assert fake.get(nic_id) is None and fake.get(pip_id) is None
+
     def test_destroy_twice(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")
         provider.destroy_vm(VM_ID)

@@ -12,8 +12,8 @@ Update (``VirtualMachineNetworkInterfaceConfiguration``, ``VirtualMachinePublicI
 names the NIC Compute made in ``networkProfile.networkInterfaces[].id``. Azure chooses those resources'
 names (the reference does not define them), so the adapter reads their ids from the VM, never guesses.
 
-Until this module, a create PUT the public IP ``{vm}-pip`` and the NIC ``{vm}-nic`` itself; a destroy
-still deletes those two by name, NIC first, once the VM is gone (``delete_named_leftovers``).
+Before inline networking, a create made the public IP ``{vm}-pip`` and the NIC ``{vm}-nic`` by PUTs of its
+own; a destroy still deletes those two by name, NIC first, once the VM is gone (``delete_named_leftovers``).
 """
 
 from __future__ import annotations
