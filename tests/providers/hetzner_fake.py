@@ -5,6 +5,7 @@ Names are unique per project (409 ``uniqueness_error``), like the real API. In a
 ``create_fails_in`` the POST is accepted, then the server's ``create_server`` action ends ``error`` with the
 given error code and the server stays ``off`` (the asynchronous failure); ``GET /servers/{id}/actions``
 lists a server's actions, filtered by ``status`` and sorted by ``id``/``id:asc``/``id:desc`` as the spec says.
+``GET /servers`` filters by ``name`` and by the spec's whole label selector language (``k in (v1,v2)`` included).
 """
 
 from __future__ import annotations
@@ -167,9 +168,34 @@ def page(key: str, items: list[dict[str, Any]], query: dict[str, str] | None = N
 
 
 def _matches(labels: dict[str, str], selector: str | None) -> bool:
-    """Equality selectors (``k=v,k2=v2``), the only kind vmqueue sends."""
-    pairs = [term.split("=", 1) for term in selector.split(",")] if selector else []
-    return all(labels.get(key) == value for key, value in pairs)
+    """The API's label selector language (spec: "Label Selector"): comma-joined terms, each ``k=v``/``k==v``,
+    ``k!=v``, ``k``, ``!k``, ``k in (v1,v2)`` or ``k notin (v1,v2)``; a server matches when every term does."""
+    return all(_term_matches(labels, term) for term in _terms(selector or ""))
+
+
+def _terms(selector: str) -> list[str]:
+    """The selector split at the commas that join terms (not those inside an ``in (...)`` list)."""
+    terms, depth, current = [], 0, ""
+    for char in selector:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            terms.append(current)
+            current = ""
+        else:
+            current += char
+    return [term.strip() for term in [*terms, current] if term.strip()]
+
+
+def _term_matches(labels: dict[str, str], term: str) -> bool:
+    if match := re.fullmatch(r"(\S+)\s+(in|notin)\s*\(([^)]*)\)", term):
+        key, operator, values = match[1], match[2], {v.strip() for v in match[3].split(",")}
+        return (labels.get(key) in values) == (operator == "in")
+    if match := re.fullmatch(r"([^!=\s]+)\s*(==|=|!=)\s*(\S*)", term):
+        key, operator, value = match.groups()
+        return (labels.get(key) == value) == (operator != "!=")
+    if term.startswith("!"):
+        return term[1:] not in labels
+    return term in labels
 
 
 class FakeHetzner(FakeAPI):

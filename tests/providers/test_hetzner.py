@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -37,9 +38,11 @@ from workers.providers.errors import (
     RateLimitedError,
     TransientError,
 )
-from workers.providers.hetzner import HetznerProvider
+from workers.providers.hetzner import SELECTOR_BATCHES, HetznerProvider, batch_label
 
 JOB = "3f2a9c0e5b7d4e1f8a6b2c4d6e8f0a1b"
+T0 = 1_796_000_000.0  # 2026-11-30 00:53:20 UTC: the provider's clock in these tests
+BATCH_T0 = "202611300053"  # its batch label
 SCRIPT = "#!/bin/sh\necho hello > /tmp/hello\n"
 FAKE_TOKEN = "fake-" + "hcloud-token"  # not a credential: the fake API accepts anything
 
@@ -72,7 +75,9 @@ def fake() -> Iterator[FakeHetzner]:
 @pytest.fixture
 def provider(monkeypatch: pytest.MonkeyPatch) -> HetznerProvider:
     monkeypatch.delenv("HCLOUD_ENDPOINT", raising=False)
-    return HetznerProvider(token=FAKE_TOKEN)
+    provider = HetznerProvider(token=FAKE_TOKEN)
+    provider.clock = lambda: T0
+    return provider
 
 
 class TestHetzner(AdapterContract):
@@ -120,13 +125,13 @@ class TestHetzner(AdapterContract):
             "start_after_create": True,
             "ssh_keys": [next(iter(fake.ssh_keys))],
             "user_data": SCRIPT,
-            "labels": {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": JOB},
+            "labels": {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": JOB, "vmqueue-batch": BATCH_T0},
             "public_net": {"enable_ipv4": False, "enable_ipv6": True},
         }
         assert len(body["user_data"].encode()) == measured  # the bytes the producer checked against 32 KiB
         assert vm.instance_id == str(next(iter(fake.servers)))
         assert (vm.provider, vm.status, vm.provider_status) == ("hetzner", VMStatus.pending, "initializing")
-        assert vm.labels["vmqueue-job"] == JOB
+        assert vm.labels == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": JOB}  # the batch is bookkeeping
 
     def test_create_reuses_the_projects_key(
         self, fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
@@ -438,7 +443,7 @@ class TestHetzner(AdapterContract):
             assert rsps.calls[0].request.req_kwargs["timeout"] == (5.0, 30.0)
 
     def test_get_vms_reads_many_in_few_calls(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
-        owned = {"managed-by": "vmqueue"}
+        owned = {"managed-by": "vmqueue", "vmqueue-batch": BATCH_T0}  # created by another worker this minute
         running = fake.add_server("web-1", labels=owned, private_ipv4="10.0.0.2")
         booting = fake.add_server("web-2", status="initializing", labels=owned, created=now())
         fake.add_server("their-db")  # not ours: the label filter leaves it out
@@ -450,11 +455,13 @@ class TestHetzner(AdapterContract):
         assert vms[str(running["id"])].status == VMStatus.running
         assert vms[str(running["id"])].public_ipv4 == "203.0.113.10"
         assert vms[str(booting["id"])].status == VMStatus.pending
-        # One list call for all three ids, filtered by the ownership label.
-        assert [(m, p, q.get("label_selector")) for m, p, q, _ in fake.requests] == [
-            ("GET", "/servers", "managed-by=vmqueue")
-        ]
-        assert provider.get_vms([]) == {} and len(fake.requests) == 1
+        # One list of the recent batches for the servers it never saw; the id no list holds is read once.
+        [(method, path, query, _), read] = fake.requests
+        assert (method, path, query["sort"]) == ("GET", "/servers", "id:desc")
+        assert query["label_selector"].startswith("managed-by=vmqueue,vmqueue-batch in (")
+        assert BATCH_T0 in query["label_selector"]
+        assert read[:2] == ("GET", "/servers/999999")
+        assert provider.get_vms([]) == {} and len(fake.requests) == 2
 
     def test_get_vms_matches_get_vm(self, fake: FakeHetzner, provider: HetznerProvider) -> None:
         server = fake.add_server("web-1", labels={"managed-by": "vmqueue"}, private_ipv4="10.0.0.2")
@@ -510,7 +517,13 @@ def test_system_create_then_destroy_through_a_worker(
     assert (job.vm.status, job.vm.public_ipv4) == (VMStatus.running, "203.0.113.10")
     [server] = fake.servers.values()
     assert str(server["id"]) == job.instance_id
-    assert server["labels"] == {"team": "infra", "managed-by": "vmqueue", "vmqueue-job": job.id}
+    assert server["labels"] == {
+        "team": "infra",
+        "managed-by": "vmqueue",
+        "vmqueue-job": job.id,
+        "vmqueue-batch": server["labels"]["vmqueue-batch"],
+    }
+    assert re.fullmatch(r"\d{12}", server["labels"]["vmqueue-batch"])  # the create's UTC minute
     assert [body["user_data"] for body in fake.calls("POST", "/servers")] == [SCRIPT]
 
     gone = provisioner.wait(provisioner.destroy_vm("hetzner", job.instance_id).id, timeout_s=30)
@@ -573,18 +586,113 @@ def test_a_deleted_cached_key_is_looked_up_again(
     assert len(fake.ssh_keys) == 1
 
 
-def test_get_vms_cost_grows_with_vms_in_flight_not_the_fleet(fake: FakeHetzner, provider: HetznerProvider) -> None:
-    """5,000 long-lived servers would be 100 pages; newest first, the tick reads the page its VMs are on."""
-    owned = {"managed-by": "vmqueue"}
-    for i in range(160):  # long-lived, older than every VM in flight
-        fake.add_server(f"old-{i}", labels=owned)
-    # "starting": on their way (an old "initializing" server would look like a failed create and cost a read).
-    in_flight = [str(fake.add_server(f"new-{i}", status="starting", labels=owned)["id"]) for i in range(30)]
-    vms = provider.get_vms(in_flight)
-    assert set(vms) == set(in_flight)
-    assert [(q.get("sort"), q.get("page")) for _, _, q, _ in fake.requests] == [("id:desc", "1")]
-    # Asked for an old one too: the list pages down to it, and no further.
+def _stuck_then_fleet_then_new(
+    fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey, fleet: int
+) -> list[str]:
+    """Issue 15's order: one VM still in flight (created two hours ago), then ``fleet`` long-lived vmqueue
+    servers (created over the hour after it, half before batch labels existed), then 99 new VMs."""
+    provider.clock = lambda: T0 - 7200
+    stuck = provider.create_vm(make_spec(name="stuck"), key, job_id="stuck", first_attempt=True).instance_id
+    for i in range(fleet):
+        labels = {"managed-by": "vmqueue", "vmqueue-job": f"old-{i}"}
+        if i % 2:
+            labels["vmqueue-batch"] = batch_label(T0 - 7200 + 60 + 60 * (i % 60))
+        fake.add_server(f"old-{i}", labels=labels)
+    provider.clock = lambda: T0
+    new = [
+        provider.create_vm(make_spec(name=f"new-{i}"), key, job_id=f"new-{i}", first_attempt=True).instance_id
+        for i in range(99)
+    ]
+    for server in fake.servers.values():  # all still on their way ("initializing" two hours would look failed)
+        if server["name"] == "stuck" or server["name"].startswith("new-"):
+            server["status"] = "starting"
+    fake._booting.clear()
     fake.requests.clear()
-    oldest_asked = str(sorted(fake.servers)[100])
-    assert oldest_asked in provider.get_vms([*in_flight, oldest_asked])
-    assert len(fake.requests) == 2  # (30 new + 60 old down to it) / 50 a page
+    return [stuck, *new]
+
+
+@pytest.mark.parametrize("fleet", [0, 600])
+def test_tick_cost_follows_the_vms_in_flight_not_the_servers_created_since(
+    fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey, fleet: int
+) -> None:
+    """A stuck VM, then long-lived servers, then 99 new VMs: the tick lists the two batches in flight in one
+    selector (100 servers, 2 pages), whatever was created in between (newest first down to the stuck VM, it
+    was one page per 50 servers created since: 14 here, 102 with 5,000)."""
+    in_flight = _stuck_then_fleet_then_new(fake, provider, key, fleet)
+
+    vms = provider.get_vms(in_flight)
+
+    assert set(vms) == set(in_flight)
+    assert [(m, p, q["page"]) for m, p, q, _ in fake.requests] == [("GET", "/servers", "1"), ("GET", "/servers", "2")]
+    selectors = {q.get("label_selector") for _, _, q, _ in fake.requests}
+    assert selectors == {f"managed-by=vmqueue,vmqueue-batch in ({BATCH_T0},{batch_label(T0 - 7200)})"}
+
+
+def test_tick_of_a_worker_that_created_nothing(fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
+    """Another worker (or this one before a restart) created them: its first tick lists the recent batches
+    (the 99 new VMs) and reads the stuck one by id, learning its batch; from the next tick, 2 pages."""
+    in_flight = _stuck_then_fleet_then_new(fake, provider, key, 600)
+    other = HetznerProvider(token=FAKE_TOKEN)
+    other.clock = lambda: T0 + 20  # its tick, in the same minute
+
+    assert set(other.get_vms(in_flight)) == set(in_flight)
+    assert [p for _, p, _, _ in fake.requests] == ["/servers", "/servers", f"/servers/{in_flight[0]}"]
+    fake.requests.clear()
+    assert set(other.get_vms(in_flight)) == set(in_flight)
+    assert [(p, q["page"]) for _, p, q, _ in fake.requests] == [("/servers", "1"), ("/servers", "2")]
+
+
+def test_servers_without_a_batch_label_read_by_id(fake: FakeHetzner, provider: HetznerProvider) -> None:
+    """Created before batch labels (or by hand with the ownership labels): read by id, and remembered as such;
+    one that is gone reads as absent."""
+    old = fake.add_server("web-1", labels={"managed-by": "vmqueue", "vmqueue-job": JOB})
+    gone = fake.add_server("web-2", labels={"managed-by": "vmqueue", "vmqueue-job": "job-2"})
+    del fake.servers[gone["id"]]
+    ids = [str(old["id"]), str(gone["id"])]
+    assert set(provider.get_vms(ids)) == {str(old["id"])}
+    fake.requests.clear()
+    assert set(provider.get_vms(ids)) == {str(old["id"])}
+    assert sorted(p for _, p, _, _ in fake.requests) == [f"/servers/{old['id']}", f"/servers/{gone['id']}"]
+
+
+def test_a_lost_create_answer_is_adopted_and_then_listed(
+    fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+) -> None:
+    fake.fail("POST", "/servers", exc=requests.ReadTimeout("read timed out"), after=True)
+    with pytest.raises(TransientError):
+        provider.create_vm(make_spec(), key, job_id=JOB, first_attempt=True)
+    vm = provider.create_vm(make_spec(), key, job_id=JOB)  # the retry adopts it by name
+    fake.requests.clear()
+    assert provider.get_vms([vm.instance_id])[vm.instance_id].labels["vmqueue-job"] == JOB
+    [(_, path, query, _)] = fake.requests
+    assert (path, query["label_selector"]) == ("/servers", f"managed-by=vmqueue,vmqueue-batch in ({BATCH_T0})")
+
+
+def test_many_batches_take_several_selectors(fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey) -> None:
+    """A selector names at most SELECTOR_BATCHES batches (the API documents no length limit): more take more lists."""
+    ids = []
+    for i in range(SELECTOR_BATCHES + 6):  # a create every five minutes: one batch each
+        provider.clock = lambda i=i: T0 - 300 * i
+        ids.append(provider.create_vm(make_spec(name=f"web-{i}"), key, job_id=f"job-{i}").instance_id)
+    fake._booting.clear()
+    fake.requests.clear()
+    assert set(provider.get_vms(ids)) == set(ids)
+    selectors = dict.fromkeys(q["label_selector"] for _, _, q, _ in fake.requests)
+    assert [selector.count(",") for selector in selectors] == [SELECTOR_BATCHES, 6]  # values - 1, + managed-by's
+
+
+def test_a_batch_mostly_of_other_servers_is_read_by_id(
+    fake: FakeHetzner, provider: HetznerProvider, key: SSHPublicKey
+) -> None:
+    """One VM in flight in a minute that created 200 long-lived servers: one GET, not four pages."""
+    vm = provider.create_vm(make_spec(), key, job_id=JOB, first_attempt=True)
+    for i in range(200):
+        fake.add_server(f"old-{i}", labels={"managed-by": "vmqueue", "vmqueue-batch": BATCH_T0})
+    other = f"{JOB}-other"
+    second = provider.create_vm(make_spec(name="web-2"), key, job_id=other, first_attempt=True)
+    provider.get_vms([vm.instance_id, second.instance_id])  # learns the batch's size: 202 servers
+    fake.requests.clear()
+    assert set(provider.get_vms([vm.instance_id, second.instance_id])) == {vm.instance_id, second.instance_id}
+    assert sorted(p for _, p, _, _ in fake.requests) == sorted(
+        f"/servers/{i}" for i in (vm.instance_id, second.instance_id)
+    )

@@ -2,17 +2,25 @@
 
 Exactly one server per job: server names are unique per project, so the server is named ``spec.name``
 and a server of that name carrying the job's ``vmqueue-job`` label is adopted instead of created twice
-(PROVIDERS.md, Hetzner recipe). The registry imports this module only in a Hetzner worker.
+(PROVIDERS.md, Hetzner recipe).
+
+Status reads that cost what is in flight, not the fleet: every server also carries the label of the UTC minute
+its create was sent (``vmqueue-batch=<YYYYMMDDHHMM>``, set by the create request itself), and the tick lists
+only the batches of the servers it waits for, many batches in one label selector
+(``vmqueue-batch in (b1,b2,...)``), or reads them one by one where that is fewer requests (``get_vms``).
+The registry imports this module only in a Hetzner worker.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import threading
+import time
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import requests
@@ -48,6 +56,19 @@ ENDPOINT_ENV = "HCLOUD_ENDPOINT"  # e.g. a local fake API in system tests
 DEFAULT_ENDPOINT = "https://api.hetzner.cloud/v1"
 ACTIONS_PAGE_SIZE = 5  # a failed create_server heads its server's error actions; a few spare
 TIMEOUT_S = (5.0, 30.0)  # (connect, read): hcloud's default waits forever, and the threads pool has no time limit
+PAGE_SIZE = 50  # the API's maximum per_page (API reference, "Pagination")
+
+# The batch label: one value per UTC minute of creates. A label value is at most 63 characters, empty or
+# alphanumerics with ``-_.`` between (API reference, "Labels"): twelve digits are one. A selector
+# ``k in (v1,v2,...)`` matches any of the values (API reference, "Label Selector"), so one list names many
+# batches; the API documents no length limit for ``label_selector``, so a list names at most
+# ``SELECTOR_BATCHES`` of them (about 1 KiB of URL) and more batches take more lists.
+LABEL_BATCH = "vmqueue-batch"
+BATCH_S = 60
+BATCH_LOOKBACK = 30  # batches (minutes) a read lists back from the current one to find servers it never saw
+BATCH_AHEAD = 1  # and forward: a creating worker's clock may run ahead of the ticking one's
+SELECTOR_BATCHES = 64
+KNOWN_MAX = 50_000  # server ids whose batch this process remembers (the oldest are forgotten first)
 
 # Every documented ``server.status`` (spec: GET /servers ``status`` enum).
 STATUS_MAP: dict[str, VMStatus] = {
@@ -133,12 +154,18 @@ class HetznerProvider(Metered):
     """Hetzner Cloud; see the Provider protocol. Credentials: ``HCLOUD_TOKEN`` (one token = one project)."""
 
     name = "hetzner"
+    clock = time.time  # when a create is sent: its batch (tests fix it)
 
     def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
         self._token = token or os.environ.get(TOKEN_ENV)
         self._endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
         self._sdk: Client | None = None
         self._ssh_keys: dict[str, int] = {}  # MD5 fingerprint -> the project's SSH key id
+        # What the reads know of each server this process created or read: its batch, or None (it has none,
+        # being older than batch labels, or it was gone): read by id. Threads share it (creates, the tick).
+        self._batch_of: dict[int, str | None] = {}
+        self._batch_sizes: dict[str, int] = {}  # batch -> servers its last full list held (+ creates since)
+        self._lock = threading.Lock()
 
     def _client(self) -> Client:
         if self._sdk is None:
@@ -173,6 +200,7 @@ class HetznerProvider(Metered):
             return adopted
         options = spec.options if isinstance(spec.options, HetznerOptions) else HetznerOptions()
         fingerprint = ssh_key.md5_fingerprint
+        batch = batch_label(self.clock())
         try:
             response = self._client().servers.create(
                 name=spec.name,
@@ -181,7 +209,7 @@ class HetznerProvider(Metered):
                 location=Location(name=spec.region),
                 ssh_keys=[self._ssh_key(ssh_key)],
                 user_data=startup_script,
-                labels=spec.ownership_labels(job_id),
+                labels={**spec.ownership_labels(job_id), LABEL_BATCH: batch},
                 public_net=ServerCreatePublicNetwork(enable_ipv4=options.enable_ipv4, enable_ipv6=options.enable_ipv6),
             )
         except APIException as exc:
@@ -191,6 +219,7 @@ class HetznerProvider(Metered):
             # A cached key someone deleted from the project since: the next attempt looks it up again.
             self._ssh_keys.pop(fingerprint, None)
             raise
+        self._learn(response.server.id, batch, created=True)
         return _vm_info(response.server)
 
     @map_errors(_map_error)
@@ -205,6 +234,7 @@ class HetznerProvider(Metered):
         looks stuck (``off``, or ``initializing`` for over ``CREATE_STUCK_S``); one DELETE on a capacity failure.
         """
         server = self._client().servers.get_by_id(_server_id(instance_id))
+        self._learn(server.id, _batch_of(server.labels))
         failure = self._create_failure(server)
         if failure is not None and ERROR_CODES.get(failure.code) is CapacityError:
             self.destroy_vm(instance_id)
@@ -215,33 +245,53 @@ class HetznerProvider(Metered):
 
     @map_errors(_map_error)
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
-        """The project's ``managed-by=vmqueue`` servers, newest first, down to the oldest id asked.
+        """See the protocol. Lists the batches of the servers asked for (``managed-by=vmqueue,vmqueue-batch in
+        (...)``, 50 a page, newest first), or reads servers one by one (GET /servers/{id}) where that is fewer
+        requests: a batch holds the servers created in one minute, so the cost follows the VMs in flight and
+        the creates of their minutes, never the long-lived servers of other minutes, however old the oldest
+        VM in flight is. All batches listed share one selector, hence its pages: a stuck VM's batch and the
+        new VMs' batch cost ⌈(their servers)/50⌉ together.
 
-        Calls: one per 50 vmqueue servers created since the oldest VM asked for (those in flight are
-        the newest), however many long-lived servers the project holds: the list is sorted by id
-        descending and stops at the page that reaches below the oldest id, or once every id is found.
-        Hetzner has no "these ids" filter, so the label is the filter: a server without it is not
-        seen here (reads as not found; the tick reads such a VM once through ``get_vm``).
+        Which batches are listed: those whose servers asked for, per request of their pages, make listing them
+        cheaper than reading them by id (``_choose``). Servers this process never created or read (another
+        worker created them, or this one restarted): the batches of the last ``BATCH_LOOKBACK`` minutes join
+        the selector when there are two or more such servers or a list is sent anyway (values cost nothing,
+        only the servers listed do). A list stops at the page that reaches below every server still sought
+        (ids grow with time; ``sort=id:desc``), or once its remaining pages cost as much as reading the
+        servers still sought by id. What remains (created before batch labels existed, before the lookback,
+        or gone) is read by id, and every server's batch is remembered for the next read.
         """
-        wanted = {int(i) for i in instance_ids if i.isdigit()}
+        wanted = {int(i) for i in instance_ids if i.isdigit()}  # another id is no server: absent
         if not wanted:
             return {}
-        client, oldest, found, page = self._client(), min(wanted), {}, 1
-        while True:
-            # hcloud 2.27's get_list has no ``sort``; the API's GET /servers does (docs.hetzner.cloud).
-            params = {"label_selector": f"{LABEL_MANAGED_BY}=vmqueue", "sort": "id:desc", "per_page": 50, "page": page}
-            answer = client._client.request(method="GET", url="/servers", params=params)
-            servers = answer.get("servers") or []
-            for raw in servers:
-                if raw["id"] in wanted:
-                    # A failed create reads as a server in error here (raised, it would sink the whole
-                    # batch); the tick reads such a server again through get_vm, which fails it over.
-                    server = BoundServer(client.servers, raw)
-                    found[str(raw["id"])] = _vm_info(server, self._create_failure(server))
-            next_page = ((answer.get("meta") or {}).get("pagination") or {}).get("next_page")
-            if not servers or not next_page or min(r["id"] for r in servers) <= oldest or len(found) == len(wanted):
-                return found
-            page = next_page
+        with self._lock:
+            known = {i: self._batch_of[i] for i in wanted if i in self._batch_of}
+        groups: dict[str, set[int]] = {}
+        for server_id, batch in known.items():
+            if batch is not None:
+                groups.setdefault(batch, set()).add(server_id)
+        listed = self._choose(groups)
+        unknown = wanted - known.keys()
+        if unknown and (listed or len(unknown) > 1):
+            now = self.clock()
+            listed |= {batch_label(now - back * BATCH_S) for back in range(-BATCH_AHEAD, BATCH_LOOKBACK)}
+        sought = unknown | {i for batch in listed for i in groups.get(batch, ())}
+        found: dict[int, dict[str, Any]] = {}
+        ordered = sorted(listed, reverse=True)
+        for first in range(0, len(ordered), SELECTOR_BATCHES):
+            if not sought - found.keys():
+                break
+            found |= self._list_batches(ordered[first : first + SELECTOR_BATCHES], sought - found.keys())
+        for server_id in sorted(wanted - found.keys()):
+            if raw := self._read(server_id):
+                found[server_id] = raw
+        client, vms = self._client(), {}
+        for server_id, raw in found.items():
+            # A failed create reads as a server in error here (raised, it would sink the whole batch);
+            # the tick reads such a server again through get_vm, which fails it over.
+            server = BoundServer(client.servers, raw)
+            vms[str(server_id)] = _vm_info(server, self._create_failure(server))
+        return vms
 
     def destroy_vm(self, instance_id: str) -> None:
         with suppress(NotFoundError), map_errors(_map_error):
@@ -272,11 +322,86 @@ class HetznerProvider(Metered):
                 )
         return None
 
+    def _choose(self, groups: dict[str, set[int]]) -> set[str]:
+        """The batches worth listing: the densest first (servers asked for per server listed), as many as
+        make ⌈listed/50⌉ pages plus the other servers read by id the fewest requests (a tie lists)."""
+        with self._lock:
+            sizes = {batch: max(self._batch_sizes.get(batch, 0), len(ids)) for batch, ids in groups.items()}
+        ranked = sorted(groups, key=lambda batch: (-len(groups[batch]) / sizes[batch], batch))
+        best, best_cost, listed_size, by_id = 0, sum(map(len, groups.values())), 0, sum(map(len, groups.values()))
+        for count, batch in enumerate(ranked, start=1):
+            listed_size += sizes[batch]
+            by_id -= len(groups[batch])
+            if (cost := math.ceil(listed_size / PAGE_SIZE) + by_id) <= best_cost:
+                best, best_cost = count, cost
+        return set(ranked[:best])
+
+    def _list_batches(self, batches: list[str], sought: set[int]) -> dict[int, dict[str, Any]]:
+        """The servers of ``sought`` among those of ``batches`` (one label selector, newest first), remembered.
+
+        Pages until nothing sought can be on a later page: every server sought is found, or newer than the
+        page's oldest (``sort=id:desc``), or the pages left are as many as the servers still sought (reading
+        those by id costs no more).
+        """
+        client, found, page, seen = self._client(), {}, 1, dict.fromkeys(batches, 0)
+        selector = f"{LABEL_MANAGED_BY}=vmqueue,{LABEL_BATCH} in ({','.join(batches)})"
+        while True:
+            # hcloud 2.27's get_list has no ``sort``; the API's GET /servers does (docs.hetzner.cloud).
+            params = {"label_selector": selector, "sort": "id:desc", "per_page": PAGE_SIZE, "page": page}
+            answer = client._client.request(method="GET", url="/servers", params=params)
+            servers = answer.get("servers") or []
+            for raw in servers:
+                batch = _batch_of(raw.get("labels"))
+                self._learn(raw["id"], batch)
+                seen[batch or ""] = seen.get(batch or "", 0) + 1
+                if raw["id"] in sought:
+                    found[raw["id"]] = raw
+            pagination = (answer.get("meta") or {}).get("pagination") or {}
+            oldest_listed = min((raw["id"] for raw in servers), default=0)
+            findable = [i for i in sought - found.keys() if i < oldest_listed]
+            last_page, next_page = pagination.get("last_page"), pagination.get("next_page")
+            if not next_page:
+                with self._lock:  # the whole list was read: each batch's size is known
+                    self._batch_sizes.update({b: n for b, n in seen.items() if b in batches})
+                    _forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
+                return found
+            if not findable or (last_page is not None and last_page - page >= len(findable)):
+                # Stopped early: a batch still holding servers sought may hold every server not read.
+                unread = max(0, (pagination.get("total_entries") or 0) - sum(seen.values()))
+                with self._lock:
+                    for server_id in findable:
+                        if (batch := self._batch_of.get(server_id)) in seen:
+                            self._batch_sizes[batch] = max(self._batch_sizes.get(batch, 0), seen[batch] + unread)
+                return found
+            page = next_page
+
+    def _read(self, server_id: int) -> dict[str, Any] | None:
+        """One server by id (GET /servers/{id}), remembered; None when it is gone."""
+        try:
+            raw = self._client()._client.request(method="GET", url=f"/servers/{server_id}")["server"]
+        except APIException as exc:
+            if exc.code != "not_found" and exc.code != 404:
+                raise
+            self._learn(server_id, None)
+            return None
+        self._learn(server_id, _batch_of(raw.get("labels")))
+        return raw
+
+    def _learn(self, server_id: int, batch: str | None, *, created: bool = False) -> None:
+        with self._lock:
+            self._batch_of.pop(server_id, None)  # re-inserted: the newest, forgotten last
+            self._batch_of[server_id] = batch
+            _forget_oldest(self._batch_of, KNOWN_MAX)
+            if created and batch is not None:
+                self._batch_sizes[batch] = self._batch_sizes.get(batch, 0) + 1
+                _forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
+
     def _adopt(self, name: str, job_id: str) -> VMInfo | None:
         """The server named ``name`` if this job created it; a foreign server of that name is an error."""
         server = self._client().servers.get_by_name(name)
         if server is None or server.name != name:  # only the server asked for, whatever the answer held
             return None
+        self._learn(server.id, _batch_of(server.labels))
         label = (server.labels or {}).get(LABEL_JOB)
         if label is not None and label != job_id and job_id_of(label) == job_id_of(job_id):
             # The server of this job's previous placement, deleted after its create failed late: the name
@@ -332,6 +457,21 @@ class HetznerProvider(Metered):
         raise InvalidSpecError(f"hetzner creates no {resource.kind} beside a server: nothing to delete")
 
 
+def batch_label(at_s: float) -> str:
+    """The batch label value of a create sent at ``at_s`` (epoch seconds): its UTC minute, ``YYYYMMDDHHMM``."""
+    return time.strftime("%Y%m%d%H%M", time.gmtime(at_s - at_s % BATCH_S))
+
+
+def _batch_of(labels: dict[str, str] | None) -> str | None:
+    return (labels or {}).get(LABEL_BATCH)
+
+
+def _forget_oldest(entries: dict[Any, Any], keep: int) -> None:
+    """Drop the oldest insertions of ``entries`` beyond ``keep`` (the caller holds the lock)."""
+    while len(entries) > keep:
+        del entries[next(iter(entries))]
+
+
 def _server_id(instance_id: str) -> int:
     if not instance_id.isdigit():
         raise NotFoundError(f"Hetzner: {instance_id!r} is not a server id", provider_code="not_found")
@@ -365,7 +505,8 @@ def _vm_info(server: BoundServer, create_failure: CreateFailure | None = None) -
         region=server.location.name if server.location else None,
         instance_type=server.server_type.name if server.server_type else None,
         image=(server.image.name or str(server.image.id)) if server.image else None,
-        labels=server.labels or {},
+        # The batch label is the adapter's bookkeeping, not one of the VM's labels.
+        labels={k: v for k, v in (server.labels or {}).items() if k != LABEL_BATCH},
         created_at=server.created,
     )
 
