@@ -3,12 +3,12 @@ windows, header corrections, overrides, the create schedule, and every adapter's
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 import redis
 
+from vmqueue import keys
 from vmqueue.settings import Settings
 from workers.budget import Budget
 from workers.budget_profiles import AWS, AZURE, DIGITALOCEAN, GCP, HETZNER, PROFILES, Bucket, parse_bucket
@@ -54,27 +54,16 @@ def test_a_bucket_refuses_past_its_burst_and_other_actions_go_on(budget: Budget)
     assert budget.take("aws", AWS, "POST", "ec2:RunInstances", "us-east-1")[0]  # per region
 
 
-def test_waiters_reserve_tokens_in_order_at_the_refill_rate(budget: Budget) -> None:
+def test_waiters_reserve_tokens_in_order_at_the_refill_rate(budget: Budget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short bucket goes into debt: each waiter reserves the next token, due one refill interval
+    after the one before (the clock stands still here, so the reservations are exact)."""
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
     profile = budget.profile("aws", "aws")
     profile = type(profile)(**{**profile.__dict__, "buckets": {**profile.buckets, "run_instances": Bucket(2, 10.0)}})
-    sent: list[float] = []
-    lock = threading.Lock()
-
-    def one() -> None:
-        budget.acquire("aws", "POST", "ec2:RunInstances", "r", profile=profile)
-        with lock:
-            sent.append(time.monotonic())
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    # 2 at once, then one every 0.1 s: 6 more need 0.6 s; never two in the same refill interval.
-    assert 0.5 < max(sent) - started < 1.5
-    gaps = sorted(b - a for a, b in zip(sorted(sent)[2:], sorted(sent)[3:], strict=False))
-    assert gaps[0] > 0.05
+    tries = [budget.take("aws", profile, "POST", "ec2:RunInstances", "r", max_wait_s=2.0) for _ in range(8)]
+    assert all(charged for charged, _, _ in tries)
+    # 2 at once, then one every 0.1 s: never two in the same refill interval.
+    assert [wait for _, wait, _ in tries] == pytest.approx([0, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
 
 
 def test_a_wait_past_the_limit_raises_and_charges_nothing(budget: Budget) -> None:
@@ -195,6 +184,19 @@ def test_create_schedule_gives_each_job_one_slot_at_the_create_rate(budget: Budg
     assert HETZNER.create_pace() == (1.0, 3600.0)
 
 
+def test_create_schedule_fills_each_window_a_burst_at_a_time(redis_url: str, redis_client: redis.Redis) -> None:
+    """A window allows its amount at once: creates go in bursts of it (less the reads' share), one
+    window length plus the margin apart, instead of a token-bucket pace that overran the window (and
+    bounced DigitalOcean's creates off it as throttled retries)."""
+    budget = Budget(settings_with(redis_url, budget={"digitalocean.minute": "20/minute"}), redis_client)
+    delays = [budget.create_delay("digitalocean", f"job-{i}") for i in range(40)]
+    # 20 a minute less the tick's tenth: 18 now, 18 after 61 s, then the rest.
+    assert delays[:18] == [0.0] * 18
+    assert delays[18:36] == pytest.approx([61.0] * 18, abs=0.1)
+    assert delays[36:] == pytest.approx([122.0] * 4, abs=0.1)
+    assert budget.create_delay("digitalocean", "job-20") == pytest.approx(61.0, abs=0.1)
+
+
 def test_metered_registry_sets_each_adapter_meter_once(budget: Budget) -> None:
     from workers.providers.sim import SimProvider
 
@@ -260,19 +262,33 @@ def test_sim_refuses_over_budget_and_a_metered_client_never_meets_a_429(
 def test_tick_interval_keeps_reads_within_the_read_budget(redis_url: str, redis_client: redis.Redis) -> None:
     """A 1 s tick spent 60 of DigitalOcean's 250 requests a minute on reads (the budget bench's 429s)."""
     budget = Budget(Settings(redis_url=redis_url), redis_client)
-    # DigitalOcean's 5,000/hour: a tenth is one read of up to 200 droplets every 7.2 s, five pages per 36 s.
-    assert budget.tick_interval_s("digitalocean", watched=100) == pytest.approx(7.2)
-    assert budget.tick_interval_s("digitalocean", watched=1000) == pytest.approx(36.0)
-    # The sim playing DigitalOcean paces like it; the sim's own budget keeps its 1 s default.
-    assert budget.tick_interval_s("sim", "digitalocean", watched=100) == pytest.approx(7.2)
-    assert budget.tick_interval_s("sim", watched=100) == pytest.approx(1.0)
-    # Hetzner refills 1 a second into its 3,600 bucket: 50 a page, one page per 10 s.
-    assert budget.tick_interval_s("hetzner", watched=120) == pytest.approx(30.0)
-    # EC2 meters DescribeInstances on its own (20/s): the 1 s floor for one page, 2.5 s for five.
-    assert budget.tick_interval_s("aws", watched=100) == pytest.approx(1.0)
-    assert budget.tick_interval_s("aws", watched=1000) == pytest.approx(2.5)
+    # Spent past half its burst, DigitalOcean's 5,000/hour gives reads a tenth: one read of up to 200
+    # droplets every 7.2 s, five pages per 36 s.
+    hour_half = {("minute", ""): 125.0, ("hour", ""): 2500.0}
+    assert DIGITALOCEAN.read_interval_s(100, 0.1, hour_half) == pytest.approx(7.2)
+    assert DIGITALOCEAN.read_interval_s(1000, 0.1, hour_half) == pytest.approx(36.0)
+    # Full, the part above half is spent at a hundredth a second: the minute binds (0.417 + 1.25 a second).
+    assert DIGITALOCEAN.read_interval_s(100, 0.1, {("minute", ""): 250.0, ("hour", ""): 5000.0}) == pytest.approx(0.6)
+    # Hetzner's full 3,600: 0.1 + 18 a second, a read of 1,000 servers (20 pages) every 1.1 s.
+    assert HETZNER.read_interval_s(1000, 0.1, {("project", ""): 3600.0}) == pytest.approx(20 / 18.1)
+    # EC2 meters DescribeInstances on its own (20/s): 2.5 s for five pages on the share alone.
+    assert AWS.read_interval_s(1000, 0.1) == pytest.approx(2.5)
+
+    # The budget reads the levels from Redis: a fresh Hetzner bucket ticks at the 1 s bound ...
+    assert budget.tick_interval_s("hetzner", watched=120) == pytest.approx(1.0)
+    # ... one spent below half falls back to the share: 50 a page, 3 pages per 30 s. The count is the
+    # watch list's when the caller's is smaller (the worker's tick timer asks for one VM).
+    budget.max_wait_s = 0.0
+    for _ in range(1900):
+        budget.take("hetzner", budget.profile("hetzner"), "GET", "/servers")
+    redis_client.hset(keys.watch_key("hetzner"), mapping={f"vm-{i}": "job 0" for i in range(120)})
+    spent = Budget(Settings(redis_url=redis_url), redis_client)
+    assert spent.tick_interval_s("hetzner") == pytest.approx(30.0, rel=0.01)
+    # The sim playing a profile paces like it (its own buckets, fresh); its own generous budget: 1 s.
+    assert spent.tick_interval_s("sim", "digitalocean", watched=1000) == pytest.approx(5 / (0.1 * 250 / 60 + 1.25))
+    assert spent.tick_interval_s("sim", watched=100) == pytest.approx(1.0)
     # A larger budget configured for the bucket shortens it; an explicit VMQ_BATCH_POLL_S is taken as is.
-    bigger = Budget(settings_with(redis_url, budget={"digitalocean.hour": "50000/hour"}), redis_client)
-    assert bigger.tick_interval_s("digitalocean", watched=100) == pytest.approx(2.4)  # now the 250/minute
+    bigger = Budget(settings_with(redis_url, budget={"hetzner.project": "3600@4/s"}), redis_client)
+    assert bigger.tick_interval_s("hetzner", watched=120) == pytest.approx(7.5, rel=0.01)
     fixed = Budget(settings_with(redis_url, batch_poll_s=0.5), redis_client)
     assert fixed.tick_interval_s("digitalocean", watched=1000) == 0.5

@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 from vmqueue import keys
-from vmqueue.settings import TICK_SHARE_OF_LIMIT, Settings, tick_interval_s
+from vmqueue.settings import TICK_BOUNDS_S, TICK_SHARE_OF_LIMIT, Settings
 from workers.budget_buckets import BucketStore
 from workers.budget_profiles import Profile
 from workers.providers.errors import RateLimitedError
@@ -58,6 +58,7 @@ class Budget(BucketStore):
         super().__init__(
             settings, client, prefix=keys.BUDGET_PREFIX, max_wait_s=max_wait_s, window_margin_s=WINDOW_MARGIN_S
         )
+        self._tick_cache: dict[tuple[str, str | None], tuple[float, int, dict[tuple[str, str], float]]] = {}
 
     def acquire(
         self, provider: str, method: str = "GET", target: str = "", scope: str = "", *, profile: Profile | None = None
@@ -85,18 +86,28 @@ class Budget(BucketStore):
             slept += wait
 
     def tick_interval_s(self, provider: str, base: str | None = None, watched: int = 1) -> float:
-        """Seconds between a provider's batched status reads of ``watched`` VMs.
+        """Seconds between a provider's batched status reads of the VMs it watches.
 
         ``VMQ_BATCH_POLL_S`` when set (taken as is: tests and benchmarks tick fast on fakes). Otherwise
-        the longer of the provider's default interval (vmqueue/settings.py ``tick_interval_s``) and the
-        interval at which the reads spend ``TICK_SHARE_OF_LIMIT`` of each bucket of ``base``'s profile
-        (with this deployment's overrides) they are charged to, e.g. DigitalOcean's 5,000/hour gives a
-        read of up to 200 VMs every 7.2 s and leaves the rest of both windows to creates and deletes.
+        the interval at which a read of the provider's watch list (``watched`` VMs if more) spends
+        ``TICK_SHARE_OF_LIMIT`` of each bucket of ``base``'s profile (with this deployment's
+        overrides) it is charged to, plus what the bucket holds above half its burst (see
+        ``Profile.read_interval_s``), and at least ``TICK_BOUNDS_S[0]``. E.g. DigitalOcean's hour
+        window spent past half gives a read of up to 200 droplets every 7.2 s, leaving the rest to
+        creates and deletes; Hetzner's full 3,600 bucket a read of 1,000 servers about every second.
+        Levels are read from Redis at most once a second per provider.
         """
         if self.settings.batch_poll_s is not None:
             return self.settings.batch_poll_s
-        read_s = self.profile(provider, base).read_interval_s(watched, TICK_SHARE_OF_LIMIT)
-        return max(tick_interval_s(self.settings, provider), read_s)
+        now = time.monotonic()
+        profile = self.profile(provider, base)
+        cached = self._tick_cache.get((provider, base))
+        if cached is None or now - cached[0] > 1.0:
+            watched_now = int(self.redis.hlen(keys.watch_key(provider)) or 0)
+            levels = self.levels(provider, profile, profile.read_requests(1))
+            cached = self._tick_cache[(provider, base)] = (now, watched_now, levels)
+        read_s = profile.read_interval_s(max(watched, cached[1]), TICK_SHARE_OF_LIMIT, cached[2])
+        return max(TICK_BOUNDS_S[0], read_s)
 
     def meter(self, provider: str, base: str | None = None) -> BudgetMeter:
         return BudgetMeter(self, provider, self.profile(provider, base))

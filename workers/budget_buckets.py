@@ -7,6 +7,7 @@ so both count the same way. Imports nothing of the adapters.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -87,6 +88,47 @@ redis.call('set', KEYS[2], tostring(slot), 'EX', ttl)
 return tostring(slot - now)
 """
 
+# The same schedule for creates metered by windows: at most ``allowance`` slots in any ``period`` of
+# each window, taken in order, a burst at a time (a window allows its whole amount at once, and a
+# create-bound profile finishes sooner that way than evenly spread). KEYS: one sorted set of slots per
+# window, the job's slot. ARGV: now, the earliest slot (the token schedule's), then allowance and
+# period per window. Returns the slot's delay.
+_WINDOW_SLOT = """
+local mine = redis.call('get', KEYS[#KEYS])
+local now = tonumber(ARGV[1])
+if mine then return tostring(tonumber(mine) - now) end
+local t = math.max(now, tonumber(ARGV[2]))
+local n = #KEYS - 1
+for i = 1, n do
+  local period = tonumber(ARGV[2 + 2 * i])
+  redis.call('zremrangebyscore', KEYS[i], '-inf', '(' .. tostring(now - period))
+  local last = redis.call('zrange', KEYS[i], -1, -1, 'WITHSCORES')
+  if last[2] then t = math.max(t, tonumber(last[2])) end
+end
+local moved = true
+while moved do
+  moved = false
+  for i = 1, n do
+    local allowance, period = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+    local inside = redis.call('zrangebyscore', KEYS[i], '(' .. tostring(t - period), tostring(t), 'WITHSCORES')
+    local count = #inside / 2
+    if count >= allowance then
+      t = tonumber(inside[2 * (count - allowance + 1)]) + period
+      moved = true
+    end
+  end
+end
+local ttl = 0
+for i = 1, n do
+  local period = tonumber(ARGV[2 + 2 * i])
+  redis.call('zadd', KEYS[i], tostring(t), KEYS[#KEYS])
+  redis.call('expire', KEYS[i], math.ceil(t - now + period) + 60)
+  ttl = math.max(ttl, math.ceil(t - now + period) + 3600)
+end
+redis.call('set', KEYS[#KEYS], tostring(t), 'EX', ttl)
+return tostring(t - now)
+"""
+
 
 class BucketStore:
     """Budgets in Redis under ``prefix``; thread-safe (Redis does the counting).
@@ -123,6 +165,7 @@ class BucketStore:
         self._take = self.redis.register_script(_TAKE)
         self._sync = self.redis.register_script(_SYNC)
         self._slot = self.redis.register_script(_SLOT)
+        self._window_slot = self.redis.register_script(_WINDOW_SLOT)
         uri, options = limits_storage_uri(settings)  # the same Redis, TLS or sentinels included
         storage = storage_from_string(uri, key_prefix=f"{keys.RATE_LIMIT_PREFIX}:{prefix}", **options)
         self._moving = MovingWindowRateLimiter(storage)
@@ -207,6 +250,27 @@ class BucketStore:
         stats = limiter.get_window_stats(item, self._key(provider, scope, bucket, spec, target))
         return stats.remaining, stats.reset_time
 
+    def levels(
+        self, provider: str, profile: Profile, buckets: Mapping[tuple[str, str], object], scope: str = ""
+    ) -> dict[tuple[str, str], float]:
+        """What each of ``buckets`` ((name, target if per action) keys) holds now: a token bucket's
+        tokens, or what is left of a window."""
+        now = time.time()
+        found: dict[tuple[str, str], float] = {}
+        for name, target in buckets:
+            bucket = profile.buckets[name]
+            key = self._key(provider, scope, name, bucket, target)
+            if bucket.kind == "window":
+                limiter, item = self._window(bucket)
+                found[(name, target)] = float(limiter.get_window_stats(item, key).remaining)
+                continue
+            tokens, at = self.redis.hmget(key, "t", "at")
+            if tokens is None or at is None:
+                found[(name, target)] = bucket.capacity
+            else:
+                found[(name, target)] = min(bucket.capacity, float(tokens) + (now - float(at)) * bucket.refill_per_s)
+        return found
+
     def _window(self, bucket: Bucket) -> tuple[FixedWindowRateLimiter | MovingWindowRateLimiter, RateLimitItem]:
         """The limiter and item a window bucket is counted with (see ``window_margin_s``)."""
         item = parse(bucket.window or "")
@@ -245,22 +309,45 @@ class BucketStore:
     def create_delay(self, provider: str, job_id: str, base: str | None = None) -> float:
         """Seconds until this job's create fits the provider's budget (0: now); the same slot on every call.
 
-        Creates of a provider take slots of one schedule at the rate the create's buckets refill (less
-        the share the tick's reads take when they meter the same buckets), so a thousand creates wait
-        as countdowns, in order, instead of a thousand threads waiting on a bucket.
+        Creates of a provider take slots of one schedule at the rate the create's token buckets refill
+        and within the amount of each window per its length (plus ``window_margin_s``), less the share
+        the tick's reads take where they meter the same buckets, so a thousand creates wait as
+        countdowns, in order, instead of a thousand threads waiting on a bucket. DigitalOcean's 250 a
+        minute: 225 creates at once, the next 225 61 s later, and so on.
         """
         profile = self.profile(provider, base)
-        rate, burst = profile.create_pace()
-        if rate == float("inf"):
-            return 0.0
         reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
-        if reads & {n for m, t in profile.create_requests() for n in profile.classify(m, t)}:
-            rate *= 1 - TICK_SHARE_OF_LIMIT
-        interval = 1.0 / rate
-        delay = self._slot(
-            keys=[f"{self.prefix}{provider}:schedule", f"{self.prefix}{provider}:slot:{job_id}"],
-            args=[repr(time.time()), repr(interval), repr((burst - 1) * interval)],
-        )
+        per_bucket: dict[str, int] = {}
+        for method, target in profile.create_requests():
+            for name in profile.classify(method, target):
+                per_bucket[name] = per_bucket.get(name, 0) + 1
+        if not per_bucket:
+            return 0.0
+        tokens = {n: k for n, k in per_bucket.items() if profile.buckets[n].kind == "token"}
+        windows = {n: k for n, k in per_bucket.items() if profile.buckets[n].kind == "window"}
+        now = time.time()
+        earliest = now
+        if tokens:
+            rate = min(profile.buckets[n].rate_per_s() / k for n, k in tokens.items())
+            burst = max(1.0, min(profile.buckets[n].burst() / k for n, k in tokens.items()))
+            if reads & set(tokens):
+                rate *= 1 - TICK_SHARE_OF_LIMIT
+            interval = 1.0 / rate
+            earliest = now + float(
+                self._slot(
+                    keys=[f"{self.prefix}{provider}:schedule", f"{self.prefix}{provider}:slot:{job_id}"],
+                    args=[repr(now), repr(interval), repr((burst - 1) * interval)],
+                )
+            )
+        if not windows:
+            return max(0.0, earliest - now)
+        args: list[Any] = [repr(now), repr(earliest)]
+        for name, k in windows.items():
+            item = parse(profile.buckets[name].window or "")
+            share = TICK_SHARE_OF_LIMIT if name in reads else 0.0
+            args += [max(1, math.floor(item.amount * (1 - share) / k)), item.get_expiry() + self.window_margin_s]
+        keys_ = [f"{self.prefix}{provider}:wschedule:{name}" for name in windows]
+        delay = self._window_slot(keys=[*keys_, f"{self.prefix}{provider}:wslot:{job_id}"], args=args)
         return max(0.0, float(delay))
 
 

@@ -22,6 +22,9 @@ from typing import Literal
 from limits import parse
 
 Request = tuple[str, str]  # (HTTP method, target)
+# Batched reads may spend the part of a bucket above half its burst at this many seconds per token of
+# it (Hetzner's full 3,600: 18 requests a second at first, a read of 1,000 servers about every second).
+SURPLUS_SPEND_S = 100.0
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,12 @@ class Profile:
     def create_requests(self) -> tuple[Request, ...]:
         return self.calls["create"]
 
-    def read_interval_s(self, vms: int, share: float) -> float:
-        """Seconds between batched reads of ``vms`` VMs so that the reads spend at most ``share`` (0..1]
-        of the sustained rate of every bucket they are charged to; 0.0 when no bucket meters them.
+    def read_requests(self, vms: int) -> dict[tuple[str, str], int]:
+        """What one batched read of ``vms`` VMs charges: (bucket, target if metered per action) -> requests.
 
-        A read costs ``get_many``'s requests once per page of ``page_size`` VMs. An adapter whose list
-        also pages through VMs nobody asked for (DigitalOcean by tag, Azure by subscription) costs
-        more than this counts; its headers then pace it (workers/budget.py).
+        ``get_many``'s requests once per page of ``page_size`` VMs. An adapter whose list also pages
+        through VMs nobody asked for (Azure by subscription) costs more than this counts; its headers
+        then pace it (workers/budget.py).
         """
         pages = max(1, math.ceil(vms / self.page_size))
         spent: dict[tuple[str, str], int] = {}
@@ -95,8 +97,27 @@ class Profile:
             for name in self.classify(method, target):
                 key = (name, target if self.buckets[name].per_action else "")
                 spent[key] = spent.get(key, 0) + pages
-        rates = {key: self.buckets[key[0]].rate_per_s() for key in spent}
-        return max((n / (share * rates[key]) for key, n in spent.items() if rates[key] > 0), default=0.0)
+        return spent
+
+    def read_interval_s(self, vms: int, share: float, levels: Mapping[tuple[str, str], float] | None = None) -> float:
+        """Seconds between batched reads of ``vms`` VMs; 0.0 when no bucket meters them.
+
+        The reads may spend ``share`` (0..1] of the sustained rate of every bucket they are charged to
+        and, given ``levels`` (what each bucket holds now: tokens, or what is left of a window), the
+        part of a bucket above half its burst at ``1/SURPLUS_SPEND_S`` of it a second: a full budget
+        reads often while VMs boot, a spent one falls back to the share, and reads never take a bucket
+        below half its burst (that half and the rest of the refill stay for creates and deletes).
+        """
+        spent = self.read_requests(vms)
+        levels = levels or {}
+        intervals = []
+        for key, n in spent.items():
+            bucket = self.buckets[key[0]]
+            surplus = max(0.0, levels.get(key, 0.0) - bucket.burst() / 2)
+            rate = share * bucket.rate_per_s() + surplus / SURPLUS_SPEND_S
+            if rate > 0:
+                intervals.append(n / rate)
+        return max(intervals, default=0.0)
 
     def create_pace(self) -> tuple[float, float]:
         """(creates per second, burst) the profile's buckets allow, counting every request of a create."""
