@@ -6,9 +6,10 @@ after each answer; the ``Budget`` behind it takes one token from every bucket of
 budget the provider reports in headers, so all workers pace before the provider says 429.
 
 - Token buckets (EC2, Hetzner, ARM) live in one Redis hash each and are charged by one Lua script
-  for all of a request's buckets at once. A request that finds a bucket short reserves its token
-  anyway (the bucket goes into debt) and sleeps until it is due, so waiting requests go out in
-  order at the refill rate instead of polling. A wait longer than ``MAX_THROTTLE_WAIT_S`` takes
+  for all of a request's buckets at once. A request goes when its bucket holds a token plus a
+  cushion of ``TOKEN_MARGIN_S`` of refill; one that finds a bucket short reserves its token anyway
+  (the bucket goes into debt) and sleeps until it is due, so waiting requests go out in order at
+  the refill rate instead of polling. A wait longer than ``MAX_THROTTLE_WAIT_S`` takes
   nothing and raises ``RateLimitedError`` (``provider_code="vmq_throttle"``): the task retries later.
 - Windows (DigitalOcean's minute and hour, GCP's per-minute quotas) are the ``limits`` library's
   moving windows, each held ``WINDOW_MARGIN_S`` longer than the provider holds it (see
@@ -38,9 +39,12 @@ from workers.providers.errors import RateLimitedError
 
 # Waiting for a budget longer than this is better done as a task retry than in a worker thread.
 MAX_THROTTLE_WAIT_S = 10.0
-# A request that had to wait goes this much after its token is due: the provider counts it when it
-# arrives, a network latency after ours, so its bucket runs that much behind ours. Margins do not add
-# up: the next reservation is due from the bucket's schedule, not from when this one went.
+# A token goes out only when its bucket also holds this much refill beyond it: the provider counts
+# each request a latency after us, and latencies vary, so its bucket may have seen our earlier
+# requests later than we did (EC2 RunInstances' 429s at 2 a second). A cushion of the burst (0.5 of
+# RunInstances' 5), never of the rate; waiters reserve their tokens from the bucket's schedule.
+TOKEN_MARGIN_S = 0.25
+# A request that waited for a window tries again this much after the window's reset.
 PACING_MARGIN_S = 0.05
 # Windows hold a slot this much longer than the provider does (whole seconds: ``limits`` windows count
 # in seconds): a slot is reused only once the provider's count of the request that held it, a varying
@@ -56,7 +60,9 @@ class Budget(BucketStore):
         self, settings: Settings, client: redis.Redis | None = None, *, max_wait_s: float = MAX_THROTTLE_WAIT_S
     ):
         super().__init__(
-            settings, client, prefix=keys.BUDGET_PREFIX, max_wait_s=max_wait_s, window_margin_s=WINDOW_MARGIN_S
+            settings, client, prefix=keys.BUDGET_PREFIX, max_wait_s=max_wait_s,
+            window_margin_s=WINDOW_MARGIN_S,
+            token_margin_s=TOKEN_MARGIN_S,
         )
         self._tick_cache: dict[tuple[str, str | None], tuple[float, int, dict[tuple[str, str], float]]] = {}
 
@@ -80,7 +86,7 @@ class Budget(BucketStore):
                         retry_after_s=wait,
                     )
                 if wait > 0:  # a reservation: the token is ours once its time has come
-                    time.sleep(wait + PACING_MARGIN_S)
+                    time.sleep(wait)
                 return slept + wait
             time.sleep(wait + PACING_MARGIN_S)  # a window: try again when it has room
             slept += wait

@@ -24,20 +24,24 @@ from vmqueue.settings import TICK_SHARE_OF_LIMIT, Settings
 from workers.budget_profiles import PROFILES, Bucket, Observation, Profile, parse_bucket
 
 # Charge every token bucket of a request at once, or none. KEYS: n token buckets, then observation
-# hashes. ARGV: now, max wait, n, the window margin, then capacity and refill per bucket. A short bucket goes into debt
-# when the wait is within max wait. Returns {charged 1/0, wait s, tokens left in the emptiest bucket}
-# (numbers as strings: Redis truncates Lua numbers to integers).
+# hashes. ARGV: now, max wait, n, the window margin, the token margin (s), then capacity and refill per
+# bucket. A request needs a token plus the token margin's refill, at most half the rest of the burst
+# (a cushion: the provider's bucket runs a varying latency behind ours); a short bucket goes into
+# debt when the wait is within max wait. Returns {charged 1/0, wait s, tokens left in the emptiest
+# bucket} (numbers as strings: Redis truncates Lua numbers to integers).
 _TAKE = """
 local now, max_wait, n, margin = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local cushion = tonumber(ARGV[5])
 local wait, least = 0, math.huge
 local tokens = {}
 for i = 1, n do
-  local cap, rate = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local cap, rate = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
   local s = redis.call('hmget', KEYS[i], 't', 'at')
   local t = tonumber(s[1])
   if t == nil then t = cap else t = math.min(cap, t + (now - tonumber(s[2])) * rate) end
   tokens[i] = t
-  if t < 1 then wait = math.max(wait, (1 - t) / rate) end
+  local need = 1 + math.max(0, math.min(rate * cushion, (cap - 1) / 2))
+  if t < need then wait = math.max(wait, (need - t) / rate) end
 end
 local observed = {}
 for i = n + 1, #KEYS do
@@ -51,7 +55,7 @@ for i = n + 1, #KEYS do
 end
 if wait > max_wait then return {0, tostring(wait), '0'} end
 for i = 1, n do
-  local cap, rate = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local cap, rate = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
   redis.call('hset', KEYS[i], 't', tostring(tokens[i] - 1), 'at', tostring(now))
   redis.call('expire', KEYS[i], math.ceil(cap / rate) + 60)
   least = math.min(least, tokens[i] - 1)
@@ -141,7 +145,10 @@ class BucketStore:
     latency after us, and that latency varies, so a slot freed in our window is reused only once the
     provider's has surely freed it too; a moving window is also never caught by a fixed window's
     boundary, wherever the provider puts it. An observed window (a header's reset) also holds the
-    margin past its reset, which headers give in whole seconds.
+    margin past its reset, which headers give in whole seconds. ``token_margin_s``: the same for token
+    buckets: a request goes only when its bucket holds a token plus ``token_margin_s`` of refill,
+    so the provider's bucket, whose count of our earlier requests may lag ours by up to that much
+    more than this one's, still has the token (a cushion of the burst; the rate is unchanged).
     """
 
     def __init__(
@@ -153,6 +160,7 @@ class BucketStore:
         max_wait_s: float = 0.0,
         overrides: bool = True,
         window_margin_s: int = 0,
+        token_margin_s: float = 0.0,
     ):
         from vmqueue.connection import connect
 
@@ -162,6 +170,7 @@ class BucketStore:
         self.max_wait_s = max_wait_s
         self._overrides = overrides
         self.window_margin_s = window_margin_s
+        self.token_margin_s = token_margin_s
         self._take = self.redis.register_script(_TAKE)
         self._sync = self.redis.register_script(_SYNC)
         self._slot = self.redis.register_script(_SLOT)
@@ -235,7 +244,7 @@ class BucketStore:
         observed = [f"{self.prefix}{provider}:{scope}:seen:{n}" for n in names]
         if profile.headers is not None:
             observed.append(f"{self.prefix}{provider}:{scope}:seen-class:{profile.request_class(method, target)}")
-        args: list[Any] = [repr(now), repr(max_wait_s), len(tokens), self.window_margin_s]
+        args: list[Any] = [repr(now), repr(max_wait_s), len(tokens), self.window_margin_s, repr(self.token_margin_s)]
         for _, bucket in tokens:
             args += [repr(bucket.capacity), repr(bucket.refill_per_s)]
         charged, wait, least = self._take(keys=[*token_keys, *observed], args=args)
