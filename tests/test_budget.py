@@ -210,10 +210,13 @@ def test_create_schedule_gives_each_job_one_slot_at_the_create_rate(budget: Budg
     assert HETZNER.create_pace() == (1.0, 3600.0)
 
 
-def test_create_schedule_fills_each_window_a_burst_at_a_time(redis_url: str, redis_client: redis.Redis) -> None:
+def test_create_schedule_fills_each_window_a_burst_at_a_time(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A window allows its amount at once: creates go in bursts of it (less the reads' share), one
     window length plus the margin apart, instead of a token-bucket pace that overran the window (and
-    bounced DigitalOcean's creates off it as throttled retries)."""
+    bounced DigitalOcean's creates off it as throttled retries). The clock stands still here."""
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
     budget = Budget(settings_with(redis_url, budget={"digitalocean.minute": "20/minute"}), redis_client)
     delays = [budget.create_delay("digitalocean", f"job-{i}") for i in range(40)]
     # 20 a minute less the tick's tenth: 18 now, 18 after 61 s, then the rest.

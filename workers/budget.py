@@ -60,7 +60,10 @@ class Budget(BucketStore):
         self, settings: Settings, client: redis.Redis | None = None, *, max_wait_s: float = MAX_THROTTLE_WAIT_S
     ):
         super().__init__(
-            settings, client, prefix=keys.BUDGET_PREFIX, max_wait_s=max_wait_s,
+            settings,
+            client,
+            prefix=keys.BUDGET_PREFIX,
+            max_wait_s=max_wait_s,
             window_margin_s=WINDOW_MARGIN_S,
             token_margin_s=TOKEN_MARGIN_S,
         )
