@@ -7,6 +7,8 @@ spends the same budget from its side. Measures, in one run per profile, on a pri
   floor     max(boot, the time the profile's buckets need for the unavoidable requests: one create
             each, one read per page of VMs, and the reads per VM an adapter makes as it settles)
   ratio     wall / floor (goal <= 1.10), and requests the simulated API refused with 429 (goal 0)
+  last create  when the last create went out (beside the time the buckets need for the creates
+            alone), and the time from it until all were running (its boot, then the tick that saw it)
   bound     max(floor, the time the buckets need for the creates alone + boot): the last create's VM
             must boot before a read sees it, so a create-bound profile cannot finish before this;
             wall / bound is printed beside the ratio
@@ -88,7 +90,7 @@ def run_profile(server: RedisServer, name: str, vms: int, boot_s: float, slots: 
     try:
         provisioner = Provisioner(Settings(redis_url=server.url))
         key = throwaway_public_key()
-        started = time.monotonic()
+        started, started_epoch = time.monotonic(), time.time()
         jobs = provisioner.create_vms({"spec": sim_spec(f"budget-{i}"), "ssh_key": key} for i in range(vms))
         pending = {job.id for job in jobs}
         limit_s = 4 * floor_s(PROFILES[name], vms, boot_s)[1] + 120
@@ -104,10 +106,17 @@ def run_profile(server: RedisServer, name: str, vms: int, boot_s: float, slots: 
         wall_s = time.monotonic() - started
         if pending:
             raise SystemExit(f"FAIL: {name}: {len(pending)} jobs still not running after {wall_s:.0f}s")
-        from workers.providers.sim import REQUESTS_KEY
+        from workers.providers.sim import LOG_KEY, REQUESTS_KEY
 
         requests = {k: int(v) for k, v in client.hgetall(REQUESTS_KEY).items()}
-        return {"wall_s": wall_s, "refused_429": requests.pop("429", 0), "requests": requests}
+        calls = [json.loads(raw) for raw in client.lrange(LOG_KEY, 0, -1)]
+        creates = [c["t"] for c in calls if c["kind"] == "create" and c["outcome"] == "call"]
+        return {
+            "wall_s": wall_s,
+            "refused_429": requests.pop("429", 0),
+            "requests": requests,
+            "last_create_s": max(creates, default=started_epoch) - started_epoch,
+        }
     finally:
         worker.stop()
 
@@ -141,7 +150,10 @@ def main() -> None:
                     f"  {name:<13} all running after {result['wall_s']:7.1f} s; floor {floor:6.1f} s"
                     f" -> ratio {result['wall_s'] / floor:.2f} (goal <= 1.10);"
                     f" bound {bound:6.1f} s -> {result['wall_s'] / bound:.2f};"
-                    f" {result['refused_429']} x 429 (goal 0); {sum(result['requests'].values())} requests",
+                    f" {result['refused_429']} x 429 (goal 0); {sum(result['requests'].values())} requests;"
+                    f" last create sent at {result['last_create_s']:.1f} s"
+                    f" (buckets: {_request_s(PROFILES[name], list(PROFILES[name].calls['create']) * args.vms):.1f} s),"
+                    f" then {result['wall_s'] - result['last_create_s']:.1f} s to all running",
                     flush=True,
                 )
     finally:

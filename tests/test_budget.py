@@ -226,6 +226,28 @@ def test_create_schedule_fills_each_window_a_burst_at_a_time(
     assert budget.create_delay("digitalocean", "job-20") == pytest.approx(61.0, abs=0.1)
 
 
+def test_a_refused_create_comes_back_at_the_end_of_the_create_schedule(
+    budget: Budget, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create refused by the client's budget (it came late, in a bunch) takes a new slot after the
+    creates scheduled meanwhile instead of landing on theirs (a cascade of throttled retries under a
+    starved worker). Other requests come back when their bucket has room."""
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
+    delays = [budget.create_delay("aws", f"job-{i}") for i in range(20)]  # 5 at once, then 2 a second
+    assert delays[-1] == pytest.approx(7.5)
+    budget.max_wait_s = 0.0
+    for _ in range(4):
+        budget.acquire("aws", "POST", "ec2:RunInstances", "r")
+    with pytest.raises(RateLimitedError) as refused:
+        budget.acquire("aws", "POST", "ec2:RunInstances", "r")
+    assert refused.value.retry_after_s == pytest.approx(8.0)
+    for _ in range(95):
+        budget.acquire("aws", "POST", "ec2:DescribeInstances", "r")
+    with pytest.raises(RateLimitedError) as refused:
+        budget.acquire("aws", "POST", "ec2:DescribeInstances", "r")
+    assert refused.value.retry_after_s < 1.0
+
+
 def test_metered_registry_sets_each_adapter_meter_once(budget: Budget) -> None:
     from workers.providers.sim import SimProvider
 

@@ -26,6 +26,7 @@ Overrides: ``VMQ_BUDGET='{"aws.run_instances": "10@4/s", "digitalocean.minute": 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -86,13 +87,23 @@ class Budget(BucketStore):
                     raise RateLimitedError(
                         f"{provider} API budget spent: {method} {target} would wait {wait:.1f}s",
                         provider_code="vmq_throttle",
-                        retry_after_s=wait,
+                        retry_after_s=self._retry_after_s(provider, profile, method, target, wait),
                     )
                 if wait > 0:  # a reservation: the token is ours once its time has come
                     time.sleep(wait)
                 return slept + wait
             time.sleep(wait + PACING_MARGIN_S)  # a window: try again when it has room
             slept += wait
+
+    def _retry_after_s(self, provider: str, profile: Profile, method: str, target: str, wait: float) -> float:
+        """When a refused request should come back: a create (as the profile names its requests)
+        books a new slot at the end of the create schedule, so that retries do not pile onto the
+        slots of the creates scheduled meanwhile (creates that came late in a bunch, e.g. from a
+        starved worker, went into debt, were refused and came back on top of the schedule, again and
+        again); any other request after ``wait``."""
+        if (method, target) not in profile.create_requests():
+            return wait
+        return max(wait, self.create_slot(provider, profile, f"retry:{uuid.uuid4().hex}"))
 
     def tick_interval_s(self, provider: str, base: str | None = None, watched: int = 1) -> float:
         """Seconds between a provider's batched status reads of the VMs it watches.

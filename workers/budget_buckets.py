@@ -324,7 +324,12 @@ class BucketStore:
         countdowns, in order, instead of a thousand threads waiting on a bucket. DigitalOcean's 250 a
         minute: 225 creates at once, the next 225 61 s later, and so on.
         """
-        profile = self.profile(provider, base)
+        return self.create_slot(provider, self.profile(provider, base), job_id)
+
+    def create_slot(self, provider: str, profile: Profile, slot_id: str) -> float:
+        """``create_delay`` for ``profile``: the delay of the slot ``slot_id`` holds (booked at the
+        schedule's end on its first call)."""
+        job_id = slot_id
         reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
         per_bucket: dict[str, int] = {}
         for method, target in profile.create_requests():
