@@ -337,6 +337,7 @@ class ReadyScanner:
                 self._probe_at(held, now + wait)
                 return
             self._answered[target.job_id] = host_keys
+            self._settle_answered()  # at once; answers that come while batches are settling wait for the next
         except Exception:  # noqa: BLE001 - one job's bug must not stop the scanner; its lease brings it back
             log.exception("job=%s ready scanner step failed", target.job_id)
             self.held.pop(target.job_id, None)

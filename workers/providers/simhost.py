@@ -12,9 +12,12 @@ simulated cloud in Redis (workers/providers/sim.py) and, for each VM that runs:
   URL (``$INSTANCE_ID`` substituted), ``tries`` attempts 3 s apart.
 
 A VM created with the fate ``unreachable`` (``VMQ_SIM_UNREACHABLE_RATE``) runs but does neither. The
-servers close when the VM is deleted. Only loopback targets are ever contacted: a phone_home URL
-elsewhere is logged and skipped. Everything runs in one asyncio loop: hundreds of VMs cost a few
-listening sockets each.
+servers close when the VM is deleted (seen within ``CHECK_S``). Only loopback targets are ever
+contacted: a phone_home URL elsewhere is logged and skipped. Everything runs in one asyncio loop:
+hundreds of VMs cost a few listening sockets each. The host looks for new VMs every ``POLL_S`` (one
+round trip) and starts each one's sshd and phone-home on a timer at its moment, so a probe's lag is
+the prober's, not the host's; every VM known is read again only every ``CHECK_S`` (a thousand VMs
+cost Redis a thousand reads a second, not five).
 """
 
 from __future__ import annotations
@@ -27,16 +30,20 @@ import logging
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import asyncssh
 import redis
 
+from vmqueue.keys import SIM_PREFIX
 from workers.providers.sim import VMS_KEY, _vm_key, sim_address
 
 log = logging.getLogger("vmqueue.simhost")
 
-POLL_S = 0.2
+POLL_S = 0.2  # how often the host looks for new VMs (each is set up seconds before its sshd starts)
+CHECK_S = 1.0  # how often every VM known is looked at again for a deletion
+NEXT_ID_KEY = f"{SIM_PREFIX}next_id"
 HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256")
 PHONE_HOME_FIELDS = {"ssh-ed25519": "pub_key_ed25519", "ecdsa-sha2-nistp256": "pub_key_ecdsa", "ssh-rsa": "pub_key_rsa"}
 PHONE_HOME_RETRY_S = 3.0  # cloud-init's sec_between for phone_home
@@ -48,7 +55,7 @@ class SimVM:
     record: dict[str, str]
     host_keys: list[asyncssh.SSHKey] = field(default_factory=list)
     servers: list[asyncssh.SSHAcceptor] = field(default_factory=list)
-    phoned: bool = False
+    timers: list[asyncio.Task] = field(default_factory=list)  # its sshd's start, its cloud-init's phone-home
 
     @property
     def number(self) -> int:
@@ -62,51 +69,75 @@ class SimHost:
     def __init__(self, client: redis.Redis):
         self.redis = client
         self.vms: dict[str, SimVM] = {}
+        self.next_id = 0  # the sim's next instance number as last read: lower means its state was wiped
         self.posts = 0  # phone-home POSTs answered 2xx
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
+        next_check = 0.0
         while stop is None or not stop.is_set():
             try:
-                await self.step()
+                await self.step(check=time.time() >= next_check)
             except redis.RedisError as exc:
                 log.warning("sim host: Redis unavailable (%s)", exc)
+            else:
+                next_check = next_check if time.time() < next_check else time.time() + CHECK_S
             await asyncio.sleep(POLL_S)
         for vm in list(self.vms.values()):
             self._close(vm)
 
-    async def step(self) -> None:
-        live = {i.decode() if isinstance(i, bytes) else i for i in self.redis.smembers(VMS_KEY)}
+    async def step(self, check: bool = True) -> None:
+        """Follow the cloud: new VMs get their sshd and phone-home timed to the millisecond; with
+        ``check`` (every ``CHECK_S``, and at once when the sim's ids went back: its state was wiped),
+        every VM known is looked at again, and one deleted or replaced has its servers closed."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smembers(VMS_KEY)
+        pipe.get(NEXT_ID_KEY)
+        members, next_id = pipe.execute()
+        live = {_s(i) for i in members}
+        next_id = int(next_id or 0)
+        check = check or next_id < self.next_id
+        self.next_id = next_id
         for instance_id in [i for i in self.vms if i not in live]:
             self._close(self.vms.pop(instance_id))
+        if check:
+            self._check_known()
         new = [i for i in live if i not in self.vms]
         pipe = self.redis.pipeline(transaction=False)
         for instance_id in new:
             pipe.hgetall(_vm_key(instance_id))
         for instance_id, record in zip(new, pipe.execute(), strict=True):
             record = {_s(k): _s(v) for k, v in record.items()}
-            if record.get("ssh_up_at_ms"):  # a VM created before the sim knew about insides: skip
-                self.vms[instance_id] = SimVM(instance_id, record)
+            if record.get("ssh_up_at_ms"):  # else: a VM created before the sim knew about insides
+                vm = self.vms[instance_id] = SimVM(instance_id, record)
+                if record["fate"] == "ok" and not record.get("delete_at_ms"):
+                    self._at(vm, vm.at("ssh_up_at_ms"), lambda vm=vm: self._start_sshd(vm))
+                    self._at(vm, vm.at("cloud_init_done_at_ms"), lambda vm=vm: self._cloud_init(vm))
+
+    def _check_known(self) -> None:
         known = list(self.vms)
         pipe = self.redis.pipeline(transaction=False)
         for instance_id in known:
             pipe.hmget(_vm_key(instance_id), "delete_at_ms", "created_ms")
-        now = time.time()
         for instance_id, (delete_at, created) in zip(known, pipe.execute(), strict=True):
-            vm = self.vms[instance_id]
-            # Deleted, or another VM under the same id (the sim's state was wiped and ids started over).
-            if delete_at is not None or _s(created or "") != vm.record["created_ms"]:
-                self._close(self.vms.pop(instance_id))
-                continue
-            if vm.record["fate"] != "ok":
-                continue
-            if not vm.servers and now >= vm.at("ssh_up_at_ms"):
-                await self._start_sshd(vm)
-            if not vm.phoned and now >= vm.at("cloud_init_done_at_ms"):
-                vm.phoned = True
-                phone_home = json.loads(vm.record.get("phone_home") or "null")
-                if phone_home:
-                    self._keys(vm)
-                    asyncio.create_task(self._phone_home(vm, phone_home))
+            if _s(created or "") != self.vms[instance_id].record["created_ms"]:
+                self._close(self.vms.pop(instance_id))  # another VM under the same id: the sim's state was wiped
+            elif delete_at is not None:
+                self._close(self.vms[instance_id])  # deleted: known until it leaves the sim's set
+
+    def _at(self, vm: SimVM, at: float, act: Callable[[], Awaitable[None]]) -> None:
+        """Run ``act`` at epoch ``at`` (at once if past), unless the VM is closed first."""
+
+        async def later() -> None:
+            await asyncio.sleep(max(0.0, at - time.time()))
+            await act()
+
+        vm.timers.append(asyncio.create_task(later()))
+
+    async def _cloud_init(self, vm: SimVM) -> None:
+        phone_home = json.loads(vm.record.get("phone_home") or "null")
+        if phone_home:
+            self._keys(vm)
+            await self._phone_home(vm, phone_home)
 
     def _keys(self, vm: SimVM) -> list[asyncssh.SSHKey]:
         """The VM's host keys, made on first use (first boot) and published in its record."""
@@ -157,6 +188,8 @@ class SimHost:
             log.info("sim host: %s phone_home attempt %d: HTTP %d", vm.instance_id, attempt + 1, status)
 
     def _close(self, vm: SimVM) -> None:
+        for timer in vm.timers:
+            timer.cancel()
         for server in vm.servers:
             server.close()
         vm.servers.clear()
