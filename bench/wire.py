@@ -9,7 +9,13 @@ of every request, pages and retries included), so a count is what the provider w
   lost      a create whose first answer is lost after the API acted (the fake drops it), then the
             job's retry (``first_attempt=False``) until the adapter returns the VM: every request
   tick      one ``get_vms`` of --inflight VMs still on their way, in a project also holding 0 and
-            --fleet long-lived vmqueue VMs; "ratio" is the fleet tick ÷ the empty-project tick
+            --fleet long-lived vmqueue VMs; "ratio" is the dearer fleet tick ÷ the empty-project tick
+  stuck     the same tick in another order: one VM in flight made first (two hours ago, by the
+            adapter's clock where it has one), then the --fleet long-lived VMs, then the other
+            --inflight - 1 (a read that walks the project newest first down to the oldest VM in
+            flight pays for every VM made since)
+  cold      (adapters that remember what they created) the stuck tick read by a fresh adapter, as a
+            worker that created none of the VMs (another worker did, or it restarted) reads them
 Goals (issue 15): create <= 1 request on every adapter (Azure: its NIC and public IP declared inside
 the VM request); tick cost independent of the long-lived VMs (ratio 1.00).
   azure 2nd tick  Azure chooses between its subscription-wide list and one GET per VM by what each costs
@@ -49,6 +55,7 @@ class Rig:
     spec: Callable[[str], VMSpec]
     lose_create_answer: Callable[[], None]  # the next create write is acted on, its answer lost
     seed: Callable[[int, str, bool], list[str]]  # (count, name prefix, in flight) -> instance ids
+    fresh: Callable[[], Any] | None = None  # another adapter on the same fake, knowing nothing yet
 
 
 def _env(**values: str | None) -> ExitStack:
@@ -74,11 +81,13 @@ def _env(**values: str | None) -> ExitStack:
 
 @contextmanager
 def hetzner() -> Iterator[Rig]:
+    import time
+
     import requests
 
     from tests.providers.fakehttp import mocked
     from tests.providers.hetzner_fake import BASE_URL, FakeHetzner
-    from workers.providers.hetzner import HetznerProvider
+    from workers.providers.hetzner import HetznerProvider, batch_label
 
     fake = FakeHetzner()
     with _env(HCLOUD_ENDPOINT=None), mocked(fake, BASE_URL):
@@ -95,16 +104,33 @@ def hetzner() -> Iterator[Rig]:
             return provider.prepare_spec(VMSpec.model_validate(raw))
 
         def seed(n: int, prefix: str, in_flight: bool) -> list[str]:
-            status = "starting" if in_flight else "running"  # on its way, not a stuck "initializing"
+            if in_flight:  # created through the adapter (unmetered), with the labels it gives
+                key = parsed_key()
+                ids = [
+                    provider.create_vm(spec(f"{prefix}-{i}"), key, job_id=f"{prefix}-{i}", first_attempt=True)
+                    for i in range(n)
+                ]
+                for vm in ids:  # on their way, not "initializing" (a read would look for a failed create)
+                    fake.servers[int(vm.instance_id)]["status"] = "starting"
+                fake._booting.clear()
+                return [vm.instance_id for vm in ids]
+            # Long-lived: created one to two hours ago (after a stuck VM, before the new ones), half of them
+            # before batch labels existed.
             return [
-                str(fake.add_server(f"{prefix}-{i}", status=status, labels={"managed-by": OWNED})["id"])
+                str(
+                    fake.add_server(
+                        f"{prefix}-{i}",
+                        labels={"managed-by": OWNED, "vmqueue-job": f"{prefix}-{i}"}
+                        | ({"vmqueue-batch": batch_label(time.time() - 3600 - 60 * (i % 60))} if i % 2 else {}),
+                    )["id"]
+                )
                 for i in range(n)
             ]
 
         def lose() -> None:
             fake.fail("POST", "/servers", exc=requests.ReadTimeout("read timed out"), after=True)
 
-        yield Rig(provider, spec, lose, seed)
+        yield Rig(provider, spec, lose, seed, fresh=lambda: HetznerProvider(token="fake-" + "token"))
 
 
 @contextmanager
@@ -437,11 +463,28 @@ def create_costs(name: str) -> dict[str, Any]:
     return {"create": first, "create_sent": first_sent, "lost": lost, "lost_sent": lost_sent}
 
 
-def tick_cost(name: str, fleet: int, inflight: int) -> int:
+def tick_cost(name: str, fleet: int, inflight: int, *, stuck_first: bool = False, cold: bool = False) -> int | None:
+    """Requests of one ``get_vms`` of the VMs in flight; ``stuck_first``: one of them made before the fleet,
+    two hours earlier by the adapter's clock; ``cold``: read by a fresh adapter (None: the rig has none)."""
+    import time
+
     with RIGS[name]() as rig:
+        if cold and rig.fresh is None:
+            return None
+        ids = []
+        if stuck_first:
+            clock = getattr(type(rig.provider), "clock", None)
+            if clock is not None:
+                rig.provider.clock = lambda: time.time() - 7200
+            ids += rig.seed(1, "stuck", True)
+            if clock is not None:
+                del rig.provider.clock  # the class's again
         if fleet:
             rig.seed(fleet, "old", False)
-        ids = rig.seed(inflight, "new", True)
+        ids += rig.seed(inflight - len(ids), "new", True)
+        if cold:
+            assert rig.fresh is not None
+            rig.provider = rig.fresh()
         sent, _ = counted(rig, lambda: rig.provider.get_vms(ids))
         return sent
 
@@ -472,19 +515,29 @@ def main() -> None:
     figures: dict[str, dict[str, Any]] = {}
     if not args.json:
         print(f"requests on the wire; tick: {args.inflight} VMs in flight, 0 vs {args.fleet} long-lived vmqueue VMs")
-        print(f"  {'adapter':<13} {'create':>6} {'goal':>4} {'lost':>5} {'tick@0':>7} {'tick@fleet':>10}  ratio")
+        print(
+            f"  {'adapter':<13} {'create':>6} {'goal':>4} {'lost':>5} {'tick@0':>7} {'tick@fleet':>10}"
+            f" {'stuck@0':>8} {'stuck@fleet':>11} {'cold@0':>7} {'cold@fleet':>10}  ratio"
+        )
     for name in names:
         row = create_costs(name)
         row["tick_empty"] = tick_cost(name, 0, args.inflight)
         row["tick_fleet"] = tick_cost(name, args.fleet, args.inflight)
-        row["ratio"] = row["tick_fleet"] / max(1, row["tick_empty"])
+        row["stuck_empty"] = tick_cost(name, 0, args.inflight, stuck_first=True)
+        row["stuck_fleet"] = tick_cost(name, args.fleet, args.inflight, stuck_first=True)
+        row["cold_empty"] = tick_cost(name, 0, args.inflight, stuck_first=True, cold=True)
+        row["cold_fleet"] = tick_cost(name, args.fleet, args.inflight, stuck_first=True, cold=True)
+        pairs = [("tick_fleet", "tick_empty"), ("stuck_fleet", "stuck_empty"), ("cold_fleet", "cold_empty")]
+        row["ratio"] = max(row[f] / max(1, row[e]) for f, e in pairs if row[f] is not None)
         figures[name] = row
         if not args.json:
             goal = CREATE_GOAL.get(name, 1)
             mark = "" if row["create"] <= goal else "  (create over goal)"
+            cold = [("-" if row[k] is None else row[k]) for k in ("cold_empty", "cold_fleet")]
             print(
                 f"  {name:<13} {row['create']:>6} {goal:>4} {row['lost']:>5} {row['tick_empty']:>7}"
-                f" {row['tick_fleet']:>10}  {row['ratio']:.2f} (goal 1.00){mark}",
+                f" {row['tick_fleet']:>10} {row['stuck_empty']:>8} {row['stuck_fleet']:>11} {cold[0]:>7}"
+                f" {cold[1]:>10}  {row['ratio']:.2f} (goal 1.00){mark}",
                 flush=True,
             )
     if "azure" in figures:
