@@ -334,9 +334,17 @@ def test_tick_interval_keeps_reads_within_the_read_budget(redis_url: str, redis_
         budget.take("hetzner", budget.profile("hetzner"), "GET", "/servers")
     redis_client.hset(keys.watch_key("hetzner"), mapping={f"vm-{i}": "job 0" for i in range(120)})
     spent = Budget(Settings(redis_url=redis_url), redis_client)
+    # No create waits for a slot: the reads may spend half the refill, 3 pages per 6 s.
+    assert spent.tick_interval_s("hetzner") == pytest.approx(6.0, rel=0.01)
+    # Creates booked past the bucket's burst wait for their slots: the reads keep to a tenth.
+    for i in range(4000):
+        if spent.create_delay("hetzner", f"job-{i}") > 0:
+            break
+    spent = Budget(Settings(redis_url=redis_url), redis_client)
     assert spent.tick_interval_s("hetzner") == pytest.approx(30.0, rel=0.01)
-    # The sim playing a profile paces like it (its own buckets, fresh); its own generous budget: 1 s.
-    assert spent.tick_interval_s("sim", "digitalocean", watched=1000) == pytest.approx(5 / (0.1 * 250 / 60 + 1.25))
+    # The sim playing a profile paces like it (its own buckets, fresh, no create waiting: half the
+    # rate); its own generous budget: 1 s.
+    assert spent.tick_interval_s("sim", "digitalocean", watched=1000) == pytest.approx(5 / (0.5 * 250 / 60 + 1.25))
     assert spent.tick_interval_s("sim", watched=100) == pytest.approx(1.0)
     # A larger budget configured for the bucket shortens it; an explicit VMQ_BATCH_POLL_S is taken as is.
     bigger = Budget(settings_with(redis_url, budget={"hetzner.project": "3600@4/s"}), redis_client)

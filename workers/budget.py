@@ -47,6 +47,8 @@ MAX_THROTTLE_WAIT_S = 10.0
 TOKEN_MARGIN_S = 0.25
 # A request that waited for a window tries again this much after the window's reset.
 PACING_MARGIN_S = 0.05
+# The share of each bucket's rate the tick's reads may spend while no create waits for its slot.
+IDLE_READ_SHARE = 0.5
 # Windows hold a slot this much longer than the provider does (whole seconds: ``limits`` windows count
 # in seconds): a slot is reused only once the provider's count of the request that held it, a varying
 # latency after ours, has surely expired too (DigitalOcean's 429s at each minute's turn). Costs one
@@ -68,7 +70,7 @@ class Budget(BucketStore):
             window_margin_s=WINDOW_MARGIN_S,
             token_margin_s=TOKEN_MARGIN_S,
         )
-        self._tick_cache: dict[tuple[str, str | None], tuple[float, int, dict[tuple[str, str], float]]] = {}
+        self._tick_cache: dict[tuple[str, str | None], tuple[float, int, dict[tuple[str, str], float], float]] = {}
 
     def acquire(
         self, provider: str, method: str = "GET", target: str = "", scope: str = "", *, profile: Profile | None = None
@@ -115,7 +117,10 @@ class Budget(BucketStore):
         ``Profile.read_interval_s``), and at least ``TICK_BOUNDS_S[0]``. E.g. DigitalOcean's hour
         window spent past half gives a read of up to 200 droplets every 7.2 s, leaving the rest to
         creates and deletes; Hetzner's full 3,600 bucket a read of 1,000 servers about every second.
-        Levels are read from Redis at most once a second per provider.
+        While no create waits for its slot in the provider's schedule the reads may spend
+        ``IDLE_READ_SHARE`` instead of the tenth (OCI's 10 a second, shared by creates and reads:
+        once the creates are out, the settling VMs' reads wait for no tick that leaves the bucket
+        idle). Levels and the schedule are read from Redis at most once a second per provider.
         """
         if self.settings.batch_poll_s is not None:
             return self.settings.batch_poll_s
@@ -125,8 +130,9 @@ class Budget(BucketStore):
         if cached is None or now - cached[0] > 1.0:
             watched_now = int(self.redis.hlen(keys.watch_key(provider)) or 0)
             levels = self.levels(provider, profile, profile.read_requests(1))
-            cached = self._tick_cache[(provider, base)] = (now, watched_now, levels)
-        read_s = profile.read_interval_s(max(watched, cached[1]), TICK_SHARE_OF_LIMIT, cached[2])
+            share = TICK_SHARE_OF_LIMIT if self.creates_waiting(provider, profile) else IDLE_READ_SHARE
+            cached = self._tick_cache[(provider, base)] = (now, watched_now, levels, share)
+        read_s = profile.read_interval_s(max(watched, cached[1]), cached[3], cached[2])
         return max(TICK_BOUNDS_S[0], read_s)
 
     def meter(self, provider: str, base: str | None = None) -> BudgetMeter:

@@ -326,43 +326,66 @@ class BucketStore:
         """
         return self.create_slot(provider, self.profile(provider, base), job_id)
 
+    def creates_waiting(self, provider: str, profile: Profile) -> bool:
+        """Whether a create of ``provider`` taking a slot now would have to wait for it."""
+        tokens, windows = self._create_pace(profile)
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(f"{self.prefix}{provider}:schedule")
+        for name in windows:
+            pipe.zrange(f"{self.prefix}{provider}:wschedule:{name}", -1, -1, withscores=True)
+        tat, *lasts = pipe.execute()
+        if tokens is not None and tat is not None and float(tat) - tokens[1] > now:
+            return True
+        return any(last and last[0][1] > now for last in lasts)
+
     def create_slot(self, provider: str, profile: Profile, slot_id: str) -> float:
         """``create_delay`` for ``profile``: the delay of the slot ``slot_id`` holds (booked at the
         schedule's end on its first call)."""
-        job_id = slot_id
-        reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
-        per_bucket: dict[str, int] = {}
-        for method, target in profile.create_requests():
-            for name in profile.classify(method, target):
-                per_bucket[name] = per_bucket.get(name, 0) + 1
-        if not per_bucket:
-            return 0.0
-        tokens = {n: k for n, k in per_bucket.items() if profile.buckets[n].kind == "token"}
-        windows = {n: k for n, k in per_bucket.items() if profile.buckets[n].kind == "window"}
+        tokens, windows = self._create_pace(profile)
         now = time.time()
         earliest = now
-        if tokens:
-            rate = min(profile.buckets[n].rate_per_s() / k for n, k in tokens.items())
-            burst = max(1.0, min(profile.buckets[n].burst() / k for n, k in tokens.items()))
-            if reads & set(tokens):
-                rate *= 1 - TICK_SHARE_OF_LIMIT
-            interval = 1.0 / rate
+        if tokens is not None:
+            interval, tau = tokens
             earliest = now + float(
                 self._slot(
-                    keys=[f"{self.prefix}{provider}:schedule", f"{self.prefix}{provider}:slot:{job_id}"],
-                    args=[repr(now), repr(interval), repr((burst - 1) * interval)],
+                    keys=[f"{self.prefix}{provider}:schedule", f"{self.prefix}{provider}:slot:{slot_id}"],
+                    args=[repr(now), repr(interval), repr(tau)],
                 )
             )
         if not windows:
             return max(0.0, earliest - now)
         args: list[Any] = [repr(now), repr(earliest)]
-        for name, k in windows.items():
-            item = parse(profile.buckets[name].window or "")
-            share = TICK_SHARE_OF_LIMIT if name in reads else 0.0
-            args += [max(1, math.floor(item.amount * (1 - share) / k)), item.get_expiry() + self.window_margin_s]
+        for allowance, period in windows.values():
+            args += [allowance, period]
         keys_ = [f"{self.prefix}{provider}:wschedule:{name}" for name in windows]
-        delay = self._window_slot(keys=[*keys_, f"{self.prefix}{provider}:wslot:{job_id}"], args=args)
+        delay = self._window_slot(keys=[*keys_, f"{self.prefix}{provider}:wslot:{slot_id}"], args=args)
         return max(0.0, float(delay))
+
+    def _create_pace(self, profile: Profile) -> tuple[tuple[float, float] | None, dict[str, tuple[int, int]]]:
+        """The create schedule's (interval, tau) for its token buckets (None: none meters creates) and
+        (allowance, period) per window, both less the reads' share where reads meter the same bucket."""
+        reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
+        per_bucket: dict[str, int] = {}
+        for method, target in profile.create_requests():
+            for name in profile.classify(method, target):
+                per_bucket[name] = per_bucket.get(name, 0) + 1
+        token = {n: k for n, k in per_bucket.items() if profile.buckets[n].kind == "token"}
+        pace = None
+        if token:
+            rate = min(profile.buckets[n].rate_per_s() / k for n, k in token.items())
+            burst = max(1.0, min(profile.buckets[n].burst() / k for n, k in token.items()))
+            if reads & set(token):
+                rate *= 1 - TICK_SHARE_OF_LIMIT
+            pace = (1.0 / rate, (burst - 1) / rate)
+        windows = {}
+        for name, k in sorted(per_bucket.items()):
+            if profile.buckets[name].kind == "window":
+                item = parse(profile.buckets[name].window or "")
+                share = TICK_SHARE_OF_LIMIT if name in reads else 0.0
+                allowance = max(1, math.floor(item.amount * (1 - share) / k))
+                windows[name] = (allowance, item.get_expiry() + self.window_margin_s)
+        return pace, windows
 
 
 def _with_total(classify: Callable[[str, str], tuple[str, ...]]) -> Callable[[str, str], tuple[str, ...]]:
