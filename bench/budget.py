@@ -9,9 +9,8 @@ spends the same budget from its side. Measures, in one run per profile, on a pri
   ratio     wall / floor (goal <= 1.10), and requests the simulated API refused with 429 (goal 0)
   last create  when the last create went out (beside the time the buckets need for the creates
             alone), and the time from it until all were running (its boot, then the tick that saw it)
-  bound     max(floor, the time the buckets need for the creates alone + boot): the last create's VM
-            must boot before a read sees it, so a create-bound profile cannot finish before this;
-            wall / bound is printed beside the ratio
+  bound     max(floor, the creates' time + boot, boot + the reads' time): a VM is read only once it
+            booted, so no client finishes before this; wall / bound is printed beside the ratio
 
     python -m bench.budget                                   # every profile, 1,000 VMs, 30 s boot
     python -m bench.budget --profile hetzner --vms 200       # one profile, a quick look
@@ -62,13 +61,14 @@ def floor_s(profile: Profile, vms: int, boot_s: float) -> tuple[float, float]:
 
     The floor: max(boot, the time the buckets need for the unavoidable requests: one create each, one
     read per page of VMs, the reads per VM an adapter makes as it settles). The bound adds what no
-    client can avoid either: the last create's VM boots before a read can see it, so max(floor, the
-    time the buckets need for the creates alone + boot).
+    client can avoid either: a VM is read only once it booted, so the last create's VM boots before a
+    read sees it (the creates' time + boot), and no read of a settled VM goes before the first boot
+    (boot + the reads' time).
     """
     creates = list(profile.calls["create"]) * vms
     reads = list(profile.calls["get_many"]) * math.ceil(vms / profile.page_size) + list(profile.settle_reads) * vms
     floor = max(boot_s, _request_s(profile, creates + reads))
-    return floor, max(floor, _request_s(profile, creates) + boot_s)
+    return floor, max(floor, _request_s(profile, creates) + boot_s, boot_s + _request_s(profile, reads))
 
 
 def run_profile(server: RedisServer, name: str, vms: int, boot_s: float, slots: int, tick_s: float | None) -> dict:
