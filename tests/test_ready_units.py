@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import errno
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from vmqueue.readiness import ReadyWhen, phone_home_config
 from vmqueue.settings import Settings
 from vmqueue.userdata import cloud_configs, merge_user_data
 from workers.readyqueue import ReadyQueue, ReadyTarget
-from workers.readyscan import ReadyScanner, open_ssh, probe_ssh, probe_wait
+from workers.readyscan import ReadyScanner, begin_connect, open_ssh, probe_ssh, probe_wait
 
 ALGS = ["ssh-ed25519", "ecdsa-sha2-nistp256", "rsa-sha2-512"]
 
@@ -101,6 +102,14 @@ def test_probe_of_a_closed_port_or_a_non_ssh_service_raises():
 
 def test_lines_before_the_version_line_are_dropped_and_the_version_line_left_for_the_key_exchange():
     assert _serve_lines(b"Welcome\r\nto the box\r\nSSH-2.0-OpenSSH_9.6\r\n") == b"SSH-2.0-OpenSSH_9.6\r\n"
+
+
+def test_a_refused_local_connect_is_known_when_it_begins():
+    """The scanner's cheapest probe: a closed port on a local address is refused within ``connect_ex``
+    (its pending error read at once), so the probe never enters the event loop."""
+    sock, err = begin_connect("127.0.0.1", free_port())
+    sock.close()
+    assert err == errno.ECONNREFUSED
 
 
 def test_probe_wait_is_a_share_of_the_wait_so_far_within_its_bounds():

@@ -10,8 +10,10 @@ nothing:
   ``HOLD_PER_SLOT`` x ``ready_concurrency``), probing each on its own schedule; one round trip every
   third of a lease renews all their leases. A probe that finds nothing costs no Redis round trip and
   no thread hop. A scanner that dies (or stalls past the lease) hands its entries on when the lease ends.
-- **Cheap probes, one connection.** A probe is a non-blocking TCP connect (a refused one is one
-  system call) and, once the port accepts, a peek at the server's first line: an SSH version line
+- **Cheap probes, one connection.** A probe is a non-blocking TCP connect begun in the scanner's
+  loop (``begin_connect``): refused at once (a local address; the socket's pending error says so)
+  it ends there, with no task, future or timer; pending (a remote address), it is finished in a
+  task. Once the port accepts, the probe peeks at the server's first line: an SSH version line
   (RFC 4253 4.2; other lines before it are read and dropped) hands the same socket to asyncssh's
   ``get_server_host_key``, a real key exchange whose host key is what the job records. The key
   exchange is offered curve25519/ECDH only (``PROBE_KEX_ALGS``): the probe sends no secret, so
@@ -34,9 +36,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import functools
 import heapq
+import ipaddress
 import logging
+import os
 import random
 import socket
 import threading
@@ -73,6 +78,7 @@ PROBE_KEX_ALGS = [
     "diffie-hellman-group14-sha256",
 ]
 PROBE_ERRORS = (OSError, asyncssh.Error, asyncio.TimeoutError, EOFError)
+REFUSED_AT_ONCE = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)  # connect_ex's answers that end a probe
 
 
 def probe_wait(
@@ -87,19 +93,43 @@ def probe_wait(
     return wait
 
 
-async def open_ssh(host: str, port: int) -> socket.socket:
+def begin_connect(host: str, port: int) -> tuple[socket.socket, int]:
+    """A non-blocking TCP connect to ``host:port`` (an IP address) begun: the socket and the errno
+    ``connect_ex`` gave, or the socket's pending error. ``EINPROGRESS`` (a remote address) is
+    finished by ``open_ssh``; a local address is often refused (``ECONNREFUSED``) there and then,
+    which the scanner takes without ever entering the event loop."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        err = sock.connect_ex((host, port))
+        if err == errno.EINPROGRESS:  # a local refusal is often known by now: the socket says so
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or err
+        return sock, err
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def open_ssh(host: str, port: int, begun: tuple[socket.socket, int] | None = None) -> socket.socket:
     """A socket connected to ``host:port`` whose server has begun its SSH version line, not yet read.
 
     Until sshd is up this is one refused (or unanswered) non-blocking connect: no stream objects, no
     key exchange. Lines a server sends before its version line (RFC 4253 4.2) are read and dropped.
-    Raises ``OSError`` (``ConnectionError`` when the port answers with something other than SSH).
-    The caller bounds the time (``asyncio.timeout``) and owns the socket.
+    ``begun``: the connect ``begin_connect`` started. Raises ``OSError`` (``ConnectionError`` when
+    the port answers with something other than SSH). The caller bounds the time
+    (``asyncio.timeout``) and owns the socket.
     """
     loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    if begun is None:
+        if not _is_ip(host):  # a name: resolved without blocking the loop
+            host = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0][4][0]
+        begun = begin_connect(host, port)
+    sock, err = begun
     try:
-        await loop.sock_connect(sock, (host, port))
+        if err in (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK):
+            await loop.sock_connect(sock, (host, port))  # waits for the connect begun to end
+        elif err:
+            raise OSError(err, os.strerror(err))
         for _ in range(BANNER_MAX_LINES):
             data = await _peek(loop, sock)
             if data.startswith(b"SSH-"):
@@ -117,6 +147,14 @@ async def open_ssh(host: str, port: int) -> socket.socket:
         raise
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
     """What the socket has received so far, left unread; ``ConnectionError`` when it was closed."""
     readable = loop.create_future()
@@ -132,17 +170,24 @@ async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
 
 
 async def probe_ssh(
-    host: str, port: int, algs: list[str], options: asyncssh.SSHClientConnectionOptions, timeout_s: float, every: bool
+    host: str,
+    port: int,
+    algs: list[str],
+    options: asyncssh.SSHClientConnectionOptions,
+    timeout_s: float,
+    every: bool,
+    begun: tuple[socket.socket, int] | None = None,
 ) -> list[HostKey]:
     """The host keys of the SSH server at ``host:port``: the one it prefers among ``algs`` (its key
     exchange runs on the connection ``open_ssh`` opened) and, with ``every``, those of the other
     types in ``algs`` too (one more connection and key exchange each).
 
     Raises what a failed connect, version line or first key exchange raises (``OSError``,
-    ``asyncssh.Error``, ``TimeoutError``): the server is not up. Later exchanges fail quietly for a type it lacks.
+    ``asyncssh.Error``, ``TimeoutError``): the server is not up. Later exchanges fail quietly for a type
+    it lacks. ``begun``: the connect ``begin_connect`` started.
     """
     async with asyncio.timeout(timeout_s):
-        sock = await open_ssh(host, port)
+        sock = await open_ssh(host, port, begun)
         try:
             first = await _host_key(host, port, algs, options, sock)
         finally:
@@ -204,6 +249,11 @@ class _Held:
     lease: float  # the entry's score in the schedule as this scanner last wrote it (its lease's end)
     since: float  # epoch s the wait counts from: the VM seen running (else the claim)
     next_at: float = 0.0  # epoch s of the next probe
+
+    @functools.cached_property
+    def literal(self) -> bool:
+        """Its address is an IP address: a connect can begin without a name lookup."""
+        return _is_ip(self.target.host or "")
 
 
 class ReadyScanner:
@@ -304,15 +354,27 @@ class ReadyScanner:
             held = self.held.get(job_id)
             if held is None or held.next_at != at:
                 continue  # let go, or rescheduled since
+            begun = None
+            if now < held.target.deadline and held.literal:
+                # The connect starts here; refused at once (a local address), the probe ends here too.
+                try:
+                    begun = begin_connect(held.target.host, held.target.port)
+                except OSError:
+                    begun = None  # the async probe meets the same error and reschedules
+                if begun is not None and begun[1] in REFUSED_AT_ONCE:
+                    begun[0].close()
+                    self.probes += 1
+                    self._probe_at(held, now + self.wait(now - held.since))
+                    continue
             self._in_flight += 1
-            self._spawn(self._probe(held))
+            self._spawn(self._probe(held, begun))
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _probe(self, held: _Held) -> None:
+    async def _probe(self, held: _Held, begun: tuple[socket.socket, int] | None = None) -> None:
         target = held.target
         try:
             if time.time() >= target.deadline:
@@ -328,6 +390,7 @@ class ReadyScanner:
                     self._options(),
                     self.settings.ready_probe_timeout_s,
                     self.settings.ready_all_host_keys,
+                    begun,
                 )
             except PROBE_ERRORS as exc:
                 now = time.time()
