@@ -180,6 +180,7 @@ class BucketStore:
         self._moving = MovingWindowRateLimiter(storage)
         self._fixed = FixedWindowRateLimiter(storage)
         self._profiles: dict[tuple[str, str], Profile] = {}
+        self._paces: dict[int, tuple[Profile, tuple[float, float] | None, dict[str, tuple[int, int]]]] = {}
 
     # -- the model ----------------------------------------------------------------------------
     def profile(self, provider: str, base: str | None = None) -> Profile:
@@ -364,7 +365,14 @@ class BucketStore:
 
     def _create_pace(self, profile: Profile) -> tuple[tuple[float, float] | None, dict[str, tuple[int, int]]]:
         """The create schedule's (interval, tau) for its token buckets (None: none meters creates) and
-        (allowance, period) per window, both less the reads' share where reads meter the same bucket."""
+        (allowance, period) per window, both less the reads' share where reads meter the same bucket.
+        Kept per profile object (``profile`` keeps one per provider and base)."""
+        cached = self._paces.get(id(profile))
+        if cached is None or cached[0] is not profile:
+            cached = self._paces[id(profile)] = (profile, *self._pace_of(profile))
+        return cached[1], cached[2]
+
+    def _pace_of(self, profile: Profile) -> tuple[tuple[float, float] | None, dict[str, tuple[int, int]]]:
         reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
         per_bucket: dict[str, int] = {}
         for method, target in profile.create_requests():
