@@ -154,7 +154,9 @@ def quantiles(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="ready_when=ssh at scale on the sim")
+    parser = argparse.ArgumentParser(
+        description="ready_when=ssh at scale on the sim: time until all ready / (boot + sshd delay), goal <= 1.25"
+    )
     parser.add_argument("--vms", type=int, default=1000)
     parser.add_argument("--boot", type=float, default=20.0)
     parser.add_argument("--sshd-delay", type=float, default=5.0)
