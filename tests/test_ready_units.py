@@ -121,7 +121,7 @@ def test_a_refused_local_connect_is_known_when_it_begins():
     assert err == errno.ECONNREFUSED
 
 
-def test_the_scanner_lowers_the_gil_switch_interval_and_never_raises_it():
+def test_the_scanner_lowers_the_gil_switch_interval_while_it_probes_and_never_raises_it():
     """The scanner's loop wins the GIL back after each system call within half a millisecond, not
     CPython's five, beside the worker's busy threads."""
     before = sys.getswitchinterval()
@@ -129,8 +129,10 @@ def test_the_scanner_lowers_the_gil_switch_interval_and_never_raises_it():
         sys.setswitchinterval(0.005)
         favour_io_threads()
         assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S, abs=2e-6)
+        favour_io_threads(on=False, default_s=0.005)  # nothing probed: the process's own again
+        assert sys.getswitchinterval() == pytest.approx(0.005, abs=2e-6)
         sys.setswitchinterval(0.0001)
-        favour_io_threads()
+        favour_io_threads(default_s=0.0001)
         assert sys.getswitchinterval() == pytest.approx(0.0001, abs=2e-6)  # kept, not raised
     finally:
         sys.setswitchinterval(before)
