@@ -10,6 +10,10 @@ Measures, in one run, on a private redis-server:
             ``--single`` enqueues with ``create_vm`` one by one instead.
   blocking  the baseline: a thread per VM that creates it and then calls get_vm in a sleep loop,
             with the same number of slots (--slots) -- what a blocking waiter does.
+  floor     what one Celery worker process alone needs to take N messages in: N bare no-op tasks
+            (bench/noop_app.py, the same app, pool, slots and events) from the first send until the
+            queue is drained. No intake can be faster, so boot + this is the pipeline's floor here;
+            printed with the worker's CPU per message beside vmqueue's CPU per create.
 
     python -m bench.inflight                       # 3 runs of 1,000 VMs, 20 s boot, 64 slots
     python -m bench.inflight --vms 200 --boot 5    # a quick look
@@ -28,6 +32,8 @@ from pathlib import Path
 import redis
 
 from bench.harness import ROOT, RedisServer, Worker, sim_spec
+from bench.noop_app import NOOP_TASK
+from bench.throughput import QUEUE, wait_drained
 from vmqueue import keys
 from vmqueue.models import Job, JobState, VMSpec
 from vmqueue.settings import Settings
@@ -61,13 +67,11 @@ def run_pipeline(
     _reset(client)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
     env.update(REDIS_URL=server.url, PYTHONPATH=str(ROOT), VMQ_SIM_BOOT_S=str(boot_s), **env_extra)
-    worker = Worker(
-        "sim", env, slots, Path(tempfile.mkdtemp(prefix="vmq-bench-")), loglevel="WARNING", events=events
-    ).wait_ready()
+    worker = _worker(env, slots, events)
     try:
         provisioner = Provisioner(Settings(redis_url=server.url))
         key = throwaway_public_key()
-        started = time.monotonic()
+        started, cpu_s = time.monotonic(), worker.cpu_s()
         if bulk:
             jobs = [
                 job.id
@@ -88,7 +92,7 @@ def run_pipeline(
                 elif job.state == JobState.failed:
                     raise SystemExit(f"FAIL: job {job_id} failed: {job.error}")
             time.sleep(0.2)
-        wall_s = time.monotonic() - started
+        wall_s, cpu_s = time.monotonic() - started, worker.cpu_s() - cpu_s
         if pending:
             raise SystemExit(f"FAIL: {len(pending)} jobs still not running after {wall_s:.0f}s")
         calls = _sim_calls(client)
@@ -101,9 +105,44 @@ def run_pipeline(
             "wall_s": wall_s,
             "calls": calls,
             "calls_per_vm": api_calls / vms,
+            "worker_cpu_ms": cpu_s * 1000 / vms,  # the whole process (intake, tick, events) per create
             "submit_lag_s": {"p50": submit_lag[len(submit_lag) // 2], "max": submit_lag[-1]},
             "detect_lag_s": {"p50": detect_lag[len(detect_lag) // 2], "max": detect_lag[-1]},
         }
+    finally:
+        worker.stop()
+
+
+def _worker(env: dict[str, str], slots: int, events: bool) -> Worker:
+    """The sim worker, knowing the no-op task too (bench/noop_app.py), so the floor runs in the same app."""
+    log_dir = Path(tempfile.mkdtemp(prefix="vmq-bench-"))
+    return Worker("sim", env, slots, log_dir, loglevel="WARNING", events=events, app="bench.noop_app").wait_ready()
+
+
+def run_floor(server: RedisServer, vms: int, slots: int, env_extra: dict[str, str], events: bool = True) -> dict:
+    """Seconds (and worker CPU per message) one worker process takes to drain ``vms`` no-op messages."""
+    from producer import Provisioner
+
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    _reset(client)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMQ_")}
+    env.update(REDIS_URL=server.url, PYTHONPATH=str(ROOT), **env_extra)
+    worker = _worker(env, slots, events)
+    try:
+        celery = Provisioner(Settings(redis_url=server.url)).celery
+
+        def send(n: int) -> None:
+            with celery.producer_or_acquire() as producer:  # as create_vms: one connection for the batch
+                for i in range(n):
+                    job_id = f"floor-{i:032d}"[-32:]
+                    celery.send_task(NOOP_TASK, args=[job_id], queue=QUEUE, producer=producer, argsrepr=job_id)
+
+        send(min(200, vms))  # warm-up: connections, imports
+        wait_drained(client, 60)
+        started, cpu_s = time.monotonic(), worker.cpu_s()
+        send(vms)
+        wait_drained(client, max(60.0, vms / 20))
+        return {"wall_s": time.monotonic() - started, "worker_cpu_ms": (worker.cpu_s() - cpu_s) * 1000 / vms}
     finally:
         worker.stop()
 
@@ -156,6 +195,7 @@ def main() -> None:
             for _ in range(args.runs)
         ]
         ours = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
+        floor = run_floor(server, args.vms, args.slots, extra, events=not args.no_events)
         base = None if args.no_baseline else run_blocking(server, args.vms, args.boot, args.slots, args.baseline_poll)
     finally:
         server.cleanup()
@@ -168,6 +208,7 @@ def main() -> None:
         "enqueue": "create_vm" if args.single else "create_vms",
         "ratios": ratios,
         "vmqueue": ours,
+        "floor": floor,
         "blocking": base,
     }
     if args.json:
@@ -182,6 +223,12 @@ def main() -> None:
         f"  vmqueue   enqueue {ours['enqueue_s']:.2f} s, all running after {ours['wall_s']:.1f} s"
         f" -> {ours['wall_s'] / args.boot:.2f} x boot (goal <= 1.15, median);"
         f" {ours['calls_per_vm']:.2f} API calls per VM (goal <= 6)  {ours['calls']}"
+    )
+    floor_s = args.boot + floor["wall_s"]
+    print(
+        f"  floor     Celery alone drains {args.vms} no-op messages in {floor['wall_s']:.1f} s"
+        f" ({floor['worker_cpu_ms']:.2f} ms worker CPU each; vmqueue: {ours['worker_cpu_ms']:.2f} ms per create)"
+        f" -> boot + that = {floor_s / args.boot:.2f} x boot; ratio vmqueue / floor = {ours['wall_s'] / floor_s:.2f}"
     )
     sub, det = ours["submit_lag_s"], ours["detect_lag_s"]
     print(

@@ -22,6 +22,8 @@ CASES = {
     "footprint": (["--repeat", "1", "--concurrency", "4"], ["sim / all-sdks", "hetzner / all-sdks"]),
     "listing": (["--sizes", "100,300", "--repeat", "3"], ["newest 50 failed jobs", "filtered ms"]),
     "budget": (["--profile", "hetzner", "--vms", "20", "--boot", "2"], ["hetzner", "floor", "x 429"]),
+    "inflight": (["--vms", "30", "--boot", "2", "--runs", "1", "--no-baseline"], ["x boot", "floor", "no-op"]),
+    "ready": (["--vms", "30", "--boot", "2", "--sshd-delay", "1"], ["readiness lag", "API calls per VM"]),
     "wire": (
         ["--fleet", "60", "--inflight", "5"],
         ["aws", "azure", "digitalocean", "gcp", "hetzner", "oci", "tick@fleet"],
