@@ -82,6 +82,8 @@ class Cluster:
         from vmqueue.connection import connect
 
         self.redis_server.start()
+        self.env["REDIS_URL"] = self.redis_server.url  # a taken port moves a new server (RedisServer.start)
+        self.settings = _settings(self.env)
         self.client = connect(self.settings)  # rides out the Redis restart of R2, like every client we ship
         self.sim = Sim(self.client)
         self.provisioner = Provisioner(self.settings)

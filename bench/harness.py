@@ -49,8 +49,14 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="vmq-redis-")
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
+        self._ports_left = 3  # new ports to try on the first start (see start)
 
     def start(self) -> None:
+        """Start (or restart, on the same port) and wait until it answers.
+
+        On the first start only, a port taken between ``free_port()`` and the bind (parallel test
+        sessions pick ports at once) moves the server to another free port; a restart keeps its port.
+        """
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -74,12 +80,21 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                client.ping()
-                return
+                # Ours answers, not another session's redis-server that holds the port.
+                ours = client.info("server")["process_id"] == self.process.pid
             except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                ours = False
+            if ours:
+                self._ports_left = 0
+                return
+            if self.process.poll() is not None and self._ports_left > 0:
+                self._ports_left -= 1
+                self.port = free_port()
+                self.url = f"redis://127.0.0.1:{self.port}/0"
+                return self.start()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

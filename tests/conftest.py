@@ -9,6 +9,11 @@ Fixtures:
 - ``sim_worker``: one sim worker shared by the session (faster than one per test).
 - ``provisioner``: a ``producer.Provisioner`` with the same settings as the workers.
 - ``sim``: the simulated cloud's knobs and counters.
+
+Under pytest-xdist (the README's test command runs ``-n 2 --dist loadgroup``) every xdist worker is
+a session of its own: its own redis-server on a free loopback port, its own sim worker. The tests of
+a module that uses a module- or class-scoped fixture (a chaos cluster, a Sentinel set, a sim host)
+stay on one xdist worker, so that fixture starts once (``pytest_collection_modifyitems`` below).
 """
 
 from __future__ import annotations
@@ -39,6 +44,19 @@ FAST_ENV = {
     "VMQ_SIM_BOOT_S": "0.5",
     "VMQ_SIM_DESTROY_S": "0.3",
 }
+
+
+SHARED_SCOPES = ("module", "class", "package")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist turns the marks into its groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep each module whose tests share a module- or class-scoped fixture on one xdist worker."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        defs = fixtures.name2fixturedefs.values() if fixtures else ()
+        if any(d and d[-1].scope in SHARED_SCOPES for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +120,7 @@ def worker_factory(test_env: dict[str, str], _log_dir: Path) -> Iterator[Callabl
     def start(provider: str, env: dict[str, str] | None = None, concurrency: int = 8) -> Worker:
         worker = Worker(provider, {**test_env, **(env or {})}, concurrency, _log_dir)
         started.append(worker)
-        return worker.wait_ready()
+        return worker.wait_ready(60)  # an adapter's SDK import is slow on two busy cores
 
     yield start
     for worker in started:

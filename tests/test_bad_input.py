@@ -13,8 +13,11 @@ import json
 import re
 import time
 import uuid
+from unittest import mock
 
 import pytest
+import typer.main
+import typer.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kombu import Connection, Exchange, Producer
@@ -29,7 +32,20 @@ from vmqueue.sshkeys import throwaway_public_key
 pytestmark = pytest.mark.system
 
 cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session for the CLI
-runner = CliRunner()
+
+
+class _OneCommandRunner(CliRunner):
+    """typer's CliRunner, but the click command is built from ``app`` once, not on every invoke
+    (~0.1 s each, and the hypothesis tests below invoke the CLI a few hundred times)."""
+
+    command = typer.main.get_command(app)
+
+    def invoke(self, cli_app, *args, **kwargs):
+        with mock.patch.object(typer.testing, "_get_command", lambda _: self.command):
+            return super().invoke(cli_app, *args, **kwargs)
+
+
+runner = _OneCommandRunner()
 GOOD = {"provider": "sim", "name": "web-1", "region": "sim-1", "instance_type": "small", "image": "ubuntu-24.04"}
 FIXTURES = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -70,8 +70,11 @@ def session() -> boto3.Session:
 
 
 @pytest.fixture
-def provider(session: boto3.Session) -> Iterator[AWSProvider]:
-    with mock_aws():
+def provider(session: boto3.Session, monkeypatch: pytest.MonkeyPatch) -> Iterator[AWSProvider]:
+    # The tests' own boto3.client(...) calls use that session too: moto would give each test a fresh
+    # default session, which loads the EC2 and SSM models again (a fifth of this module's time).
+    with mock_aws(config={"core": {"reset_boto3_session": False}}):
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", session)
         yield AWSProvider(session)
 
 
