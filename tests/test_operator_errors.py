@@ -272,6 +272,9 @@ def test_ctrl_c_while_waiting_says_the_job_goes_on(test_env, redis_client, ssh_k
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As a shell starts it: an ignored SIGINT is inherited, and a test process (an xdist worker
+        # after some tests) may have SIGINT ignored, which left this CLI waiting on forever.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 20
     # Recorded and published (the message waits on vmq.hetzner, which no worker serves): the CLI is
