@@ -364,6 +364,21 @@ def test_not_found_right_after_create_is_confirmed_before_gone(runner, cloud, si
     assert sim.existing_vms() == []
 
 
+def test_not_found_of_a_vm_its_create_saw_running_is_real_at_once(make_runner, sim, ssh_key):
+    # 11, the other side: a VM a read showed running is known to reads, so its NotFound after the
+    # delete is "gone" at once; it waited out the whole consistency window (`vmq demo`: 30 s a destroy).
+    runner = make_runner(not_found_grace_s=300)
+    sim.configure(destroy_s=0)  # gone at the delete: no read of this destroy job sees it
+    created = record(runner, ssh_key)
+    drive(runner, created.id, JobKind.create, steps=80, sleep=True)
+    assert runner.store.get(created.id).running_at is not None
+    job = Job(kind=JobKind.destroy, provider="sim", instance_id=runner.store.get(created.id).instance_id)
+    runner.store.add(job)
+    drive(runner, job.id, JobKind.destroy, steps=40, sleep=True)
+    assert runner.store.get(job.id).state == JobState.gone  # 40 steps of at most 0.5 s, not 300 s
+    assert sim.existing_vms() == []
+
+
 # -- 12 ----------------------------------------------------------------------------------------
 @pytest.mark.system
 def test_a_create_record_learns_its_vm_was_destroyed_and_expires(sim_worker, provisioner, redis_client, ssh_key):

@@ -87,15 +87,19 @@ class DestroySteps(Steps):
             return True
         if job.kind == JobKind.destroy and job.vm is not None:
             return True
+        creator = None if job.kind == JobKind.create else self.store.creator_of(job.provider, job.instance_id)
+        if creator is not None and creator.running_at is not None:
+            # Its create saw it running in a read: reads know it, so not finding it now is real (a VM
+            # destroyed right after it ran waited out the whole window: `vmq demo`'s destroys took 30 s).
+            return True
         grace = timedelta(seconds=self.settings.not_found_grace_s)
-        return utcnow() >= self._vm_born(job) + grace
+        return utcnow() >= self._vm_born(job, creator) + grace
 
-    def _vm_born(self, job: Job) -> datetime:
+    def _vm_born(self, job: Job, creator: Job | None) -> datetime:
         """The latest the VM can have been created: its create's submit time when vmqueue made it,
         else the first NotFound this job saw (a VM of unknown age gets a full window)."""
         if job.kind == JobKind.create and job.submitted_at is not None:
             return job.submitted_at
-        creator = self.store.creator_of(job.provider, job.instance_id)
         if creator is not None and creator.submitted_at is not None:
             return creator.submitted_at
         return job.not_found_since or utcnow()
