@@ -246,7 +246,7 @@ def r3(cluster: Cluster, sizes: Sizes) -> Result:
         api_calls=sum(per_s.values()),
         limit_per_s=limit,
         max_calls_in_a_second=max(per_s.values(), default=0),
-        seconds_at_90pct_of_limit=sum(v >= 0.9 * limit for v in per_s.values()),
+        seconds_at_80pct_of_limit=sum(v >= 0.8 * limit for v in per_s.values()),
         elapsed_s=round(time.monotonic() - began, 1),
     )
     ended = all(j.state in (JobState.running, JobState.failed) for j in jobs)
@@ -261,7 +261,9 @@ def r3(cluster: Cluster, sizes: Sizes) -> Result:
     # is not shared (one per worker) would overshoot by whole multiples.
     result.check(max(per_s.values(), default=0) <= limit + 1, f"never more than {limit} sim calls in one second (+1)")
     # Without this the check above could pass on a load that never needed the limit.
-    result.check(max(per_s.values(), default=0) >= 0.9 * limit, "the load really met the limit (>= 90% in a second)")
+    # The create schedule paces creates at 90 % of the limit (a tenth is the tick's) less a refill
+    # cushion, so a saturated second holds 4 of 5 calls unless a read lands in it too.
+    result.check(max(per_s.values(), default=0) >= 0.8 * limit, "the load really met the limit (>= 80% in a second)")
     return result
 
 
