@@ -24,6 +24,8 @@ def test_a_vm_past_its_ttl_is_destroyed_by_an_ordinary_destroy_job(sim_worker, p
     assert job.state == JobState.running and job.expires_at is not None
     assert [j.id for j in provisioner.list_vms().jobs] == [job.id]
     expired = wait_for(lambda: provisioner.get_job(job.id).expiry_job_id, 20, "expiry fired")
+    # The claim (expiry_job_id) is written a round trip before the destroy job's record (workers/expiry.py).
+    wait_for(lambda: provisioner.store.get(expired), 10, "the destroy job recorded")
     destroy = provisioner.wait(expired, timeout_s=30)
     assert destroy.kind == JobKind.destroy and destroy.state == JobState.gone
     assert destroy.instance_id == job.instance_id and f"create job {job.id} expired" in destroy.history[0].message
