@@ -237,34 +237,11 @@ def gcp() -> Iterator[Rig]:
 
 @contextmanager
 def oci() -> Iterator[Rig]:
-    import responses
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
-
-    from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI
+    from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, served, signing_config
     from workers.providers.oci import OCIProvider
 
-    pem = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        .private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-        )
-        .decode()
-    )
-    config = {
-        "user": "ocid1.user.oc1..aaaaaaaatestuser",
-        "tenancy": "ocid1.tenancy.oc1..aaaaaaaatesttenancy",
-        "fingerprint": "20:3b:97:13:55:1c:5b:0d:d3:37:d8:50:4e:c5:3a:34",
-        "key_content": pem,  # made per run, never stored
-        "region": "us-phoenix-1",
-    }
-    fake = FakeOCI()
-    with responses.RequestsMock(
-        target="oci._vendor.requests.adapters.HTTPAdapter.send", assert_all_requests_are_fired=False
-    ) as mock:
-        for method in ("GET", "POST", "PUT", "DELETE"):
-            mock.add_callback(method, re.compile(r"https://.*"), callback=fake.answer(VendoredConnectionError))
+    config = signing_config()  # a signing key made per run, never stored
+    with served(FakeOCI()) as fake:
         provider = OCIProvider(config=config)
         options = {
             "compartment_id": COMPARTMENT,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +20,41 @@ COMPARTMENT = "ocid1.compartment.oc1..aaaaaaaacompartment"
 SUBNET = "ocid1.subnet.oc1.phx.aaaaaaaasubnet"
 AD = "Uocm:PHX-AD-1"
 IMAGE_2204 = "ocid1.image.oc1.phx.aaaaaaaaubuntu2204new"
+
+
+def signing_config() -> dict[str, str]:
+    """An OCI SDK config with a throwaway API signing key made per call; no private key is ever committed."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+        .decode()
+    )
+    return {
+        "user": "ocid1.user.oc1..aaaaaaaatestuser",
+        "tenancy": "ocid1.tenancy.oc1..aaaaaaaatesttenancy",
+        "fingerprint": "20:3b:97:13:55:1c:5b:0d:d3:37:d8:50:4e:c5:3a:34",
+        "key_content": pem,
+        "region": "us-phoenix-1",
+    }
+
+
+@contextmanager
+def served(fake: FakeOCI) -> Iterator[FakeOCI]:
+    """Every HTTPS request the oci SDK sends (through its vendored requests) answered by ``fake``."""
+    import responses
+    from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
+
+    with responses.RequestsMock(
+        target="oci._vendor.requests.adapters.HTTPAdapter.send", assert_all_requests_are_fired=False
+    ) as mock:
+        for method in ("GET", "POST", "PUT", "DELETE"):
+            mock.add_callback(method, re.compile(r"https://.*"), callback=fake.answer(VendoredConnectionError))
+        yield fake
 
 
 def ocid(kind: str) -> str:

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import responses
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from oci._vendor.requests.exceptions import ConnectionError as VendoredConnectionError
 
 from tests.providers.cloudinit_schema import assert_cloud_init_accepts, phone_home_scripts
 from tests.providers.contract import AdapterContract, RecordingMeter
 from tests.providers.contract import parsed_key as key
 from tests.providers.fakeapi import serve
-from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error
+from tests.providers.oci_fake import AD, COMPARTMENT, IMAGE_2204, SUBNET, FakeOCI, error, served, signing_config
 from vmqueue.models import JobState, VMSpec, VMStatus
 from vmqueue.sweep import OwnedResource
 from vmqueue.userdata import sent_size
@@ -39,34 +34,13 @@ OCI_ENV = ("OCI_CLI_USER", "OCI_CLI_TENANCY", "OCI_CLI_FINGERPRINT", "OCI_CLI_KE
 
 
 @pytest.fixture(scope="session")
-def rsa_pem() -> str:
-    """A throwaway API signing key made per run; no private key is ever committed."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-    ).decode()
-
-
-@pytest.fixture
-def config(rsa_pem: str) -> dict[str, str]:
-    return {
-        "user": "ocid1.user.oc1..aaaaaaaatestuser",
-        "tenancy": "ocid1.tenancy.oc1..aaaaaaaatesttenancy",
-        "fingerprint": "20:3b:97:13:55:1c:5b:0d:d3:37:d8:50:4e:c5:3a:34",
-        "key_content": rsa_pem,
-        "region": "us-phoenix-1",
-    }
+def config() -> dict[str, str]:
+    return signing_config()
 
 
 @pytest.fixture
 def fake() -> Iterator[FakeOCI]:
-    fake = FakeOCI()
-
-    with responses.RequestsMock(
-        target="oci._vendor.requests.adapters.HTTPAdapter.send", assert_all_requests_are_fired=False
-    ) as mock:
-        for method in ("GET", "POST", "PUT", "DELETE"):
-            mock.add_callback(method, re.compile(r"https://.*"), callback=fake.answer(VendoredConnectionError))
+    with served(FakeOCI()) as fake:
         yield fake
 
 

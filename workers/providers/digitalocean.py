@@ -30,6 +30,7 @@ from vmqueue.options import DigitalOceanOptions
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
 from workers.providers.base import resolve_alias
+from workers.providers.batches import BATCH_LOOKBACK, BATCH_S, KNOWN_MAX, batch_minute, forget_oldest
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -56,9 +57,6 @@ CREATE_ERRORED = "create_errored"  # provider_code (and provider_status) of a dr
 # tags it names (droplet_create.yml: "Tag names can either be existing or new tags"). No colon: a user label
 # always becomes ``key:value``, so none can look like a batch tag.
 BATCH_PREFIX = "vmqueue-batch-"
-BATCH_S = 60
-BATCH_LOOKBACK = 30  # batches a read lists back from the current one to find droplets this process never saw
-KNOWN_MAX = 50_000  # droplet ids whose batch this process remembers (the oldest are forgotten first)
 
 # Every documented ``droplet.status`` (droplet.yml enum); ``archive`` is a destroyed droplet (libcloud).
 STATUS_MAP: dict[str, VMStatus] = {
@@ -310,7 +308,7 @@ class DigitalOceanProvider(Metered):
         droplets = self._list(batch)
         with self._lock:
             self._batch_sizes[batch] = len(droplets)
-            _forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
+            forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
         for droplet in droplets:
             self._learn(str(droplet["id"]), batch)
         return {str(d["id"]): d for d in droplets if str(d["id"]) in wanted}
@@ -334,7 +332,7 @@ class DigitalOceanProvider(Metered):
         with self._lock:
             self._batch_of.pop(instance_id, None)  # re-inserted: the newest, forgotten last
             self._batch_of[instance_id] = batch
-            _forget_oldest(self._batch_of, KNOWN_MAX)
+            forget_oldest(self._batch_of, KNOWN_MAX)
             if created and batch in self._batch_sizes:
                 self._batch_sizes[batch] += 1
 
@@ -379,17 +377,11 @@ class DigitalOceanProvider(Metered):
 
 def batch_tag(at_s: float) -> str:
     """The batch tag of a create sent at ``at_s`` (epoch seconds): its UTC minute, ``vmqueue-batch-YYYYMMDDHHMM``."""
-    return BATCH_PREFIX + time.strftime("%Y%m%d%H%M", time.gmtime(at_s - at_s % BATCH_S))
+    return BATCH_PREFIX + batch_minute(at_s)
 
 
 def _batch_tag_of(droplet: dict[str, Any]) -> str | None:
     return next((tag for tag in droplet.get("tags") or [] if tag.startswith(BATCH_PREFIX)), None)
-
-
-def _forget_oldest(entries: dict[str, Any], keep: int) -> None:
-    """Drop the oldest insertions of ``entries`` beyond ``keep`` (the caller holds the lock)."""
-    while len(entries) > keep:
-        del entries[next(iter(entries))]
 
 
 def _droplet_id(instance_id: str) -> int:

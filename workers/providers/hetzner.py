@@ -37,6 +37,7 @@ from vmqueue.options import HetznerOptions
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import OwnedResource
 from workers.providers.base import resolve_alias
+from workers.providers.batches import BATCH_LOOKBACK, BATCH_S, KNOWN_MAX, batch_minute, forget_oldest
 from workers.providers.errors import (
     AuthError,
     CapacityError,
@@ -64,11 +65,8 @@ PAGE_SIZE = 50  # the API's maximum per_page (API reference, "Pagination")
 # batches; the API documents no length limit for ``label_selector``, so a list names at most
 # ``SELECTOR_BATCHES`` of them (about 1 KiB of URL) and more batches take more lists.
 LABEL_BATCH = "vmqueue-batch"
-BATCH_S = 60
-BATCH_LOOKBACK = 30  # batches (minutes) a read lists back from the current one to find servers it never saw
 BATCH_AHEAD = 1  # and forward: a creating worker's clock may run ahead of the ticking one's
 SELECTOR_BATCHES = 64
-KNOWN_MAX = 50_000  # server ids whose batch this process remembers (the oldest are forgotten first)
 
 # Every documented ``server.status`` (spec: GET /servers ``status`` enum).
 STATUS_MAP: dict[str, VMStatus] = {
@@ -363,7 +361,7 @@ class HetznerProvider(Metered):
             if not next_page:
                 with self._lock:  # the whole list was read: each batch's size is known
                     self._batch_sizes.update({b: n for b, n in seen.items() if b in batches})
-                    _forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
+                    forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
                 return found
             if not findable or (last_page is not None and last_page - page >= len(findable)):
                 # Stopped early: a batch still holding servers sought may hold every server not read.
@@ -391,10 +389,10 @@ class HetznerProvider(Metered):
         with self._lock:
             self._batch_of.pop(server_id, None)  # re-inserted: the newest, forgotten last
             self._batch_of[server_id] = batch
-            _forget_oldest(self._batch_of, KNOWN_MAX)
+            forget_oldest(self._batch_of, KNOWN_MAX)
             if created and batch is not None:
                 self._batch_sizes[batch] = self._batch_sizes.get(batch, 0) + 1
-                _forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
+                forget_oldest(self._batch_sizes, BATCH_LOOKBACK * 4)
 
     def _adopt(self, name: str, job_id: str) -> VMInfo | None:
         """The server named ``name`` if this job created it; a foreign server of that name is an error."""
@@ -459,17 +457,11 @@ class HetznerProvider(Metered):
 
 def batch_label(at_s: float) -> str:
     """The batch label value of a create sent at ``at_s`` (epoch seconds): its UTC minute, ``YYYYMMDDHHMM``."""
-    return time.strftime("%Y%m%d%H%M", time.gmtime(at_s - at_s % BATCH_S))
+    return batch_minute(at_s)
 
 
 def _batch_of(labels: dict[str, str] | None) -> str | None:
     return (labels or {}).get(LABEL_BATCH)
-
-
-def _forget_oldest(entries: dict[Any, Any], keep: int) -> None:
-    """Drop the oldest insertions of ``entries`` beyond ``keep`` (the caller holds the lock)."""
-    while len(entries) > keep:
-        del entries[next(iter(entries))]
 
 
 def _server_id(instance_id: str) -> int:
