@@ -215,3 +215,19 @@ def test_vmq_wait_on_a_cancelled_job_exits_1(paused_queue, provisioner, ssh_key,
     assert not provisioner.get_job(job).succeeded
     result = CliRunner().invoke(app, ["wait", job, "--timeout", "5"], env={"REDIS_URL": test_env["REDIS_URL"]})
     assert result.exit_code == 1, result.output
+
+
+def test_vmq_cancel_and_extend_take_the_id_prefix_the_table_shows(paused_queue, provisioner, ssh_key, test_env):
+    """The job table shows 8 characters of an id; `vmq cancel` and `vmq extend` said "no job" for them."""
+    from typer.testing import CliRunner
+
+    from producer.cli import app
+
+    env = {"REDIS_URL": test_env["REDIS_URL"]}
+    job = provisioner.create_vm(spec(), ssh_key, ttl_s=3600)
+    extended = CliRunner().invoke(app, ["extend", job.id[:8], "--ttl", "7200"], env=env)
+    assert extended.exit_code == 0, extended.output
+    assert provisioner.get_job(job.id).expires_at > job.expires_at
+    cancelled = CliRunner().invoke(app, ["cancel", job.id[:8]], env=env)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert provisioner.get_job(job.id).state == JobState.cancelled

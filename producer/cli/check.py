@@ -26,7 +26,9 @@ def check(
         list[str], typer.Option("--provider", "-p", help=f"repeatable; default: all of {', '.join(PROVIDERS)}")
     ] = [],  # noqa: B006
 ) -> None:
-    """Check what a worker of each provider needs: settings, Redis, the SDK, credentials. Example:
+    """Check what a worker of each provider needs: settings, Redis, the SDK, credentials.
+
+    Example:
 
     vmq check --provider hetzner
     """

@@ -68,7 +68,9 @@ def create(
     timeout: TimeoutOpt = 900.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a VM. Example:
+    """Create a VM.
+
+    Example:
 
     vmq create -p hetzner --name web-1 --region fsn1 --type cx22 --image ubuntu-24.04 --fallback nbg1 --wait
 

@@ -59,7 +59,9 @@ def list_jobs(
     cursor: CursorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List jobs, newest first. Example: the 50 newest failed creates on AWS:
+    """List jobs, newest first.
+
+    Example, the 50 newest failed creates on AWS:
 
     vmq jobs --state failed --kind create --provider aws
     """
@@ -133,7 +135,8 @@ def cancel(
 
     client = provisioner()
     try:
-        job = client.cancel(job_id, by=by, reason=reason)
+        # A unique prefix of the id, as the job table shows it, names the job here as everywhere.
+        job = client.cancel(client.get_job(job_id).id, by=by, reason=reason)
         if wait:
             job = client.wait(job.id, timeout_s=timeout)
     except (JobNotFound, CancelRefused, JobTimeout) as exc:
@@ -159,7 +162,8 @@ def extend(
     from producer.control import ExtendRefused
 
     try:
-        job = provisioner().extend(job_id, ttl_s=ttl, expires_at=_when(expires_at, "--expires-at"))
+        client = provisioner()
+        job = client.extend(client.get_job(job_id).id, ttl_s=ttl, expires_at=_when(expires_at, "--expires-at"))
     except (JobNotFound, ExtendRefused) as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
