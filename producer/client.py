@@ -68,7 +68,7 @@ class Provisioner:
         ready_when: ReadyWhen | str = ReadyWhen.running,
         ready_deadline_s: float | None = None,
         ready_via: ReadyVia | str = ReadyVia.public,
-        ssh_port: int = 22,
+        ssh_port: int | None = None,
     ) -> Job:
         """Validate and enqueue a create; raises pydantic's ``ValidationError`` naming the bad field.
 

@@ -68,7 +68,7 @@ class VMFields(BaseModel):
     ready_when: ReadyWhen | None = Field(None, description="running (default), ssh or cloud_init: what apply waits for")
     ready_deadline_s: float | None = Field(None, gt=0, description="seconds from running to ready, else fail")
     ready_via: ReadyVia | None = Field(None, description="public (default) or private: the address SSH probes use")
-    ssh_port: int | None = Field(None, ge=1, le=65535, description="the port SSH probes use (default 22)")
+    ssh_port: int | None = Field(None, ge=1, le=65535, description="the port SSH probes use (default: the VM's, 22)")
 
 
 class VMEntry(VMFields):
@@ -216,7 +216,7 @@ def _expand(
                     ready_when=fields["ready_when"] or ReadyWhen.running,
                     ready_deadline_s=fields["ready_deadline_s"],
                     ready_via=fields["ready_via"] or ReadyVia.public,
-                    ssh_port=22 if fields["ssh_port"] is None else fields["ssh_port"],
+                    ssh_port=fields["ssh_port"],
                 )
             except ValidationError as exc:
                 for error in exc.errors():

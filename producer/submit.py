@@ -63,18 +63,18 @@ def build_create(
     ready_when: ReadyWhen | str = ReadyWhen.running,
     ready_deadline_s: float | None = None,
     ready_via: ReadyVia | str = ReadyVia.public,
-    ssh_port: int = 22,
+    ssh_port: int | None = None,
 ) -> tuple[Job, str | None]:
     """The create job and the user-data to send; raises pydantic's ``ValidationError`` naming the bad field.
 
     ``ready_when``: ``running`` ends the job when the provider says so; ``ssh`` when the VM's SSH
-    port (``ssh_port`` on its ``ready_via`` address) completes a key exchange; ``cloud_init`` when
-    cloud-init's final stage posts to ``VMQ_READY_BASE_URL`` (refused without it): the user-data
-    sent is then the user's script with a phone_home merged in, whose URL holds a per-job one-time
-    token. Not ready ``ready_deadline_s`` (default ``VMQ_READY_DEADLINE_S``) after running fails
-    the job and destroys the VM. The job records the VM's SSH host keys (``Job.host_keys``).
-    ValueError for a bad ``ttl_s``/``expires_at``; ``InvalidCallbackURL`` for a callback URL vmqueue
-    will not call.
+    port (``ssh_port`` on its ``ready_via`` address; default: where the VM says its sshd is, else 22)
+    completes a key exchange; ``cloud_init`` when cloud-init's final stage posts to
+    ``VMQ_READY_BASE_URL`` (refused without it): the user-data sent is then the user's script with
+    a phone_home merged in, whose URL holds a per-job one-time token. Not ready ``ready_deadline_s``
+    (default ``VMQ_READY_DEADLINE_S``) after running fails the job and destroys the VM. The job
+    records the VM's SSH host keys (``Job.host_keys``). ValueError for a bad ``ttl_s``/``expires_at``;
+    ``InvalidCallbackURL`` for a callback URL vmqueue will not call.
     """
     request = CreateRequest.model_validate(
         {

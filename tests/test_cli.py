@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from rich.console import Console
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from producer.cli import app
+from producer.cli.common import job_table, phase_lines
 from tests.conftest import KOMBU_KEYS
+from vmqueue.models import Job, JobKind, JobState, VMInfo, VMSpec, VMStatus
 from vmqueue.settings import get_settings
 
 runner = CliRunner()
@@ -74,3 +80,83 @@ def test_unknown_job_and_unknown_provider(cli_env):
     assert runner.invoke(app, ["job", "nope"]).exit_code == 1
     result = runner.invoke(app, ["worker", "--provider", "linode"])
     assert result.exit_code == 2 and "Unknown provider 'linode'" in result.output
+
+
+COMMANDS = sorted(get_command(app).commands)
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_reads_whole_in_80_columns(command):
+    # A newcomer's narrow terminal: typer's option table cut names and defaults to "--idempotency-…".
+    result = runner.invoke(app, [*([command] if command else []), "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_every_command_summary_fits_its_row_in_80_columns():
+    # A summary that wraps mid-sentence over lines of `vmq --help` reads as cut ("its VM is" / "destroyed").
+    lines = runner.invoke(app, ["--help"], env={"COLUMNS": "80"}).output.splitlines()
+    for name, command in get_command(app).commands.items():
+        summary = command.help.split("\n\n")[0].strip()
+        assert [line for line in lines if f" {name} " in line and summary in line], (name, summary)
+
+
+def _ssh_create(state: JobState = JobState.running, ready_when: str = "ssh") -> Job:
+    spec = VMSpec(provider="sim", name="ssh-1", region="sim-1", instance_type="small", image="debian-12")
+    vm = VMInfo(provider="sim", instance_id="sim-1", name="ssh-1", status=VMStatus.running, public_ipv4="127.88.0.2")
+    now = datetime.now(UTC)
+    return Job(
+        kind=JobKind.create,
+        provider="sim",
+        spec=spec,
+        state=state,
+        instance_id="sim-1",
+        vm=vm,
+        created_at=now - timedelta(seconds=5),
+        submitted_at=now - timedelta(seconds=5),
+        running_at=now,
+        ready_when=ready_when,
+    )
+
+
+def _table(job: Job) -> str:
+    console = Console(width=200, record=True, color_system=None)
+    console.print(job_table([job]))
+    return console.export_text()
+
+
+def test_a_create_awaiting_readiness_says_so_with_its_phases():
+    waiting = _ssh_create()
+    assert "│ running, awaiting ssh readiness │" in _table(waiting)
+    assert [line.split()[0] for line in phase_lines(waiting)] == ["queued", "submitted", "running", "awaiting"]
+    deadline = waiting.running_at + timedelta(seconds=waiting.ready_deadline_s)
+    assert phase_lines(waiting)[-1] == f"awaiting   ssh readiness (ready_timeout at {deadline:%H:%M:%S})"
+
+    ready = _ssh_create(JobState.ready)
+    ready.ready_at = ready.running_at + timedelta(seconds=4.5)
+    assert "│ ready │" in _table(ready) and "awaiting" not in _table(ready)
+    assert phase_lines(ready)[-1] == f"ready      {ready.ready_at:%H:%M:%S}  (ssh, 4.5s after running)"
+    plain = _ssh_create(ready_when="running")
+    assert "│ running │" in _table(plain) and phase_lines(plain)[-1].startswith("running ")
+
+
+def test_vmq_job_and_wait_show_the_phase_and_end_their_lines(cli_env):
+    from producer.client import Provisioner
+
+    store = Provisioner().store
+    waiting = store.add(_ssh_create())
+    shown = runner.invoke(app, ["job", waiting.id[:8]])
+    assert shown.exit_code == 0, shown.output
+    assert "awaiting" in shown.output and "awaiting   ssh readiness (ready_timeout at" in shown.output
+
+    ready = _ssh_create(JobState.ready)
+    ready.ready_at = ready.running_at + timedelta(seconds=2)
+    store.add(ready)
+    # `wait` on a finished job: the live table's last frame, in a pipe, then the phases on lines of their own.
+    waited = runner.invoke(app, ["wait", ready.id])
+    assert waited.exit_code == 0, waited.output
+    assert re.search(r"┘\nphases \(UTC\):\n  queued .*\n  submitted .*\n  running .*\n  ready ", waited.output)
+    gone = store.add(Job(kind=JobKind.destroy, provider="sim", instance_id="sim-1", state=JobState.gone))
+    waited = runner.invoke(app, ["wait", gone.id])
+    assert waited.exit_code == 0 and waited.output.endswith("┘\n"), repr(waited.output[-20:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ def test_demo_creates_and_destroys_on_the_simulated_cloud(redis, redis_url, redi
     # at its first NotFound, not after the 30 s consistency window (35.8 s for this demo before).
     # "absent": nothing listens there, so the demo starts (and stops) a private redis-server.
     env["REDIS_URL"] = redis_url if redis == "answers" else "redis://127.0.0.1:1/0"
+    env["COLUMNS"] = "200"  # every column whole: the rows are read below
     result = subprocess.run(
         [sys.executable, "-m", "producer.cli", "demo", "--count", "2", "--boot", "1"],
         cwd=ROOT,
@@ -31,3 +33,12 @@ def test_demo_creates_and_destroys_on_the_simulated_cloud(redis, redis_url, redi
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2/2 VMs reached running, 2/2 are gone." in result.stdout
     assert ("private redis-server" in result.stdout) == (redis == "absent")
+    # Both tables (as a pipe gets them: the last frame), one row per VM: its name and public address,
+    # on the destroy rows too (the destroy job's own read sees a deleting VM, without its public one).
+    created, destroyed = result.stdout.split("Destroying 2 VMs")
+    for table, kind, state in ((created, "create", "running"), (destroyed, "destroy", "gone")):
+        rows = [line for line in table.splitlines() if f"│ {kind} " in line]
+        assert len(rows) == 2, table
+        for row in rows:
+            assert re.search(rf"│ demo-\d+-[12] +│ {state} +│ sim-\d+ +│ 127\.88\.\d+\.\d+ +│", row), row
+    assert "(private)" not in result.stdout

@@ -24,8 +24,7 @@ def test_a_vm_past_its_ttl_is_destroyed_by_an_ordinary_destroy_job(sim_worker, p
     assert job.state == JobState.running and job.expires_at is not None
     assert [j.id for j in provisioner.list_vms().jobs] == [job.id]
     expired = wait_for(lambda: provisioner.get_job(job.id).expiry_job_id, 20, "expiry fired")
-    # The claim (expiry_job_id) is written a round trip before the destroy job's record (workers/expiry.py).
-    wait_for(lambda: provisioner.store.get(expired), 10, "the destroy job recorded")
+    # The claim (expiry_job_id) and the destroy job's record are one write: the id it names is a job.
     destroy = provisioner.wait(expired, timeout_s=30)
     assert destroy.kind == JobKind.destroy and destroy.state == JobState.gone
     assert destroy.instance_id == job.instance_id and f"create job {job.id} expired" in destroy.history[0].message
@@ -99,14 +98,19 @@ def test_checkers_racing_enqueue_one_destroy_per_vm_and_resume_after_a_crash(pro
     assert redis_client.zcard(f"vmq:idx:expires:{QUIET}") == 1  # only the one not due yet
     assert provisioner.get_job(later.id).expiry_job_id is None
 
-    # A checker that died after its claim (step 2) but before the destroy job: the next one finishes.
+    # A checker that died after its claim (step 2) but before sending the destroy job: the next one
+    # sends it. The claim never names a job that does not exist: the record came in the same write.
     crashed = _running(store, datetime.now(UTC) + timedelta(milliseconds=100))
     time.sleep(0.2)
     assert checkers[0]._claim(store.get(crashed.id))
-    assert store.get(destroy_id(crashed.id)) is None
-    assert checkers[1].run([QUIET]) == [destroy_id(crashed.id)]
-    destroy = store.get(destroy_id(crashed.id))
+    claimed = store.get(crashed.id).expiry_job_id
+    assert claimed == destroy_id(crashed.id)
+    recorded = store.get(claimed)
+    assert recorded is not None and recorded.kind == JobKind.destroy and recorded.enqueued_at is None
+    assert checkers[1].run([QUIET]) == [claimed]
+    destroy = store.get(claimed)
     assert destroy.state == JobState.queued and destroy.instance_id == crashed.instance_id
+    assert destroy.history == recorded.history  # recorded once, by the claim; not again by the resume
 
 
 def test_a_fleet_file_sets_expiry_for_its_vms(tmp_path: Path, ssh_key):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -57,7 +58,12 @@ def _sim_host_keys(sim, job) -> set[str]:
 
 def test_ssh_ready_records_host_keys_and_phases_at_no_api_cost(sim_worker, provisioner, sim, sim_host, ssh_key):
     plain = provisioner.create_vm(sim_spec("plain-1"), ssh_key)
-    public = [provisioner.create_vm(sim_spec(f"ssh-{i}"), ssh_key, ready_when="ssh", ssh_port=sim_host) for i in (1, 2)]
+    # ssh-2 names no port: its probes go where the sim reports the VM's sshd (VMInfo.ssh_port).
+    ports = ({"ssh_port": sim_host}, {})
+    public = [
+        provisioner.create_vm(sim_spec(f"ssh-{i}"), ssh_key, ready_when="ssh", **port)
+        for i, port in enumerate(ports, 1)
+    ]
     private = provisioner.create_vm(
         sim_spec("ssh-p"), ssh_key, ready_when="ssh", ready_via="private", ssh_port=sim_host
     )
@@ -76,6 +82,7 @@ def test_ssh_ready_records_host_keys_and_phases_at_no_api_cost(sim_worker, provi
         assert {k.sha256 for k in job.host_keys} <= _sim_host_keys(sim, job)
         # The probes are free: as many provider API calls as a job that stopped at running.
         assert job.api_calls == plain.api_calls
+        assert job.probe_port == sim_host and job.vm.ssh_port == sim_host
     # Off the schedule once settled (the scanner settles a batch of jobs, then unschedules them at once).
     wait_for(lambda: sim.redis.zcard(keys.READY_DUE) + sim.redis.hlen(keys.READY_TARGETS) == 0, 10, "unscheduled")
 
@@ -207,13 +214,16 @@ def test_cli_create_wait_returns_once_ready_and_prints_host_keys(
     cli_env, sim_worker, sim, sim_host, redis_client, ssh_key
 ):
     create = ["create", "-p", "sim", "--region", "sim-1", "--type", "small", "--image", "debian-12"]
-    ssh = ["--ssh-key", ssh_key, "--ready-when", "ssh", "--ssh-port", str(sim_host), "--wait", "--timeout", "30"]
+    # No --ssh-port, as the README's steps: the probes go where the sim says its VM's sshd is.
+    ssh = ["--ssh-key", ssh_key, "--ready-when", "ssh", "--wait", "--timeout", "30"]
     result = cli.invoke(cli_app, [*create, "--name", "cli-ready-1", *ssh])
     assert result.exit_code == 0, result.output
     job = _only_job(redis_client)  # as the CLI left it: ready, not running
     _ready_after_running(job)
-    # What it printed: the ready phase and the host keys (type and SHA256 fingerprint) of this VM.
-    assert "ready (ssh) at" in result.output and "s after running" in result.output
+    assert job.ssh_port is None and job.probe_port == sim_host and f"port {sim_host}" in job.history[-1].message
+    # What it printed: the phases with their times, and the host keys (type, SHA256 fingerprint) of this VM.
+    phases = r"\n  running +\d\d:\d\d:\d\d\n  ready +\d\d:\d\d:\d\d  \(ssh, [\d.]+s after running\)"
+    assert re.search(phases, result.output)
     for key in job.host_keys:
         assert f"host key {key.type} {key.sha256}" in result.output
     assert {k.sha256 for k in job.host_keys} <= _sim_host_keys(sim, job)

@@ -485,6 +485,39 @@ class JobStore:
             fence.seen = written[-1]
         return job
 
+    def update_adding(self, job_id: str, change: Callable[[Job], Job | None]) -> tuple[Job, Job | None]:
+        """``update``, where ``change`` may return a new job to record in the same MULTI/EXEC: no
+        reader sees the changed record name a job whose record does not exist yet (the expiry's claim
+        names its destroy job, workers/expiry.py). Returns the changed job and the one recorded, if any.
+
+        WATCH/MULTI on a fresh read, retried on a race; not fenced by a step's lease (its caller holds
+        the job's lease outside any step). ``KeyError`` when the job does not exist.
+        """
+        key = keys.job_key(job_id)
+        made: list[Job | None] = []
+        written: list[str] = []
+
+        def attempt(pipe: redis.client.Pipeline) -> Job:
+            raw = pipe.get(key)
+            if raw is None:
+                raise KeyError(job_id)
+            made.clear()
+            job, new_raw, event, ops = self._changed(job_id, raw, lambda j: made.append(change(j)))
+            pipe.multi()
+            pipe.set(key, new_raw, keepttl=True)
+            if event:
+                queue_event(pipe, job_id, event, self.settings)
+            jobindex.apply(pipe, job_id, ops)
+            if made[-1] is not None:
+                add_keys, args = add_arguments(made[-1], None, self.settings)
+                self._add(keys=add_keys, args=args, client=pipe)  # queued in the MULTI (loaded before it)
+            written.append(new_raw)
+            return job
+
+        job = self.redis.transaction(attempt, key, value_from_callable=True)
+        self._remember(job_id, written[-1])
+        return job, made[-1]
+
     @staticmethod
     def _changed(job_id: str, raw: str, change: Callable[[Job], None]) -> tuple[Job, str, str, list[jobindex.Op]]:
         """The changed job, its record, its event as JSON ("" when neither state, cleanup nor a cancel

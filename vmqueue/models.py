@@ -386,7 +386,9 @@ class CreateRequest(BaseModel):
     ready_when: ReadyWhen = Field(ReadyWhen.running, description="running (default), ssh or cloud_init")
     ready_deadline_s: float | None = Field(None, gt=0, le=86_400, description="seconds from running to ready")
     ready_via: ReadyVia = Field(ReadyVia.public, description="the address SSH probes use: public or private")
-    ssh_port: int = Field(22, ge=1, le=65535, description="the port SSH probes use")
+    ssh_port: int | None = Field(
+        None, ge=1, le=65535, description="the port SSH probes use (default: the VM's sshd port, 22 on stock images)"
+    )
 
     @model_validator(mode="after")
     def _script_fits(self, info: ValidationInfo) -> CreateRequest:
@@ -430,6 +432,9 @@ class VMInfo(BaseModel):
     image: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     created_at: datetime | None = None
+    # Where the VM's sshd listens, when the provider knows (the sim: its host's sshd, VMQ_SIM_SSH_PORT);
+    # None: wherever the image puts it, 22 on every stock image. SSH probes go here unless the job says.
+    ssh_port: int | None = None
 
 
 class JobKind(StrEnum):
@@ -628,7 +633,7 @@ class Job(BaseModel):
     ready_when: ReadyWhen = ReadyWhen.running
     ready_deadline_s: float = 600.0  # from running_at
     ready_via: ReadyVia = ReadyVia.public
-    ssh_port: int = 22
+    ssh_port: int | None = None  # None: the VM's sshd port (VMInfo.ssh_port), else 22; see probe_port
     running_at: datetime | None = None  # the worker saw the provider report the VM running
     ready_at: datetime | None = None  # ready_when was met (ssh answered, cloud-init phoned home)
     phoned_home_at: datetime | None = None  # cloud-init's post arrived (possibly before running was seen)
@@ -641,6 +646,12 @@ class Job(BaseModel):
     def awaiting_ready(self) -> bool:
         """Running, and ``ready_when`` asks for more: the job goes on to ``ready`` (or fails)."""
         return self.state == JobState.running and self.ready_when != ReadyWhen.running
+
+    @property
+    def probe_port(self) -> int:
+        """The port SSH readiness probes use: the job's ``ssh_port``, else the port the VM reports its
+        sshd on (``VMInfo.ssh_port``: the sim's), else 22."""
+        return self.ssh_port or (self.vm.ssh_port if self.vm else None) or 22
 
     @property
     def final(self) -> bool:

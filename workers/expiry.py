@@ -15,8 +15,9 @@ Exactly one destroy job per expiry, whatever crashes or how many workers check a
 1. the checker takes the create job's lease (another checker, or the job's own step, skips it);
 2. claims the expiry by compare-and-set: ``expiry_job_id`` = ``<job id>-expiry``, only while the
    job is still due (``Provisioner.extend`` refuses once it is set, so an extend either moved the
-   time before, or fails after);
-3. records the destroy job under that id (unless a crashed checker did) and sends its message;
+   time before, or fails after), and records the destroy job under that id in the same MULTI/EXEC
+   (``JobStore.update_adding``): whoever reads the claim finds the job it names (``vmq job``);
+3. sends the destroy job's message;
 4. marks ``expired_at``, which takes the job off the schedule. A checker that died between 2 and 4
    leaves the job on it, and the next check picks up at step 3 (a second message for one destroy
    job is harmless: the step's lease and due time drop it).
@@ -82,31 +83,37 @@ class Expiry:
         """Step 2; False when the job is no longer due (extended, cancelled, destroyed meanwhile)."""
         claimed: list[bool] = []
 
-        def claim(j: Job) -> None:
+        def claim(j: Job) -> Job | None:
             claimed.clear()
             if not expiry_due(j) or j.expires_at > utcnow():
-                return
+                return None
             claimed.append(True)
-            if j.expiry_job_id is None:
-                j.expiry_job_id = destroy_id(j.id)
-                j.record(f"expired at {j.expires_at:%Y-%m-%d %H:%M:%S} UTC: destroy job {j.expiry_job_id}")
+            if j.expiry_job_id is not None:
+                return None  # claimed (and recorded) by a checker that died before step 4
+            j.expiry_job_id = destroy_id(j.id)
+            j.record(f"expired at {j.expires_at:%Y-%m-%d %H:%M:%S} UTC: destroy job {j.expiry_job_id}")
+            return self._destroy_job(j)
 
-        self.store.update(job.id, claim)
+        self.store.update_adding(job.id, claim)
         return bool(claimed)
+
+    def _destroy_job(self, job: Job) -> Job:
+        """The destroy job of ``job``'s expiry, as step 2 records it (not runnable until published)."""
+        destroy = Job(
+            id=destroy_id(job.id),
+            kind=JobKind.destroy,
+            provider=job.provider,
+            instance_id=job.instance_id,
+            deadline_s=self.settings.deadline_s,
+        )
+        destroy.record(f"the VM of create job {job.id} expired at {job.expires_at:%Y-%m-%d %H:%M:%S} UTC")
+        return destroy
 
     def _enqueue(self, job: Job) -> str:
         """Steps 3 and 4."""
         destroy = self.store.get(job.expiry_job_id)
-        if destroy is None:
-            destroy = Job(
-                id=job.expiry_job_id,
-                kind=JobKind.destroy,
-                provider=job.provider,
-                instance_id=job.instance_id,
-                deadline_s=self.settings.deadline_s,
-            )
-            destroy.record(f"the VM of create job {job.id} expired at {job.expires_at:%Y-%m-%d %H:%M:%S} UTC")
-            self.store.add(destroy)
+        if destroy is None:  # a claim written before claims carried their record
+            destroy = self.store.add(self._destroy_job(job))
         self.publish(destroy)
         self.store.update(job.id, lambda j: setattr(j, "expired_at", utcnow()))
         log.info(

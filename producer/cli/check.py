@@ -26,7 +26,9 @@ def check(
         list[str], typer.Option("--provider", "-p", help=f"repeatable; default: all of {', '.join(PROVIDERS)}")
     ] = [],  # noqa: B006
 ) -> None:
-    """Check what a worker of each provider needs: settings, Redis, the SDK, credentials.
+    """Check a worker's needs here: settings, Redis, SDK, credentials.
+
+    For each provider given (default: all), what its worker needs on this machine.
 
     Example:
 

@@ -6,6 +6,9 @@ It imports no command module, so each command module can import it without a cyc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,12 +20,15 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from vmqueue.models import PROVIDERS, Job, JobState, VMInfo
+from vmqueue.models import PROVIDERS, Job, JobKind, JobState, VMInfo
+from vmqueue.readiness import ReadyWhen
 
 console = Console()
 err = Console(stderr=True)
 
 SUCCESS = {JobState.running, JobState.ready, JobState.gone, JobState.done}
+# What a running create with ready_when ssh / cloud_init still waits for (its state alone says "running").
+AWAITING = {ReadyWhen.ssh: "ssh readiness", ReadyWhen.cloud_init: "cloud-init's phone-home"}
 ProviderOpt = Annotated[str, typer.Option("--provider", "-p", help=f"one of: {', '.join(PROVIDERS)}")]
 WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="follow the job live until it ends")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait at most")]
@@ -105,27 +111,64 @@ def reachable_address(vm: VMInfo | None) -> str:
     return f"{vm.private_ipv4} (private)" if vm.private_ipv4 else ""
 
 
-def job_table(jobs: list[Job]) -> Table:
+def public_address(vm: VMInfo | None) -> str:
+    """The VM's public address (IPv4, else IPv6), else "-": what the demo shows on every row alike."""
+    return (vm.public_ipv4 or vm.public_ipv6 or "-") if vm else "-"
+
+
+def state_label(job: Job) -> str:
+    """The state as a person reads it: a create that runs but still waits for ``ready_when`` says
+    what for (``running, awaiting ssh readiness``), not a bare ``running`` that looks finished."""
+    if job.awaiting_ready:
+        return f"{job.state}, awaiting {AWAITING[job.ready_when]}"
+    return str(job.state)
+
+
+def job_table(
+    jobs: list[Job],
+    vms: Mapping[str, VMInfo] | None = None,
+    address: Callable[[VMInfo | None], str] = reachable_address,
+) -> Table:
+    """One row per job. ``vms``: by job id, the VM to show instead of the job's own (a destroy job's
+    VM as its create saw it running), for the name and address; ``address`` picks the address."""
     table = Table(expand=False)
-    for column in ("job", "kind", "provider", "name", "state", "instance", "address"):
+    for column in ("job", "kind", "provider", "name"):
+        table.add_column(column, no_wrap=True)
+    # May wrap (a narrow terminal): "running, awaiting ssh readiness" over lines, never cut to "runn…".
+    table.add_column("state", min_width=len("readiness") if any(job.awaiting_ready for job in jobs) else None)
+    for column in ("instance", "address"):
         table.add_column(column, no_wrap=True)
     table.add_column("error")
     for job in jobs:
-        colour = "green" if job.state in SUCCESS else "red" if job.state == JobState.failed else "yellow"
+        colour = "red" if job.state == JobState.failed else "yellow"
+        if job.state in SUCCESS and not job.awaiting_ready:
+            colour = "green"
         error = f"{job.error.code}: {job.error.message}" if job.error else ""
         if job.cleanup:
             error += f" (cleanup {job.cleanup})"
+        vm = (vms or {}).get(job.id) or job.vm
         table.add_row(
             job.id[:8],
             job.kind,
             job.provider,
-            (job.spec.name if job.spec else None) or (job.vm.name if job.vm else ""),
-            f"[{colour}]{job.state}[/]",
+            (job.spec.name if job.spec else None) or (vm.name if vm else None) or "",
+            f"[{colour}]{state_label(job)}[/]",
             job.instance_id or "",
-            Text(reachable_address(job.vm)),  # as text: rich would read ":abcd:" in an IPv6 address as an emoji
+            Text(address(vm)),  # as text: rich would read ":abcd:" in an IPv6 address as an emoji
             error,
         )
     return table
+
+
+@contextmanager
+def live(renderable: Any, out: Console | None = None) -> Iterator[Live]:
+    """A live display of ``renderable`` that ends its last line: rich prints the final frame once
+    when stdout is no terminal (a pipe, a CI log) and leaves that frame without its newline."""
+    out = out or console
+    with Live(renderable, console=out, refresh_per_second=4) as shown:
+        yield shown
+    if not out.is_terminal:
+        out.line()
 
 
 def finish(job: Job, wait: bool, timeout: float, as_json: bool) -> None:
@@ -146,10 +189,10 @@ def finish(job: Job, wait: bool, timeout: float, as_json: bool) -> None:
             if as_json:
                 job = client.wait(job.id, timeout_s=timeout, on_update=tell)
             else:
-                with Live(job_table([job]), console=console, refresh_per_second=4) as live:
+                with live(job_table([job])) as shown:
 
                     def update(current: Job) -> None:
-                        live.update(job_table([current]))
+                        shown.update(job_table([current]))
                         tell(current)
 
                     job = client.wait(job.id, timeout_s=timeout, on_update=update)
@@ -171,11 +214,37 @@ def finish(job: Job, wait: bool, timeout: float, as_json: bool) -> None:
         raise typer.Exit(1)
 
 
+def _at(moment: datetime) -> str:
+    return f"{moment:%H:%M:%S}"
+
+
+def phase_lines(job: Job) -> list[str]:
+    """A create's phases with the times its record holds: queued, submitted, running, then ready or
+    what it still awaits (with the time its readiness deadline fails it). Empty for other kinds."""
+    if job.kind != JobKind.create:
+        return []
+    lines = [f"queued     {_at(job.created_at)}"]
+    if job.submitted_at is not None:
+        lines.append(f"submitted  {_at(job.submitted_at)}")
+    if job.running_at is not None:
+        lines.append(f"running    {_at(job.running_at)}")
+    if job.ready_at is not None:
+        after = f", {(job.ready_at - job.running_at).total_seconds():.1f}s after running" if job.running_at else ""
+        lines.append(f"ready      {_at(job.ready_at)}  ({job.ready_when}{after})")
+    elif job.awaiting_ready and job.running_at is not None:
+        deadline = job.running_at.timestamp() + job.ready_deadline_s
+        until = datetime.fromtimestamp(deadline, job.running_at.tzinfo)
+        lines.append(f"awaiting   {AWAITING[job.ready_when]} (ready_timeout at {_at(until)})")
+    return lines
+
+
 def print_readiness(job: Job) -> None:
-    """The ready phase and the host keys read on the way (``ready_when`` ssh / cloud_init), so a
-    caller can fill known_hosts instead of trusting the first connection."""
-    if job.ready_at is not None and job.running_at is not None:
-        after = (job.ready_at - job.running_at).total_seconds()
-        console.print(f"ready ({job.ready_when}) at {job.ready_at:%H:%M:%S}, {after:.1f}s after running")
+    """A create's phases with their times (UTC), and the host keys read on the way (``ready_when``
+    ssh / cloud_init), so a caller can fill known_hosts instead of trusting the first connection."""
+    lines = phase_lines(job)
+    if lines:
+        console.print("phases (UTC):", highlight=False)
+    for line in lines:
+        console.print(f"  {line}", highlight=False)
     for key in job.host_keys:
         console.print(f"  host key {key.type} {key.sha256}", highlight=False)

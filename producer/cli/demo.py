@@ -19,13 +19,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.live import Live
 
 from producer.cli.common import console as cli_console
-from producer.cli.common import job_table
+from producer.cli.common import job_table, live, public_address
 from producer.cli.worker import worker_argv
 from vmqueue.connection import answers
-from vmqueue.models import Job
+from vmqueue.models import Job, VMInfo
 from vmqueue.settings import Settings, get_settings
 from vmqueue.sshkeys import throwaway_public_key
 
@@ -111,14 +110,19 @@ def _stop(process: subprocess.Popen) -> None:
             process.kill()
 
 
-def _follow(provisioner, jobs: list[Job], console: Console, title: str, timeout_s: float) -> list[Job]:
-    with Live(job_table(jobs), console=console, refresh_per_second=4) as live:
+def _follow(
+    provisioner, jobs: list[Job], console: Console, title: str, timeout_s: float, vms: dict[str, VMInfo] | None = None
+) -> list[Job]:
+    """Show ``jobs`` live until each is finished; every row names its VM and its public address (or
+    "-", never a private one: a booting or deleting sim VM reports only that). ``vms``, by destroy
+    job id: the VM as its create saw it running, which a destroy job's own reads may never see."""
+    with live(job_table(jobs, vms, public_address), console) as shown:
         deadline = time.monotonic() + timeout_s
         while True:
             jobs = [provisioner.get_job(job.id) for job in jobs]
-            table = job_table(jobs)
+            table = job_table(jobs, vms, public_address)
             table.title = title
-            live.update(table)
+            shown.update(table)
             if all(job.finished for job in jobs) or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
@@ -160,7 +164,10 @@ def run_demo(console: Console, count: int, boot_s: float, redis_url: str) -> int
         created = _follow(provisioner, created, console, f"Creating {count} VMs on the simulated cloud", 120)
         running = [job for job in created if job.state == "running"]
         destroyed = [provisioner.destroy_vm("sim", job.instance_id) for job in running]
-        destroyed = _follow(provisioner, destroyed, console, f"Destroying {len(running)} VMs", 120)
+        # The VM as its create last saw it running: its name and public address stay on its row while
+        # the destroy job's own reads see it deleting (no public address) or not at all (gone at once).
+        seen = {destroy.id: create.vm for destroy, create in zip(destroyed, running, strict=True) if create.vm}
+        destroyed = _follow(provisioner, destroyed, console, f"Destroying {len(running)} VMs", 120, seen)
         gone = sum(job.state == "gone" for job in destroyed)
         ok = len(running) == count and gone == count
         colour = "green" if ok else "red"
@@ -173,7 +180,7 @@ def demo(
     count: Annotated[int, typer.Option(min=1, max=50, help="how many VMs")] = 5,
     boot: Annotated[float, typer.Option(help="simulated boot time, seconds")] = 4.0,
 ) -> None:
-    """The main job on the embedded default: create VMs on the simulated cloud, watch them run, destroy them.
+    """Create VMs on the simulated cloud, watch them run, destroy them.
 
     Uses REDIS_URL if a Redis answers there, otherwise starts a private redis-server; starts a sim
     worker, and stops everything it started.

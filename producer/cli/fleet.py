@@ -36,10 +36,11 @@ def apply(
     timeout: TimeoutOpt = 900.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create every VM of a fleet file that does not exist yet; re-running it creates nothing new.
+    """Create the VMs of a fleet file that do not exist yet.
 
-    The whole file is validated first: every problem is listed with its line, and nothing is
-    enqueued. Exit 0 when every VM is running (and ready, where its ready_when asks), 1 otherwise.
+    Re-running it creates nothing new. The whole file is validated first: every problem is listed
+    with its line, and nothing is enqueued. Exit 0 when every VM is running (and ready, where its
+    ready_when asks), 1 otherwise.
     """
     fleet = _load(fleet_file)
     runner = FleetRunner(provisioner(), fleet.name)

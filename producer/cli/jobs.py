@@ -43,27 +43,34 @@ def create(
         str | None, typer.Option(help="public key file or key line; default ~/.ssh/id_ed25519.pub")
     ] = None,
     script: Annotated[Path | None, typer.Option(help="startup script file (shell or #cloud-config)")] = None,
-    label: Annotated[list[str], typer.Option(help="key=value, repeatable")] = [],  # noqa: B006
-    option: Annotated[list[str], typer.Option(help="provider option key=value, repeatable")] = [],  # noqa: B006
+    label: Annotated[list[str], typer.Option(metavar="K=V", help="key=value, repeatable")] = [],  # noqa: B006
+    option: Annotated[list[str], typer.Option(metavar="K=V", help="provider option key=value, repeatable")] = [],  # noqa: B006
     idempotency_key: Annotated[str | None, typer.Option(help="the same key never creates twice")] = None,
     deadline: Annotated[float | None, typer.Option(help="seconds until running, else fail and destroy")] = None,
     ttl: Annotated[float | None, typer.Option(help="destroy the VM this many seconds from now")] = None,
     ready_when: Annotated[
-        ReadyWhen, typer.Option(help="what ends the job (and --wait): running, ssh (sshd answers) or cloud_init")
+        ReadyWhen,
+        typer.Option(metavar="WHEN", help="what ends the job (and --wait): running, ssh (sshd answers) or cloud_init"),
     ] = ReadyWhen.running,
     ready_deadline: Annotated[float | None, typer.Option(help="seconds from running to ready, else fail")] = None,
-    ready_via: Annotated[ReadyVia, typer.Option(help="the address SSH probes use")] = ReadyVia.public,
-    ssh_port: Annotated[int, typer.Option(help="the port SSH probes use")] = 22,
-    fallback: Annotated[
-        list[str], typer.Option(help="REGION or REGION:TYPE to try next when there is no capacity, repeatable")
-    ] = [],  # noqa: B006
-    destroy_on_failure: Annotated[
-        bool | None,
-        typer.Option(
-            "--destroy-on-failure/--keep-on-failure",
-            help="destroy the VM of a failed create (default: VMQ_DESTROY_ON_FAILURE, true)",
-        ),
+    ready_via: Annotated[
+        ReadyVia, typer.Option(metavar="VIA", help="the address SSH probes use: public or private")
+    ] = ReadyVia.public,
+    ssh_port: Annotated[
+        int | None, typer.Option(help="the port SSH probes use (default: the VM's sshd port: 22, the sim's 2222)")
     ] = None,
+    fallback: Annotated[
+        list[str],
+        typer.Option(metavar="REGION", help="REGION or REGION:TYPE to try next when there is no capacity, repeatable"),
+    ] = [],  # noqa: B006
+    # Two flags, not one --destroy-on-failure/--keep-on-failure pair: the pair's two columns squeeze
+    # the help of every option to a few characters in an 80-column terminal.
+    keep_on_failure: Annotated[
+        bool, typer.Option("--keep-on-failure", help="keep the VM of a failed create (default: VMQ_DESTROY_ON_FAILURE)")
+    ] = False,
+    destroy_on_failure: Annotated[
+        bool, typer.Option("--destroy-on-failure", help="destroy it even if VMQ_DESTROY_ON_FAILURE=false")
+    ] = False,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = 900.0,
     as_json: JsonOpt = False,
@@ -77,6 +84,8 @@ def create(
     With --ready-when ssh, --wait returns once sshd answers (the job lists the host keys).
     """
     try:
+        if keep_on_failure and destroy_on_failure:
+            raise ValueError("give --keep-on-failure or --destroy-on-failure, not both")
         spec = {
             "provider": provider,
             "name": name,
@@ -99,7 +108,7 @@ def create(
             ready_via=ready_via,
             ssh_port=ssh_port,
             ttl_s=ttl,
-            destroy_on_failure=destroy_on_failure,
+            destroy_on_failure=False if keep_on_failure else True if destroy_on_failure else None,
         )
     except (ValidationError, ValueError, OSError) as exc:
         raise bad_input(exc) from None
@@ -114,7 +123,10 @@ def get(
     timeout: TimeoutOpt = 120.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Read one VM's status and addresses (through a worker, like every provider call)."""
+    """Read one VM's status and addresses, through a worker.
+
+    Like every provider call, the read is a job a worker of that provider runs.
+    """
     try:
         job = provisioner().get_vm(provider, instance_id)
     except (ValidationError, ValueError) as exc:
@@ -131,7 +143,9 @@ def destroy(
     as_json: JsonOpt = False,
     fleet: Annotated[Path | None, typer.Option(help="destroy every VM this fleet file created (and wait)")] = None,
 ) -> None:
-    """Destroy a VM and what vmqueue created with it; an already gone VM counts as destroyed.
+    """Destroy a VM and what vmqueue created with it.
+
+    An already gone VM counts as destroyed.
 
     vmq destroy PROVIDER INSTANCE_ID, or vmq destroy --fleet fleet.yaml
     """
@@ -150,7 +164,10 @@ def destroy(
 
 @app.command()
 def job(job_id: str, as_json: JsonOpt = False) -> None:
-    """Show a job: state, VM, error, and its history."""
+    """Show a job: state, VM, error, phases and history.
+
+    A create with --ready-when ssh or cloud_init shows "running, awaiting ..." until it is ready.
+    """
     from producer.client import JobNotFound
 
     try:
@@ -169,7 +186,7 @@ def job(job_id: str, as_json: JsonOpt = False) -> None:
 
 @app.command("wait")
 def wait_cmd(job_id: str, timeout: TimeoutOpt = 900.0, as_json: JsonOpt = False) -> None:
-    """Follow a job until it ends; exit 0 if it succeeded, 1 if it failed or timed out."""
+    """Follow a job until it ends; exit 0 if it succeeded, else 1."""
     from producer.client import JobNotFound
 
     try:

@@ -88,7 +88,7 @@ def list_vms(
     cursor: CursorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the VMs vmqueue manages (created and not destroyed), newest first."""
+    """List the VMs vmqueue manages (not destroyed), newest first."""
     try:
         query = _filters(state=state, provider=provider, name=name, label=label, fleet=fleet, since=since, until=until)
         page = provisioner().list_vms(query, limit=limit, cursor=cursor)
@@ -128,8 +128,11 @@ def cancel(
     timeout: TimeoutOpt = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Take a job back: a queued one never runs; a create in flight ends cancelled and its VM is
-    destroyed; a destroy cannot be cancelled once its delete was sent. Exit 1 if refused."""
+    """Take a job back (a create's VM is destroyed); exit 1 if refused.
+
+    A queued job never runs; a create in flight ends cancelled and its VM is destroyed; a destroy
+    cannot be cancelled once its delete was sent.
+    """
     from producer.client import JobNotFound, JobTimeout
     from producer.control import CancelRefused
 
@@ -157,7 +160,10 @@ def extend(
     expires_at: Annotated[str | None, typer.Option(help="destroy the VM at this time (ISO 8601 with a zone)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Move the time a VM created with --ttl (or expires_at in the API) is destroyed; exit 1 if it expired."""
+    """Move the time a VM created with --ttl is destroyed.
+
+    Also for expires_at set through the API. Exit 1 if the VM expired already.
+    """
     from producer.client import JobNotFound
     from producer.control import ExtendRefused
 

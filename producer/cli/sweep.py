@@ -45,8 +45,9 @@ def sweep(
     timeout: TimeoutOpt = 300.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the VMs carrying vmqueue's ownership label and compare them with the job store.
+    """Find (and on a later pass destroy) VMs no live job owns.
 
+    Lists the VMs carrying vmqueue's ownership label and compares them with the job store.
     A VM no live job owns is reported on a first pass and remembered.
     A later pass, at least --delay seconds after, destroys it if it is still orphaned.
     Example, a sweep every 10 minutes:

@@ -50,8 +50,11 @@ def watch(
     after: Annotated[str | None, typer.Option(help="resume after this event id (as printed by --json)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Follow job events live: the given jobs from their first event until each is finished (exit 1
-    if any failed), or with no JOB_ID every job's changes from now on, until Ctrl-C."""
+    """Follow job events live; with no JOB_ID, every job's.
+
+    The given jobs from their first event until each is finished (exit 1 if any failed), or with no
+    JOB_ID every job's changes from now on, until Ctrl-C.
+    """
     client = provisioner()
     known = []
     for job_id in job_ids or []:

@@ -17,7 +17,10 @@ def web(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
 ) -> None:
-    """Serve the HTTP API (POST /vms, GET /jobs/ID, ...; OpenAPI at /docs). Keys from VMQ_API_KEYS."""
+    """Serve the HTTP API (POST /vms, GET /jobs/ID, ...).
+
+    OpenAPI at /docs. API keys come from VMQ_API_KEYS.
+    """
     try:
         import uvicorn
     except ImportError:

@@ -33,8 +33,11 @@ def worker(
     ] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
-    """Run a worker for one provider's queue (wraps `celery -A workers.app worker -Q vmq.<provider>`),
-    or with --webhooks the worker that delivers webhooks (its own queue: a slow receiver delays no job)."""
+    """Run a worker for one provider's queue, or the webhook worker.
+
+    Wraps `celery -A workers.app worker -Q vmq.<provider>`. With --webhooks: the worker that delivers
+    webhooks (its own queue: a slow receiver delays no job).
+    """
     if webhooks == (provider is not None):
         err.print("[red]Give --provider NAME or --webhooks[/]")
         raise typer.Exit(2)

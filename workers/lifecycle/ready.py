@@ -53,7 +53,7 @@ class ReadySteps(Steps):
             provider=job.provider,
             mode=job.ready_when,
             host=host,
-            port=job.ssh_port,
+            port=job.probe_port,
             deadline=since + job.ready_deadline_s,
             since=since,
         )
@@ -79,7 +79,7 @@ class ReadySteps(Steps):
             try:
                 with self.store.fenced(job_id, lease, self.settings.step_lease_s):
                     if job is not None and job.awaiting_ready:
-                        self._become_ready(job, host_keys, f"ssh answered on {job.ready_via} port {job.ssh_port}")
+                        self._become_ready(job, host_keys, f"ssh answered on {job.ready_via} port {job.probe_port}")
                 done.append(job_id)
             except InvalidTransition:  # LeaseLost included: another delivery acts on the job
                 pass  # its entry stays: the scanner lets it go, and its lease brings it back if still needed

@@ -384,6 +384,7 @@ class SimProvider(Metered):
             image=record["image"],
             labels=json.loads(record["labels"]),
             created_at=datetime.fromtimestamp(int(record["created_ms"]) / 1000, UTC),
+            ssh_port=int(record["ssh_port"]) if record.get("ssh_port") else None,  # where the sim host's sshd is
         )
 
     @staticmethod
