@@ -5,7 +5,9 @@ call, page sizes, its buckets enforced with 429 and Retry-After, its rate-limit 
 spends the same budget from its side. Measures, in one run per profile, on a private redis-server:
   wall      time from the first enqueue (one ``create_vms`` call) until every VM is running
   floor     max(boot, the time the profile's buckets need for the unavoidable requests: one create
-            each, one read per page of VMs, and the reads per VM an adapter makes as it settles)
+            each, one read per page of VMs, and the reads that learn the VMs' addresses as they
+            settle: per VM (OCI), or once per read as lists of the group when fewer (Azure, at least one
+            read's lists))
   ratio     wall / floor (goal <= 1.10), and requests the simulated API refused with 429 (goal 0)
   last create  when the last create went out (beside the time the buckets need for the creates
             alone), and the time from it until all were running (its boot, then the tick that saw it)
@@ -60,13 +62,15 @@ def floor_s(profile: Profile, vms: int, boot_s: float) -> tuple[float, float]:
     """(the issue's floor, the bound) for ``vms`` creates.
 
     The floor: max(boot, the time the buckets need for the unavoidable requests: one create each, one
-    read per page of VMs, the reads per VM an adapter makes as it settles). The bound adds what no
+    read per page of VMs, the reads that learn the VMs' addresses as they settle, ``settle_requests``:
+    per VM, or a group's lists once if every VM were seen settling in one read). The bound adds what no
     client can avoid either: a VM is read only once it booted, so the last create's VM boots before a
     read sees it (the creates' time + boot), and no read of a settled VM goes before the first boot
     (boot + the reads' time).
     """
     creates = list(profile.calls["create"]) * vms
-    reads = list(profile.calls["get_many"]) * math.ceil(vms / profile.page_size) + list(profile.settle_reads) * vms
+    reads = list(profile.calls["get_many"]) * math.ceil(vms / profile.page_size)
+    reads += profile.settle_requests(vms, vms)  # the fewest: every VM seen settling in one read
     floor = max(boot_s, _request_s(profile, creates + reads))
     return floor, max(floor, _request_s(profile, creates) + boot_s, boot_s + _request_s(profile, reads))
 

@@ -22,6 +22,9 @@ the VM request); tick cost independent of the long-lived VMs (ratio 1.00).
             of the read budgets (a page weighs five GETs); a fresh process takes the list for one page
             until a list counted its pages: the second tick of one process (5 s or more after the
             first, as Compute's per-VM budget wants) shows the choice made with the count
+  azure settle  one ``get_vms`` of --inflight VMs that all read running in it: their addresses come from
+            their group's NIC and public IP lists (a page each), not 2 GETs per VM (3 before issue 15's
+            lists); reads (GET) and writes (each VM's OS disk tagged, one PATCH) apart
 
     python -m bench.wire                           # 100 in flight, 0 and 5,000 long-lived
     python -m bench.wire --fleet 300 --inflight 10 # a quick look
@@ -56,6 +59,7 @@ class Rig:
     lose_create_answer: Callable[[], None]  # the next create write is acted on, its answer lost
     seed: Callable[[int, str, bool], list[str]]  # (count, name prefix, in flight) -> instance ids
     fresh: Callable[[], Any] | None = None  # another adapter on the same fake, knowing nothing yet
+    fake: Any = None  # the fake itself, for a figure that sets its VMs' state (Azure's settle tick)
 
 
 def _env(**values: str | None) -> ExitStack:
@@ -326,7 +330,7 @@ def azure() -> Iterator[Rig]:
         def lose() -> None:
             fake.drop.append("PUT /virtualMachines/")
 
-        yield Rig(provider, spec, lose, seed)
+        yield Rig(provider, spec, lose, seed, fake=fake)
 
 
 @contextmanager
@@ -480,6 +484,21 @@ def azure_second_tick(fleet: int, inflight: int) -> int:
         return sent
 
 
+def azure_settle_tick(settling: int) -> tuple[int, int]:
+    """(reads, writes) of one Azure ``get_vms`` in which ``settling`` VMs read running at once."""
+    with RIGS["azure"]() as rig:
+        ids = [
+            rig.provider.create_vm(rig.spec(f"web-{i}"), parsed_key(), job_id=f"job-{i}").instance_id
+            for i in range(settling)
+        ]
+        for vm_id in ids:
+            vm = rig.fake.get("/" + vm_id)
+            vm["properties"]["provisioningState"], vm["_power"] = "Succeeded", "PowerState/running"
+        _, sent = counted(rig, lambda: rig.provider.get_vms(ids))
+        reads = sum(method == "GET" for method, _ in sent)
+        return reads, len(sent) - reads
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", action="append", choices=sorted(RIGS), help="(repeatable; default all)")
@@ -523,10 +542,16 @@ def main() -> None:
             "tick_fleet": azure_second_tick(args.fleet, args.inflight),
         }
         figures["azure"]["second_tick"] = steady
+        reads, writes = azure_settle_tick(args.inflight)
+        figures["azure"]["settle_tick"] = {"reads": reads, "writes": writes}
         if not args.json:
             print(
                 f"  azure 2nd tick (>= 5 s later, with the 1st's page count): {steady['tick_empty']} @0,"
                 f" {steady['tick_fleet']} @fleet"
+            )
+            print(
+                f"  azure settle tick ({args.inflight} VMs read running at once): {reads} reads"
+                f" (their group's NIC and public IP lists), {writes} writes (OS disk tags)"
             )
     if args.json:
         print(json.dumps(figures, indent=2))

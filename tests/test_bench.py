@@ -27,7 +27,7 @@ CASES = {
     "ready": (["--vms", "30", "--boot", "2", "--sshd-delay", "1"], ["readiness lag", "API calls per VM"]),
     "wire": (
         ["--fleet", "60", "--inflight", "5"],
-        ["aws", "azure", "digitalocean", "gcp", "hetzner", "oci", "tick@fleet"],
+        ["aws", "azure", "digitalocean", "gcp", "hetzner", "oci", "tick@fleet", "azure settle tick"],
     ),
 }
 

@@ -291,6 +291,28 @@ def test_sim_plays_a_profile_requests_per_call_and_pages(monkeypatch: pytest.Mon
     assert int(meter.answers[-1][3]["RateLimit-Remaining"]) < 3600
 
 
+def test_sim_meters_azure_settle_reads_as_the_adapter_sends_them(monkeypatch: pytest.MonkeyPatch, redis_client) -> None:
+    """Issue 15: one VM seen settled costs its NIC's and public IP's GETs; several in one read cost the
+    group's NIC and public IP lists once (a page each for up to 1,000), not 3 GETs each."""
+    from bench.budget import floor_s
+    from tests.providers.contract import RecordingMeter
+
+    azure = _sim(monkeypatch, redis_client, "azure")  # boot 0: a VM reads running at once
+    ids = [_create(azure, i).instance_id for i in range(50)]
+    azure.meter = meter = RecordingMeter()
+    assert len(azure.get_vms(ids[:1])) == 1
+    vm_list = ("GET", "/providers/Microsoft.Compute/virtualMachines")
+    assert meter.requests() == [vm_list, ("GET", "/networkInterfaces/{nic}"), ("GET", "/publicIPAddresses/{pip}")]
+    meter.sent.clear()
+    assert len(azure.get_vms(ids[1:])) == 49
+    group = "/resourceGroups/{rg}/providers/Microsoft.Network"
+    assert meter.requests() == [vm_list, ("GET", f"{group}/networkInterfaces"), ("GET", f"{group}/publicIPAddresses")]
+    assert len(AZURE.settle_requests(50, 2500)) == 6  # three pages of the group, still fewer than 100 GETs
+    # The floor: 1,000 creates at 10 writes a second past a burst of 200 (80 s); the reads are the list and
+    # the group's two lists (3,001 reads before: 110 s). The bound: the last create's VM boots 30 s later.
+    assert floor_s(AZURE, 1000, 30.0) == (80.0, 110.0)
+
+
 def test_sim_refuses_over_budget_and_a_metered_client_never_meets_a_429(
     monkeypatch: pytest.MonkeyPatch, redis_client, redis_url: str
 ) -> None:

@@ -81,6 +81,20 @@ class FakeARM(FakeAPI):
         ):
             kind = listed[1].lower()  # a subscription-wide list: NICs, public IPs, disks
             return self._paged(call, [self._listed(r) for r in self.resources.values() if r["type"].lower() == kind])
+        if call.method == "GET" and (
+            listed := re.fullmatch(
+                r"(/subscriptions/[^/]+/resourceGroups/[^/]+)/providers/(Microsoft\.\w+/\w+)", call.path
+            )
+        ):
+            group, kind = listed[1].lower(), listed[2].lower()  # a resource group's list: its NICs, public IPs
+            if group not in self.resources:
+                return error(
+                    404, "ResourceGroupNotFound", f"Resource group '{group.split('/')[-1]}' could not be found."
+                )
+            items = [
+                r for key, r in self.resources.items() if key.startswith(group + "/") and r["type"].lower() == kind
+            ]
+            return self._paged(call, [self._listed(r) for r in items])
         match = _RESOURCE.match(call.path)
         if not match:
             return error(404, "InvalidResourceType", f"no route {call.method} {call.path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from collections.abc import Iterator
@@ -104,6 +105,15 @@ def _add_long_lived(fake: FakeARM, count: int) -> None:
     for n in range(have, count):
         vm_id = template["id"].replace("/web-1", f"/old-{n}")
         fake.resources[vm_id.lower()] = {**template, "id": vm_id, "name": f"old-{n}", "_power": "PowerState/running"}
+
+
+def _create_named(provider: AzureProvider, name: str) -> str:
+    return provider.create_vm(make_spec().model_copy(update={"name": name}), key(), job_id=f"job-{name}").instance_id
+
+
+def _run(fake: FakeARM, name: str) -> None:
+    vm = fake.vm(name)
+    vm["properties"]["provisioningState"], vm["_power"] = "Succeeded", "PowerState/running"
 
 
 def pip_of(fake: FakeARM, vm: str = "web-1") -> dict[str, Any]:
@@ -672,12 +682,12 @@ class TestAzure(AdapterContract):
             "10.0.0.4",
         )
         assert (vms[ids[1]].status, vms[ids[1]].public_ipv4) == (VMStatus.pending, None)
-        # One list for all six ids, then get_vm's three GETs for the one VM that settled (it ran), and
-        # one PATCH giving its OS disk the VM's tags (the VM PUT could not).
+        # One list for all six ids (the VM's model with its power state), then a GET of the NIC and one of
+        # the public IP of the one VM that settled (it ran: one VM, cheaper than its group's two lists),
+        # and one PATCH giving its OS disk the VM's tags (the VM PUT could not).
         assert [c.path for c in fake.calls][0] == f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines"
         assert fake.calls[0].query["statusOnly"] == "true"
         assert [(c.method, c.path.rsplit("/", 1)[-1]) for c in fake.calls[1:]] == [
-            ("GET", "web-1"),
             ("GET", nic_of(fake)["name"]),
             ("GET", pip_of(fake)["name"]),
             ("PATCH", "web-1-osdisk"),
@@ -686,6 +696,103 @@ class TestAzure(AdapterContract):
             fake.calls[-1].body == {"tags": fake.vm("web-1")["tags"]}
             and OWNED.items() <= fake.vm("web-1")["tags"].items()
         )
+
+    def test_get_vms_many_settling_read_their_addresses_from_the_group_lists(
+        self, provider: AzureProvider, fake: FakeARM
+    ) -> None:
+        """Issue 15: 50 VMs settling in one tick cost their group's NIC and public IP lists (every page,
+        ``nextLink``), not 2 GETs each (3 with the VM's own before); the addresses are each VM's own."""
+        fake.max_page = 20  # 50 NICs and 49 public IPs: three pages each
+        names = [f"web-{n}" for n in range(50)]
+        ids = [_create_named(provider, name) for name in names]
+        for n, name in enumerate(names):
+            _run(fake, name)
+            [config] = nic_of(fake, name)["properties"]["ipConfigurations"]
+            config["properties"]["privateIPAddress"] = f"10.0.0.{n + 4}"
+            pip_of(fake, name)["properties"]["ipAddress"] = f"20.61.16.{n}"
+        [config] = nic_of(fake, "web-7")["properties"]["ipConfigurations"]
+        del fake.resources[config["properties"].pop("publicIPAddress")["id"].lower()]  # web-7 has none
+        fake.calls.clear()
+
+        vms = provider.get_vms(ids)
+
+        group = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.Network"
+        reads = [(c.path, c.query.get("$skiptoken")) for c in fake.calls_to("GET", "")]
+        assert reads == [
+            *[(f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines", t) for t in (None, "20", "40")],
+            *[(f"{group}/networkInterfaces", t) for t in (None, "20", "40")],
+            *[(f"{group}/publicIPAddresses", t) for t in (None, "20", "40")],
+        ]  # 9 requests for 50 VMs: 3 + the lists' pages (per-VM reads: 100 GETs, 150 before)
+        assert len(fake.calls_to("PATCH", r"/disks/")) == 50  # each OS disk tagged once, as before
+        for n, (name, vm_id) in enumerate(zip(names, ids, strict=True)):
+            public = None if name == "web-7" else f"20.61.16.{n}"
+            assert (vms[vm_id].status, vms[vm_id].public_ipv4, vms[vm_id].private_ipv4) == (
+                VMStatus.running,
+                public,
+                f"10.0.0.{n + 4}",
+            )
+        for vm_id in (ids[0], ids[7], ids[49]):
+            assert vms[vm_id] == provider.get_vm(vm_id)  # what the per-VM reads give
+
+    def test_settling_vms_read_the_cheaper_way_by_count_and_measured_pages(
+        self, provider: AzureProvider, fake: FakeARM
+    ) -> None:
+        """One VM settling costs its NIC's and IP's GETs (2, no more than the two lists); two cost the
+        lists (2 against 4); once a group's lists are counted dear (many NICs), two VMs are read alone."""
+        ids = [_create_named(provider, f"web-{n}") for n in range(5)]
+        provider.vm_read_gap_s = 0.0
+
+        def settle(*names: str) -> list[str]:
+            for name in names:
+                _run(fake, name)
+            fake.calls.clear()
+            asked = [vm_id for vm_id in ids if vm_id.rsplit("/", 1)[-1] in names]
+            read = provider.get_vms(asked)
+            assert {read[vm_id].public_ipv4 for vm_id in asked} == {"20.61.15.7"}
+            return [c.path.rsplit("/", 1)[-1] for c in fake.calls_to("GET", "")]
+
+        nic, pip = nic_of(fake, "web-0")["name"], pip_of(fake, "web-0")["name"]
+        assert settle("web-0") == ["web-0", nic, pip]
+        assert settle("web-1", "web-2") == ["web-1", "web-2", "networkInterfaces", "publicIPAddresses"]
+        fake.max_page = 1  # one item a page
+        template = nic_of(fake, "web-0")
+        for n in range(3):  # NICs of other VMs in the group: the lists grow, not the VMs settling
+            fake.resources[f"{template['id']}-x{n}".lower()] = {**template, "id": f"{template['id']}-x{n}"}
+        assert settle("web-1", "web-2").count("networkInterfaces") == 8  # counted: 8 + 5 pages
+        names = settle("web-3", "web-4")
+        assert "networkInterfaces" not in names and len(names) == 2 + 2 * 2  # 4 GETs < 13 pages
+
+    def test_get_vms_reads_the_vm_a_list_shows_without_its_model(
+        self, provider: AzureProvider, fake: FakeARM, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A list item carrying the power state alone (no ``networkProfile``/``storageProfile``): the VM's
+        own GET gives its model, then the addresses and the OS disk's tags as from a full item."""
+        ids = [_create_named(provider, f"web-{n}") for n in range(6)]
+        for n in range(6):
+            _run(fake, f"web-{n}")
+        route = fake.route
+
+        def status_only(call: Any) -> Any:
+            status, headers, body = route(call)
+            if call.path.endswith("/providers/Microsoft.Compute/virtualMachines"):
+                page = json.loads(body)
+                for vm in page["value"]:
+                    kept = ("provisioningState", "instanceView")
+                    vm["properties"] = {k: v for k, v in vm["properties"].items() if k in kept}
+                body = json.dumps(page)
+            return status, headers, body
+
+        monkeypatch.setattr(fake, "route", status_only)
+        fake.calls.clear()
+
+        vms = provider.get_vms(ids)
+
+        assert {(vm.status, vm.public_ipv4, vm.private_ipv4) for vm in vms.values()} == {
+            (VMStatus.running, "20.61.15.7", "10.0.0.4")
+        }
+        reads = [c.path.rsplit("/", 1)[-1] for c in fake.calls_to("GET", "")]
+        assert reads == ["virtualMachines", *[f"web-{n}" for n in range(6)], "networkInterfaces", "publicIPAddresses"]
+        assert len(fake.calls_to("PATCH", r"/disks/web-\d-osdisk$")) == 6
 
     def test_get_vms_matches_get_vm(self, provider: AzureProvider, fake: FakeARM) -> None:
         provider.create_vm(make_spec(), key(), job_id="job-1")

@@ -160,6 +160,7 @@ class AzureProvider(Metered):
         self._lock = threading.Lock()
         self._networks: dict[tuple[str, str], str | None] = {}  # create_network: (group, vnet) -> NSG id
         self._list_pages: tuple[float, int] | None = None  # (monotonic s, pages) of the last subscription list
+        self._group_pages: dict[str, tuple[float, int]] = {}  # group -> (monotonic s, pages) of its network lists
         self._vm_reads: dict[str, tuple[float, VMInfo]] = {}  # instance id -> (monotonic s, VMInfo) read alone
 
     def _client(self) -> _Clients:
@@ -282,11 +283,12 @@ class AzureProvider(Metered):
         - one GET with ``$expand=instanceView`` per VM asked, each VM at most once per ``vm_read_gap_s``
           (Compute's per-VM budget; a VM read more recently is answered from that read).
 
-        Either way a VM that reads settled (running, failed, deleting) is read like ``get_vm`` (its NIC
-        and public IP: 2 GETs, plus the VM's own in the list's case), so its VMInfo is ``get_vm``'s, and
-        a running or failed one's OS disk gets the VM's tags (one PATCH, ``_tag_os_disk``); each VM
-        settles once, then leaves the watch list. A late capacity failure reads as a VM in error (raised,
-        it would sink the batch); the tick reads that VM again through ``get_vm``, which fails it over.
+        Either way the VMs that read settled (running, failed, deleting) get their addresses as ``get_vm``
+        reads them (``_settle``: a GET of each one's NIC and public IP, or their resource group's NIC and
+        public IP lists when those cost fewer requests), so their VMInfo is ``get_vm``'s, and a running or
+        failed one's OS disk gets the VM's tags (one PATCH, ``_tag_os_disk``); each VM settles once, then
+        leaves the watch list. A late capacity failure reads as a VM in error (raised, it would sink the
+        batch); the tick reads that VM again through ``get_vm``, which fails it over.
         """
         asked: dict[tuple[str, str], str] = {}  # (group, name), lower-case as ARM compares them -> the caller's id
         for instance_id in instance_ids:
@@ -303,18 +305,23 @@ class AzureProvider(Metered):
         with map_errors(_map_error):
             listed = self._list_all()
         found: dict[str, VMInfo] = {}
+        settling: list[tuple[str, Any]] = []
         for vm in listed:
             match = _VM_ID.match(vm.id or "")
             if not match or (instance_id := asked.get((match[1].lower(), match[2].lower()))) is None:
                 continue
-            info = _info(vm)
-            if info.status in SETTLED_STATUSES:
+            found[instance_id] = _info(vm)
+            if found[instance_id].status not in SETTLED_STATUSES:
+                continue
+            if vm.network_profile is None or vm.storage_profile is None:  # a list item without the VM's model
                 try:
-                    model, info = self._read(*_parse_id(instance_id))
+                    with map_errors(_map_error):
+                        vm = self._client().compute.virtual_machines.get(match[1], match[2], expand="instanceView")
                 except NotFoundError:
-                    continue  # deleted since the list
-                self._settled(model, info)
-            found[instance_id] = info
+                    del found[instance_id]  # deleted since the list
+                    continue
+            settling.append((instance_id, vm))
+        found.update(self._settle(settling))
         return found
 
     def _reads_each_vm(self, vms: int) -> bool:
@@ -335,8 +342,9 @@ class AzureProvider(Metered):
 
     def _get_each(self, instance_ids: list[str]) -> dict[str, VMInfo]:
         """One GET (with instance view) per VM not read within ``vm_read_gap_s``; absent VMs are left out."""
-        compute, network = self._client().compute, self._client().network
+        compute = self._client().compute
         now, found, reads = time.monotonic(), {}, {}
+        settling: list[tuple[str, Any]] = []
         for instance_id in instance_ids:
             last = self._vm_reads.get(instance_id)
             if last is not None and now - last[0] < self.vm_read_gap_s:
@@ -345,16 +353,57 @@ class AzureProvider(Metered):
             try:
                 with map_errors(_map_error):
                     vm = compute.virtual_machines.get(*_parse_id(instance_id), expand="instanceView")
-                    info = _info(vm)
-                    if info.status in SETTLED_STATUSES:
-                        info = _info(vm, *azure_network.nic_and_public_ip(network, vm))
             except NotFoundError:
                 continue
-            if info.status in SETTLED_STATUSES:
-                self._settled(vm, info)
+            found[instance_id] = _info(vm)
+            if found[instance_id].status in SETTLED_STATUSES:
+                settling.append((instance_id, vm))
+            reads[instance_id] = (now, found[instance_id])
+        for instance_id, info in self._settle(settling).items():
             found[instance_id], reads[instance_id] = info, (now, info)
         self._vm_reads = reads  # VMs no longer asked for are forgotten
         return found
+
+    def _settle(self, settling: list[tuple[str, Any]]) -> dict[str, VMInfo]:
+        """The VMInfo, addresses included, of each (instance id, VM model with instance view) that read
+        settled; a running or failed one's OS disk is tagged (``_settled``).
+
+        A VM's addresses are its primary NIC's and that NIC's public IP's (``azure_network``), read
+        the cheaper way in requests, per resource group of the NICs: one GET of each VM's NIC and one of
+        its public IP (2 per VM), or the group's NIC list and public IP list (one request per page each,
+        whatever the number of VMs). Both are plain ARM reads (25 a second per subscription); Network
+        publishes no per-operation budget of its own, so a request weighs one either way. The lists'
+        pages are those the group's last lists counted (for ``list_measure_ttl_s``), else one each: one
+        VM settling in a group is read by its GETs (2 requests, no fewer than 2 lists), two or more by
+        the lists (2 requests while the group's lists take a page each, against 4 and more).
+        """
+        if not settling:
+            return {}
+        network = self._client().network
+        per_group: dict[str, int] = {}
+        for _, vm in settling:
+            if (group := azure_network.nic_group(vm)) is not None:
+                per_group[group] = per_group.get(group, 0) + 1
+        groups = {g for g, vms in per_group.items() if self._group_list_pages(g) < azure_network.GETS_PER_VM * vms}
+        listed: dict[str, Any] = {}
+        found: dict[str, VMInfo] = {}
+        with map_errors(_map_error):
+            for group in groups:
+                resources, pages = azure_network.group_network(network, group)
+                listed.update(resources)
+                self._group_pages[group] = (time.monotonic(), max(2, pages))
+            for instance_id, vm in settling:
+                found[instance_id] = _info(vm, *azure_network.nic_and_public_ip(network, vm, listed, groups))
+        for instance_id, vm in settling:
+            self._settled(vm, found[instance_id])
+        return found
+
+    def _group_list_pages(self, group: str) -> int:
+        """Requests the NIC and public IP lists of ``group`` took when last counted, if lately; else 2."""
+        measured = self._group_pages.get(group)
+        if measured is None or time.monotonic() - measured[0] >= self.list_measure_ttl_s:
+            return 2
+        return measured[1]
 
     def _list_all(self) -> list[Any]:
         """Every VM of the subscription with its power state (``statusOnly``), every page (``nextLink``);

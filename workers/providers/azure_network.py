@@ -14,10 +14,21 @@ names (the reference does not define them), so the adapter reads their ids from 
 
 Before inline networking, a create made the public IP ``{vm}-pip`` and the NIC ``{vm}-nic`` by PUTs of its
 own; a destroy still deletes those two by name, NIC first, once the VM is gone (``delete_named_leftovers``).
+
+A VM's addresses come from its primary NIC (``ipConfigurations[].privateIPAddress`` and the
+``publicIPAddress.id`` of the primary one) and that public IP (``ipAddress``): one GET each
+(``nic_and_public_ip``), or, for many VMs at once, from the lists of their resource group's NICs and public IPs
+(``group_network``), which carry the same resources as those GETs. Sources: Virtual Network REST API,
+Network Interfaces - List and Public IP Addresses - List (``GET .../resourceGroups/{rg}/providers/
+Microsoft.Network/networkInterfaces`` and ``.../publicIPAddresses``: ``NetworkInterfaceListResult`` and
+``PublicIPAddressListResult``, ``value`` plus ``nextLink`` "to get the next set of results"; azure-rest-api-specs
+examples ``NetworkInterfaceList.json``, ``PublicIpAddressList.json``, 2024-05-01). ARM publishes no page size
+for them: the pages a list took are counted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from contextlib import suppress
 from typing import Any
 
@@ -29,6 +40,7 @@ NETWORK_DEFAULTS = {"vnet": "vmq-vnet", "subnet": "vmq-subnet", "nsg": "vmq-nsg"
 NETWORK_API_VERSION = "2022-11-01"  # the Microsoft.Network API Compute uses for what it creates (enum in the SDK)
 # The names of the configurations inside the VM request (not of the resources Azure makes from them).
 NIC_CONFIG, IP_CONFIG, PIP_CONFIG = "nic", "ipconfig1", "pip"
+GETS_PER_VM = 2  # what nic_and_public_ip reads of a VM that has a NIC: its NIC, then its public IP
 
 
 def subnet_and_nsg(
@@ -142,20 +154,50 @@ def inline_network_profile(subnet_id: str, nsg_id: str | None, tags: dict[str, s
     return cm.NetworkProfile(network_api_version=NETWORK_API_VERSION, network_interface_configurations=[nic])
 
 
-def nic_and_public_ip(network: Any, vm: Any) -> tuple[Any, Any]:
+def nic_and_public_ip(
+    network: Any, vm: Any, listed: Mapping[str, Any] | None = None, groups: Collection[str] = ()
+) -> tuple[Any, Any]:
     """The VM's primary NIC and that NIC's primary public IP (None where absent): 2 GETs at most.
 
     A generic walk by the ids ARM reports (VM -> NIC -> public IP), so a VM whose NIC Azure named, or one
-    made the old way, or one adopted, reads the same.
+    made the old way, or one adopted, reads the same. ``listed``: the NICs and public IPs of the resource
+    groups ``groups`` (lower-case names) by lower-case id (``group_network``); a resource in one of those
+    groups is taken from it (missing: None, as a GET's 404 would be), one elsewhere is read by its GET.
     """
-    refs = vm.network_profile.network_interfaces if vm.network_profile else None
-    if vm.provisioning_state == "Deleting" or not refs:
+    group = nic_group(vm)
+    if group is None:
         return None, None
-    nic = _get_or_none(network.network_interfaces.get, primary(refs).id)
+    refs = vm.network_profile.network_interfaces
+    nic = _find(network.network_interfaces.get, primary(refs).id, listed, groups)
     config = primary(nic.ip_configurations) if nic and nic.ip_configurations else None
     ref = config.public_ip_address if config else None
-    pip = _get_or_none(network.public_ip_addresses.get, ref.id) if ref and ref.id else None
+    pip = _find(network.public_ip_addresses.get, ref.id, listed, groups) if ref and ref.id else None
     return nic, pip
+
+
+def nic_group(vm: Any) -> str | None:
+    """The resource group (lower-case) of the VM's primary NIC; None when there are no addresses to read
+    (no NIC reference, or the VM is deleting)."""
+    refs = vm.network_profile.network_interfaces if vm.network_profile else None
+    if vm.provisioning_state == "Deleting" or not refs or not primary(refs).id:
+        return None
+    return _group_of(primary(refs).id)
+
+
+def group_network(network: Any, group: str) -> tuple[dict[str, Any], int]:
+    """Every NIC and public IP of the resource group ``group`` by lower-case ARM id, from Network Interfaces
+    - List and Public IP Addresses - List (every page: the SDK's pager follows ``nextLink``), and the
+    number of pages (requests) the two lists took."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    found: dict[str, Any] = {}
+    pages = 0
+    for operations in (network.network_interfaces, network.public_ip_addresses):
+        with suppress(ResourceNotFoundError):  # the group is gone: nothing in it (as each GET would say)
+            for page in operations.list(group).by_page():
+                pages += 1
+                found.update((item.id.lower(), item) for item in page if item.id)
+    return found, pages
 
 
 def delete_named_leftovers(network: Any, rg: str, name: str) -> None:
@@ -175,6 +217,18 @@ def primary(items: list[Any]) -> Any:
     ARM requires exactly one primary among several; a lone entry may leave ``primary`` unset.
     """
     return next((item for item in items if item.primary), items[0])
+
+
+def _find(get: Any, resource_id: str, listed: Mapping[str, Any] | None, groups: Collection[str]) -> Any | None:
+    """The resource of ``resource_id`` from ``listed`` if its group was listed, else by its GET."""
+    if listed is not None and _group_of(resource_id) in groups:
+        return listed.get(resource_id.lower())
+    return _get_or_none(get, resource_id)
+
+
+def _group_of(resource_id: str) -> str:
+    """The lower-case resource group of an ARM id (``/subscriptions/<s>/resourceGroups/<rg>/...``)."""
+    return resource_id.split("/")[4].lower()
 
 
 def _get_or_none(get: Any, resource_id: str) -> Any | None:

@@ -230,7 +230,8 @@ class SimProvider(Metered):
 
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
         """One request per page of the profile's page size, as a filtered list call would; plus the
-        profile's ``settle_reads`` for each VM seen settled (OCI and Azure read those once more)."""
+        profile's reads of the VMs seen settled (``settle_requests``: OCI's per VM, Azure's per VM or its
+        group's lists, the simulated cloud's VMs being one group)."""
         found: dict[str, VMInfo] = {}
         size = self.profile.page_size
         for start in range(0, len(instance_ids), size):
@@ -242,10 +243,10 @@ class SimProvider(Metered):
             for record in pipe.execute():
                 if record and not self._invisible(record, config) and not self._gone(record):
                     found[record["instance_id"]] = self._info(record)
-        if self.profile.settle_reads:
-            for _ in range(sum(vm.status in SETTLED_STATUSES for vm in found.values())):
-                for method, target in self.profile.settle_reads:
-                    self._request(method, target)
+        if settled := sum(vm.status in SETTLED_STATUSES for vm in found.values()):
+            group = self._redis.scard(VMS_KEY) if self.profile.settle_lists else 0
+            for method, target in self.profile.settle_requests(settled, group):
+                self._request(method, target)
         return found
 
     def destroy_vm(self, instance_id: str) -> None:
