@@ -399,12 +399,15 @@ class JobStore:
         return Due.parse(self.redis.get(keys.due_key(job_id)))
 
     @contextlib.contextmanager
-    def fenced(self, job_id: str, token: str, lease_s: float | None = None):
+    def fenced(self, job_id: str, token: str, lease_s: float | None = None, seen: str | None = None):
         """Within this block every write of this thread to ``job_id`` needs the lease ``token`` still
         held; a write after the lease was lost raises ``LeaseLost`` and changes nothing. With
-        ``lease_s`` the lease is renewed while the block runs (``LeaseKeeper``)."""
+        ``lease_s`` the lease is renewed while the block runs (``LeaseKeeper``). ``seen``: the record
+        as the step last saw it, when that is not this thread's last ``acquire_and_get`` (a batch's)."""
         last_id, last_raw = _LAST_READ.get()
-        reset = _FENCE.set(_Fence(job_id, token, last_raw if last_id == job_id else None))
+        if seen is None and last_id == job_id:
+            seen = last_raw
+        reset = _FENCE.set(_Fence(job_id, token, seen))
         if lease_s is not None:
             self._keeper.hold(job_id, token, lease_s)
         try:
@@ -522,7 +525,11 @@ class JobStore:
     def _changed(job_id: str, raw: str, change: Callable[[Job], None]) -> tuple[Job, str, str, list[jobindex.Op]]:
         """The changed job, its record, its event as JSON ("" when neither state, cleanup nor a cancel
         request changed) and the job index writes that go with it."""
-        job = Job.model_validate_json(raw)
+        return JobStore._change(job_id, Job.model_validate_json(raw), change)
+
+    @staticmethod
+    def _change(job_id: str, job: Job, change: Callable[[Job], None]) -> tuple[Job, str, str, list[jobindex.Op]]:
+        """``_changed`` for a record parsed already: ``job`` is changed in place (a batch parses each once)."""
         before, cleanup_before, cancel_before, indexed = job.state, job.cleanup, job.cancel, jobindex.snapshot(job)
         awaiting = job.awaiting_ready
         change(job)

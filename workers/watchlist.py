@@ -40,8 +40,10 @@ class WatchList:
         pipe.exists(keys.ticker_key(provider))
         return bool(pipe.execute()[1])
 
-    def remove(self, provider: str, instance_id: str) -> None:
-        self.redis.hdel(keys.watch_key(provider), instance_id)
+    def remove(self, provider: str, *instance_ids: str) -> None:
+        """Watch these VMs no more (one round trip, however many)."""
+        if instance_ids:
+            self.redis.hdel(keys.watch_key(provider), *instance_ids)
 
     def members(self, provider: str) -> dict[str, tuple[str, float]]:
         """instance id -> (job id, deadline epoch s)"""

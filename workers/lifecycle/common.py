@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from vmqueue.jobstore import Due, JobStore
-from vmqueue.models import Job, JobError, Phase, VMStatus
+from vmqueue.models import Job, JobError, Phase, VMInfo, VMStatus, utcnow
 from vmqueue.settings import Settings
 from workers.calls import SharedRateLimit
 from workers.providers.base import Provider
@@ -63,6 +63,17 @@ class Steps:
                 return seq
         self.store.release(job_id, lease)
         return None
+
+
+def running_fields(job: Job, vm: VMInfo, count: int) -> dict[str, object]:
+    """The fields a provisioning job's transition to ``running`` sets: the VM as read (``count``: the
+    API calls that read took), one more poll, when it was seen running."""
+    return {"vm": vm, "polls": job.polls + 1, "api_calls": job.api_calls + count, "running_at": utcnow()}
+
+
+def log_running(job: Job) -> None:
+    vm = job.vm
+    log.info("job=%s provider=%s instance=%s running ip=%s", job.id, job.provider, job.instance_id, vm.public_ipv4)
 
 
 def _set(job: Job, **fields: object) -> None:

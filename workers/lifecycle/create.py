@@ -17,7 +17,7 @@ from vmqueue.models import (
 )
 from vmqueue.sshkeys import SSHPublicKey
 from workers.calls import ProviderCalls
-from workers.lifecycle.common import DEAD, GONE, Next, Steps, log
+from workers.lifecycle.common import DEAD, GONE, Next, Steps, log, log_running, running_fields
 from workers.providers.errors import CapacityError, NotFoundError, ProviderError
 
 
@@ -176,24 +176,14 @@ class CreateSteps(Steps):
             return self._fail(job, JobError(code="vm_vanished", message="the VM disappeared while booting"), count)
         polls = job.polls + 1
         if vm is not None and vm.status == VMStatus.running:
-            job = self.store.transition(
-                job.id,
-                JobState.running,
-                "running",
-                vm=vm,
-                polls=polls,
-                api_calls=job.api_calls + count,
-                running_at=utcnow(),
-            )
+            job = self.store.transition(job.id, JobState.running, "running", **running_fields(job, vm, count))
             self._unwatch(job)
             if job.cancel_pending:  # asked while it booted
                 return self._cancelled(job)
             # A running VM may live for years; its job record must outlive VMQ_JOB_TTL_S, or the
             # sweeper would take the VM for an orphan.
             self.store.create_ended(job.id, vm_lives=True)
-            log.info(
-                "job=%s provider=%s instance=%s running ip=%s", job.id, job.provider, vm.instance_id, vm.public_ipv4
-            )
+            log_running(job)
             return self._await_ready(job)  # ready_when ssh / cloud_init: on to the readiness schedule
         if vm is not None and vm.status in DEAD:
             error = JobError(code="vm_error", message=f"the VM ended in {vm.provider_status} instead of running")

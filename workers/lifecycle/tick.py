@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import time
 
-from vmqueue.jobstore import InvalidTransition
-from vmqueue.models import Job, JobKind, JobState, VMInfo, VMStatus
+from vmqueue.models import Job, JobKind, VMInfo, VMStatus
 from workers.calls import ProviderCalls
-from workers.lifecycle.common import Next, Steps, log
+from workers.lifecycle.common import Next, log
+from workers.lifecycle.settle import SettleSteps
 from workers.providers.base import SETTLED_STATUSES, BatchReads, Provider
 from workers.providers.errors import ProviderError
 
 
-class TickSteps(Steps):
+class TickSteps(SettleSteps):
     """Coalesced status reads: the watch list and the provider's tick chain."""
 
     def tick(self, provider_name: str, token: str) -> Next | None:
@@ -30,12 +30,17 @@ class TickSteps(Steps):
         except ProviderError as exc:
             log.warning("provider=%s batched read failed (%s: %s); next tick", provider_name, exc.code, exc)
             vms = None  # deadlines still hold: those past theirs are read one by one below
-        settle = []
+        running: dict[str, tuple[str, VMInfo]] = {}  # job id -> (instance id, VM): settled all at once
+        alone = []  # the others, job by job
         for instance_id, (job_id, deadline) in members.items():
             vm = vms.get(instance_id) if vms is not None else None
-            if now > deadline or (vms is not None and (vm is None or vm.status in SETTLED_STATUSES)):
-                settle.append((provider_name, instance_id, job_id, vm, vm is None or vm.status != VMStatus.running))
-        for args in settle:
+            if vm is not None and vm.status == VMStatus.running and job_id not in running:
+                running[job_id] = (instance_id, vm)
+            elif now > deadline or (vms is not None and (vm is None or vm.status in SETTLED_STATUSES)):
+                alone.append((provider_name, instance_id, job_id, vm, vm is None or vm.status != VMStatus.running))
+        if running:
+            self._settle_running(provider_name, running)
+        for args in alone:
             self._settle(*args)
         return Next(self.tick_s(provider_name, len(members)))
 
@@ -45,28 +50,6 @@ class TickSteps(Steps):
             if token := self.watch.claim_ticker(provider_name):
                 log.warning("provider=%s no tick chain alive for watched VMs; starting one", provider_name)
                 self.start_ticker(provider_name, token)
-
-    def _settle(self, provider_name: str, instance_id: str, job_id: str, vm: VMInfo | None, reread: bool) -> None:
-        lease, job, due = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
-        if lease is None:
-            return  # the job's own chain is acting on it now
-        kick = None
-        try:
-            with self.store.fenced(job_id, lease, self.settings.step_lease_s):
-                if job is None or job.state != JobState.provisioning or job.instance_id != instance_id:
-                    self.watch.remove(provider_name, instance_id)
-                    return
-                # Absent, dead or overdue in the batch: one targeted read says why (a GCP insert that
-                # failed for capacity raises CapacityError there, and the job fails over instead of failing).
-                outcome = self._read_create(job) if reread else self._observe_create(job, vm, 0)
-                if outcome is not None and self.store.get(job_id).state != JobState.provisioning:
-                    kick = outcome  # a cleanup or a failover: the job needs its own chain again
-        except InvalidTransition:  # LeaseLost included: this tick outlived the job's lease
-            kick = None
-        finally:
-            seq = self._hand_back(job_id, lease, due, kick)
-        if seq is not None and self.start_job is not None:
-            self.start_job(job_id, kick.countdown_s, seq)
 
     def tick_s(self, provider_name: str, watched: int = 1) -> float:
         """The provider's tick interval for ``watched`` VMs, within its read budget (workers/budget.py)."""
