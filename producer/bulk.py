@@ -9,6 +9,7 @@ Measured in bench/inflight.py (P1) and bench/enqueue.py.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -19,11 +20,17 @@ from pydantic import ValidationError
 from producer.submit import build_create, request_hash, run, submit, task_message
 from vmqueue import keys
 from vmqueue.jobstore import JobStore, add_arguments
-from vmqueue.models import Job, JobError, JobState
+from vmqueue.models import Job, JobError, JobKind, JobState
 from vmqueue.settings import Settings
 
 # Messages buffered before kombu flushes its publish pipeline (a task message and its sent event each).
 PUBLISH_BATCH = 1000
+# Up to this many creates of one provider share a ``vmq.create_many`` message: a worker's Celery
+# consumer spent as much CPU taking a message in as the create step itself (bench/inflight.py).
+MESSAGE_JOBS = 16
+# ... and never fewer messages than this, so that as many pool threads as a worker has (64 by
+# default) still take a batch's creates in parallel: a message's creates run one after another.
+MESSAGE_SPREAD = 64
 
 
 def build_all(settings: Settings, creates: Iterable[Mapping[str, Any]]) -> list[tuple[Job, str | None]]:
@@ -86,15 +93,48 @@ def enqueue_all(
     return [results[job.id] for job, _ in built]
 
 
+def messages(jobs: list[Job]) -> list[tuple[str, str, str, list, str]]:
+    """The task messages that carry ``jobs``' first steps: (task, queue, task id, args, argsrepr).
+
+    Creates of one provider go ``MESSAGE_JOBS`` at most to a ``vmq.create_many`` message (its own
+    task id; Flower still shows a row per job, workers/jobevents.py ``received``), in as many
+    messages as keep ``MESSAGE_SPREAD`` of them; a job alone in its message, or not a create, gets
+    the job's own message (task id = job id).
+    """
+    out: list[tuple[str, str, str, list, str]] = []
+    creates: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.kind == JobKind.create:
+            creates.setdefault(job.provider, []).append(job)
+        else:
+            out.append(_own_message(job))
+    for provider, group in creates.items():
+        size = max(1, min(MESSAGE_JOBS, len(group) // MESSAGE_SPREAD))
+        for start in range(0, len(group), size):
+            chunk = group[start : start + size]
+            if len(chunk) == 1:
+                out.append(_own_message(chunk[0]))
+                continue
+            names = ", ".join(job.spec.name if job.spec else job.id for job in chunk)
+            argsrepr = f"(create {provider} {len(chunk)} jobs: {names})"
+            ids = [job.id for job in chunk]
+            out.append((keys.TASK_CREATE_MANY, keys.queue_name(provider), uuid.uuid4().hex, [ids], argsrepr))
+    return out
+
+
+def _own_message(job: Job) -> tuple[str, str, str, list, str]:
+    task, queue, argsrepr = task_message(job)
+    return task, queue, job.id, [job.id], argsrepr  # task id = job id, as every message of a job
+
+
 def _publish_all(store: JobStore, celery: Celery, jobs: list[Job]) -> None:
     try:
         with celery.producer_or_acquire() as producer:
             batch = getattr(producer, "batch", None)  # kombu >= 5.7; older ones publish one by one
             with batch(max_size=PUBLISH_BATCH) if batch else nullcontext():
-                for job in jobs:
-                    task, queue, argsrepr = task_message(job)
-                    celery.send_task(  # task id = job id, as every message of a job (workers/jobevents.py)
-                        task, args=[job.id], queue=queue, task_id=job.id, argsrepr=argsrepr, kwargsrepr="{}",
+                for task, queue, task_id, args, argsrepr in messages(jobs):
+                    celery.send_task(
+                        task, args=args, queue=queue, task_id=task_id, argsrepr=argsrepr, kwargsrepr="{}",
                         producer=producer,
                     )  # fmt: skip
     except Exception as exc:

@@ -27,7 +27,7 @@ from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.userdata import merge_user_data
 from vmqueue.webhooks import check_callback_url
 
-TASKS = {JobKind.create: keys.TASK_CREATE, JobKind.destroy: keys.TASK_DESTROY, JobKind.get: keys.TASK_GET}
+TASKS = keys.TASK_OF_KIND
 
 T = TypeVar("T")
 MAX_TTL_S = 10 * 365 * 24 * 3600  # ten years: beyond, a TTL is a typo, not an intent

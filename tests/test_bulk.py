@@ -59,3 +59,66 @@ def test_idempotency_keys_in_a_batch_return_the_same_jobs(sim_worker, provisione
     # Every job ends here, so no create of this test lands in the next one's cloud.
     for job in [*again, fresh]:
         assert provisioner.wait(job.id, timeout_s=60).state == JobState.running
+
+
+def _jobs(count: int) -> list:
+    from vmqueue.models import Job, JobKind, VMSpec
+
+    return [Job(kind=JobKind.create, provider="sim", ssh_key="k", spec=VMSpec(**spec(f"m-{i}"))) for i in range(count)]
+
+
+def test_many_creates_share_messages_few_stay_one_message_each() -> None:
+    from producer.bulk import MESSAGE_JOBS, messages
+
+    many = messages(_jobs(1000))
+    assert {task for task, *_ in many} == {keys.TASK_CREATE_MANY}
+    assert len(many) >= 64 and all(1 < len(args[0]) <= MESSAGE_JOBS for _, _, _, args, _ in many)
+    carried = [job_id for _, _, _, args, _ in many for job_id in args[0]]
+    assert len(carried) == len(set(carried)) == 1000
+    assert all(queue == "vmq.sim" and "m-" in argsrepr for _, queue, _, _, argsrepr in many)
+    few = _jobs(63)
+    assert [(task, task_id, args) for task, _, task_id, args, _ in messages(few)] == [
+        (keys.TASK_CREATE, job.id, [job.id]) for job in few
+    ]
+
+
+def test_a_create_many_message_runs_each_job_and_gives_each_its_flower_row(
+    sim_worker, provisioner, sim, ssh_key, redis_client, monkeypatch
+) -> None:
+    """Creates that came in one ``vmq.create_many`` message run like their own messages would, and each
+    job gets a task-received event and a final event naming it, as Flower needs for its row."""
+    import threading
+
+    from producer import bulk
+
+    monkeypatch.setattr(bulk, "MESSAGE_SPREAD", 2)  # 12 creates: 2 messages of 6
+    sim.configure(boot_s=1)
+    events: list[dict] = []
+    app = provisioner.celery
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": events.append})
+        listening = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False))
+        listening.start()
+        try:
+            creates = [{"spec": spec(f"many-{i}"), "ssh_key": ssh_key} for i in range(12)]
+            creates[5]["startup_script"] = "#!/bin/sh\necho hi\n"
+            jobs = provisioner.create_vms(creates)
+            finished = [provisioner.wait(job.id, timeout_s=60) for job in jobs]
+            ids = {job.id for job in jobs}
+            for _ in range(100):  # the final events trail the records by a publish
+                done = {e["uuid"] for e in events if e["type"] == "task-succeeded" and e["uuid"] in ids}
+                if done == ids:
+                    break
+                threading.Event().wait(0.1)
+        finally:
+            receiver.should_stop = True
+            listening.join(10)
+    assert all(job.state == JobState.running and job.vm.public_ipv4 for job in finished)
+    assert finished[5].has_startup_script and sim.calls()["create"] == 12
+    batches = [e for e in events if e["type"] == "task-received" and e.get("name") == keys.TASK_CREATE_MANY]
+    assert len(batches) == 2
+    for job in jobs:
+        mine = {e["type"]: e for e in events if e.get("uuid") == job.id}
+        assert mine["task-received"]["name"] == keys.TASK_CREATE
+        assert mine["task-received"]["parent_id"] in {b["uuid"] for b in batches}
+        assert job.spec.name in mine["task-succeeded"]["args"] and mine["task-succeeded"]["name"] == keys.TASK_CREATE

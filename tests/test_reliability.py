@@ -257,9 +257,10 @@ def test_the_rescue_sends_again_only_what_was_really_lost(provisioner, redis_cli
 
 
 def _job_of_message(raw: str) -> str:
-    from workers.rescue import _job_id
+    from workers.rescue import _job_ids
 
-    return _job_id(raw)
+    [job_id] = _job_ids(raw)
+    return job_id
 
 
 # -- 8 -----------------------------------------------------------------------------------------

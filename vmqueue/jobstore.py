@@ -285,6 +285,7 @@ class _Fence:
 # what *this* step saw).
 _FENCE: contextvars.ContextVar[_Fence | None] = contextvars.ContextVar("vmq_fence", default=None)
 _LAST_READ: contextvars.ContextVar[tuple[str, str | None]] = contextvars.ContextVar("vmq_read", default=("", None))
+_LAST_SCRIPT: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar("vmq_script", default=None)
 
 
 @dataclass(frozen=True)
@@ -379,20 +380,27 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._parse(job_id, self.redis.get(keys.job_key(job_id)))
 
-    def acquire_and_get(self, job_id: str, lease_s: float) -> tuple[str | None, Job | None, Due | None]:
+    def acquire_and_get(
+        self, job_id: str, lease_s: float, with_script: bool = False
+    ) -> tuple[str | None, Job | None, Due | None]:
         """In one round trip: the job's lease, its record, and its next step as noted (``Due``).
 
-        The record and due are None when the lease is not ours.
+        The record and due are None when the lease is not ours. ``with_script``: the job's startup
+        script rides in the same round trip, and ``script`` answers from it in this thread (a create
+        step that submits needs it; a round trip of its own was a tenth of the step's client CPU).
         """
         token = uuid.uuid4().hex
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(keys.lock_key(job_id), token, nx=True, px=int(lease_s * 1000))
         pipe.get(keys.job_key(job_id))
         pipe.get(keys.due_key(job_id))
-        acquired, raw, due = pipe.execute()
+        if with_script:
+            pipe.get(keys.script_key(job_id))
+        acquired, raw, due, *script = pipe.execute()
         if not acquired:
             return None, None, None
         _LAST_READ.set((job_id, raw))
+        _LAST_SCRIPT.set((job_id, script[0]) if script else None)
         return token, self._parse(job_id, raw), Due.parse(due)
 
     def due(self, job_id: str) -> Due | None:
@@ -418,6 +426,13 @@ class JobStore:
                 self._keeper.drop(job_id, token)
 
     def script(self, job_id: str) -> str | None:
+        """The job's startup script (None: it has none, or its create ended and it was deleted).
+
+        A script never changes once stored, so the copy ``acquire_and_get(with_script=True)`` read
+        in this thread for this job is as good as a read now."""
+        read = _LAST_SCRIPT.get()
+        if read is not None and read[0] == job_id:
+            return read[1]
         return self.redis.get(keys.script_key(job_id))
 
     def creator_of(self, provider: str, instance_id: str) -> Job | None:

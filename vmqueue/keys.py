@@ -29,8 +29,10 @@ READY_TARGETS = f"{READY_PREFIX}targets"  # hash: job id -> what the scanner pro
 SERVED_PREFIX = "vmq:served:"  # per provider: refreshed by every live worker of its queue (short TTL)
 
 TASK_CREATE = "vmq.create"
+TASK_CREATE_MANY = "vmq.create_many"  # the first step of many create jobs in one message (producer/bulk.py)
 TASK_DESTROY = "vmq.destroy"
 TASK_GET = "vmq.get"
+TASK_OF_KIND = {"create": TASK_CREATE, "destroy": TASK_DESTROY, "get": TASK_GET}  # a job kind's task
 TASK_TICK = "vmq.tick"
 TASK_SWEEP = "vmq.sweep"
 TASK_WEBHOOK = "vmq.webhook"
@@ -52,6 +54,11 @@ def served_key(provider: str) -> str:
 
 def queue_name(provider: str) -> str:
     return f"{QUEUE_PREFIX}{provider}"
+
+
+def provider_of_queue(queue: str) -> str:
+    """``vmq.sim`` -> ``sim``: the provider a queue serves."""
+    return queue.removeprefix(QUEUE_PREFIX)
 
 
 def job_key(job_id: str) -> str:

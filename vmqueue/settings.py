@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     call_attempts: int = Field(3, description="quick in-call attempts (tenacity) of a transient error")
     call_wait_max_s: float = Field(5.0, description="longest in-call wait; longer Retry-After goes to the task")
     step_lease_s: float = Field(120.0, description="how long one task step holds a job's lock")
+    step_slots: int = Field(
+        4,
+        ge=0,
+        description="pool threads of a worker process that run vmqueue's own step code at once (0: all); "
+        "threads waiting on a provider do not count (workers/gate.py)",
+    )
     not_found_grace_s: float = Field(30.0, description="NotFound this soon after create reads as pending")
     rate_limit: dict[str, str] = Field(
         default_factory=dict, description='per-provider API limits, e.g. {"aws": "10/second"}'

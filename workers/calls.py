@@ -16,6 +16,7 @@ from vmqueue.settings import Settings
 from workers import metrics
 from workers.backoff import full_jitter_backoff
 from workers.budget import Budget
+from workers.gate import GATE
 from workers.providers.errors import ProviderError
 
 T = TypeVar("T")
@@ -43,11 +44,13 @@ class ProviderCalls:
             wait=self._wait,
             reraise=True,
         )
-        for attempt in retrying:
-            with attempt:
-                self.count += 1
-                with metrics.provider_call(self.provider, getattr(fn, "__name__", "call")):
-                    return fn(*args, **kwargs)
+        # The provider's answer, retries and budget waits are waits: the step's gate slot goes meanwhile.
+        with GATE.released():
+            for attempt in retrying:
+                with attempt:
+                    self.count += 1
+                    with metrics.provider_call(self.provider, getattr(fn, "__name__", "call")):
+                        return fn(*args, **kwargs)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
     def _quick_retry(self, exc: BaseException) -> bool:

@@ -36,6 +36,7 @@ from celery.events import EventDispatcher
 from celery.signals import celeryd_after_setup
 from celery.worker.request import Request
 
+from vmqueue import keys
 from vmqueue.jobstore import TRANSITION_HOOKS, JobStore
 from vmqueue.models import Job, JobKind, JobState
 from workers.app import app
@@ -141,13 +142,32 @@ def final_event(job: Job) -> tuple[str, dict[str, Any]] | None:
 
 
 def send(job: Job) -> None:
-    """Send the job's final task event, if it has one (one publish on the event exchange)."""
+    """Send the job's final task event, if it has one (one publish on the event exchange).
+
+    It names the task and its arguments too: a job whose first step came in a ``vmq.create_many``
+    message (``received``) gets its row's VM name from here."""
     event = final_event(job)
     if event is None or not app.conf.worker_send_task_events:
         return
     kind, fields = event
-    _dispatcher.send(kind, uuid=job.id, **fields)
+    name = job.spec.name if job.spec else None
+    args = keys.task_argsrepr(job.kind, job.provider, job.id, name)
+    _dispatcher.send(kind, uuid=job.id, name=keys.TASK_OF_KIND[job.kind], args=args, **fields)
     _sent.job_id = job.id
+
+
+def received(job_id: str, provider: str, parent_id: str | None) -> None:
+    """A create job's first step arrived inside a ``vmq.create_many`` message: give the job the
+    Flower row a message of its own would have (``task-received`` for its id, the job task's name;
+    the VM's name follows with its final event). One publish."""
+    if not app.conf.worker_send_task_events:
+        return
+    args = keys.task_argsrepr(JobKind.create, provider, job_id)
+    fields = {"name": keys.TASK_CREATE, "args": args, "kwargs": "{}", "retries": 0, "eta": None, "expires": None}
+    try:
+        _dispatcher.send("task-received", uuid=job_id, root_id=parent_id, parent_id=parent_id, **fields)
+    except Exception:  # noqa: BLE001 - monitoring must never break a job
+        log.warning("job=%s could not send its task-received event", job_id, exc_info=True)
 
 
 def job_changed(job: Job) -> None:
@@ -164,15 +184,16 @@ def job_changed(job: Job) -> None:
         log.warning("job=%s provider=%s could not send its final task event", job.id, job.provider, exc_info=True)
 
 
-def step_ended(job_id: str, store: JobStore) -> None:
+def step_ended(job_id: str, store: JobStore, carried: bool = False) -> None:
     """A job task's step is over and sends no further message: end the task without an event.
 
     The job reached its final state in this step (the transition hook told Flower), or another chain
-    carries it (the tick), or the message was a duplicate. A job that is finished now without this
-    step having said so gets its final event (one read of the record).
+    carries it (``carried``: the tick watches its VM, so it is not finished), or the message was a
+    duplicate. A job that is finished now without this step having said so gets its final event (one
+    read of the record; not for a carried job: that read was a twentieth of a create step's CPU).
     """
     said, _sent.job_id = getattr(_sent, "job_id", None) == job_id, None
-    if not said:
+    if not said and not carried:
         job = store.get(job_id)
         if job is not None and job.finished:
             job_changed(job)

@@ -74,10 +74,15 @@ def _configure(logger: logging.Logger, **_: object) -> None:
 def _enter(task: Task, args: tuple | list | None = None, **_: object) -> None:
     queue = (task.request.delivery_info or {}).get("routing_key") or ""
     provider = queue.removeprefix(QUEUE_PREFIX) if queue.startswith(QUEUE_PREFIX) else "-"
-    first = str(args[0]) if args else "-"
+    first = str(args[0]) if args and isinstance(args[0], str) else "-"  # vmq.create_many: bind_job per job
     job_id = "-" if first == provider else first  # the tick task's argument is its provider, not a job
     _job_id.set(job_id)
     _provider.set(provider)
+
+
+def bind_job(job_id: str) -> None:
+    """For a task that works for several jobs in turn (``vmq.create_many``): the job at hand now."""
+    _job_id.set(job_id)
 
 
 def bind_provider(provider: str) -> None:

@@ -94,24 +94,29 @@ def broker_job_ids(client: redis.Redis, queue: str, chunk: int = 1000) -> set[st
     found: set[str] = set()
     start = 0
     while batch := client.lrange(queue, start, start + chunk - 1):
-        found.update(filter(None, map(_job_id, batch)))
+        for raw in batch:
+            found.update(_job_ids(raw))
         start += chunk
     for _, held in client.hscan_iter(UNACKED_KEY, count=chunk):
         try:
-            found.add(_job_id(json.loads(held)[0]) or "")
+            found.update(_job_ids(json.loads(held)[0]))
         except (ValueError, IndexError, TypeError):
             continue
     found.discard("")
     return found
 
 
-def _job_id(raw: str | bytes | dict) -> str | None:
+def _job_ids(raw: str | bytes | dict) -> list[str]:
+    """The job ids a task message carries: a job task's one, or a ``vmq.create_many``'s list."""
     try:
         message = raw if isinstance(raw, dict) else json.loads(raw)
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         args = json.loads(body)[0]
-        return args[0] if args and isinstance(args[0], str) else None
+        first = args[0] if args else None
+        if isinstance(first, list):
+            return [job_id for job_id in first if isinstance(job_id, str)]
+        return [first] if isinstance(first, str) else []
     except (ValueError, KeyError, IndexError, TypeError):
-        return None
+        return []

@@ -22,14 +22,17 @@ from workers import jobevents
 from workers.app import app, settings
 from workers.calls import ProviderCalls, SharedRateLimit
 from workers.expiry import Expiry
+from workers.gate import GATE
 from workers.lifecycle import JobRunner
-from workers.logctx import bind_provider
+from workers.logctx import bind_job, bind_provider
 from workers.providers.registry import get_provider
 
 log = logging.getLogger("vmqueue.worker")
 
 # A Redis outage during a step: try the step again later rather than lose the job.
 BROKER_RETRY_S = 5.0
+
+GATE.configure(settings.step_slots)  # before any task runs: slots are never swapped under a holder
 
 
 @cache
@@ -157,7 +160,8 @@ def _step(task: Task, job_id: object, kind: JobKind, seq: object) -> None:
         log.error("%s message rejected: seq must be a step number >= 0, got %r", task.name, seq)
         return
     try:
-        outcome = runner().run(job_id, kind, seq)
+        with GATE.held():  # vmqueue's own code: a few threads at a time (workers/gate.py)
+            outcome = runner().run(job_id, kind, seq)
     except REDIS_UNAVAILABLE as exc:
         # Redis away or changing hands (READONLY after a failover included): the step runs again later
         # with the same sequence number; nothing of the job is lost or failed.
@@ -177,7 +181,7 @@ def _step(task: Task, job_id: object, kind: JobKind, seq: object) -> None:
             countdown=outcome.countdown_s, max_retries=None, argsrepr=argsrepr, kwargs={"seq": outcome.seq}
         )
     # No success of the task's own: Flower's row for the job ends as the job ends (workers/jobevents.py).
-    jobevents.step_ended(job_id, runner().store)
+    jobevents.step_ended(job_id, runner().store, carried=outcome is not None)
 
 
 def _fail_internal(job_id: str, exc: Exception) -> None:
@@ -195,6 +199,39 @@ def _fail_internal(job_id: str, exc: Exception) -> None:
 def create(self: Task, job_id: str, seq: int = 0) -> None:
     """Create a VM: submit once (idempotently), then poll until running, the deadline or an error."""
     _step(self, job_id, JobKind.create, seq)
+
+
+@app.task(bind=True, name=keys.TASK_CREATE_MANY, max_retries=None)
+def create_many(self: Task, job_ids: list[str]) -> None:
+    """The first step of many create jobs ``create_vms`` enqueued together (producer/bulk.py), in turn.
+
+    A job whose step wants a message later (a countdown for its budget slot, a poll) gets its own
+    message from then on, with the step number it expects; a redelivered copy of this message is
+    dropped job by job as duplicates. A Redis outage sends this message again for the jobs it has
+    not run yet; a bug in one job's step fails that job and the others go on.
+    """
+    if not isinstance(job_ids, list) or not all(isinstance(j, str) and j for j in job_ids):
+        log.error("%s message rejected: the argument must be a list of job ids, got %r", self.name, job_ids)
+        return
+    provider = keys.provider_of_queue(self.request.delivery_info.get("routing_key") or "")
+    for index, job_id in enumerate(job_ids):
+        bind_job(job_id)
+        jobevents.received(job_id, provider, self.request.id)
+        try:
+            with GATE.held():
+                outcome = runner().run(job_id, JobKind.create, 0)
+        except REDIS_UNAVAILABLE as exc:
+            log.warning("Redis unavailable (%s); the %d creates left in this message retry in %ss", exc,
+                        len(job_ids) - index, BROKER_RETRY_S)  # fmt: skip
+            raise self.retry(args=[job_ids[index:]], countdown=BROKER_RETRY_S, max_retries=None) from exc
+        except Exception as exc:  # noqa: BLE001 - one job's bug must not strand the others
+            _fail_internal(job_id, exc)
+            log.exception("job=%s create step failed", job_id)
+            continue
+        if outcome is not None and outcome.message:
+            _start_job(job_id, outcome.countdown_s, outcome.seq)
+        else:
+            jobevents.step_ended(job_id, runner().store, carried=outcome is not None)
 
 
 @app.task(bind=True, name=keys.TASK_DESTROY, max_retries=None, Request=jobevents.JobRequest)

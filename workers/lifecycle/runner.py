@@ -64,7 +64,9 @@ class JobRunner(CreateSteps, TickSteps, ReadySteps, DestroySteps, GetSteps, Fail
         Every write of the step is fenced by its lease (``JobStore.fenced``): a step that outlived
         its lease changes nothing, and its outcome is dropped.
         """
-        token, job, due = self.store.acquire_and_get(job_id, self.settings.step_lease_s)
+        token, job, due = self.store.acquire_and_get(
+            job_id, self.settings.step_lease_s, with_script=kind == JobKind.create
+        )
         if token is None:  # another delivery of this job is acting now; look again later
             return Next(min(self.settings.poll_initial_s, 5.0), seq=seq)
         expected = due.seq if due is not None and due.seq is not None else 0
