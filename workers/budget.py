@@ -107,14 +107,17 @@ class Budget(BucketStore):
             return wait
         return max(wait, self.create_slot(provider, profile, f"retry:{uuid.uuid4().hex}"))
 
-    def tick_interval_s(self, provider: str, base: str | None = None, watched: int = 1) -> float:
+    def tick_interval_s(
+        self, provider: str, base: str | None = None, watched: int = 1, floor_s: float = TICK_BOUNDS_S[0]
+    ) -> float:
         """Seconds between a provider's batched status reads of the VMs it watches.
 
         ``VMQ_BATCH_POLL_S`` when set (taken as is: tests and benchmarks tick fast on fakes). Otherwise
         the interval at which a read of the provider's watch list (``watched`` VMs if more) spends
         ``TICK_SHARE_OF_LIMIT`` of each bucket of ``base``'s profile (with this deployment's
         overrides) it is charged to, plus what the bucket holds above half its burst (see
-        ``Profile.read_interval_s``), and at least ``TICK_BOUNDS_S[0]``. E.g. DigitalOcean's hour
+        ``Profile.read_interval_s``), and at least ``floor_s`` (``TICK_BOUNDS_S[0]``; the tick asks
+        ``SETTLING_TICK_S`` while VMs settle). E.g. DigitalOcean's hour
         window spent past half gives a read of up to 200 droplets every 7.2 s, leaving the rest to
         creates and deletes; Hetzner's full 3,600 bucket a read of 1,000 servers about every second.
         While no create waits for its slot in the provider's schedule the reads may spend
@@ -133,7 +136,7 @@ class Budget(BucketStore):
             share = TICK_SHARE_OF_LIMIT if self.creates_waiting(provider, profile) else IDLE_READ_SHARE
             cached = self._tick_cache[(provider, base)] = (now, watched_now, levels, share)
         read_s = profile.read_interval_s(max(watched, cached[1]), cached[3], cached[2])
-        return max(TICK_BOUNDS_S[0], read_s)
+        return max(floor_s, read_s)
 
     def meter(self, provider: str, base: str | None = None) -> BudgetMeter:
         return BudgetMeter(self, provider, self.profile(provider, base))

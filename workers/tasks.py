@@ -24,6 +24,7 @@ from workers.calls import ProviderCalls, SharedRateLimit
 from workers.expiry import Expiry
 from workers.gate import GATE
 from workers.lifecycle import JobRunner
+from workers.lifecycle.common import Next
 from workers.logctx import bind_job, bind_provider
 from workers.providers.registry import get_provider
 
@@ -81,28 +82,33 @@ class Ticker:
                     continue
                 next_at[provider] = now + runner().tick_s(provider)
                 try:
-                    self._tick(provider, providers)
+                    outcome = self._tick(provider, providers)
                 except Exception as exc:  # noqa: BLE001 - the timer must outlive a Redis outage or a bug
                     log.warning("provider=%s tick failed: %s: %s", provider, type(exc).__name__, exc)
+                    continue
+                if outcome is not None:  # the tick's own interval: sooner while VMs settle
+                    next_at[provider] = now + outcome.countdown_s
             wait = min(next_at.values(), default=now + 1.0) - time.monotonic()
             self._wake.wait(max(wait, 0.05))
             self._wake.clear()
 
-    def _tick(self, provider: str, providers: list[str]) -> None:
+    def _tick(self, provider: str, providers: list[str]) -> Next | None:
         bind_provider(provider)  # its log lines name the provider, and each job's line its job
         token = self.tokens.get(provider)
         if token is None:
             if not runner().watch.providers_waiting([provider]):
-                return
+                return None
             token = runner().watch.claim_ticker(provider)
             if token is None:
-                return  # another worker ticks this provider
+                return None  # another worker ticks this provider
             log.info("provider=%s VMs are watched and no tick runs; this worker ticks them", provider)
             self.adopt(provider, token)
-        if runner().tick(provider, token) is None:  # nothing watched any more, or the lease went elsewhere
+        outcome = runner().tick(provider, token)
+        if outcome is None:  # nothing watched any more, or the lease went elsewhere
             with self._lock:
                 if self.tokens.get(provider) == token:
                     del self.tokens[provider]
+        return outcome
 
 
 TICKER = Ticker()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from vmqueue.models import Job, JobKind, VMInfo, VMStatus
+from vmqueue.settings import SETTLING_TICK_S, TICK_BOUNDS_S
 from workers.calls import ProviderCalls
 from workers.lifecycle.common import Next, log
 from workers.lifecycle.settle import SettleSteps
@@ -42,7 +43,8 @@ class TickSteps(SettleSteps):
             self._settle_running(provider_name, running)
         for args in alone:
             self._settle(*args)
-        return Next(self.tick_s(provider_name, len(members)))
+        # VMs settling now: more of a fleet booted beside them are about to, so look again soon.
+        return Next(self.tick_s(provider_name, len(members), settling=bool(running or alone)))
 
     def revive_ticks(self, providers: list[str]) -> None:
         """Start a tick chain for each of ``providers`` that has VMs watched but no live chain."""
@@ -51,10 +53,12 @@ class TickSteps(SettleSteps):
                 log.warning("provider=%s no tick chain alive for watched VMs; starting one", provider_name)
                 self.start_ticker(provider_name, token)
 
-    def tick_s(self, provider_name: str, watched: int = 1) -> float:
-        """The provider's tick interval for ``watched`` VMs, within its read budget (workers/budget.py)."""
+    def tick_s(self, provider_name: str, watched: int = 1, settling: bool = False) -> float:
+        """The provider's tick interval for ``watched`` VMs, within its read budget (workers/budget.py);
+        ``settling`` (the last tick settled some): down to ``SETTLING_TICK_S`` if the budget allows."""
         base = getattr(self.providers(provider_name), "budget_profile", None)
-        return self.limit.tick_interval_s(provider_name, base, watched)
+        floor_s = SETTLING_TICK_S if settling else TICK_BOUNDS_S[0]
+        return self.limit.tick_interval_s(provider_name, base, watched, floor_s)
 
     def _batched(self, provider: Provider) -> bool:
         return self.start_ticker is not None and isinstance(provider, BatchReads)
