@@ -27,6 +27,7 @@ from workers.lifecycle import JobRunner
 from workers.lifecycle.common import Next
 from workers.logctx import bind_job, bind_provider
 from workers.providers.registry import get_provider
+from workers.readyscan import ReadyScanner  # with the tasks, before consuming: see _scan_readiness
 
 log = logging.getLogger("vmqueue.worker")
 
@@ -152,9 +153,10 @@ def _start_worker_threads(sender, **_: object) -> None:
 
 @worker_ready.connect
 def _scan_readiness(sender, **_: object) -> None:
-    """One SSH readiness scanner per worker process (workers/readyscan.py): its own thread and event loop."""
-    from workers.readyscan import ReadyScanner
+    """One SSH readiness scanner per worker process (workers/readyscan.py): its own thread and event loop.
 
+    Its module (asyncssh, cryptography's x509) is imported with the tasks, before the worker consumes:
+    imported here, once the worker was ready, it took a tenth of the GIL from a backlog's first creates."""
     ReadyScanner(runner(), settings).start()
 
 
