@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import redis
 import yaml
@@ -46,6 +49,7 @@ from workers.providers.errors import (
 )
 from workers.providers.lookups import Lookups
 from workers.providers.metering import Metered
+from workers.providers.sim_scripts import CALL_CREATE, CREATE, PAGE
 
 # The sim reports raw states the way a provider would; the table maps them like any adapter's.
 STATUS_MAP: dict[str, VMStatus] = {
@@ -62,6 +66,22 @@ REQUESTS_KEY = f"{SIM_PREFIX}requests"  # hash: "<method> <target>" -> requests 
 LOG_KEY = f"{SIM_PREFIX}log"  # list of recent calls, newest first: {"t", "kind", "outcome"}
 VMS_KEY = f"{SIM_PREFIX}vms"  # set of live instance ids
 LOG_LENGTH = 20_000
+COUNT_KEYS = [REQUESTS_KEY, CALLS_KEY, CALLS_PER_S_KEY, LOG_KEY]  # a call's counters, in the scripts' order
+# A VM record's fields a read needs; the first two change after the create (a test ages a VM by
+# rewriting created_ms: tests/test_sweep.py), the rest never do.
+ROW = (
+    "created_ms",
+    "delete_at_ms",
+    "name",
+    "region",
+    "instance_type",
+    "image",
+    "labels",
+    "boot_at_ms",
+    "fate",
+    "ssh_port",
+)
+FIXED_CACHE = 10_000  # VMs whose fixed part a provider keeps parsed (a tick reads every watched VM)
 
 
 class SimConfig(BaseSettings):
@@ -94,23 +114,6 @@ class SimConfig(BaseSettings):
     profile: str = ""  # a provider whose published API budget the simulated cloud plays (budget_profiles.py)
 
 
-# Create-or-return-existing by token in one round trip: [1 created / 0 known token / -1 no capacity, id].
-# The token is looked up before capacity, as real providers answer a known token with its VM.
-# ARGV: "1" if capacity refuses a new VM, "1" if tokens are honoured, the VM key prefix, its fields.
-_CREATE = """
-if ARGV[2] == '1' then
-  local existing = redis.call('get', KEYS[1])
-  if existing then return {0, existing} end
-end
-if ARGV[1] == '1' then return {-1, ''} end
-local id = 'sim-' .. redis.call('incr', KEYS[2])
-redis.call('set', KEYS[1], id)
-redis.call('hset', ARGV[3] .. id, 'instance_id', id, unpack(ARGV, 4))
-redis.call('sadd', KEYS[3], id)
-return {1, id}
-"""
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -132,7 +135,14 @@ class SimProvider(Metered):
         self._caller_token = caller_token if caller_token is not None else self._env.token
         self._configs: dict[frozenset, SimConfig] = {}
         self._images = Lookups()  # as the AWS adapter keeps its SSM answers (workers/providers/lookups.py)
-        self._create = self._redis.register_script(_CREATE)
+        self._create = self._redis.register_script(CREATE)
+        self._call_create = self._redis.register_script(CALL_CREATE)
+        self._page = self._redis.register_script(PAGE)
+        # The last config overrides seen (flat, as HGETALL lists them) and their parse: a create
+        # guesses them to be current and sends its whole call in one round trip (see create_vm).
+        self._seen: tuple[list[str], SimConfig] = ([], self._env)
+        self._fixed: dict[str, _Fixed] = {}  # instance id -> its record's fixed part, parsed
+        self._fixed_lock = threading.Lock()
         if self._env.profile and self._env.profile not in PROFILES:
             raise ValueError(f"VMQ_SIM_PROFILE={self._env.profile!r}: use one of {', '.join(PROFILES)}")
         self.budget_profile = self._env.profile or None
@@ -170,42 +180,29 @@ class SimProvider(Metered):
         job_id: str,
         first_attempt: bool = False,
     ) -> VMInfo:
-        config = self._begin("create")
-        no_capacity = random.random() < config.capacity_rate or spec.region in config.full_regions.split(",")
-        now = _now_ms()
-        boot_ms = int((config.boot_s + random.uniform(0, config.boot_jitter_s)) * 1000)
-        fate = (
-            "stuck" if random.random() < config.stuck_rate else "error" if random.random() < config.error_rate else "ok"
-        )
-        if fate == "ok" and random.random() < config.unreachable_rate:
-            fate = "unreachable"  # runs as far as the API can tell; nothing answers inside
-        record = {
-            "name": spec.name,
-            "region": spec.region,
-            "instance_type": spec.instance_type,
-            "image": spec.image,
-            "labels": json.dumps(spec.ownership_labels(job_id)),
-            "ssh_key": ssh_key.sha256_fingerprint,
-            "user_data_bytes": len(startup_script.encode()) if startup_script else 0,
-            "created_ms": now,
-            "boot_at_ms": now + boot_ms,
-            "fate": fate,
-            # What the sim host does inside the VM: sshd from ssh_up_at_ms, cloud-init's phone_home.
-            "ssh_port": config.ssh_port,
-            "ssh_up_at_ms": now + boot_ms + int(config.ssh_delay_s * 1000),
-            "cloud_init_done_at_ms": now + boot_ms + int(config.cloud_init_s * 1000),
-            "phone_home": json.dumps(_phone_home(startup_script)),
-        }
-        # The ClientToken: the same job id gets the same VM back, decided atomically in Redis.
-        created, instance_id = self._create(
-            keys=[f"{SIM_PREFIX}token:{job_id}", f"{SIM_PREFIX}next_id", VMS_KEY],
-            args=[
-                "1" if no_capacity else "0",
-                "1" if config.honour_token else "0",
-                f"{SIM_PREFIX}vm:",
-                *(str(x) for kv in record.items() for x in kv),
-            ],
-        )
+        requests = self._send("create")
+        config: SimConfig | None = None
+        flat, guess = self._seen
+        if self._quiet(guess):
+            # One round trip: the counters, a check that the config is still the guessed one, the
+            # create. Another config: the call is counted and goes on below with that config.
+            record, no_capacity = _record(spec, ssh_key, startup_script, job_id, guess)
+            created, instance_id, *current = self._call_create(
+                keys=[CONFIG_KEY, *COUNT_KEYS, *_create_keys(job_id)],
+                args=[*_count_args("create", requests), len(flat), *flat, *_create_args(record, no_capacity, guess)],
+            )
+            if created == 2:
+                overrides = _pairs(current[0])
+            else:
+                config = guess
+        else:
+            overrides, _ = self._arrive("create", requests)
+        if config is None:
+            config = self._admit("create", overrides)
+            record, no_capacity = _record(spec, ssh_key, startup_script, job_id, config)
+            created, instance_id = self._create(
+                keys=_create_keys(job_id), args=_create_args(record, no_capacity, config)
+            )
         if created == -1:
             self._count("create", "capacity")
             raise CapacityError(f"no capacity for {spec.instance_type} in {spec.region}", provider_code="capacity")
@@ -222,27 +219,48 @@ class SimProvider(Metered):
             record = self._redis.hgetall(_vm_key(instance_id))
         else:  # the record rides in the call's own round trip (a get is the hot path of polling)
             config, record = self._call("get", read=_vm_key(instance_id))
-            if record and self._invisible(record, config):
+            if record and self._invisible(record.get("created_ms"), config):
                 record = None
-        if not record or self._gone(record):
+        if not record or self._gone(instance_id, record.get("delete_at_ms")):
             raise NotFoundError(f"instance {instance_id} not found", provider_code="not_found")
         return self._info(record)
 
     def get_vms(self, instance_ids: list[str]) -> dict[str, VMInfo]:
         """One request per page of the profile's page size, as a filtered list call would; plus the
         profile's reads of the VMs seen settled (``settle_requests``: OCI's per VM, Azure's per VM or its
-        group's lists, the simulated cloud's VMs being one group)."""
+        group's lists, the simulated cloud's VMs being one group).
+
+        A page is one round trip (sim_scripts.PAGE) that reads only what may have changed of a VM
+        whose fixed part this provider has parsed before."""
         found: dict[str, VMInfo] = {}
         size = self.profile.page_size
         for start in range(0, len(instance_ids), size):
             chunk = instance_ids[start : start + size]
-            config = self._begin("get_many")
-            pipe = self._redis.pipeline(transaction=False)
-            for instance_id in chunk:
-                pipe.hgetall(_vm_key(instance_id))
-            for record in pipe.execute():
-                if record and not self._invisible(record, config) and not self._gone(record):
-                    found[record["instance_id"]] = self._info(record)
+            requests = self._send("get_many")
+            known = [self._fixed.get(instance_id) for instance_id in chunk]
+            config_flat, *rows = self._page(
+                keys=[CONFIG_KEY, *COUNT_KEYS],
+                args=[
+                    *_count_args("get_many", requests),
+                    _vm_key(""),
+                    "".join("0" if fixed else "1" for fixed in known),
+                    len(ROW),
+                    *ROW,
+                    *chunk,
+                ],
+            )
+            config = self._admit("get_many", _pairs(config_flat))
+            now_ms = _now_ms()
+            for instance_id, fixed, row in zip(chunk, known, rows, strict=True):
+                created_ms, delete_at_ms = row[0], row[1]
+                if created_ms is None:  # no such VM (or a record that lost it: nothing to tell)
+                    continue
+                if fixed is None or fixed.created_ms != created_ms:
+                    if fixed is not None:  # rewritten since it was parsed: read it whole
+                        row = self._redis.hmget(_vm_key(instance_id), ROW)
+                    fixed = self._fix({"instance_id": instance_id, **dict(zip(ROW, row, strict=True))})
+                if not self._invisible(created_ms, config) and not self._gone(instance_id, delete_at_ms):
+                    found[instance_id] = self._vm_info(fixed, delete_at_ms, now_ms)
         if settled := sum(vm.status in SETTLED_STATUSES for vm in found.values()):
             group = self._redis.scard(VMS_KEY) if self.profile.settle_lists else 0
             for method, target in self.profile.settle_requests(settled, group):
@@ -253,7 +271,7 @@ class SimProvider(Metered):
         config = self._begin("destroy")
         key = _vm_key(instance_id)
         record = self._redis.hgetall(key)
-        if not record or self._invisible(record, config):  # NotFound, which adapters take as "already gone"
+        if not record or self._invisible(record.get("created_ms"), config):  # NotFound: "already gone"
             return
         self._redis.hsetnx(key, "delete_at_ms", _now_ms() + int(config.destroy_s * 1000))
 
@@ -263,8 +281,10 @@ class SimProvider(Metered):
         owned = []
         for instance_id in self._redis.smembers(VMS_KEY):
             record = self._redis.hgetall(_vm_key(instance_id))
-            if record and not self._gone(record) and json.loads(record["labels"]).get("managed-by") == "vmqueue":
-                owned.append(self._info(record))
+            if record and not self._gone(instance_id, record.get("delete_at_ms")):
+                info = self._info(record)
+                if info.labels.get("managed-by") == "vmqueue":
+                    owned.append(info)
         return owned
 
     # -- the simulated API's machinery ------------------------------------------------------
@@ -292,19 +312,38 @@ class SimProvider(Metered):
         """One API call: its requests through the meter and the simulated API's budget, then the
         config, the counters and the hash ``read`` (if any; as it was when the call arrived) in one
         round trip, then the latency and the faults."""
-        # A kind the profile does not list (the image lookup of prepare_spec) sends no metered request.
+        overrides, record = self._arrive(kind, self._send(kind, pages), read)
+        return self._admit(kind, overrides, slow), record
+
+    def _send(self, kind: str, pages: int = 1) -> tuple[tuple[str, str], ...]:
+        """The call's requests through the meter and the simulated API's budget; the caller counts
+        them in ``REQUESTS_KEY`` in its own round trip (the hot path of P1). A kind the profile does
+        not list (the image lookup of prepare_spec) sends no metered request."""
         requests = self.profile.calls.get(kind, ()) * pages
         for method, target in requests:
             self._request(method, target, counted=False)
+        return requests
+
+    def _arrive(
+        self, kind: str, requests: tuple[tuple[str, str], ...], read: str | None = None
+    ) -> tuple[dict[str, str], dict[str, str] | None]:
+        """The call's counters, the config overrides and the hash ``read`` (if any) in one round trip."""
         pipe = self._redis.pipeline(transaction=False)
-        for method, target in requests:  # counted in the call's own round trip (the hot path of P1)
+        for method, target in requests:
             pipe.hincrby(REQUESTS_KEY, f"{method} {target}", 1)
         pipe.hgetall(CONFIG_KEY)
         if read is not None:
             pipe.hgetall(read)
         self._count(kind, pipe=pipe)
         replies = pipe.execute()[len(requests) :]
-        config = self._parse_config(replies[0])
+        return replies[0], replies[1] if read is not None else None
+
+    def _admit(self, kind: str, overrides: dict[str, str], slow: bool = True) -> SimConfig:
+        """The config of a counted call, then its latency and faults (``slow=False``: no latency).
+
+        Raises ``AuthError``, ``RateLimitedError`` or ``TransientError`` as the config says."""
+        config = self._parse_config(overrides)
+        self._seen = ([x for kv in overrides.items() for x in kv], config)
         if config.latency_ms and slow:
             time.sleep(config.latency_ms / 1000)
         if config.token and self._caller_token != config.token:
@@ -318,7 +357,17 @@ class SimProvider(Metered):
         if random.random() < config.transient_rate:
             self._count(kind, "transient")
             raise TransientError("503 service unavailable", provider_code="unavailable")
-        return config, replies[1] if read is not None else None
+        return config
+
+    def _quiet(self, config: SimConfig) -> bool:
+        """Whether a call under ``config`` surely passes ``_admit`` at once (no latency, token or fault
+        to play), so that its create may go in the round trip that reads the config (create_vm)."""
+        return (
+            not config.latency_ms
+            and (not config.token or self._caller_token == config.token)
+            and config.rate_limit_rate <= 0
+            and config.transient_rate <= 0
+        )
 
     def _request(self, method: str, target: str, counted: bool = True) -> None:
         """One request on the simulated wire: the worker's meter, then the simulated API's own budget.
@@ -353,48 +402,48 @@ class SimProvider(Metered):
             pipe.execute()
 
     @staticmethod
-    def _invisible(record: dict[str, str], config: SimConfig) -> bool:
+    def _invisible(created_ms: str | None, config: SimConfig) -> bool:
         # Only when asked for: the sim runs on each worker's clock, and a VM another worker's clock
         # stamped must not look unborn to this one (bench/chaos.py R13 skews them).
-        return config.invisible_s > 0 and _now_ms() < int(record["created_ms"]) + config.invisible_s * 1000
+        return config.invisible_s > 0 and _now_ms() < int(created_ms or 0) + config.invisible_s * 1000
 
-    def _gone(self, record: dict[str, str]) -> bool:
-        delete_at = record.get("delete_at_ms")
-        if delete_at and _now_ms() >= int(delete_at):
-            self._redis.delete(_vm_key(record["instance_id"]))
-            self._redis.srem(VMS_KEY, record["instance_id"])
+    def _gone(self, instance_id: str, delete_at_ms: str | None) -> bool:
+        if delete_at_ms and _now_ms() >= int(delete_at_ms):
+            self._redis.delete(_vm_key(instance_id))
+            self._redis.srem(VMS_KEY, instance_id)
             return True
         return False
 
-    def _info(self, record: dict[str, str]) -> VMInfo:
-        raw = self._raw_status(record)
-        n = int(record["instance_id"].removeprefix("sim-"))
-        booted = raw == "active"
+    def _info(self, record: dict[str, Any]) -> VMInfo:
+        """The VMInfo of a whole record (as Redis holds it, or as create_vm wrote it)."""
+        fixed = self._fixed.get(record["instance_id"])
+        if fixed is None or fixed.created_ms != str(record["created_ms"]):
+            fixed = self._fix(record)
+        delete_at_ms = record.get("delete_at_ms")
+        return self._vm_info(fixed, str(delete_at_ms) if delete_at_ms else None, _now_ms())
+
+    def _fix(self, record: dict[str, Any]) -> _Fixed:
+        """Parse a record's fixed part and keep it (the oldest kept is dropped past FIXED_CACHE)."""
+        fixed = _Fixed.of(record)
+        with self._fixed_lock:
+            self._fixed[fixed.info["instance_id"]] = fixed
+            if len(self._fixed) > FIXED_CACHE:
+                del self._fixed[next(iter(self._fixed))]
+        return fixed
+
+    def _vm_info(self, fixed: _Fixed, delete_at_ms: str | None, now_ms: int) -> VMInfo:
+        if delete_at_ms:
+            raw = "deleting"
+        elif now_ms < fixed.boot_at_ms or fixed.fate == "stuck":
+            raw = "booting"
+        else:
+            raw = "failed" if fixed.fate == "error" else "active"
         return VMInfo(
-            provider=self.name,
-            instance_id=record["instance_id"],
-            name=record["name"],
+            **fixed.info,
             status=STATUS_MAP.get(raw, VMStatus.unknown),
             provider_status=raw,
-            # Loopback addresses of this machine, where the sim host plays the VM's sshd: probes of
-            # a sim VM never leave the machine. No IPv6: ::1 is the only loopback address there.
-            public_ipv4=sim_address(n, public=True) if booted else None,
-            private_ipv4=sim_address(n, public=False),
-            region=record["region"],
-            instance_type=record["instance_type"],
-            image=record["image"],
-            labels=json.loads(record["labels"]),
-            created_at=datetime.fromtimestamp(int(record["created_ms"]) / 1000, UTC),
-            ssh_port=int(record["ssh_port"]) if record.get("ssh_port") else None,  # where the sim host's sshd is
+            public_ipv4=fixed.public_ipv4 if raw == "active" else None,
         )
-
-    @staticmethod
-    def _raw_status(record: dict[str, str]) -> str:
-        if record.get("delete_at_ms"):
-            return "deleting"
-        if _now_ms() < int(record["boot_at_ms"]) or record["fate"] == "stuck":
-            return "booting"
-        return "failed" if record["fate"] == "error" else "active"
 
     def list_owned_extras(self) -> list[OwnedResource]:
         """See the protocol. None can outlive a VM:
@@ -403,6 +452,103 @@ class SimProvider(Metered):
 
     def delete_extra(self, resource: OwnedResource) -> None:
         raise InvalidSpecError(f"sim creates no {resource.kind} beside a VM: nothing to delete")
+
+
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    """What a VM's record never changes after its create, parsed once: every tick reads every VM it
+    watches, and parsing the labels, the time and the addresses again was most of the sim's cost."""
+
+    created_ms: str  # the record's, to tell a cached part from a rewritten record (tests age VMs)
+    boot_at_ms: int
+    fate: str
+    public_ipv4: str  # shown once the VM runs
+    info: dict[str, Any]  # VMInfo's fields but the status, the raw status and the public address
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> _Fixed:
+        instance_id = record["instance_id"]
+        n = int(instance_id.removeprefix("sim-"))
+        return cls(
+            created_ms=str(record["created_ms"]),
+            boot_at_ms=int(record["boot_at_ms"]),
+            fate=record["fate"],
+            # Loopback addresses of this machine, where the sim host plays the VM's sshd: probes of
+            # a sim VM never leave the machine. No IPv6: ::1 is the only loopback address there.
+            public_ipv4=sim_address(n, public=True),
+            info={
+                "provider": SimProvider.name,
+                "instance_id": instance_id,
+                "name": record["name"],
+                "private_ipv4": sim_address(n, public=False),
+                "region": record["region"],
+                "instance_type": record["instance_type"],
+                "image": record["image"],
+                "labels": json.loads(record["labels"]),  # VMInfo copies it: the cached one stays as read
+                "created_at": datetime.fromtimestamp(int(record["created_ms"]) / 1000, UTC),
+                "ssh_port": int(record["ssh_port"]) if record.get("ssh_port") else None,  # the sim host's sshd
+            },
+        )
+
+
+def _record(
+    spec: VMSpec, ssh_key: SSHPublicKey, startup_script: str | None, job_id: str, config: SimConfig
+) -> tuple[dict[str, Any], bool]:
+    """The record a create under ``config`` writes (its fate drawn now), and whether capacity refuses it."""
+    no_capacity = random.random() < config.capacity_rate or spec.region in config.full_regions.split(",")
+    now = _now_ms()
+    boot_ms = int((config.boot_s + random.uniform(0, config.boot_jitter_s)) * 1000)
+    fate = "stuck" if random.random() < config.stuck_rate else "error" if random.random() < config.error_rate else "ok"
+    if fate == "ok" and random.random() < config.unreachable_rate:
+        fate = "unreachable"  # runs as far as the API can tell; nothing answers inside
+    record = {
+        "name": spec.name,
+        "region": spec.region,
+        "instance_type": spec.instance_type,
+        "image": spec.image,
+        "labels": json.dumps(spec.ownership_labels(job_id)),
+        "ssh_key": ssh_key.sha256_fingerprint,
+        "user_data_bytes": len(startup_script.encode()) if startup_script else 0,
+        "created_ms": now,
+        "boot_at_ms": now + boot_ms,
+        "fate": fate,
+        # What the sim host does inside the VM: sshd from ssh_up_at_ms, cloud-init's phone_home.
+        "ssh_port": config.ssh_port,
+        "ssh_up_at_ms": now + boot_ms + int(config.ssh_delay_s * 1000),
+        "cloud_init_done_at_ms": now + boot_ms + int(config.cloud_init_s * 1000),
+        "phone_home": json.dumps(_phone_home(startup_script)),
+    }
+    return record, no_capacity
+
+
+def _create_keys(job_id: str) -> list[str]:
+    """The create's KEYS (sim_scripts): the ClientToken's key, the id counter, the live set."""
+    return [f"{SIM_PREFIX}token:{job_id}", f"{SIM_PREFIX}next_id", VMS_KEY]
+
+
+def _create_args(record: dict[str, Any], no_capacity: bool, config: SimConfig) -> list[str]:
+    """The create's ARGV (sim_scripts): the ClientToken is honoured unless the config says not."""
+    flags = ["1" if no_capacity else "0", "1" if config.honour_token else "0", f"{SIM_PREFIX}vm:"]
+    return [*flags, *(str(x) for kv in record.items() for x in kv)]
+
+
+def _count_args(kind: str, requests: tuple[tuple[str, str], ...]) -> list[str | int]:
+    """The counters' ARGV (sim_scripts): as ``SimProvider._count`` counts a call, and its requests."""
+    now = time.time()
+    entry = json.dumps({"t": now, "kind": kind, "outcome": "call"})
+    return [
+        kind,
+        str(int(now)),
+        entry,
+        LOG_LENGTH,
+        len(requests),
+        *(f"{method} {target}" for method, target in requests),
+    ]
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A hash from the flat field, value list a script's HGETALL returns."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def sim_address(n: int, public: bool) -> str:
