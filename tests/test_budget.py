@@ -9,9 +9,19 @@ import pytest
 import redis
 
 from vmqueue import keys
-from vmqueue.settings import Settings
+from vmqueue.settings import SETTLING_TICK_S, Settings
 from workers.budget import Budget
-from workers.budget_profiles import AWS, AZURE, DIGITALOCEAN, GCP, HETZNER, PROFILES, Bucket, parse_bucket
+from workers.budget_profiles import (
+    AWS,
+    AZURE,
+    DIGITALOCEAN,
+    GCP,
+    HETZNER,
+    PROFILES,
+    SETTLING_SURPLUS_SPEND_S,
+    Bucket,
+    parse_bucket,
+)
 from workers.providers.errors import RateLimitedError
 
 
@@ -346,6 +356,14 @@ def test_tick_interval_keeps_reads_within_the_read_budget(redis_url: str, redis_
     assert HETZNER.read_interval_s(1000, 0.1, {("project", ""): 3600.0}) == pytest.approx(20 / 18.1)
     # EC2 meters DescribeInstances on its own (20/s): 2.5 s for five pages on the share alone.
     assert AWS.read_interval_s(1000, 0.1) == pytest.approx(2.5)
+    # While VMs settle the part above half goes ten times as fast: Hetzner after 1,000 creates (2,600
+    # left, 800 above half) read 1,000 servers every 2.4 s and saw the last booted ones 3 s late.
+    after_creates = {("project", ""): 2600.0}
+    assert HETZNER.read_interval_s(1000, 0.5, after_creates) == pytest.approx(20 / 8.5)
+    assert HETZNER.read_interval_s(1000, 0.5, after_creates, SETTLING_SURPLUS_SPEND_S) == pytest.approx(20 / 80.5)
+    # ... and never below half the burst: a bucket at half reads at the share, settling or not.
+    at_half = {("project", ""): 1800.0}
+    assert HETZNER.read_interval_s(1000, 0.5, at_half, SETTLING_SURPLUS_SPEND_S) == pytest.approx(40.0)
 
     # The budget reads the levels from Redis: a fresh Hetzner bucket ticks at the 1 s bound ...
     assert budget.tick_interval_s("hetzner", watched=120) == pytest.approx(1.0)
@@ -368,6 +386,8 @@ def test_tick_interval_keeps_reads_within_the_read_budget(redis_url: str, redis_
     # rate); its own generous budget: 1 s.
     assert spent.tick_interval_s("sim", "digitalocean", watched=1000) == pytest.approx(5 / (0.5 * 250 / 60 + 1.25))
     assert spent.tick_interval_s("sim", watched=100) == pytest.approx(1.0)
+    # Settling (the last tick saw VMs run), the generous budget lets the tick come every 0.25 s.
+    assert spent.tick_interval_s("sim", watched=100, settling=True) == pytest.approx(SETTLING_TICK_S)
     # A larger budget configured for the bucket shortens it; an explicit VMQ_BATCH_POLL_S is taken as is.
     bigger = Budget(settings_with(redis_url, budget={"hetzner.project": "3600@4/s"}), redis_client)
     assert bigger.tick_interval_s("hetzner", watched=120) == pytest.approx(7.5, rel=0.01)

@@ -33,9 +33,9 @@ from typing import Any
 import redis
 
 from vmqueue import keys
-from vmqueue.settings import TICK_BOUNDS_S, TICK_SHARE_OF_LIMIT, Settings
+from vmqueue.settings import SETTLING_TICK_S, TICK_BOUNDS_S, TICK_SHARE_OF_LIMIT, Settings
 from workers.budget_buckets import BucketStore
-from workers.budget_profiles import Profile
+from workers.budget_profiles import SETTLING_SURPLUS_SPEND_S, SURPLUS_SPEND_S, Profile
 from workers.providers.errors import RateLimitedError
 
 # Waiting for a budget longer than this is better done as a task retry than in a worker thread.
@@ -108,7 +108,7 @@ class Budget(BucketStore):
         return max(wait, self.create_slot(provider, profile, f"retry:{uuid.uuid4().hex}"))
 
     def tick_interval_s(
-        self, provider: str, base: str | None = None, watched: int = 1, floor_s: float = TICK_BOUNDS_S[0]
+        self, provider: str, base: str | None = None, watched: int = 1, settling: bool = False
     ) -> float:
         """Seconds between a provider's batched status reads of the VMs it watches.
 
@@ -116,8 +116,9 @@ class Budget(BucketStore):
         the interval at which a read of the provider's watch list (``watched`` VMs if more) spends
         ``TICK_SHARE_OF_LIMIT`` of each bucket of ``base``'s profile (with this deployment's
         overrides) it is charged to, plus what the bucket holds above half its burst (see
-        ``Profile.read_interval_s``), and at least ``floor_s`` (``TICK_BOUNDS_S[0]``; the tick asks
-        ``SETTLING_TICK_S`` while VMs settle). E.g. DigitalOcean's hour
+        ``Profile.read_interval_s``), and at least ``TICK_BOUNDS_S[0]``. While VMs settle
+        (``settling``: the last tick saw some run) the surplus goes ten times as fast and the interval
+        may be as short as ``SETTLING_TICK_S``. E.g. DigitalOcean's hour
         window spent past half gives a read of up to 200 droplets every 7.2 s, leaving the rest to
         creates and deletes; Hetzner's full 3,600 bucket a read of 1,000 servers about every second.
         While no create waits for its slot in the provider's schedule the reads may spend
@@ -135,8 +136,9 @@ class Budget(BucketStore):
             levels = self.levels(provider, profile, profile.read_requests(1))
             share = TICK_SHARE_OF_LIMIT if self.creates_waiting(provider, profile) else IDLE_READ_SHARE
             cached = self._tick_cache[(provider, base)] = (now, watched_now, levels, share)
-        read_s = profile.read_interval_s(max(watched, cached[1]), cached[3], cached[2])
-        return max(floor_s, read_s)
+        spend_s = SETTLING_SURPLUS_SPEND_S if settling else SURPLUS_SPEND_S
+        read_s = profile.read_interval_s(max(watched, cached[1]), cached[3], cached[2], spend_s)
+        return max(SETTLING_TICK_S if settling else TICK_BOUNDS_S[0], read_s)
 
     def meter(self, provider: str, base: str | None = None) -> BudgetMeter:
         return BudgetMeter(self, provider, self.profile(provider, base))

@@ -232,15 +232,19 @@ class BucketStore:
             if profile.buckets[name].kind == "window"
         ]
         window_wait = 0.0
-        for limiter, item, identity in windows:
+        # Several windows are tested first, so that a request one refuses is counted in none; a single
+        # window's hit is that test already (one round trip, not two: GCP meters each request so).
+        for limiter, item, identity in windows if len(windows) > 1 else ():
             if not limiter.test(item, identity):
                 window_wait = max(window_wait, limiter.get_window_stats(item, identity).reset_time - now, 0.01)
         for limiter, item, identity in windows if not window_wait else ():
-            if not limiter.hit(item, identity):  # another worker took the last slot meanwhile
+            if not limiter.hit(item, identity):  # full, or another worker took the last slot meanwhile
                 window_wait = max(window_wait, limiter.get_window_stats(item, identity).reset_time - now, 0.01)
         if window_wait:
             return False, window_wait, 0.0
         tokens = [(n, profile.buckets[n]) for n in names if profile.buckets[n].kind == "token"]
+        if not tokens and profile.headers is None:
+            return True, 0.0, 0.0  # no bucket to charge and no provider's word to heed (only headers write one)
         token_keys = [self._key(provider, scope, n, b, target) for n, b in tokens]
         observed = [f"{self.prefix}{provider}:{scope}:seen:{n}" for n in names]
         if profile.headers is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from vmqueue.models import Job, JobKind, VMInfo, VMStatus
-from vmqueue.settings import SETTLING_TICK_S, TICK_BOUNDS_S
 from workers.calls import ProviderCalls
 from workers.lifecycle.common import Next, log
 from workers.lifecycle.settle import SettleSteps
@@ -55,10 +54,9 @@ class TickSteps(SettleSteps):
 
     def tick_s(self, provider_name: str, watched: int = 1, settling: bool = False) -> float:
         """The provider's tick interval for ``watched`` VMs, within its read budget (workers/budget.py);
-        ``settling`` (the last tick settled some): down to ``SETTLING_TICK_S`` if the budget allows."""
+        ``settling`` (the last tick settled some): sooner, as the budget allows (``Budget.tick_interval_s``)."""
         base = getattr(self.providers(provider_name), "budget_profile", None)
-        floor_s = SETTLING_TICK_S if settling else TICK_BOUNDS_S[0]
-        return self.limit.tick_interval_s(provider_name, base, watched, floor_s)
+        return self.limit.tick_interval_s(provider_name, base, watched, settling)
 
     def _batched(self, provider: Provider) -> bool:
         return self.start_ticker is not None and isinstance(provider, BatchReads)
