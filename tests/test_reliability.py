@@ -380,6 +380,23 @@ def test_not_found_of_a_vm_its_create_saw_running_is_real_at_once(make_runner, s
     assert sim.existing_vms() == []
 
 
+def test_a_create_that_ran_then_failed_believes_the_not_found_of_its_own_vm(make_runner, sim, ssh_key):
+    # 11, the newcomer's run: a create failed with ready_timeout after its VM ran, and its cleanup
+    # (destroy-on-failure) waited out the 30 s window as if the VM were unknown to reads.
+    runner = make_runner(not_found_grace_s=300)
+    sim.configure(destroy_s=0, unreachable_rate=1.0)  # gone at the delete; sshd never answers
+    created = record(runner, ssh_key, ready_when="ssh")
+    drive(runner, created.id, JobKind.create, steps=80, sleep=True)
+    job = runner.store.get(created.id)
+    assert job.running_at is not None and job.awaiting_ready
+    assert runner.ready_due(created.id, time.time(), deadline=time.time() - 1)  # the readiness deadline passed
+    drive(runner, created.id, JobKind.create, steps=40, sleep=True)
+    job = runner.store.get(created.id)
+    assert job.state == JobState.failed and job.error.code == "ready_timeout"
+    assert job.cleanup == CleanupState.done  # 40 steps of at most 0.5 s, not 300 s
+    assert sim.existing_vms() == []
+
+
 # -- 12 ----------------------------------------------------------------------------------------
 @pytest.mark.system
 def test_a_create_record_learns_its_vm_was_destroyed_and_expires(sim_worker, provisioner, redis_client, ssh_key):

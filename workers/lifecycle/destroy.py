@@ -87,7 +87,8 @@ class DestroySteps(Steps):
             return True
         if job.kind == JobKind.destroy and job.vm is not None:
             return True
-        creator = None if job.kind == JobKind.create else self.store.creator_of(job.provider, job.instance_id)
+        # A failed create cleaning up its own VM is that VM's creator (a ready_timeout: it ran).
+        creator = job if job.kind == JobKind.create else self.store.creator_of(job.provider, job.instance_id)
         if creator is not None and creator.running_at is not None:
             # Its create saw it running in a read: reads know it, so not finding it now is real (a VM
             # destroyed right after it ran waited out the whole window: `vmq demo`'s destroys took 30 s).
