@@ -18,6 +18,8 @@ Async end to end, like the app (the job store on ``redis.asyncio``).
 
 from __future__ import annotations
 
+import logging
+import re
 import urllib.parse
 from typing import Annotated
 
@@ -30,8 +32,24 @@ from vmqueue.models import Job, JobState, utcnow
 from vmqueue.readiness import PHONE_HOME_KEY_FIELDS, HostKey, ReadyWhen, digest_matches
 
 MAX_BODY_BYTES = 64 * 1024  # three public keys and three names fit many times over
+READY_PATH = re.compile(r"^(/ready/[^/?]+/)[^/?]+")
 
 router = APIRouter(tags=["ready"])
+
+
+class TokenRedactingFilter(logging.Filter):
+    """Access log lines show ``/ready/<job>/***``, never the token (uvicorn logs each request's path)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) > 2 and isinstance(args[2], str) and args[2].startswith("/ready/"):
+            record.args = (*args[:2], READY_PATH.sub(r"\1***", args[2]), *args[3:])
+        return True
+
+
+# Whoever serves the app (``vmq web``, ``uvicorn producer.web:app``) logs access through this logger.
+if not any(isinstance(f, TokenRedactingFilter) for f in logging.getLogger("uvicorn.access").filters):
+    logging.getLogger("uvicorn.access").addFilter(TokenRedactingFilter())
 
 
 def _host_keys(form: dict[str, list[str]]) -> list[HostKey]:

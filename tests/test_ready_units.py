@@ -264,3 +264,24 @@ def test_metrics_count_ready_jobs_and_enqueue_to_ready():
     assert (REGISTRY.get_sample_value("vmq_jobs_finished_total", finished) or 0) == running_before
     job_changed(_job(state=JobState.ready, ready_when="cloud_init", running_at=utcnow(), ready_at=utcnow()))
     assert REGISTRY.get_sample_value("vmq_create_enqueue_to_ready_seconds_count", labels) == before + 1
+
+
+def test_the_access_log_never_shows_a_phone_home_token() -> None:
+    """uvicorn logs each request's path; the phone-home path carries the job's one-time token."""
+    import logging
+
+    import producer.phonehome  # noqa: F401 - installs the filter on uvicorn's access logger
+
+    token = "f" * 64
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "POST", f"/ready/job-1/{token}", "1.1", 200), None,
+    )  # fmt: skip
+    other = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/jobs/job-1", "1.1", 200), None,
+    )  # fmt: skip
+    for record_ in (record, other):
+        assert all(f.filter(record_) for f in logging.getLogger("uvicorn.access").filters)
+    assert token not in record.getMessage() and "/ready/job-1/*** HTTP/1.1" in record.getMessage()
+    assert "/jobs/job-1 HTTP/1.1" in other.getMessage()

@@ -165,10 +165,12 @@ def live(renderable: Any, out: Console | None = None) -> Iterator[Live]:
     """A live display of ``renderable`` that ends its last line: rich prints the final frame once
     when stdout is no terminal (a pipe, a CI log) and leaves that frame without its newline."""
     out = out or console
-    with Live(renderable, console=out, refresh_per_second=4) as shown:
-        yield shown
-    if not out.is_terminal:
-        out.line()
+    try:
+        with Live(renderable, console=out, refresh_per_second=4) as shown:
+            yield shown
+    finally:  # also when the block ends by exiting (a failed job's exit code, a timeout)
+        if not out.is_terminal:
+            out.line()
 
 
 def finish(job: Job, wait: bool, timeout: float, as_json: bool) -> None:
