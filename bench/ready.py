@@ -164,9 +164,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description="ready_when=ssh at scale on the sim: time until all ready / (boot + sshd delay), goal <= 1.25"
     )
-    parser.add_argument("--vms", type=int, default=1000)
-    parser.add_argument("--boot", type=float, default=20.0)
-    parser.add_argument("--sshd-delay", type=float, default=5.0)
+    parser.add_argument("--vms", type=int, default=1000, help="create jobs per batch (default 1000)")
+    parser.add_argument("--boot", type=float, default=20.0, help="simulated boot time, s (default 20)")
+    parser.add_argument(
+        "--sshd-delay", type=float, default=5.0, help="s from boot until the sim host's sshd answers (default 5)"
+    )
     parser.add_argument("--concurrency", type=int, default=64, help="the worker's pool threads")
     args = parser.parse_args()
 
