@@ -147,41 +147,76 @@ def load_fleet(path: Path) -> Fleet:
     if not isinstance(data, dict) or root is None:
         raise FleetError(path, [Problem(1, "", "a fleet file is a mapping with 'fleet', 'defaults' and 'vms'")])
     problems: list[Problem] = []
+    skip: dict[int, set[str]] = {}
     try:
         parsed = FleetFile.model_validate(data)
         entries = list(enumerate(parsed.vms))
     except ValidationError as exc:
         problems = [_problem(root, e["loc"], e["msg"]) for e in exc.errors()]
-        parsed, entries = _valid_part(data, exc)
+        parsed, entries, skip = _valid_part(data, exc)
     if parsed is not None:
-        problems += _expand(parsed, entries, root, path, vms := [])
+        problems += _expand(parsed, entries, root, path, vms := [], skip)
     if problems:
         raise FleetError(path, list(dict.fromkeys(problems)))
     return Fleet(parsed.fleet, path, vms)
 
 
-def _valid_part(data: dict, exc: ValidationError) -> tuple[FleetFile | None, list[tuple[int, VMEntry]]]:
-    """The file without its invalid VM entries, so the others are checked too (all problems at once)."""
-    bad = {e["loc"][1] for e in exc.errors() if e["loc"][:1] == ("vms",) and len(e["loc"]) > 1}
-    if any(e["loc"][:1] != ("vms",) or len(e["loc"]) < 2 for e in exc.errors()):
-        return None, []  # the header or the list itself is broken: nothing to expand reliably
-    raw = data["vms"]
-    entries = [(i, VMEntry.model_validate(v)) for i, v in enumerate(raw) if i not in bad]
-    # Every error is inside an entry, so the header is valid as it stands.
-    header = FleetFile.model_construct(
-        fleet=data["fleet"], defaults=VMFields.model_validate(data.get("defaults") or {})
-    )
-    return header, entries
+_DEFAULTS = -1  # the key of the defaults' invalid fields in ``_valid_part``'s answer
+
+
+def _valid_part(
+    data: dict, exc: ValidationError
+) -> tuple[FleetFile | None, list[tuple[int, VMEntry]], dict[int, set[str]]]:
+    """The file without its invalid fields, so the rest of each entry is checked too (an invalid
+    ``ready_when`` must not hide a missing ``instance_type``: all problems at once). Returns the
+    header, the entries still valid enough to check (by index), and by entry index the fields left
+    out (``_DEFAULTS``: of the defaults), whose problems were reported already."""
+    invalid: dict[int, set[str]] = {}
+    for error in exc.errors():
+        loc = error["loc"]
+        if loc[:1] == ("vms",) and len(loc) > 2 and isinstance(loc[1], int):
+            invalid.setdefault(loc[1], set()).add(str(loc[2]))
+        elif loc[:1] == ("vms",) and len(loc) == 2:
+            invalid.setdefault(loc[1], set()).add("*")  # the entry is no mapping: nothing to check
+        elif loc[:1] == ("defaults",) and len(loc) > 1:
+            invalid.setdefault(_DEFAULTS, set()).add(str(loc[1]))
+        else:
+            return None, [], {}  # the fleet's name or the list itself is broken: nothing to expand reliably
+    defaults = VMFields.model_validate(_without(data.get("defaults") or {}, invalid.get(_DEFAULTS, set())))
+    entries = []
+    for index, raw in enumerate(data["vms"]):
+        if "*" in invalid.get(index, ()):
+            continue
+        try:
+            entries.append((index, VMEntry.model_validate(_without(raw, invalid.get(index, set())))))
+        except ValidationError:  # its name was what is invalid: the rest has no VM to name
+            continue
+    # Every error is inside an entry or the defaults, so the fleet's name is valid as it stands.
+    return FleetFile.model_construct(fleet=data["fleet"], defaults=defaults), entries, invalid
+
+
+def _without(raw: dict, fields: set[str]) -> dict:
+    return {key: value for key, value in raw.items() if key not in fields}
 
 
 def _expand(
-    parsed: FleetFile, entries: list[tuple[int, VMEntry]], root: yaml.Node, path: Path, vms: list[FleetVM]
+    parsed: FleetFile,
+    entries: list[tuple[int, VMEntry]],
+    root: yaml.Node,
+    path: Path,
+    vms: list[FleetVM],
+    skip: dict[int, set[str]] | None = None,
 ) -> list[Problem]:
-    """Turn entries into validated VMs (appended to ``vms``); returns the problems found."""
+    """Turn entries into validated VMs (appended to ``vms``); returns the problems found. ``skip``, by
+    entry index (``_DEFAULTS``: the defaults): fields left out as invalid, not to be reported again
+    (as "required", say)."""
     problems: list[Problem] = []
     files = _Files(path.parent)
     seen: dict[str, int | None] = {}
+    skip = skip or {}
     for index, entry in entries:
+        # An entry's own invalid fields, and the defaults' ones it does not set itself.
+        skipped = skip.get(index, set()) | (skip.get(_DEFAULTS, set()) - entry.model_fields_set)
         fields = _merge(parsed.defaults, entry)
         names = [f"{entry.name}-{n}" for n in range(1, entry.count + 1)] if entry.count else [entry.name]
         entry_line = _line(root, ("vms", index))
@@ -191,7 +226,8 @@ def _expand(
             try:
                 inputs[field] = loader(fields[field])
             except ValueError as exc:
-                problems.append(_field_problem(root, index, entry, field, str(exc)))
+                if field not in skipped:
+                    problems.append(_field_problem(root, index, entry, field, str(exc)))
         for name in names:
             spec = {
                 "provider": fields["provider"],
@@ -220,7 +256,8 @@ def _expand(
                 )
             except ValidationError as exc:
                 for error in exc.errors():
-                    problems.append(_request_problem(root, index, entry, name, error))
+                    if _request_loc(error)[:1] not in {(field,) for field in skipped}:
+                        problems.append(_request_problem(root, index, entry, name, error))
                 break  # the members of a group share every field but the name: one report is enough
             ident = f"{request.spec.provider}/{name}"
             if ident in seen:
@@ -283,13 +320,20 @@ class _Files:
 _REQUEST_FIELDS = {"ssh_key": "ssh_key", "startup_script": "script"}
 
 
-def _request_problem(root: yaml.Node, index: int, entry: VMEntry, name: str, error: dict) -> Problem:
-    """A contract error of one VM, placed on the line of the entry (or default) that set the field."""
+def _request_loc(error: dict) -> tuple:
+    """A ``CreateRequest`` error's location in fleet-file terms: ``spec.region`` is ``region``,
+    ``startup_script`` is ``script``."""
     loc = tuple(error["loc"])
     if loc[:1] == ("spec",):
-        loc = loc[1:]
-    elif loc[:1] and loc[0] in _REQUEST_FIELDS:
-        loc = (_REQUEST_FIELDS[loc[0]], *loc[1:])
+        return loc[1:]
+    if loc[:1] and loc[0] in _REQUEST_FIELDS:
+        return (_REQUEST_FIELDS[loc[0]], *loc[1:])
+    return loc
+
+
+def _request_problem(root: yaml.Node, index: int, entry: VMEntry, name: str, error: dict) -> Problem:
+    """A contract error of one VM, placed on the line of the entry (or default) that set the field."""
+    loc = _request_loc(error)
     field = str(loc[0]) if loc else ""
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "missing":

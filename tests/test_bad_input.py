@@ -189,6 +189,7 @@ CREATE = ["create", "-p", "sim", "--region", "sim-1", "--type", "small", "--imag
 
 
 def _refused(result, field: str) -> None:
+    """Exit 2, nothing enqueued, the problem named as the user typed it (``--name``, not ``spec.name``)."""
     assert result.exit_code == 2, result.output
     assert "Nothing was enqueued" in result.output
     assert field in result.output, result.output
@@ -200,7 +201,7 @@ def _refused(result, field: str) -> None:
 )
 def test_cli_refuses_bad_names(cli_env, redis_client, name):
     before = keys_in(redis_client)
-    _refused(runner.invoke(app, [*CREATE, "--name", name, "--ssh-key", throwaway_public_key()]), "spec.name")
+    _refused(runner.invoke(app, [*CREATE, "--name", name, "--ssh-key", throwaway_public_key()]), "--name")
     assert keys_in(redis_client) == before
 
 
@@ -209,7 +210,7 @@ def test_cli_refuses_bad_names(cli_env, redis_client, name):
 def test_cli_refuses_bad_labels(cli_env, redis_client, key):
     before = keys_in(redis_client)
     args = [*CREATE, "--name", "web-1", "--ssh-key", throwaway_public_key(), "--label", f"{key}=x"]
-    _refused(runner.invoke(app, args), "spec.labels")
+    _refused(runner.invoke(app, args), "--label")
     assert keys_in(redis_client) == before
 
 
@@ -219,7 +220,7 @@ def test_cli_refuses_bad_keys(cli_env, redis_client, tmp_path_factory, key):
     path = tmp_path_factory.mktemp("key") / "id.pub"
     path.write_text(key)
     before = keys_in(redis_client)
-    _refused(runner.invoke(app, [*CREATE, "--name", "web-1", "--ssh-key", str(path)]), "ssh_key")
+    _refused(runner.invoke(app, [*CREATE, "--name", "web-1", "--ssh-key", str(path)]), "--ssh-key")
     assert keys_in(redis_client) == before
 
 
@@ -230,7 +231,7 @@ def test_cli_refuses_bad_scripts(cli_env, redis_client, tmp_path_factory, script
     path.write_text(script)
     before = keys_in(redis_client)
     args = [*CREATE, "--name", "web-1", "--ssh-key", throwaway_public_key(), "--script", str(path)]
-    _refused(runner.invoke(app, args), "startup_script")
+    _refused(runner.invoke(app, args), "--script")
     assert keys_in(redis_client) == before
 
 

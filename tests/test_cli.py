@@ -43,8 +43,13 @@ def test_bad_input_exits_2_names_the_field_and_enqueues_nothing(cli_env, redis_c
     assert "--label 'x' must look like key=value" in result.output
     result = runner.invoke(app, [*CREATE[:4], "Bad_Name", *CREATE[5:], "--ssh-key", ssh_key, "--option", "zone=1"])
     assert result.exit_code == 2
-    assert "spec.name" in result.output and "options.sim.zone" in result.output
+    # Each problem names the flag the user typed, not the request's field ("--name", not "spec.name").
+    assert "--name: must be a hostname" in result.output and "--option (spec.options.sim.zone)" in result.output
     assert "Nothing was enqueued" in result.output
+    for flag, value in (("--deadline", "0"), ("--ready-deadline", "-1"), ("--ssh-port", "0"), ("--ttl", "0")):
+        result = runner.invoke(app, [*CREATE, "--ssh-key", ssh_key, flag, value])
+        named = re.search(rf"^(  |Invalid request: ){flag}[: ]", result.output, re.M)
+        assert result.exit_code == 2 and named, result.output
     assert [k for k in redis_client.scan_iter() if not k.startswith(KOMBU_KEYS)] == []
 
 
@@ -92,6 +97,13 @@ def test_help_reads_whole_in_80_columns(command):
     assert result.exit_code == 0, result.output
     assert "…" not in result.output
     assert max(len(line) for line in result.output.splitlines()) <= 80
+    assert "<bool>" not in result.output  # a flag takes no value: it shows no type
+    # The description reads whole: no line of a paragraph ends before the next line's first word
+    # would have fit (a docstring's own line breaks cut "starts a sim" / "worker, and ..." apart).
+    text = result.output.split("╭")[0].splitlines()[2:]  # after the usage line
+    for line, following in zip(text, text[1:], strict=False):
+        if line.strip() and following.strip():
+            assert len(line.strip()) + 1 + len(following.split()[0]) > 78, (line, following)
 
 
 def test_every_command_summary_fits_its_row_in_80_columns():

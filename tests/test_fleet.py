@@ -82,6 +82,7 @@ def test_every_problem_is_reported_with_its_line(tmp_path):
         (12, "vms[1] (Bad_Name).name"),
         (14, "vms[1] (Bad_Name).labels"),
         (19, "vms[2] (db).options.aws.zone"),
+        (20, "vms[3] (x).instance_type"),  # its invalid fields hide none of its other problems
         (21, "vms[3].count"),
         (22, "vms[3].colour"),
         (23, "vms[4] (nothing-set).instance_type"),
@@ -89,6 +90,20 @@ def test_every_problem_is_reported_with_its_line(tmp_path):
     text = str(caught.value)
     assert "fleet.yaml:14: vms[1] (Bad_Name).labels: label key 'Team'" in text
     assert "instance_type: required: set it on the VM or in defaults" in text
+
+
+def test_an_invalid_field_hides_no_other_problem_of_its_entry(tmp_path):
+    # A newcomer's file: the bad ready_when was reported, the missing instance_type of the same entry was not.
+    text = "fleet: d\ndefaults: {provider: sim, region: sim-1, image: debian-12, ssh_key: example.pub, ssh_port: 0}\n"
+    text += "vms:\n  - name: web\n    ready_when: sometimes\n  - name: db\n    instance_type: small\n"
+    text += "  - name: api\n    instance_type: small\n    ssh_port: 22\n"
+    with pytest.raises(FleetError) as caught:
+        load_fleet(_fleet_dir(tmp_path, text))
+    assert {(p.line, p.where) for p in caught.value.problems} == {
+        (2, "defaults.ssh_port"),  # reported once, where it is set: not again as each entry's problem
+        (4, "vms[0] (web).instance_type"),
+        (5, "vms[0].ready_when"),
+    }
 
 
 def test_duplicate_names_and_broken_yaml(tmp_path):
@@ -103,7 +118,7 @@ def test_duplicate_names_and_broken_yaml(tmp_path):
 def test_apply_of_an_invalid_file_exits_2_and_enqueues_nothing(cli_env, redis_client, tmp_path):
     result = runner.invoke(app, ["apply", str(_fleet_dir(tmp_path, BAD))])
     assert result.exit_code == 2
-    assert "7 problem(s)" in result.output and "fleet.yaml:19: vms[2] (db).options.aws.zone" in result.output
+    assert "8 problem(s)" in result.output and "fleet.yaml:19: vms[2] (db).options.aws.zone" in result.output
     assert "Nothing was enqueued" in result.output
     assert [k for k in redis_client.scan_iter() if not k.startswith(KOMBU_KEYS)] == []
 
@@ -165,7 +180,10 @@ def test_apply_is_idempotent_and_destroy_fleet_removes_it(cli_env, sim_worker, s
     code, fourth = _apply(EXAMPLE)
     assert code == 0 and {vm["action"] for vm in fourth["vms"]} == {"created"}
     assert len(sim.live_vms()) == 4
-    assert runner.invoke(app, ["destroy", "--fleet", str(EXAMPLE), "--timeout", "60"]).exit_code == 0
+    human = runner.invoke(app, ["destroy", "--fleet", str(EXAMPLE), "--timeout", "60"])
+    assert human.exit_code == 0, human.output
+    # The summary agrees with the table, whose every row says gone (it said "4 destroying").
+    assert human.output.rstrip().endswith("4 gone") and "destroying" not in human.output, human.output
 
 
 @pytest.mark.system

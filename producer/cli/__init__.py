@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from producer.cli import check, demo, fleet, jobs, listing, sweep, watch, web, worker
+from producer.cli import check, demo, fleet, helptext, jobs, listing, sweep, watch, web, worker
 
 app = typer.Typer(
     help=(
@@ -22,4 +22,5 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 for module in (jobs, listing, watch, fleet, sweep, worker, check, demo, web):
+    helptext.tidy(module.app)
     app.add_typer(module.app)

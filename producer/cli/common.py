@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
+from producer.cli.fit import Column, FitTable
 from vmqueue.models import PROVIDERS, Job, JobKind, JobState, VMInfo
 from vmqueue.readiness import ReadyWhen
 
@@ -56,14 +56,62 @@ def interrupted(what: str) -> typer.Exit:
     return typer.Exit(130)
 
 
-def bad_input(exc: Exception) -> typer.Exit:
+# The request's field names as the flags of `vmq create` that set them: an error names what the user typed.
+CREATE_FLAGS = {
+    "spec.provider": "--provider",
+    "spec.name": "--name",
+    "spec.region": "--region",
+    "spec.instance_type": "--type",
+    "spec.image": "--image",
+    "spec.labels": "--label",
+    "spec.options": "--option",
+    "spec.fallbacks": "--fallback",
+    "ssh_key": "--ssh-key",
+    "startup_script": "--script",
+    "idempotency_key": "--idempotency-key",
+    "deadline_s": "--deadline",
+    "ttl_s": "--ttl",
+    "ready_when": "--ready-when",
+    "ready_deadline_s": "--ready-deadline",
+    "ready_via": "--ready-via",
+    "ssh_port": "--ssh-port",
+}
+# The job index's filters as the flags of `vmq jobs` / `vmq vms`.
+LIST_FLAGS = {
+    "labels": "--label",
+    **{f: f"--{f}" for f in ("kind", "state", "provider", "name", "fleet", "since", "until")},
+}
+
+
+def as_flag(where: str, flags: Mapping[str, str]) -> str:
+    """``where`` (a dotted field location) as the flag that sets it: ``deadline_s`` is ``--deadline``;
+    deeper than the flag, the location follows (``--option (spec.options.sim.zone)``)."""
+    for field, flag in flags.items():
+        if where == field:
+            return flag
+        if where.startswith(field + "."):
+            return f"{flag} ({where})"
+    return where
+
+
+def bad_input(exc: Exception, flags: Mapping[str, str] | None = None) -> typer.Exit:
+    """Say what is wrong with the input (exit 2; nothing was enqueued). ``flags``: field names to the
+    command's flags (``CREATE_FLAGS``), so a problem names the flag the user typed."""
+    flags = flags or {}
     if isinstance(exc, ValidationError):
         err.print(f"[bold red]Invalid request[/] ({exc.error_count()} problem(s)):")
         for problem in exc.errors():
-            where = ".".join(str(p) for p in problem["loc"]) or "request"
-            err.print(f"  [bold]{where}[/]: {problem['msg'].removeprefix('Value error, ')}")
+            message = problem["msg"].removeprefix("Value error, ")
+            # A check of the whole request names its field first ("startup_script must start with ...").
+            where = ".".join(str(p) for p in problem["loc"]) or message.split(" ", 1)[0]
+            where = as_flag(where, flags) if where in flags or problem["loc"] else "request"
+            err.print(f"  [bold]{escape(where)}[/]: {escape(message)}")
     else:
-        err.print(f"[bold red]Invalid request:[/] {exc}")
+        message = str(exc)
+        field = message.split(" ", 1)[0]
+        if field in flags:  # "ttl_s must be in (0, ...] seconds": a check outside pydantic names its field
+            message = flags[field] + message[len(field) :]
+        err.print(f"[bold red]Invalid request:[/] {escape(message)}")
     err.print("Nothing was enqueued.")
     return typer.Exit(2)
 
@@ -118,46 +166,73 @@ def public_address(vm: VMInfo | None) -> str:
 
 def state_label(job: Job) -> str:
     """The state as a person reads it: a create that runs but still waits for ``ready_when`` says
-    what for (``running, awaiting ssh readiness``), not a bare ``running`` that looks finished."""
+    what for (``running, awaiting ssh readiness``), not a bare ``running`` that looks finished; a
+    create whose VM a destroy job removed says so (``running → destroyed by 1a2b3c4d``)."""
+    if job.vm_destroyed_by:
+        return f"{job.state} → destroyed by {job.vm_destroyed_by[:8]}"
     if job.awaiting_ready:
         return f"{job.state}, awaiting {AWAITING[job.ready_when]}"
     return str(job.state)
+
+
+# Narrow, provider goes first, then kind, then instance; job, name, state and address always show.
+JOB_COLUMNS = [
+    Column("job"),
+    Column("kind", "cut", drop=2),
+    Column("provider", "cut", drop=3),
+    Column("name"),
+    Column("state", "words"),
+    Column("instance", "cut", drop=1),
+    Column("address"),
+    Column("error", "rest"),
+]
 
 
 def job_table(
     jobs: list[Job],
     vms: Mapping[str, VMInfo] | None = None,
     address: Callable[[VMInfo | None], str] = reachable_address,
-) -> Table:
+    title: str | None = None,
+) -> FitTable:
     """One row per job. ``vms``: by job id, the VM to show instead of the job's own (a destroy job's
-    VM as its create saw it running), for the name and address; ``address`` picks the address."""
-    table = Table(expand=False)
-    for column in ("job", "kind", "provider", "name"):
-        table.add_column(column, no_wrap=True)
-    # May wrap (a narrow terminal): "running, awaiting ssh readiness" over lines, never cut to "runn…".
-    table.add_column("state", min_width=len("readiness") if any(job.awaiting_ready for job in jobs) else None)
-    for column in ("instance", "address"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("error")
+    VM as its create saw it running), for the name and address; ``address`` picks the address. A
+    job without a VM name (a destroy of a VM vmqueue did not name) shows its instance id there."""
+    rows = []
     for job in jobs:
         colour = "red" if job.state == JobState.failed else "yellow"
-        if job.state in SUCCESS and not job.awaiting_ready:
+        if job.state in SUCCESS and not job.awaiting_ready and not job.vm_destroyed_by:
             colour = "green"
         error = f"{job.error.code}: {job.error.message}" if job.error else ""
         if job.cleanup:
             error += f" (cleanup {job.cleanup})"
         vm = (vms or {}).get(job.id) or job.vm
-        table.add_row(
-            job.id[:8],
-            job.kind,
-            job.provider,
-            (job.spec.name if job.spec else None) or (vm.name if vm else None) or "",
-            f"[{colour}]{state_label(job)}[/]",
-            job.instance_id or "",
-            Text(address(vm)),  # as text: rich would read ":abcd:" in an IPv6 address as an emoji
-            error,
+        name = (job.spec.name if job.spec else None) or (vm.name if vm else None) or job.instance_id or ""
+        rows.append(
+            [
+                job.id[:8],
+                job.kind,
+                job.provider,
+                Text(name),
+                Text(state_label(job), style=colour),
+                Text(job.instance_id or ""),
+                Text(address(vm)),  # as text: rich would read ":abcd:" in an IPv6 address as an emoji
+                Text(error.strip()),  # as text: a provider's message may hold [brackets]
+            ]
         )
-    return table
+    return FitTable(JOB_COLUMNS, rows, title)
+
+
+def creators(client: Any, jobs: list[Job]) -> dict[str, VMInfo]:
+    """By destroy job id, the VM its create job saw, for destroy jobs that do not know their VM's name:
+    one job-index read each, while the VM lives (once gone, the index no longer maps it). ``client``:
+    a ``Provisioner``."""
+    out: dict[str, VMInfo] = {}
+    unnamed = [job for job in jobs if job.kind == JobKind.destroy and job.instance_id and not (job.vm and job.vm.name)]
+    for job in unnamed:
+        create = client.store.creator_of(job.provider, job.instance_id)
+        if create is not None and create.vm is not None:
+            out[job.id] = create.vm
+    return out
 
 
 @contextmanager

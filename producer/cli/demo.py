@@ -75,7 +75,9 @@ def _start_redis(stack: ExitStack, console: Console) -> str:
     return url
 
 
-def _start_worker(stack: ExitStack, console: Console, url: str, boot_s: float) -> None:
+def _start_worker(stack: ExitStack, console: Console, url: str, boot_s: float) -> Path:
+    """Start the sim worker (stopped when ``stack`` closes); returns its log's path, which the caller
+    removes once the demo succeeded (a failed demo keeps it, to read)."""
     log = stack.enter_context(tempfile.NamedTemporaryFile(prefix="vmq-demo-worker-", suffix=".log", delete=False))
     env = {
         **os.environ,
@@ -97,8 +99,9 @@ def _start_worker(stack: ExitStack, console: Console, url: str, boot_s: float) -
     path = Path(log.name)
     _wait_until(lambda: b" ready." in path.read_bytes() or process.poll() is not None, 60, "the sim worker start")
     if process.poll() is not None:
-        raise RuntimeError(f"the sim worker exited; its log:\n{path.read_text(errors='replace')[-2000:]}")
+        raise RuntimeError(f"the sim worker exited; its log ({path}):\n{path.read_text(errors='replace')[-2000:]}")
     console.print(f"[dim]Started a sim worker (log: {path})[/]")
+    return path
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -116,13 +119,11 @@ def _follow(
     """Show ``jobs`` live until each is finished; every row names its VM and its public address (or
     "-", never a private one: a booting or deleting sim VM reports only that). ``vms``, by destroy
     job id: the VM as its create saw it running, which a destroy job's own reads may never see."""
-    with live(job_table(jobs, vms, public_address), console) as shown:
+    with live(job_table(jobs, vms, public_address, title), console) as shown:
         deadline = time.monotonic() + timeout_s
         while True:
             jobs = [provisioner.get_job(job.id) for job in jobs]
-            table = job_table(jobs, vms, public_address)
-            table.title = title
-            shown.update(table)
+            shown.update(job_table(jobs, vms, public_address, title))
             if all(job.finished for job in jobs) or time.monotonic() > deadline:
                 break
             time.sleep(0.25)
@@ -131,48 +132,63 @@ def _follow(
 
 
 def run_demo(console: Console, count: int, boot_s: float, redis_url: str) -> int:
+    """The demo; returns its exit code. Whatever it started is stopped, also on Ctrl-C or failure."""
+    log: Path | None = None
+    code = 1
+    try:
+        with ExitStack() as stack:
+            try:
+                if _answers(redis_url):
+                    console.print(f"[dim]Using the Redis at {redis_url.split('@')[-1]}[/]")
+                else:
+                    redis_url = _start_redis(stack, console)
+                log = _start_worker(stack, console, redis_url, boot_s)
+            except RuntimeError as exc:
+                console.print(f"[bold red]Cannot run the demo:[/] {exc}")
+                return 1
+            code = _run(console, count, redis_url)
+            return code
+    finally:  # the worker has stopped: its log goes after a demo that worked, else it is kept to read
+        if log is not None and code == 0:
+            log.unlink(missing_ok=True)
+        elif log is not None:
+            console.print(f"The sim worker's log is kept: {log}", highlight=False, soft_wrap=True)
+
+
+def _run(console: Console, count: int, redis_url: str) -> int:
+    """Create ``count`` VMs, follow them to running, destroy them, follow them gone; 0 if all did."""
     from producer.client import Provisioner
 
-    with ExitStack() as stack:
-        try:
-            if _answers(redis_url):
-                console.print(f"[dim]Using the Redis at {redis_url.split('@')[-1]}[/]")
-            else:
-                redis_url = _start_redis(stack, console)
-            _start_worker(stack, console, redis_url, boot_s)
-        except RuntimeError as exc:
-            console.print(f"[bold red]Cannot run the demo:[/] {exc}")
-            return 1
-        provisioner = Provisioner(Settings(redis_url=redis_url))
-        key = throwaway_public_key()
-        run = f"{os.getpid() % 10000}"
-        created = [
-            provisioner.create_vm(
-                {
-                    "provider": "sim",
-                    "name": f"demo-{run}-{i}",
-                    "region": "sim-1",
-                    "instance_type": "small",
-                    "image": "ubuntu-24.04",
-                    "labels": {"app": "demo"},
-                },
-                key,
-                DEMO_SCRIPT,
-            )
-            for i in range(1, count + 1)
-        ]
-        created = _follow(provisioner, created, console, f"Creating {count} VMs on the simulated cloud", 120)
-        running = [job for job in created if job.state == "running"]
-        destroyed = [provisioner.destroy_vm("sim", job.instance_id) for job in running]
-        # The VM as its create last saw it running: its name and public address stay on its row while
-        # the destroy job's own reads see it deleting (no public address) or not at all (gone at once).
-        seen = {destroy.id: create.vm for destroy, create in zip(destroyed, running, strict=True) if create.vm}
-        destroyed = _follow(provisioner, destroyed, console, f"Destroying {len(running)} VMs", 120, seen)
-        gone = sum(job.state == "gone" for job in destroyed)
-        ok = len(running) == count and gone == count
-        colour = "green" if ok else "red"
-        console.print(f"[bold {colour}]{len(running)}/{count} VMs reached running, {gone}/{count} are gone.[/]")
-        return 0 if ok else 1
+    provisioner = Provisioner(Settings(redis_url=redis_url))
+    key = throwaway_public_key()
+    run = f"{os.getpid() % 10000}"
+    created = [
+        provisioner.create_vm(
+            {
+                "provider": "sim",
+                "name": f"demo-{run}-{i}",
+                "region": "sim-1",
+                "instance_type": "small",
+                "image": "ubuntu-24.04",
+                "labels": {"app": "demo"},
+            },
+            key,
+            DEMO_SCRIPT,
+        )
+        for i in range(1, count + 1)
+    ]
+    created = _follow(provisioner, created, console, f"Creating {count} VMs on the simulated cloud", 120)
+    running = [job for job in created if job.state == "running"]
+    destroyed = [provisioner.destroy_vm("sim", job.instance_id) for job in running]
+    # The VM as its create last saw it running: its name and public address stay on its row while
+    # the destroy job's own reads see it deleting (no public address) or not at all (gone at once).
+    seen = {destroy.id: create.vm for destroy, create in zip(destroyed, running, strict=True) if create.vm}
+    destroyed = _follow(provisioner, destroyed, console, f"Destroying {len(running)} VMs", 120, seen)
+    gone = sum(job.state == "gone" for job in destroyed)
+    ok = len(running) == count and gone == count
+    colour = "green" if ok else "red"
+    console.print(f"[bold {colour}]{len(running)}/{count} VMs reached running, {gone}/{count} are gone.[/]")
+    return 0 if ok else 1
 
 
 @app.command()

@@ -14,10 +14,10 @@ from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
 from producer.cli.common import JsonOpt, TimeoutOpt, console, err, interrupted, provisioner
+from producer.cli.fit import Column, FitTable
 from producer.fleet import FleetError, load_fleet
 from producer.fleetrun import FleetRunner, Tracked, all_gone, all_running
 
@@ -113,7 +113,24 @@ def _follow(
         return runner.follow(tracked, timeout_s, update, step)
 
 
+# Narrow, the provider goes first, then the instance; name, ips and state always show.
+_COLUMNS = [
+    Column("name"),
+    Column("provider", "cut", drop=2),
+    Column("instance", "cut", drop=1),
+    Column("ips"),
+    Column("state", "words"),
+    Column("error", "rest"),
+]
 _COLOURS = {"running": "green", "ready": "green", "gone": "green", "cancelled": "green", "failed": "red"}
+
+
+def _outcome(item: Tracked) -> str:
+    """What the summary line counts: the action taken, or where a destroy ended (``gone``, ``failed``),
+    so it agrees with the table's state column."""
+    if item.action in ("destroying", "cancelling") and item.finished:
+        return item.state
+    return item.action
 
 
 def _report(fleet: str, tracked: list[Tracked], as_json: bool, done: bool) -> None:
@@ -121,26 +138,21 @@ def _report(fleet: str, tracked: list[Tracked], as_json: bool, done: bool) -> No
         rows = [t.row() for t in tracked]
         print(json.dumps({"fleet": fleet, "finished": done, "vms": rows}, indent=2))
         return
-    table = Table(title=f"fleet {fleet}")
-    for column in ("name", "provider", "instance", "ips", "state"):
-        table.add_column(column, no_wrap=True, overflow="fold")
-    table.add_column("error", ratio=1, overflow="fold")
+    cells = []
     for item in tracked:
         row = item.row()
         colour = _COLOURS.get(row["state"], "yellow")
         private = f"{row['private_ipv4']} (private)" if row["private_ipv4"] else None
         ips = "\n".join(ip for ip in (row["public_ipv4"], row["public_ipv6"], private) if ip)
         problem = " ".join(p for p in (row["error"], row["note"]) if p)
-        table.add_row(
-            row["name"],
-            row["provider"],
-            row["instance_id"] or "",
-            Text(ips),  # as text: rich would read ":abcd:" in an IPv6 address as an emoji
-            f"[{colour}]{row['state']}[/]",
-            problem,
-        )
+        # As text: rich would read ":abcd:" in an IPv6 address as an emoji, "[x]" in an error as markup.
+        cells.append(
+            [Text(row["name"]), row["provider"], Text(row["instance_id"] or ""), Text(ips),
+             Text(row["state"], style=colour), Text(problem)]
+        )  # fmt: skip
+    table = FitTable(_COLUMNS, cells, title=f"fleet {fleet}")
     console.print(table)
-    actions = Counter(t.action for t in tracked)
+    actions = Counter(_outcome(t) for t in tracked)
     console.print(", ".join(f"{n} {action}" for action, n in sorted(actions.items())) or "no VMs")
     if not done:
         console.print("[yellow]Timed out before every job finished;[/] run the same command again to follow them.")

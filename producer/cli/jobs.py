@@ -9,12 +9,14 @@ import typer
 from pydantic import ValidationError
 
 from producer.cli.common import (
+    CREATE_FLAGS,
     JsonOpt,
     ProviderOpt,
     TimeoutOpt,
     WaitOpt,
     bad_input,
     console,
+    creators,
     err,
     finish,
     job_table,
@@ -111,7 +113,7 @@ def create(
             destroy_on_failure=False if keep_on_failure else True if destroy_on_failure else None,
         )
     except (ValidationError, ValueError, OSError) as exc:
-        raise bad_input(exc) from None
+        raise bad_input(exc, CREATE_FLAGS) from None
     finish(job, wait, timeout, as_json)
 
 
@@ -170,15 +172,18 @@ def job(job_id: str, as_json: JsonOpt = False) -> None:
     """
     from producer.client import JobNotFound
 
+    client = provisioner()
     try:
-        found = provisioner().get_job(job_id)
+        found = client.get_job(job_id)
     except JobNotFound as exc:
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     if as_json:
         console.print_json(found.model_dump_json())
         return
-    console.print(job_table([found]))
+    console.print(job_table([found], creators(client, [found])))
+    if found.vm_destroyed_by:  # the full id, to copy: the table shows 8 characters
+        console.print(f"Its VM was destroyed by job {found.vm_destroyed_by}.", highlight=False)
     for event in found.history:
         console.print(f"  {event.at:%H:%M:%S} [bold]{event.state}[/] {event.message}")
     print_readiness(found)

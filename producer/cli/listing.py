@@ -8,9 +8,22 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.table import Table
+from rich.text import Text
 
-from producer.cli.common import JsonOpt, TimeoutOpt, WaitOpt, bad_input, console, err, job_table, pairs, provisioner
+from producer.cli.common import (
+    LIST_FLAGS,
+    JsonOpt,
+    TimeoutOpt,
+    WaitOpt,
+    bad_input,
+    console,
+    creators,
+    err,
+    job_table,
+    pairs,
+    provisioner,
+)
+from producer.cli.fit import Column, FitTable
 from vmqueue.jobindex import JobPage
 from vmqueue.models import Job, JobState
 
@@ -35,7 +48,7 @@ def _filters(**given: object) -> dict[str, object]:
     return {k: v for k, v in {**given, "labels": {k: str(v) for k, v in labels.items()}}.items() if v is not None}
 
 
-def _show(page: JobPage, as_json: bool, table: Table, what: str) -> None:
+def _show(page: JobPage, as_json: bool, table: FitTable, what: str) -> None:
     if as_json:
         listed = [job.model_dump(mode="json") for job in page.jobs]
         console.print_json(json.dumps({what: listed, "next_cursor": page.next_cursor}))
@@ -69,10 +82,12 @@ def list_jobs(
         query = _filters(
             kind=kind, state=state, provider=provider, name=name, label=label, fleet=fleet, since=since, until=until
         )
-        page = provisioner().list_jobs(query, limit=limit, cursor=cursor)
+        client = provisioner()
+        page = client.list_jobs(query, limit=limit, cursor=cursor)
     except (ValidationError, ValueError) as exc:
-        raise bad_input(exc) from None
-    _show(page, as_json, job_table(page.jobs), "jobs")
+        raise bad_input(exc, LIST_FLAGS) from None
+    vms = {} if as_json else creators(client, page.jobs)
+    _show(page, as_json, job_table(page.jobs, vms), "jobs")
 
 
 @app.command("vms")
@@ -93,30 +108,44 @@ def list_vms(
         query = _filters(state=state, provider=provider, name=name, label=label, fleet=fleet, since=since, until=until)
         page = provisioner().list_vms(query, limit=limit, cursor=cursor)
     except (ValidationError, ValueError) as exc:
-        raise bad_input(exc) from None
+        raise bad_input(exc, LIST_FLAGS) from None
     _show(page, as_json, vm_table(page.jobs), "vms")
 
 
-def vm_table(jobs: list[Job]) -> Table:
-    table = Table(expand=False)
-    for column in ("provider", "name", "instance", "status", "public ipv4", "created", "expires", "job"):
-        table.add_column(column, no_wrap=True)
+# Narrow, the expiry goes first, then the creation time, then the provider; the rest always shows.
+VM_COLUMNS = [
+    Column("provider", "cut", drop=2),
+    Column("name"),
+    Column("instance"),
+    Column("status", "words"),
+    Column("public ipv4"),
+    Column("created", "cut", drop=3),
+    Column("expires", "cut", drop=4),
+    Column("job"),
+]
+
+
+def vm_table(jobs: list[Job]) -> FitTable:
+    """One row per VM; its create job by the 8-character prefix every command takes (as `vmq jobs`)."""
+    rows = []
     for job in jobs:
         vm = job.vm
         status = str(vm.status) if vm else ""
         if job.cleanup:
             status += f" (cleanup {job.cleanup})"
-        table.add_row(
-            job.provider,
-            job.spec.name if job.spec else "",
-            job.instance_id or "",
-            status,
-            (vm.public_ipv4 if vm else None) or "",
-            f"{job.created_at:%Y-%m-%d %H:%M}",
-            f"{job.expires_at:%Y-%m-%d %H:%M:%S}" if job.expires_at else "",
-            job.id,
+        rows.append(
+            [
+                job.provider,
+                Text(job.spec.name if job.spec else ""),
+                Text(job.instance_id or ""),
+                status,
+                (vm.public_ipv4 if vm else None) or "",
+                f"{job.created_at:%Y-%m-%d %H:%M}",
+                f"{job.expires_at:%Y-%m-%d %H:%M:%S}" if job.expires_at else "",
+                job.id[:8],
+            ]
         )
-    return table
+    return FitTable(VM_COLUMNS, rows)
 
 
 @app.command()
@@ -174,7 +203,7 @@ def extend(
         err.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
     except ValueError as exc:
-        raise bad_input(exc) from None
+        raise bad_input(exc, {"ttl_s": "--ttl", "expires_at": "--expires-at"}) from None
     if as_json:
         console.print_json(job.model_dump_json())
     else:

@@ -1,0 +1,101 @@
+"""The CLI's tables in a newcomer's 80-column terminal: what matters shows whole; a destroyed VM says so."""
+
+from __future__ import annotations
+
+import re
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from producer.cli import app
+from producer.cli.common import job_table, public_address, state_label
+from producer.cli.listing import vm_table
+from tests import test_cli
+from vmqueue.models import Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
+
+runner = CliRunner()
+cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session
+ERROR = "The project has reached its server limit of 10; ask Hetzner support to raise it or destroy unused servers."
+
+
+def _create(state: JobState = JobState.running, **fields) -> Job:
+    spec = VMSpec(provider="hetzner", name="web-frontend-1", region="fsn1", instance_type="cx22", image="debian-12")
+    vm = VMInfo(
+        provider="hetzner",
+        instance_id="58123456",
+        name="web-frontend-1",
+        status=VMStatus.running,
+        public_ipv4="203.0.113.77",
+    )
+    return Job(kind=JobKind.create, provider="hetzner", spec=spec, state=state, instance_id="58123456", vm=vm, **fields)
+
+
+def _render(table, width: int = 80) -> str:
+    console = Console(width=width, record=True, color_system=None)
+    console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= width, text
+    return text
+
+
+def _cells(text: str, column: int) -> list[str]:
+    """The stripped cells of one column (0-based), row line by row line, headers included."""
+    return [line.split("│")[column + 1].strip() for line in text.splitlines() if line.count("│") > column + 1]
+
+
+def test_job_table_at_80_columns_keeps_name_state_and_address_whole_and_wraps_the_error_at_words():
+    failed = _create(JobState.failed, error=JobError(code="quota_exceeded", message=ERROR))
+    failed.vm, failed.instance_id = None, None
+    jobs = [_create(), _create(ready_when="ssh"), failed, Job(kind=JobKind.destroy, provider="hetzner")]
+    text = _render(job_table(jobs))
+    assert f"│ {jobs[0].id[:8]} │" in text and jobs[0].id not in text
+    assert text.count("web-frontend-1") == 3 and text.count("203.0.113.77") == 2
+    assert "…" not in text  # nothing that shows is cut
+    # The state label wraps at its words ("running, awaiting ssh readiness"), each whole.
+    assert {"running", "failed", "queued", "readiness"} <= set(" ".join(_cells(text, 2)).split())
+    # The error takes the rest and wraps at word boundaries: every word of the message is on one line.
+    error_words = " ".join(cell for line in text.splitlines() for cell in line.split("│")[-2:-1]).split()
+    assert set(ERROR.split()) <= set(error_words), text
+    assert "narrow terminal:" in text  # what was left out to make room is said
+
+
+def test_demo_table_at_80_columns_shows_state_name_and_address_whole():
+    text = _render(job_table([_create(), _create(JobState.provisioning)], None, public_address))
+    assert re.search(r"│ web-frontend-1 │ running +│", text) and re.search(r"│ provisioning │", text), text
+    assert "…" not in text
+
+
+def test_vm_table_at_80_columns_shows_the_job_id_prefix_and_the_vm_whole():
+    job = _create(ttl_s=3600)
+    text = _render(vm_table([job]))
+    assert job.id not in text and f"│ {job.id[:8]} │" in text
+    assert re.search(r"│ web-frontend-1 │ 58123456 │ running │ 203\.0\.113\.77 │", text), text
+
+
+def test_wide_tables_show_every_column():
+    text = _render(job_table([_create()]), 200)
+    assert all(f" {header} " in text for header in ("kind", "provider", "instance", "error"))
+    assert "narrow terminal" not in text
+
+
+def test_a_create_whose_vm_was_destroyed_says_so_and_the_destroy_row_names_the_vm(cli_env):
+    from producer.client import Provisioner
+
+    store = Provisioner().store
+    create = store.add(_create())
+    destroy = store.add(Job(kind=JobKind.destroy, provider="hetzner", instance_id="58123456"))
+    # While the VM lives, the destroy job's row names it (its create's VM, from the job index).
+    shown = runner.invoke(app, ["job", destroy.id])
+    assert shown.exit_code == 0 and "web-frontend-1" in shown.output, shown.output
+    listed = runner.invoke(app, ["jobs", "--kind", "destroy"])
+    assert listed.exit_code == 0 and "web-frontend-1" in listed.output, listed.output
+
+    def destroyed(job: Job) -> None:
+        job.vm_destroyed_by = destroy.id
+
+    store.update(create.id, destroyed)
+    shown = runner.invoke(app, ["job", create.id])
+    assert shown.exit_code == 0 and f"Its VM was destroyed by job {destroy.id}." in shown.output, shown.output
+    assert state_label(store.get(create.id)) == f"running → destroyed by {destroy.id[:8]}"
+    # Gone from the index, a destroy job without its VM's name shows the instance id in the name column.
+    assert "│ 58123456 " in _render(job_table([store.get(destroy.id)]), 200).split("destroy")[1]
