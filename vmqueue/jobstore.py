@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,9 @@ class LeaseKeeper:
 # Called with the job after every state change this process made; the workers count finished jobs
 # for their Prometheus metrics here (workers/metrics.py), the one place every final state passes.
 TRANSITION_HOOKS: list[Callable[[Job], None]] = []
+# What a hook's owner does around many notifications at once (``JobStore.notify_all``): workers/jobevents.py
+# publishes a batch's Flower events in one pipeline, where each was a round trip of its own.
+NOTIFY_BATCHES: list[Callable[[], contextlib.AbstractContextManager[None]]] = []
 
 
 def add_arguments(
@@ -604,6 +607,15 @@ class JobStore:
         """Run the transition hooks for a state change written with ``update`` (``transition`` does it itself)."""
         for hook in TRANSITION_HOOKS:  # after the compare-and-set: each hook sees each change once
             hook(job)
+
+    @classmethod
+    def notify_all(cls, jobs: Iterable[Job]) -> None:
+        """``notify`` each of ``jobs``, inside every ``NOTIFY_BATCHES`` context (a batch of state changes)."""
+        with contextlib.ExitStack() as stack:
+            for batch in NOTIFY_BATCHES:
+                stack.enter_context(batch())
+            for job in jobs:
+                cls.notify(job)
 
     def _vm_gone(self, destroy: Job) -> None:
         """A destroy job found its VM gone: the create job that made the VM says so (and leaves ``vms``)."""

@@ -28,8 +28,10 @@ the job's history lines, exactly what ``vmq job`` prints. Startup scripts are ne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from celery.events import EventDispatcher
@@ -37,12 +39,13 @@ from celery.signals import celeryd_after_setup
 from celery.worker.request import Request
 
 from vmqueue import keys
-from vmqueue.jobstore import TRANSITION_HOOKS, JobStore
+from vmqueue.jobstore import NOTIFY_BATCHES, TRANSITION_HOOKS, JobStore
 from vmqueue.models import Job, JobKind, JobState
 from workers.app import app
 
 log = logging.getLogger("vmqueue.worker")
 
+EVENTS_PER_PIPELINE = 1000
 MAX_TEXT = 300  # characters of an error message Flower shows; the job keeps it whole
 HISTORY_LINES = 12
 
@@ -73,24 +76,55 @@ class _Dispatcher:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a thread in ``batched`` sends under the lock it holds
         self._dispatcher: EventDispatcher | None = None
 
     def send(self, kind: str, **fields: Any) -> None:
         with self._lock:
             for attempt in (1, 2):  # a kept connection may have died since: once more on a new one
-                if self._dispatcher is None:
-                    self._dispatcher = app.events.Dispatcher(
-                        app.connection_for_write(), hostname=_node.get("name"), buffer_while_offline=False
-                    )
                 try:
-                    self._dispatcher.send(kind, **fields)
+                    self._open().send(kind, **fields)
                     return
                 except Exception:
-                    dispatcher, self._dispatcher = self._dispatcher, None
-                    _close_quietly(dispatcher)
+                    self._drop()
                     if attempt == 2:
                         raise
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """The events this thread sends in the block leave in one pipeline when it ends (kombu's
+        ``Producer.batch``), where each was a round trip; other threads' events wait for the block.
+        A batch whose publish fails is logged and dropped: monitoring never breaks a job."""
+        if not app.conf.worker_send_task_events:  # no events to send: no connection to open
+            yield
+            return
+        with self._lock:
+            batch = getattr(self._open().producer, "batch", None)  # kombu >= 5.7
+            if batch is None:
+                yield
+                return
+            body_done = False
+            try:
+                with batch(max_size=EVENTS_PER_PIPELINE):
+                    yield
+                    body_done = True
+            except Exception:
+                if not body_done:
+                    raise
+                log.warning("could not publish a batch of task events", exc_info=True)
+                self._drop()
+
+    def _open(self) -> EventDispatcher:
+        if self._dispatcher is None:
+            self._dispatcher = app.events.Dispatcher(
+                app.connection_for_write(), hostname=_node.get("name"), buffer_while_offline=False
+            )
+        return self._dispatcher
+
+    def _drop(self) -> None:
+        dispatcher, self._dispatcher = self._dispatcher, None
+        if dispatcher is not None:
+            _close_quietly(dispatcher)
 
 
 def _close_quietly(dispatcher: EventDispatcher) -> None:
@@ -156,18 +190,21 @@ def send(job: Job) -> None:
     _sent.job_id = job.id
 
 
-def received(job_id: str, provider: str, parent_id: str | None) -> None:
-    """A create job's first step arrived inside a ``vmq.create_many`` message: give the job the
-    Flower row a message of its own would have (``task-received`` for its id, the job task's name;
-    the VM's name follows with its final event). One publish."""
+def received(job_ids: list[str], provider: str, parent_id: str | None) -> None:
+    """Create jobs whose first steps arrived in a ``vmq.create_many`` message: give each the Flower
+    row a message of its own would have (``task-received`` for its id, the job task's name; the VM's
+    name follows with its final event). One pipeline for all."""
     if not app.conf.worker_send_task_events:
         return
-    args = keys.task_argsrepr(JobKind.create, provider, job_id)
-    fields = {"name": keys.TASK_CREATE, "args": args, "kwargs": "{}", "retries": 0, "eta": None, "expires": None}
+    fields = {"name": keys.TASK_CREATE, "kwargs": "{}", "retries": 0, "eta": None, "expires": None}
     try:
-        _dispatcher.send("task-received", uuid=job_id, root_id=parent_id, parent_id=parent_id, **fields)
+        with _dispatcher.batched():
+            for job_id in job_ids:
+                args = keys.task_argsrepr(JobKind.create, provider, job_id)
+                _dispatcher.send("task-received", uuid=job_id, root_id=parent_id, parent_id=parent_id, args=args,
+                                 **fields)  # fmt: skip
     except Exception:  # noqa: BLE001 - monitoring must never break a job
-        log.warning("job=%s could not send its task-received event", job_id, exc_info=True)
+        log.warning("could not send the task-received events of %d jobs", len(job_ids), exc_info=True)
 
 
 def job_changed(job: Job) -> None:
@@ -201,3 +238,4 @@ def step_ended(job_id: str, store: JobStore, carried: bool = False) -> None:
 
 if job_changed not in TRANSITION_HOOKS:
     TRANSITION_HOOKS.append(job_changed)
+    NOTIFY_BATCHES.append(_dispatcher.batched)  # the tick settling many jobs: their events in one pipeline

@@ -222,9 +222,9 @@ def create_many(self: Task, job_ids: list[str]) -> None:
         log.error("%s message rejected: the argument must be a list of job ids, got %r", self.name, job_ids)
         return
     provider = keys.provider_of_queue(self.request.delivery_info.get("routing_key") or "")
+    jobevents.received(job_ids, provider, self.request.id)
     for index, job_id in enumerate(job_ids):
         bind_job(job_id)
-        jobevents.received(job_id, provider, self.request.id)
         try:
             with GATE.held():
                 outcome = runner().run(job_id, JobKind.create, 0)

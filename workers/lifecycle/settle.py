@@ -98,8 +98,7 @@ class SettleSteps(Steps):
             else:
                 changes[job_id] = (h, transition_change(JobState.running, "running", running_fields(job, vm, 0)))
         writes = self.batch.update(changes, lease_s)
-        for job in writes.written.values():
-            self.store.notify(job)
+        self.store.notify_all(writes.written.values())
         self.watch.remove(provider_name, *unwatch, *(job.instance_id for job in writes.written.values()))
         self.batch.create_ended(writes.written, vm_lives=True)
         for job in writes.written.values():
