@@ -82,43 +82,54 @@ def test_many_creates_share_messages_few_stay_one_message_each() -> None:
     ]
 
 
+def _task_events(pubsub) -> list[dict]:
+    """The Celery events published on Redis so far, decoded as Flower's receiver decodes them."""
+    import base64
+    import json
+
+    events = []
+    while (message := pubsub.get_message(timeout=0.5)) is not None:
+        if message["type"] != "pmessage":
+            continue
+        envelope = json.loads(message["data"])
+        body = envelope["body"]
+        if envelope.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        decoded = json.loads(body)
+        events += decoded if isinstance(decoded, list) else [decoded]  # a worker's buffered events: a list
+    return events
+
+
 def test_a_create_many_message_runs_each_job_and_gives_each_its_flower_row(
     sim_worker, provisioner, sim, ssh_key, redis_client, monkeypatch
 ) -> None:
     """Creates that came in one ``vmq.create_many`` message run like their own messages would, and each
     job gets a task-received event and a final event naming it, as Flower needs for its row."""
-    import threading
-
     from producer import bulk
 
     monkeypatch.setattr(bulk, "MESSAGE_SPREAD", 2)  # 12 creates: 2 messages of 6
     sim.configure(boot_s=1)
-    events: list[dict] = []
-    app = provisioner.celery
-    with app.connection_for_read() as connection:
-        receiver = app.events.Receiver(connection, handlers={"*": events.append})
-        listening = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False))
-        listening.start()
-        try:
-            creates = [{"spec": spec(f"many-{i}"), "ssh_key": ssh_key} for i in range(12)]
-            creates[5]["startup_script"] = "#!/bin/sh\necho hi\n"
-            jobs = provisioner.create_vms(creates)
-            finished = [provisioner.wait(job.id, timeout_s=60) for job in jobs]
-            ids = {job.id for job in jobs}
-            for _ in range(100):  # the final events trail the records by a publish
-                done = {e["uuid"] for e in events if e["type"] == "task-succeeded" and e["uuid"] in ids}
-                if done == ids:
-                    break
-                threading.Event().wait(0.1)
-        finally:
-            receiver.should_stop = True
-            listening.join(10)
+    # Celery's events are Redis pub/sub messages: listen (subscribed before anything is sent) to all.
+    pubsub = redis_client.pubsub()
+    pubsub.psubscribe("*celeryev*")
+    try:
+        creates = [{"spec": spec(f"many-{i}"), "ssh_key": ssh_key} for i in range(12)]
+        creates[5]["startup_script"] = "#!/bin/sh\necho hi\n"
+        jobs = provisioner.create_vms(creates)
+        finished = [provisioner.wait(job.id, timeout_s=60) for job in jobs]
+        events: list[dict] = []
+        ids = {job.id for job in jobs}
+        for _ in range(40):  # the final events trail the records by a publish
+            events += _task_events(pubsub)
+            if {e.get("uuid") for e in events if e["type"] == "task-succeeded"} >= ids:
+                break
+    finally:
+        pubsub.close()
     assert all(job.state == JobState.running and job.vm.public_ipv4 for job in finished)
     assert finished[5].has_startup_script and sim.calls()["create"] == 12
-    batches = [e for e in events if e["type"] == "task-received" and e.get("name") == keys.TASK_CREATE_MANY]
+    batches = {e["uuid"] for e in events if e["type"] == "task-received" and e.get("name") == keys.TASK_CREATE_MANY}
     assert len(batches) == 2
     for job in jobs:
         mine = {e["type"]: e for e in events if e.get("uuid") == job.id}
-        assert mine["task-received"]["name"] == keys.TASK_CREATE
-        assert mine["task-received"]["parent_id"] in {b["uuid"] for b in batches}
+        assert mine["task-received"]["name"] == keys.TASK_CREATE and mine["task-received"]["parent_id"] in batches
         assert job.spec.name in mine["task-succeeded"]["args"] and mine["task-succeeded"]["name"] == keys.TASK_CREATE
