@@ -160,6 +160,20 @@ def provisioner(settings, redis_client):
 
 
 @pytest.fixture
+def cli_env(monkeypatch, test_env: dict[str, str], redis_client: redis.Redis) -> Iterator[None]:
+    """The CLI reads its settings from the environment once per process (``get_settings`` is cached):
+    point them at this session's Redis and forget them after the test, so no other test's stay."""
+    from vmqueue.settings import get_settings
+
+    for key, value in test_env.items():
+        if key.startswith("VMQ_") or key == "REDIS_URL":
+            monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture
 def sim(redis_client: redis.Redis) -> Sim:
     return Sim(redis_client)
 

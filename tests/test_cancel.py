@@ -205,7 +205,7 @@ def test_webhooks_report_cancels_made_by_the_producer_and_by_the_worker(
         receiver.close()
 
 
-def test_vmq_wait_on_a_cancelled_job_exits_1(paused_queue, provisioner, ssh_key, test_env, redis_client):
+def test_vmq_wait_on_a_cancelled_job_exits_1(paused_queue, provisioner, ssh_key, test_env, redis_client, cli_env):
     """A cancelled job did not succeed: `vmq wait` (and `create --wait`, `apply`) exit 1 for it."""
     from typer.testing import CliRunner
 
@@ -217,7 +217,9 @@ def test_vmq_wait_on_a_cancelled_job_exits_1(paused_queue, provisioner, ssh_key,
     assert result.exit_code == 1, result.output
 
 
-def test_vmq_cancel_and_extend_take_the_id_prefix_the_table_shows(paused_queue, provisioner, ssh_key, test_env):
+def test_vmq_cancel_and_extend_take_the_id_prefix_the_table_shows(
+    paused_queue, provisioner, ssh_key, test_env, cli_env
+):
     """The job table shows 8 characters of an id; `vmq cancel` and `vmq extend` said "no job" for them."""
     from typer.testing import CliRunner
 

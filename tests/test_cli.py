@@ -15,20 +15,9 @@ from producer.cli import app
 from producer.cli.common import job_table, phase_lines
 from tests.conftest import KOMBU_KEYS
 from vmqueue.models import Job, JobKind, JobState, VMInfo, VMSpec, VMStatus
-from vmqueue.settings import get_settings
 
 runner = CliRunner()
 CREATE = ["create", "-p", "sim", "--name", "cli-1", "--region", "sim-1", "--type", "small", "--image", "debian-12"]
-
-
-@pytest.fixture
-def cli_env(monkeypatch, test_env, redis_client):
-    for key, value in test_env.items():
-        if key.startswith("VMQ_") or key == "REDIS_URL":
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
 
 
 def test_help_teaches():

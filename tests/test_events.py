@@ -135,18 +135,6 @@ def test_sse_follows_a_real_create_to_running(api, sim_worker, ssh_key):
 
 
 # -- vmq watch ----------------------------------------------------------------------------------
-@pytest.fixture
-def cli_env(monkeypatch, test_env, redis_client):
-    from vmqueue.settings import get_settings
-
-    for key, value in test_env.items():
-        if key.startswith("VMQ_") or key == "REDIS_URL":
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
 def test_vmq_watch_prints_each_change_and_exits_with_the_jobs_outcome(cli_env, settings, redis_client):
     store = JobStore(redis_client, settings)
     ok, bad = _hetzner_create(store), _hetzner_create(store)
