@@ -133,3 +133,37 @@ def test_a_create_many_message_runs_each_job_and_gives_each_its_flower_row(
         mine = {e["type"]: e for e in events if e.get("uuid") == job.id}
         assert mine["task-received"]["name"] == keys.TASK_CREATE and mine["task-received"]["parent_id"] in batches
         assert job.spec.name in mine["task-succeeded"]["args"] and mine["task-succeeded"]["name"] == keys.TASK_CREATE
+
+
+def test_a_redis_outage_in_a_create_many_message_sends_it_again_for_the_jobs_not_run(monkeypatch) -> None:
+    """Jobs before the outage ran; the job that met it and those after go in a new message (its retry)."""
+    import redis as redis_py
+
+    from workers import jobevents, tasks
+
+    ran: list[str] = []
+
+    class Runner:
+        store = None
+
+        def run(self, job_id: str, kind: object, seq: int) -> None:
+            if job_id == "c":
+                raise redis_py.ConnectionError("Redis went away")
+            ran.append(job_id)
+
+    class Retried(Exception):
+        pass
+
+    asked: dict = {}
+
+    def retry(**kwargs: object) -> Retried:
+        asked.update(kwargs)
+        return Retried()
+
+    monkeypatch.setattr(tasks, "runner", lambda: Runner())
+    monkeypatch.setattr(jobevents, "received", lambda *a: None)
+    monkeypatch.setattr(jobevents, "step_ended", lambda *a, **k: None)
+    monkeypatch.setattr(tasks.create_many, "retry", retry)
+    with pytest.raises(Retried):
+        tasks.create_many.run(["a", "b", "c", "d"])
+    assert ran == ["a", "b"] and asked["args"] == [["c", "d"]] and asked["countdown"] == tasks.BROKER_RETRY_S

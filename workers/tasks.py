@@ -221,7 +221,7 @@ def create_many(self: Task, job_ids: list[str]) -> None:
     if not isinstance(job_ids, list) or not all(isinstance(j, str) and j for j in job_ids):
         log.error("%s message rejected: the argument must be a list of job ids, got %r", self.name, job_ids)
         return
-    provider = keys.provider_of_queue(self.request.delivery_info.get("routing_key") or "")
+    provider = keys.provider_of_queue((self.request.delivery_info or {}).get("routing_key") or "")
     jobevents.received(job_ids, provider, self.request.id)
     for index, job_id in enumerate(job_ids):
         bind_job(job_id)
@@ -229,17 +229,27 @@ def create_many(self: Task, job_ids: list[str]) -> None:
             with GATE.held():
                 outcome = runner().run(job_id, JobKind.create, 0)
         except REDIS_UNAVAILABLE as exc:
-            log.warning("Redis unavailable (%s); the %d creates left in this message retry in %ss", exc,
-                        len(job_ids) - index, BROKER_RETRY_S)  # fmt: skip
-            raise self.retry(args=[job_ids[index:]], countdown=BROKER_RETRY_S, max_retries=None) from exc
+            _retry_rest(self, job_ids, index, exc)
         except Exception as exc:  # noqa: BLE001 - one job's bug must not strand the others
             _fail_internal(job_id, exc)
             log.exception("job=%s create step failed", job_id)
             continue
-        if outcome is not None and outcome.message:
-            _start_job(job_id, outcome.countdown_s, outcome.seq)
-        else:
-            jobevents.step_ended(job_id, runner().store, carried=outcome is not None)
+        try:
+            if outcome is not None and outcome.message:
+                _start_job(job_id, outcome.countdown_s, outcome.seq)
+            else:
+                jobevents.step_ended(job_id, runner().store, carried=outcome is not None)
+        except REDIS_UNAVAILABLE as exc:  # this job's step is done; its next message, if lost, the rescue sends
+            _retry_rest(self, job_ids, index + 1, exc)
+
+
+def _retry_rest(task: Task, job_ids: list[str], start: int, exc: Exception) -> None:
+    """Send ``vmq.create_many`` again for the jobs from ``start`` on (Redis away): raises ``Retry``;
+    returns when none is left (the last job's step was done)."""
+    log.warning("Redis unavailable (%s); the %d creates left in this message retry in %ss", exc,
+                len(job_ids) - start, BROKER_RETRY_S)  # fmt: skip
+    if start < len(job_ids):
+        raise task.retry(args=[job_ids[start:]], countdown=BROKER_RETRY_S, max_retries=None) from exc
 
 
 @app.task(bind=True, name=keys.TASK_DESTROY, max_retries=None, Request=jobevents.JobRequest)
