@@ -25,13 +25,10 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from producer.cli import app
-from tests import test_cli
 from tests.conftest import KOMBU_KEYS
 from vmqueue.sshkeys import throwaway_public_key
 
 pytestmark = pytest.mark.system
-
-cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session for the CLI
 
 
 class _OneCommandRunner(CliRunner):

@@ -10,11 +10,9 @@ from typer.testing import CliRunner
 from producer.cli import app
 from producer.cli.common import job_table, public_address, state_label
 from producer.cli.listing import vm_table
-from tests import test_cli
 from vmqueue.models import Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
 
 runner = CliRunner()
-cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session
 ERROR = "The project has reached its server limit of 10; ask Hetzner support to raise it or destroy unused servers."
 
 

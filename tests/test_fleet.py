@@ -17,7 +17,6 @@ from producer.cli import app
 from producer.client import Provisioner
 from producer.fleet import FleetError, load_fleet
 from producer.fleetrun import FleetRunner
-from tests import test_cli
 from tests.conftest import KOMBU_KEYS
 from vmqueue import keys
 from vmqueue.models import Job, JobKind, JobState
@@ -26,7 +25,6 @@ from vmqueue.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fleet.yaml"
 runner = CliRunner()
-cli_env = test_cli.cli_env  # the CLI's environment fixture: REDIS_URL and VMQ_* of the test session
 
 BAD = """\
 fleet: demo

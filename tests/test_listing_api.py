@@ -7,7 +7,6 @@ import json
 from typer.testing import CliRunner
 
 from producer.cli import app
-from tests.test_cli import cli_env  # noqa: F401 - the fixture, shared
 from tests.test_web import api  # noqa: F401 - the fixture (a uvicorn of this module's own), shared
 
 runner = CliRunner()
@@ -53,7 +52,7 @@ def test_list_cancel_extend_over_http(api, redis_client, ssh_key):  # noqa: F811
         assert api.request(method, path, headers={"Authorization": ""}).status_code == 401
 
 
-def test_cli_lists_cancels_and_extends(cli_env, provisioner, ssh_key):  # noqa: F811
+def test_cli_lists_cancels_and_extends(cli_env, provisioner, ssh_key):
     job = provisioner.create_vm(QUEUED, ssh_key)
     listed = runner.invoke(app, ["jobs", "--provider", "hetzner", "--state", "queued", "--json"])
     assert listed.exit_code == 0 and [j["id"] for j in json.loads(listed.output)["jobs"]] == [job.id]

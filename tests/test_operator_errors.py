@@ -25,7 +25,6 @@ from producer.cli import app
 from producer.diagnose import AmbiguousJobId
 from producer.fleet import FleetError, load_fleet
 from producer.submit import JobNotFound
-from tests import test_cli
 from tests.conftest import KOMBU_KEYS
 from vmqueue import keys
 from vmqueue.models import PROVIDERS, Job, JobError, JobState
@@ -36,9 +35,6 @@ CREATE = ["create", "-p", "sim", "--name", "ops-1", "--region", "sim-1", "--type
 # A provider no test worker serves: its jobs stay queued.
 HETZNER = ["create", "-p", "hetzner", "--name", "h-1", "--region", "fsn1", "--type", "cx22", "--image", "debian-12"]
 SECRET = "MARKER-script-never-in-an-error"
-
-
-cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session for the CLI
 
 
 def _app_keys(redis_client) -> list[str]:

@@ -20,7 +20,7 @@ from bench.harness import free_port, sim_spec
 from bench.probes import wait_for
 from bench.ready import SimHostProcess
 from producer.cli import app as cli_app
-from tests import test_cli, test_flower
+from tests import test_flower
 from tests.test_metrics import _samples
 from tests.test_web import Server
 from vmqueue import keys
@@ -30,7 +30,6 @@ from vmqueue.readiness import HostKey
 pytestmark = pytest.mark.system
 
 API_KEY = "ready-test-key"
-cli_env = test_cli.cli_env  # the CLI's environment fixture: REDIS_URL and VMQ_* of the test session
 cli = CliRunner()
 flower = test_flower.flower  # a real Flower on the session's Redis, fed by the workers' task events
 

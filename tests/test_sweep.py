@@ -14,14 +14,12 @@ from typer.testing import CliRunner
 
 from bench.probes import wait_for
 from producer.cli import app
-from tests import test_cli
 from vmqueue import keys
 from vmqueue.models import CleanupState, Job, JobError, JobKind, JobState, VMInfo, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey
 from vmqueue.sweep import StoreEpoch
 from workers.sweeper import orphan_reason, owner_of, record_loss_guard
 
-cli_env = test_cli.cli_env  # REDIS_URL and VMQ_* of the test session for the CLI
 runner = CliRunner()
 SPEC = {"provider": "sim", "region": "sim-1", "instance_type": "small", "image": "ubuntu-24.04"}
 
