@@ -70,6 +70,20 @@ def test_vm_table_at_80_columns_shows_the_job_id_prefix_and_the_vm_whole():
     assert re.search(r"│ web-frontend-1 │ 58123456 │ running │ 203\.0\.113\.77 │", text), text
 
 
+def test_an_empty_column_goes_before_any_other_is_cut():
+    """A newcomer's 80 columns: "provi…", "destr…", "insta…" beside an error column empty in every row."""
+    spec = VMSpec(provider="sim", name="web-1", region="sim-1", instance_type="small", image="ubuntu-24.04")
+    vm = VMInfo(provider="sim", instance_id="sim-1", name="web-1", status=VMStatus.running, public_ipv4="127.88.0.2")
+    destroyed = Job(
+        kind=JobKind.create, provider="sim", spec=spec, state=JobState.running, instance_id="sim-1", vm=vm,
+        vm_destroyed_by="60b722f7" * 4,
+    )  # fmt: skip
+    gone = Job(kind=JobKind.destroy, provider="sim", instance_id="sim-1", state=JobState.gone)
+    text = _render(job_table([destroyed, gone]))
+    assert " error " not in text and "…" not in text, text
+    assert all(f" {header} " in text for header in ("kind", "provider", "instance")), text
+
+
 def test_wide_tables_show_every_column():
     text = _render(job_table([_create()]), 200)
     assert all(f" {header} " in text for header in ("kind", "provider", "instance", "error"))

@@ -9,8 +9,9 @@ itself, at render time, for the width it is given:
 - ``cut`` columns (kind, provider, instance) shrink to a few characters with an ellipsis;
 - the ``rest`` column (an error) takes what is left and wraps at word boundaries.
 
-When even that does not fit, columns with a ``drop`` rank are left out, highest rank first (columns empty
-in every row before any), and the caption says which. Wide enough, every column shows whole, as before.
+A column empty in every row is left out first (before any other is cut); when even the cuts do not fit,
+columns with a ``drop`` rank are left out, highest rank first, and the caption says which. Wide enough,
+every column shows whole, as before.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ class FitTable:
         natural = [_natural(i, column, self.rows) for i, column in enumerate(self.columns)]
         shown = list(range(len(self.columns)))
         widths = dict(enumerate(natural))
+        empty = [i for i in shown if not any(row[i].plain for row in self.rows)]
+        if _need(widths, shown) > width:  # columns with nothing in any row go first, before any is cut
+            shown = [i for i in shown if i not in empty]
         if _need(widths, shown) > width:
             widths = {i: _floor(column, natural[i], self.rows, i) for i, column in enumerate(self.columns)}
-            empty = [i for i in shown if not any(row[i].plain for row in self.rows)]
-            ranked = empty + sorted(
-                (i for i in shown if self.columns[i].drop and i not in empty), key=lambda i: -self.columns[i].drop
-            )
+            ranked = sorted((i for i in shown if self.columns[i].drop), key=lambda i: -self.columns[i].drop)
             for i in ranked:
                 if _need(widths, shown) <= width:
                     break
