@@ -12,9 +12,12 @@ from workers.gate import StepGate
 WAIT_S = 10.0  # a bound on a wait that should end at once, not a timing assertion
 
 
-def _inside(step_gate: StepGate, threads: int, hold: threading.Event) -> tuple[int, list[threading.Thread]]:
+def _inside(
+    step_gate: StepGate, threads: int, hold: threading.Event
+) -> tuple[list[int], list[threading.Thread], threading.Semaphore]:
     """Start ``threads`` threads that each enter ``held`` and stay until ``hold`` is set; returns the
-    most that were inside at once (once each has entered or is blocked) and the threads."""
+    most that were inside at once (a one-item list, updated as they enter), the threads, and a
+    semaphore released once per thread that got in."""
     inside, most, lock = 0, [0], threading.Lock()
     entered = threading.Semaphore(0)
 
@@ -32,13 +35,14 @@ def _inside(step_gate: StepGate, threads: int, hold: threading.Event) -> tuple[i
     workers = [threading.Thread(target=run) for _ in range(threads)]
     for worker in workers:
         worker.start()
-    return most, workers
+    return most, workers, entered
 
 
 def test_held_lets_only_its_slots_in_at_once() -> None:
     step_gate, hold = StepGate(2), threading.Event()
-    most, workers = _inside(step_gate, 6, hold)
-    threading.Event().wait(0.2)  # let the other four reach the gate
+    most, workers, entered = _inside(step_gate, 6, hold)
+    assert entered.acquire(timeout=WAIT_S) and entered.acquire(timeout=WAIT_S)  # two got in
+    assert not entered.acquire(timeout=0.5)  # and no third while they hold their slots
     assert most[0] == 2
     hold.set()
     for worker in workers:
@@ -48,11 +52,9 @@ def test_held_lets_only_its_slots_in_at_once() -> None:
 
 def test_no_slots_means_no_gate() -> None:
     step_gate, hold = StepGate(0), threading.Event()
-    most, workers = _inside(step_gate, 5, hold)
-    for _ in range(50):
-        if most[0] == 5:
-            break
-        threading.Event().wait(0.05)
+    most, workers, entered = _inside(step_gate, 5, hold)
+    for _ in range(5):  # all five get in while none has left
+        assert entered.acquire(timeout=WAIT_S)
     hold.set()
     for worker in workers:
         worker.join(WAIT_S)

@@ -136,7 +136,7 @@ def _start_job(job_id: str, countdown_s: float, seq: int) -> None:
 def _start_worker_threads(sender, **_: object) -> None:
     """Per worker process: the tick thread (``Ticker``) and a supervisor that destroys the VMs whose
     expiry passed (workers/expiry.py), for the providers whose queues this worker consumes."""
-    providers = [q.name.removeprefix(keys.QUEUE_PREFIX) for q in sender.task_consumer.queues]
+    providers = [keys.provider_of_queue(q.name) for q in sender.task_consumer.queues]
     threading.Thread(target=TICKER.run, args=(providers,), name="vmq-ticker", daemon=True).start()
     period_s = max(1.0, 2 * min((runner().tick_s(p) for p in providers), default=1.0))
 
