@@ -45,7 +45,9 @@ def _sim_host_process(test_env, tmp_path_factory) -> Iterator[int]:
 @pytest.fixture
 def sim_host(_sim_host_process, sim) -> Iterator[int]:
     """The sim VMs' insides (real sshd, real cloud-init phone-home); yields the port their sshd uses."""
-    sim.configure(ssh_port=_sim_host_process, ssh_delay_s=1.0, cloud_init_s=1.0, boot_s=0.5)
+    # sshd 2 s after boot: the tick may see a VM running up to a tick (1 s) after it booted, and
+    # _ready_after_running needs half a second between running and ready (a 1 s delay failed 2 in 9).
+    sim.configure(ssh_port=_sim_host_process, ssh_delay_s=2.0, cloud_init_s=1.0, boot_s=0.5)
     yield _sim_host_process
     sim.reset()
 
@@ -193,7 +195,7 @@ def test_cloud_init_refuses_a_script_with_its_own_phone_home(settings, redis_cli
 
 
 # -- the CLI and fleets wait for readiness ----------------------------------------------------------
-# The sim host's sshd answers 1 s after the VM runs (the sim_host fixture), and the CLI reads the job
+# The sim host's sshd answers 2 s after the VM boots (the sim_host fixture), and the CLI reads the job
 # every 0.5 s: a CLI that stopped at running would return, and print, a job that is still running.
 
 
