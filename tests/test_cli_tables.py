@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from rich.console import Console
 from typer.testing import CliRunner
 
+from bench.harness import ROOT
 from producer.cli import app
 from producer.cli.common import job_table, public_address, state_label
 from producer.cli.listing import vm_table
@@ -111,3 +113,26 @@ def test_a_create_whose_vm_was_destroyed_says_so_and_the_destroy_row_names_the_v
     assert state_label(store.get(create.id)) == f"running → destroyed by {destroy.id[:8]}"
     # Gone from the index, a destroy job without its VM's name shows the instance id in the name column.
     assert "│ 58123456 " in _render(job_table([store.get(destroy.id)]), 200).split("destroy")[1]
+
+
+def test_an_empty_listing_says_so_in_one_line_and_how_to_create_a_vm(cli_env, monkeypatch):
+    """A newcomer's `vmq vms` with no VM printed a table of headers alone: one line says why instead."""
+    monkeypatch.chdir(ROOT)  # the fleet file below, by the path a newcomer types
+    for command, noun in (("vms", "VMs"), ("jobs", "jobs")):
+        empty = runner.invoke(app, [command], env={"COLUMNS": "80"})
+        assert empty.exit_code == 0, empty.output
+        assert empty.output.startswith(f"No {noun}; create ") and "`vmq create`" in empty.output, empty.output
+        assert empty.output.count("\n") == 1 and "┃" not in empty.output, empty.output
+        filtered = runner.invoke(app, [command, "--provider", "aws"], env={"COLUMNS": "80"})
+        assert (
+            filtered.exit_code == 0
+            and filtered.output == f"No {noun} match these filters; `vmq {command}` alone lists them all.\n"
+        )
+        # Scripts read JSON: the empty list, no sentence.
+        assert json.loads(runner.invoke(app, [command, "--json"]).output) == {command: [], "next_cursor": None}
+    paged = runner.invoke(app, ["jobs", "--cursor", "1:" + "0" * 32])
+    assert paged.exit_code == 0 and paged.output == "No more jobs after this cursor.\n", paged.output
+    # The same kind of case: destroying a fleet that has no VMs printed an empty table.
+    fleet = runner.invoke(app, ["destroy", "--fleet", "examples/fleet.yaml"], env={"COLUMNS": "80"})
+    assert fleet.exit_code == 0 and "┃" not in fleet.output, fleet.output
+    assert fleet.output == "Fleet example: no VMs to destroy; `vmq apply examples/fleet.yaml` creates them.\n"

@@ -60,6 +60,13 @@ def destroy_fleet(fleet_file: Path, timeout: float, as_json: bool) -> None:
     fleet = _load(fleet_file)
     runner = FleetRunner(provisioner(), fleet.name)
     tracked = runner.destroy()
+    if not tracked and not as_json:  # an empty table says nothing: one line that does, exit 0
+        console.print(
+            f"Fleet {fleet.name}: no VMs to destroy; `vmq apply {fleet_file}` creates them.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     try:
         done = _follow(runner, tracked, timeout, as_json, "gone", step=runner.advance_destroy)
     except KeyboardInterrupt:

@@ -48,14 +48,29 @@ def _filters(**given: object) -> dict[str, object]:
     return {k: v for k, v in {**given, "labels": {k: str(v) for k, v in labels.items()}}.items() if v is not None}
 
 
-def _show(page: JobPage, as_json: bool, table: FitTable, what: str) -> None:
+def _show(
+    page: JobPage, as_json: bool, table: FitTable, what: str, query: dict[str, object], cursor: str | None
+) -> None:
     if as_json:
         listed = [job.model_dump(mode="json") for job in page.jobs]
         console.print_json(json.dumps({what: listed, "next_cursor": page.next_cursor}))
         return
+    if not page.jobs:  # a table of headers alone says nothing: one line that does, exit 0
+        console.print(nothing_listed(what, any(query.values()), cursor is not None), highlight=False, soft_wrap=True)
+        return
     console.print(table)
     if page.next_cursor:
         console.print(f"More: [bold]--cursor {page.next_cursor}[/]")
+
+
+def nothing_listed(what: str, filtered: bool, paged: bool) -> str:
+    """What ``vmq jobs`` / ``vmq vms`` (``what``) print when nothing is listed: why, and what to do."""
+    noun = "VMs" if what == "vms" else what
+    if paged:
+        return f"No more {noun} after this cursor."
+    if filtered:
+        return f"No {noun} match these filters; `vmq {what}` alone lists them all."
+    return f"No {noun}; create {'one' if what == 'vms' else 'a VM'} with `vmq create` (see `vmq create --help`)."
 
 
 @app.command("jobs")
@@ -87,7 +102,7 @@ def list_jobs(
     except (ValidationError, ValueError) as exc:
         raise bad_input(exc, LIST_FLAGS) from None
     vms = {} if as_json else creators(client, page.jobs)
-    _show(page, as_json, job_table(page.jobs, vms), "jobs")
+    _show(page, as_json, job_table(page.jobs, vms), "jobs", query, cursor)
 
 
 @app.command("vms")
@@ -109,7 +124,7 @@ def list_vms(
         page = provisioner().list_vms(query, limit=limit, cursor=cursor)
     except (ValidationError, ValueError) as exc:
         raise bad_input(exc, LIST_FLAGS) from None
-    _show(page, as_json, vm_table(page.jobs), "vms")
+    _show(page, as_json, vm_table(page.jobs), "vms", query, cursor)
 
 
 # Narrow, the expiry goes first, then the creation time, then the provider; the rest always shows.
