@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 
 from producer.cli import app
 from producer.cli.common import job_table, phase_lines
+from producer.cli.watch import event_line
 from tests.conftest import KOMBU_KEYS
-from vmqueue.models import Job, JobKind, JobState, VMInfo, VMSpec, VMStatus
+from vmqueue.events import JobChange
+from vmqueue.models import Job, JobEvent, JobKind, JobState, VMInfo, VMSpec, VMStatus
 
 runner = CliRunner()
 CREATE = ["create", "-p", "sim", "--name", "cli-1", "--region", "sim-1", "--type", "small", "--image", "debian-12"]
@@ -65,6 +67,8 @@ def test_create_wait_job_destroy(cli_env, sim_worker, tmp_path, ssh_key):
 
     gone = runner.invoke(app, ["destroy", "sim", job["instance_id"], "--wait", "--json"])
     assert gone.exit_code == 0 and json.loads(gone.output)["state"] == "gone"
+    history = runner.invoke(app, ["job", json.loads(gone.output)["id"]], env={"COLUMNS": "200"}).output
+    assert "gone" in _history(history) and _history(shown.output)["running"] == [""], history
 
     missing = runner.invoke(app, ["get", "sim", job["instance_id"], "--json"])
     assert missing.exit_code == 1 and json.loads(missing.output)["error"]["code"] == "not_found"
@@ -161,3 +165,53 @@ def test_vmq_job_and_wait_show_the_phase_and_end_their_lines(cli_env):
     gone = store.add(Job(kind=JobKind.destroy, provider="sim", instance_id="sim-1", state=JobState.gone))
     waited = runner.invoke(app, ["wait", gone.id])
     assert waited.exit_code == 0 and waited.output.endswith("┘\n"), repr(waited.output[-20:])
+
+
+# History messages as the workers and the producer write them (workers/lifecycle/, producer/control.py).
+WRITTEN = [
+    (JobState.submitting, "create attempt 1 in sim-1 (small)"),
+    (JobState.provisioning, "provider accepted the create: sim-1"),
+    (JobState.running, "running"),
+    (JobState.ready, "ready: ssh answered on public port 2222"),
+    (JobState.cancelled, "cancelled (asked by alice at 2030-01-01 00:00:00 UTC); destroying sim-1"),
+    (JobState.failed, "failed: ready_timeout: running but not ready: ssh within 600s"),
+]
+TWICE = re.compile(r"\b([a-z]+)\W+\1\b")  # "running running", "failed failed:"
+
+
+def _history(output: str) -> dict[str, list[str]]:
+    """The history lines `vmq job` printed, by state: what each says after its state, which it must
+    not say again (it read "running running", "gone the provider reports the VM gone")."""
+    lines: dict[str, list[str]] = {}
+    for state, rest in re.findall(r"^  \d\d:\d\d:\d\d (\w+)(.*)$", output, re.M):
+        assert state not in re.findall(r"[a-z]+", rest), (state, rest)
+        lines.setdefault(state, []).append(rest.strip())
+    return lines
+
+
+def test_history_lines_say_the_state_once(cli_env):
+    """A newcomer's `vmq job` read `running running`: the state, then a message repeating it."""
+    from producer.client import Provisioner
+    from workers.jobevents import final_event
+
+    job = _ssh_create(JobState.failed)
+    job.history = [JobEvent(state=state, message=message) for state, message in WRITTEN]
+    Provisioner().store.add(job)
+    shown = runner.invoke(app, ["job", job.id], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert len(_history(shown.output)) == len(WRITTEN)
+    lines = [line.split(None, 1)[1] for line in shown.output.splitlines() if re.match(r"  \d\d:\d\d:\d\d ", line)]
+    assert lines == [
+        "submitting create attempt 1 in sim-1 (small)",
+        "provisioning provider accepted the create: sim-1",
+        "running",
+        "ready: ssh answered on public port 2222",
+        "cancelled (asked by alice at 2030-01-01 00:00:00 UTC); destroying sim-1",
+        "failed: ready_timeout: running but not ready: ssh within 600s",
+    ], shown.output
+    # Flower's page of a failed job shows the same lines; `vmq watch` says the state once too.
+    assert [line.split(None, 1)[1] for line in final_event(job)[1]["traceback"].splitlines()] == lines
+    for state, message in WRITTEN:
+        change = JobChange(job_id=job.id, kind=job.kind, provider="sim", state=state, finished=False, message=message)
+        assert not TWICE.search(re.sub(r"\[/?\w*\]", "", event_line(change))), event_line(change)
+    assert JobEvent(state=JobState.running, message="running-ish").line == "running running-ish"

@@ -541,10 +541,30 @@ class WebhookDelivery(BaseModel):
 MAX_DELIVERIES = 30
 
 
+def message_detail(state: str, message: str) -> str:
+    """A history message without a leading repeat of its state: what it adds to the state (``""``
+    for ``running`` / ``running``, ``capacity: ...`` for ``failed`` / ``failed: capacity: ...``)."""
+    return re.sub(rf"^{re.escape(state)}(?![\w-])[\s:]*", "", message)
+
+
 class JobEvent(BaseModel):
     at: datetime = Field(default_factory=utcnow)
     state: JobState
     message: str = ""
+
+    @property
+    def detail(self) -> str:
+        """What the message adds to the state (``message_detail``)."""
+        return message_detail(self.state, self.message)
+
+    @property
+    def line(self) -> str:
+        """The event as a history line reads after its time: the state, then the message, the state
+        said once (``running``, not ``running running``; ``failed: capacity: ...``, not ``failed
+        failed: capacity: ...``). A message that begins with the state is the line as it stands."""
+        if self.detail != self.message:
+            return self.message
+        return f"{self.state} {self.message}".rstrip()
 
 
 MAX_HISTORY = 50

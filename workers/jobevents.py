@@ -168,7 +168,7 @@ def final_event(job: Job) -> tuple[str, dict[str, Any]] | None:
     runtime = max((job.updated_at - job.created_at).total_seconds(), 0.0)
     text = summary(job)
     if job.state == JobState.failed:
-        history = "\n".join(f"{e.at:%H:%M:%S} {e.state} {e.message}" for e in job.history[-HISTORY_LINES:])
+        history = "\n".join(f"{e.at:%H:%M:%S} {e.line}" for e in job.history[-HISTORY_LINES:])
         return "task-failed", {"exception": text, "result": text, "traceback": history, "runtime": runtime}
     if job.state == JobState.cancelled:
         return "task-revoked", {"result": text, "terminated": False, "expired": False, "signum": None}

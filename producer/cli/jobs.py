@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 
 from producer.cli.common import (
     CREATE_FLAGS,
@@ -184,8 +185,8 @@ def job(job_id: str, as_json: JsonOpt = False) -> None:
     console.print(job_table([found], creators(client, [found])))
     if found.vm_destroyed_by:  # the full id, to copy: the table shows 8 characters
         console.print(f"Its VM was destroyed by job {found.vm_destroyed_by}.", highlight=False)
-    for event in found.history:
-        console.print(f"  {event.at:%H:%M:%S} [bold]{event.state}[/] {event.message}")
+    for event in found.history:  # the state said once: "running", not "running running"
+        console.print(f"  {event.at:%H:%M:%S} [bold]{event.state}[/]{escape(event.line[len(event.state) :])}")
     print_readiness(found)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from producer.cli.common import JsonOpt, console, err, provisioner
 from vmqueue.events import JobChange
-from vmqueue.models import JobState
+from vmqueue.models import JobState, message_detail
 
 app = typer.Typer()
 
@@ -39,8 +40,9 @@ def event_line(change: JobChange) -> str:
         parts.append(change.instance_id)
     if change.error:
         parts.append(f"[red]{change.error.code}[/]")
-    if change.message:
-        parts.append(f"[dim]{change.message}[/]")
+    detail = message_detail(change.state, change.message)  # "running -> running" says it once
+    if detail:
+        parts.append(f"[dim]{escape(detail)}[/]")
     return " ".join(parts)
 
 

@@ -107,7 +107,7 @@ class DestroySteps(Steps):
 
     def _gone(self, job: Job) -> None:
         # The store tells the create job that made this VM (vm_destroyed_by); its record expires again.
-        self.store.transition(job.id, JobState.gone, "the provider reports the VM gone")
+        self.store.transition(job.id, JobState.gone, "the provider reports the VM deleted")
         log.info("job=%s provider=%s instance=%s gone", job.id, job.provider, job.instance_id)
 
     def _cleaned(self, job: Job) -> None:
