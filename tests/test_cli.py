@@ -12,7 +12,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from producer.cli import app
-from producer.cli.common import job_table, phase_lines
+from producer.cli.common import job_table, phase_lines, read_key
 from producer.cli.watch import event_line
 from tests.conftest import KOMBU_KEYS
 from vmqueue.events import JobChange
@@ -215,3 +215,21 @@ def test_history_lines_say_the_state_once(cli_env):
         change = JobChange(job_id=job.id, kind=job.kind, provider="sim", state=state, finished=False, message=message)
         assert not TWICE.search(re.sub(r"\[/?\w*\]", "", event_line(change))), event_line(change)
     assert JobEvent(state=JobState.running, message="running-ish").line == "running running-ish"
+
+
+def test_ssh_key_help_names_every_key_tried_in_order(monkeypatch, tmp_path, ssh_key):
+    """`--ssh-key`'s help named only ~/.ssh/id_ed25519.pub, though ECDSA and RSA keys are tried too."""
+    params = {p.name: p for p in get_command(app).commands["create"].params}
+    tried = ["~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub"]
+    said = re.findall(r"~/\.ssh/\S+\.pub", params["ssh_key"].help)
+    assert said == tried, params["ssh_key"].help
+    shown = runner.invoke(app, ["create", "--help"], env={"COLUMNS": "80"}).output
+    assert all(path in shown for path in tried), shown
+    # What the help says is what is done: the first of them that exists.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".ssh").mkdir()
+    for name, line in (("id_rsa.pub", "ssh-rsa AAAA rsa"), ("id_ecdsa.pub", "ecdsa-sha2-nistp256 AAAA ecdsa")):
+        (tmp_path / ".ssh" / name).write_text(line)
+    assert read_key(None) == "ecdsa-sha2-nistp256 AAAA ecdsa"
+    (tmp_path / ".ssh" / "id_ed25519.pub").write_text(ssh_key)
+    assert read_key(None) == ssh_key

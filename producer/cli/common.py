@@ -33,7 +33,8 @@ ProviderOpt = Annotated[str, typer.Option("--provider", "-p", help=f"one of: {',
 WaitOpt = Annotated[bool, typer.Option("--wait", "-w", help="follow the job live until it ends")]
 TimeoutOpt = Annotated[float, typer.Option("--timeout", help="seconds to wait at most")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the job as JSON (for scripts)")]
-DEFAULT_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub")
+DEFAULT_KEYS = ("~/.ssh/id_ed25519.pub", "~/.ssh/id_ecdsa.pub", "~/.ssh/id_rsa.pub")  # tried in this order
+SSH_KEY_DEFAULT = f"default: {', else '.join(DEFAULT_KEYS)}"
 
 
 def provisioner():

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from producer.cli.common import (
     CREATE_FLAGS,
+    SSH_KEY_DEFAULT,
     JsonOpt,
     ProviderOpt,
     TimeoutOpt,
@@ -42,9 +43,7 @@ def create(
         str, typer.Option("--type", "-t", help="a portable size (2vcpu-4gb, ...) or a native type/shape")
     ],
     image: Annotated[str, typer.Option(help="ubuntu-22.04, ubuntu-24.04, debian-12, or a native image id")],
-    ssh_key: Annotated[
-        str | None, typer.Option(help="public key file or key line; default ~/.ssh/id_ed25519.pub")
-    ] = None,
+    ssh_key: Annotated[str | None, typer.Option(help=f"public key file or key line; {SSH_KEY_DEFAULT}")] = None,
     script: Annotated[Path | None, typer.Option(help="startup script file (shell or #cloud-config)")] = None,
     label: Annotated[list[str], typer.Option(metavar="K=V", help="key=value, repeatable")] = [],  # noqa: B006
     option: Annotated[list[str], typer.Option(metavar="K=V", help="provider option key=value, repeatable")] = [],  # noqa: B006
