@@ -11,6 +11,7 @@ makes the exit status 1. Tests run the same scenarios smaller (tests/test_chaos.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import threading
@@ -99,6 +100,17 @@ class Result:
     @property
     def ok(self) -> bool:
         return bool(self.checks) and all(ok for ok, _ in self.checks)
+
+    def as_json(self, seconds: float | None = None) -> dict[str, Any]:
+        """The scenario as one JSON-able object (``--json``): its figures (a value JSON has no type
+        for, as its text), its checks, whether all passed, and how long it took."""
+        return {
+            "name": self.name,
+            "ok": self.ok,
+            "seconds": seconds,
+            "figures": json.loads(json.dumps(self.figures, default=str)),
+            "checks": [{"ok": ok, "what": what} for ok, what in self.checks],
+        }
 
     def render(self) -> str:
         lines = [f"{self.name}  {SCENARIOS[self.name]}"]
@@ -844,7 +856,7 @@ def run(cluster: Cluster, name: str, sizes: Sizes) -> Result:
         cluster.sim.reset()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.chaos",
         description="Break vmqueue while it works, on the simulated cloud, and count what survived.",
@@ -867,7 +879,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-limit", type=int, default=50, help="shared sim API limit, calls/second (R3)")
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="longest wait per scenario, s")
     parser.add_argument("--workdir", type=Path, help="where logs go (default: a new temp dir)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--json", action="store_true", help="print the results as one JSON object (the exit status as without)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     sizes = Sizes(
         jobs=args.jobs,
         kills=args.kills,
@@ -879,18 +898,35 @@ def main(argv: list[str] | None = None) -> int:
         timeout_s=args.timeout,
     )
     config = ClusterConfig(args.workers, args.concurrency, args.rate_limit, args.workdir)
-    results = []
+    results, seconds = [], []
     with Cluster(config) as cluster:
         url = cluster.env["REDIS_URL"]
-        print(f"vmqueue chaos: {args.workers} sim workers x {args.concurrency} threads, redis {url}, "
-              f"limit {args.rate_limit}/s, logs in {cluster.workdir}", flush=True)  # fmt: skip
+        if not args.json:
+            print(f"vmqueue chaos: {args.workers} sim workers x {args.concurrency} threads, redis {url}, "
+                  f"limit {args.rate_limit}/s, logs in {cluster.workdir}", flush=True)  # fmt: skip
         for name in args.only:
             began = time.monotonic()
             results.append(run(cluster, name, sizes))
-            print(results[-1].render(), f"\n    ({time.monotonic() - began:.1f}s)", flush=True)
+            seconds.append(time.monotonic() - began)
+            if not args.json:
+                print(results[-1].render(), f"\n    ({seconds[-1]:.1f}s)", flush=True)
     failed = [r.name for r in results if not r.ok]
-    print(f"FAIL: {', '.join(failed)}" if failed else f"ALL PASS: {', '.join(r.name for r in results)}")
+    if args.json:
+        print(json.dumps(chaos_json(results, seconds, vars(args), str(cluster.workdir)), indent=2))
+    else:
+        print(f"FAIL: {', '.join(failed)}" if failed else f"ALL PASS: {', '.join(r.name for r in results)}")
     return 1 if failed else 0
+
+
+def chaos_json(results: list[Result], seconds: list[float], args: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """``--json``: every scenario's result, whether all passed, the sizes it ran with, where the logs are."""
+    return {
+        "ok": all(r.ok for r in results),
+        "failed": [r.name for r in results if not r.ok],
+        "args": json.loads(json.dumps(args, default=str)),
+        "logs": workdir,
+        "scenarios": [r.as_json(s) for r, s in zip(results, seconds, strict=True)],
+    }
 
 
 if __name__ == "__main__":

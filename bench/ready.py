@@ -21,6 +21,7 @@ server per VM on a loopback address) answers ``--sshd-delay`` seconds later. Pri
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -155,14 +156,20 @@ def vm_times(client: redis.Redis, jobs) -> dict[str, tuple[float, float]]:
     }
 
 
-def quantiles(values: list[float]) -> str:
+def spread(values: list[float]) -> dict[str, float]:
+    """p50, p95 and max of ``values`` (seconds)."""
     values = sorted(values)
-    return f"p50 {values[len(values) // 2]:.2f}s p95 {values[int(len(values) * 0.95)]:.2f}s max {values[-1]:.2f}s"
+    return {"p50": values[len(values) // 2], "p95": values[int(len(values) * 0.95)], "max": values[-1]}
 
 
-def main() -> None:
+def quantiles(values: dict[str, float]) -> str:
+    return f"p50 {values['p50']:.2f}s p95 {values['p95']:.2f}s max {values['max']:.2f}s"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="ready_when=ssh at scale on the sim: time until all ready / (boot + sshd delay), goal <= 1.25"
+        prog="python -m bench.ready",
+        description="ready_when=ssh at scale on the sim: time until all ready / (boot + sshd delay), goal <= 1.25",
     )
     parser.add_argument("--vms", type=int, default=1000, help="create jobs per batch (default 1000)")
     parser.add_argument("--boot", type=float, default=20.0, help="simulated boot time, s (default 20)")
@@ -170,7 +177,93 @@ def main() -> None:
         "--sshd-delay", type=float, default=5.0, help="s from boot until the sim host's sshd answers (default 5)"
     )
     parser.add_argument("--concurrency", type=int, default=64, help="the worker's pool threads")
-    args = parser.parse_args()
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    return parser.parse_args(argv)
+
+
+def ready_figures(
+    args: argparse.Namespace,
+    running: tuple[float, int],
+    ssh: tuple[float, int, float],
+    ssh_jobs: list,
+    times: dict[str, tuple[float, float]],
+    cpu: dict[str, float],
+) -> dict:
+    """The run's figures as one JSON-able object: ``running`` (seconds, API calls) of the
+    ready_when=running batch, ``ssh`` (seconds, API calls, intake seconds) of the ssh batch, its jobs,
+    ``times`` from ``vm_times`` and ``cpu`` (CPU seconds by name, from ``CPUWindow`` and the processes)."""
+    (t_run, calls_run), (t_ssh, calls_ssh, t_intake) = running, ssh
+    ready = [j for j in ssh_jobs if j.state == "ready"]
+    base = args.boot + args.sshd_delay
+    figures: dict = {
+        "vms": args.vms,
+        "boot_s": args.boot,
+        "sshd_delay_s": args.sshd_delay,
+        "concurrency": args.concurrency,
+        "running": {"wall_s": t_run, "x_boot": t_run / args.boot, "calls_per_vm": calls_run / args.vms},
+        "ssh": {
+            "wall_s": t_ssh,
+            "ready": len(ready),
+            "with_host_keys": sum(1 for j in ready if j.host_keys),
+            "calls_per_vm": calls_ssh / args.vms,
+            "intake_s": t_intake,
+        },
+        "ratio": t_ssh / base,
+        "goal": 1.25,
+        "last_sshd_up_s": None,
+        "last_ready_s": None,
+        "seen_running_after_boot_s": None,  # the tick
+        "readiness_lag_s": None,  # ready_at - sshd up
+        "scanner_lag_s": None,  # ready_at - the later of sshd up and running: the scanner's own part
+        "cpu_s": {
+            **cpu,
+            "readiness_ms_per_vm": cpu["batch_readiness_threads"] / args.vms * 1000,
+        },
+    }
+    timed = [j for j in ready if j.id in times]
+    if timed:
+        start = min(j.created_at for j in ssh_jobs).timestamp()
+        figures["last_sshd_up_s"] = max(times[j.id][1] for j in timed) - start
+        figures["last_ready_s"] = max(j.ready_at.timestamp() for j in ready) - start
+        figures["seen_running_after_boot_s"] = spread([j.running_at.timestamp() - times[j.id][0] for j in timed])
+        figures["readiness_lag_s"] = spread([j.ready_at.timestamp() - times[j.id][1] for j in timed])
+        figures["scanner_lag_s"] = spread(
+            [j.ready_at.timestamp() - max(times[j.id][1], j.running_at.timestamp()) for j in timed]
+        )
+    return figures
+
+
+def report(f: dict) -> list[str]:
+    """The figures as the lines the benchmark prints."""
+    run, ssh, cpu, base = f["running"], f["ssh"], f["cpu_s"], f["boot_s"] + f["sshd_delay_s"]
+    lines = [
+        f"VMs: {f['vms']}  boot {f['boot_s']:.0f}s  sshd +{f['sshd_delay_s']:.0f}s  one worker process",
+        f"ready_when=running: all running after {run['wall_s']:.1f}s ({run['x_boot']:.2f} x boot)",
+        f"ready_when=ssh: {ssh['ready']}/{f['vms']} ready ({ssh['with_host_keys']} with host keys)"
+        f" after {ssh['wall_s']:.1f}s",
+        f"ratio (time until all ready / (boot + sshd delay)): {f['ratio']:.3f}   goal <= {f['goal']}",
+        f"provider API calls per VM: running {run['calls_per_vm']:.2f}, ssh {ssh['calls_per_vm']:.2f}",
+    ]
+    if f["readiness_lag_s"] is not None:
+        lines += [
+            f"ssh batch: last sshd up at +{f['last_sshd_up_s']:.1f}s ({f['last_sshd_up_s'] / base:.3f} x), "
+            f"last ready at +{f['last_ready_s']:.1f}s",
+            f"  running seen after boot (the tick): {quantiles(f['seen_running_after_boot_s'])}",
+            f"  readiness lag (ready_at - sshd up): {quantiles(f['readiness_lag_s'])}",
+            f"  scanner's lag (ready_at - later of sshd up and running): {quantiles(f['scanner_lag_s'])}",
+        ]
+    return [
+        *lines,
+        f"worker CPU during the ssh batch's intake ({ssh['intake_s']:.1f}s): {cpu['intake_worker']:.2f}s, "
+        f"of which readiness threads {cpu['intake_readiness_threads']:.2f}s",
+        f"worker CPU over the ssh batch: {cpu['batch_worker']:.2f}s, of which readiness threads "
+        f"{cpu['batch_readiness_threads']:.2f}s ({cpu['readiness_ms_per_vm']:.1f} ms per VM)",
+        f"CPU seconds: worker {cpu['worker_total']:.1f}, sim host {cpu['sim_host_total']:.1f}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     from producer.client import Provisioner
     from tests.providers.contract import make_ed25519_key
@@ -200,40 +293,23 @@ def main() -> None:
         cpu = CPUWindow(worker.process.pid)
         t_run, _, calls_run, _ = run_batch(provisioner, client, key, args.vms, "running", port, timeout, cpu)
         t_ssh, ssh_jobs, calls_ssh, t_intake = run_batch(provisioner, client, key, args.vms, "ssh", port, timeout, cpu)
-        ready = [j for j in ssh_jobs if j.state == "ready"]
-        keyed = sum(1 for j in ready if j.host_keys)
-        base = args.boot + args.sshd_delay
-        print(f"VMs: {args.vms}  boot {args.boot:.0f}s  sshd +{args.sshd_delay:.0f}s  one worker process")
-        print(f"ready_when=running: all running after {t_run:.1f}s ({t_run / args.boot:.2f} x boot)")
-        print(f"ready_when=ssh: {len(ready)}/{args.vms} ready ({keyed} with host keys) after {t_ssh:.1f}s")
-        print(f"ratio (time until all ready / (boot + sshd delay)): {t_ssh / base:.3f}   goal <= 1.25")
-        print(f"provider API calls per VM: running {calls_run / args.vms:.2f}, ssh {calls_ssh / args.vms:.2f}")
-        if ready:
-            start = min(j.created_at for j in ssh_jobs).timestamp()
-            times = vm_times(client, ready)
-            last_up = max(up for _, up in times.values()) - start
-            last_ready = max(j.ready_at.timestamp() for j in ready) - start
-            print(f"ssh batch: last sshd up at +{last_up:.1f}s ({last_up / base:.3f} x), "
-                  f"last ready at +{last_ready:.1f}s")  # fmt: skip
-            timed = [j for j in ready if j.id in times]
-            seen = [j.running_at.timestamp() - times[j.id][0] for j in timed]
-            print(f"  running seen after boot (the tick): {quantiles(seen)}")
-            lags = [j.ready_at.timestamp() - times[j.id][1] for j in timed]
-            print(f"  readiness lag (ready_at - sshd up): {quantiles(lags)}")
-            # The scanner can only start once the job is running: its own part of the lag.
-            own = [j.ready_at.timestamp() - max(times[j.id][1], j.running_at.timestamp()) for j in timed]
-            print(f"  scanner's lag (ready_at - later of sshd up and running): {quantiles(own)}")
+        times = vm_times(client, [j for j in ssh_jobs if j.state == "ready"])
         intake_worker, intake_scan = cpu.between("ssh:start", "ssh:intake")
         all_worker, all_scan = cpu.between("ssh:start", "ssh:end")
-        print(f"worker CPU during the ssh batch's intake ({t_intake:.1f}s): {intake_worker:.2f}s, "
-              f"of which readiness threads {intake_scan:.2f}s")  # fmt: skip
-        print(f"worker CPU over the ssh batch: {all_worker:.2f}s, of which readiness threads {all_scan:.2f}s "
-              f"({all_scan / args.vms * 1000:.1f} ms per VM)")  # fmt: skip
-        print(f"CPU seconds: worker {worker.cpu_s():.1f}, sim host {host.cpu_s():.1f}")
+        cpu_s = {
+            "intake_worker": intake_worker,
+            "intake_readiness_threads": intake_scan,
+            "batch_worker": all_worker,
+            "batch_readiness_threads": all_scan,
+            "worker_total": worker.cpu_s(),
+            "sim_host_total": host.cpu_s(),
+        }
+        figures = ready_figures(args, (t_run, calls_run), (t_ssh, calls_ssh, t_intake), ssh_jobs, times, cpu_s)
     finally:
         worker.stop()
         host.stop()
         server.cleanup()
+    print(json.dumps(figures, indent=2) if args.json else "\n".join(report(figures)))
 
 
 if __name__ == "__main__":
