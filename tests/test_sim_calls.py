@@ -11,8 +11,11 @@ from redis.connection import AbstractConnection
 
 from bench.harness import sim_spec
 from bench.probes import Sim
+from tests.providers.contract import RecordingMeter
 from vmqueue.models import VMInfo, VMSpec, VMStatus
 from vmqueue.sshkeys import SSHPublicKey, throwaway_public_key
+from workers.budget_buckets import BucketStore
+from workers.budget_profiles import PROFILES, Profile
 from workers.providers.errors import CapacityError, RateLimitedError
 from workers.providers.sim import CALLS_KEY, REQUESTS_KEY, SimProvider
 
@@ -98,3 +101,86 @@ def test_reads_show_what_changed_since_the_last_read(redis_client: redis.Redis) 
     assert other.instance_id == vm.instance_id
     read = cloud.get_vms([other.instance_id])[other.instance_id]
     assert (read.name, read.region, read.labels["vmqueue-job"]) == ("vm-7", "sim-2", "job-7")
+
+
+def _played(monkeypatch: pytest.MonkeyPatch, client: redis.Redis, profile: str) -> SimProvider:
+    monkeypatch.setenv("VMQ_SIM_PROFILE", profile)
+    cloud = SimProvider(client)
+    cloud.meter = RecordingMeter()
+    return cloud
+
+
+def _spent(cloud: SimProvider, creates: int) -> tuple[BucketStore, Profile, tuple[str, str]]:
+    """The played budget with ``creates`` creates' requests spent by ``take`` (as the client counts)."""
+    store, played = cloud._cloud, cloud.profile
+    assert store is not None
+    create = played.calls["create"][0]
+    for _ in range(creates):
+        assert store.take(played.provider, played, *create)[0]
+    return store, played, create
+
+
+@pytest.mark.parametrize("profile", ["gcp", "hetzner", "aws"])
+def test_a_played_profile_charges_its_budget_in_the_calls_round_trip(
+    monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis, round_trips: list[bytes], profile: str
+) -> None:
+    """The simulated API's budget of a create's or a page's one request rides in the call's script: a
+    fixed window (GCP), a token bucket with headers (Hetzner) or per action (EC2) alike."""
+    cloud = _played(monkeypatch, redis_client, profile)
+    cloud.get_vms([_create(cloud, 0).instance_id])  # the scripts are loaded on their first use
+    round_trips.clear()
+    ids = [_create(cloud, i).instance_id for i in range(1, 4)]
+    assert len(round_trips) == 3
+    round_trips.clear()
+    assert sorted(cloud.get_vms(ids)) == sorted(ids)
+    assert len(round_trips) == 1
+    # Charged as the published buckets count, and answered to the meter with the provider's headers.
+    create, read = (PROFILES[profile].calls[kind][0] for kind in ("create", "get_many"))
+    assert cloud.meter.requests() == [create, read, create, create, create, read]
+    assert [status for *_, status, _ in cloud.meter.answers] == [200] * 6
+    store, played = cloud._cloud, cloud.profile
+    assert store is not None
+    for name, (_, target) in {n: r for r in (create, read) for n in played.classify(*r)}.items():
+        bucket = played.buckets[name]
+        used = sum(name in played.classify(*r) for r in cloud.meter.requests())
+        if bucket.kind == "window":
+            assert store.window_stats(profile, played, name, target)[0] == bucket.burst() - used
+        else:
+            level = store.levels(profile, played, {(name, target if bucket.per_action else ""): 1})
+            assert bucket.capacity - used <= next(iter(level.values())) < bucket.capacity - used + 1
+    if profile == "hetzner":
+        assert int(cloud.meter.answers[-1][3]["RateLimit-Remaining"]) == 3600 - 6
+
+
+def test_a_request_over_the_played_budget_is_a_429_and_no_call(
+    monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis
+) -> None:
+    """GCP's mutations, 1,500 a minute in a fixed window: the 1,501st create is refused with the time
+    until the window's reset, counted as a 429, and neither counted as a call nor made."""
+    cloud = _played(monkeypatch, redis_client, "gcp")
+    store, played, (method, target) = _spent(cloud, 1499)
+    _create(cloud, 0)
+    calls = dict(redis_client.hgetall(CALLS_KEY))
+    with pytest.raises(RateLimitedError) as refused:
+        _create(cloud, 1)
+    assert 0 < (refused.value.retry_after_s or 0) <= 61  # the fixed window's TTL, in whole seconds
+    assert redis_client.hget(REQUESTS_KEY, "429") == "1" and redis_client.hgetall(CALLS_KEY) == calls
+    assert redis_client.scard("vmq:sim:vms") == 1
+    assert cloud.meter.answers[-1][2] == 429 and float(cloud.meter.answers[-1][3]["Retry-After"]) > 0
+    assert not store.take("gcp", played, method, target)[0]  # the same count as the client-side take's
+
+
+def test_a_request_one_of_two_played_windows_refuses_is_counted_in_neither(
+    monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis
+) -> None:
+    """DigitalOcean's moving minute (250) and hour (5,000): tested both before either is hit, as the
+    client-side take does."""
+    cloud = _played(monkeypatch, redis_client, "digitalocean")
+    store, played, (_, target) = _spent(cloud, 249)
+    _create(cloud, 0)
+    with pytest.raises(RateLimitedError) as refused:
+        _create(cloud, 1)
+    assert 0 < (refused.value.retry_after_s or 0) <= 60
+    assert store.window_stats("digitalocean", played, "minute", target)[0] == 0
+    assert store.window_stats("digitalocean", played, "hour", target)[0] == 5000 - 250
+    assert cloud.meter.answers[-1][3]["ratelimit-remaining"] == str(5000 - 250)

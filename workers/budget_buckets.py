@@ -23,49 +23,113 @@ from vmqueue.connection import limits_storage_uri
 from vmqueue.settings import TICK_SHARE_OF_LIMIT, Settings
 from workers.budget_profiles import PROFILES, Bucket, Observation, Profile, parse_bucket
 
-# Charge every token bucket of a request at once, or none. KEYS: n token buckets, then observation
-# hashes. ARGV: now, max wait, n, the window margin, the token margin (s), then capacity and refill per
-# bucket. A request needs a token plus the token margin's refill, at most half the rest of the burst
-# (a cushion: the provider's bucket runs a varying latency behind ours); a short bucket goes into
-# debt when the wait is within max wait. Returns {charged 1/0, wait s, tokens left in the emptiest
-# bucket} (numbers as strings: Redis truncates Lua numbers to integers).
-_TAKE = """
-local now, max_wait, n, margin = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local cushion = tonumber(ARGV[5])
-local wait, least = 0, math.huge
-local tokens = {}
-for i = 1, n do
-  local cap, rate = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
-  local s = redis.call('hmget', KEYS[i], 't', 'at')
-  local t = tonumber(s[1])
-  if t == nil then t = cap else t = math.min(cap, t + (now - tonumber(s[2])) * rate) end
-  tokens[i] = t
-  local need = 1 + math.max(0, math.min(rate * cushion, (cap - 1) / 2))
-  if t < need then wait = math.max(wait, (need - t) / rate) end
-end
-local observed = {}
-for i = n + 1, #KEYS do
-  local fields = redis.call('hgetall', KEYS[i])
-  for j = 1, #fields, 2 do
-    local r, reset = string.match(fields[j + 1], '^(%S+) (%S+)$')
-    r, reset = tonumber(r), tonumber(reset)
-    if r < 1 and now < reset + margin then wait = math.max(wait, reset + margin - now) end
-    observed[#observed + 1] = {KEYS[i], fields[j], r, reset}
+# Charge every token bucket of a request at once, or none: ``take_tokens(k, n, o, c, now, max_wait,
+# margin, cushion)``. KEYS[k..]: n token buckets, then o observation hashes; ARGV[c..]: capacity and
+# refill per bucket; the window margin and the token margin in s. A request needs a token plus the
+# token margin's refill, at most half the rest of the burst (a cushion: the provider's bucket runs a
+# varying latency behind ours); a short bucket goes into debt when the wait is within max wait.
+# Returns {charged 1/0, wait s, tokens left in the emptiest bucket} (numbers as strings: Redis
+# truncates Lua numbers to integers).
+_TOKENS_FN = """
+local function take_tokens(k, n, o, c, now, max_wait, margin, cushion)
+  local wait, least = 0, math.huge
+  local tokens = {}
+  for i = 1, n do
+    local cap, rate = tonumber(ARGV[c + 2 * i - 2]), tonumber(ARGV[c + 2 * i - 1])
+    local s = redis.call('hmget', KEYS[k + i - 1], 't', 'at')
+    local t = tonumber(s[1])
+    if t == nil then t = cap else t = math.min(cap, t + (now - tonumber(s[2])) * rate) end
+    tokens[i] = t
+    local need = 1 + math.max(0, math.min(rate * cushion, (cap - 1) / 2))
+    if t < need then wait = math.max(wait, (need - t) / rate) end
   end
+  local observed = {}
+  for i = k + n, k + n + o - 1 do
+    local fields = redis.call('hgetall', KEYS[i])
+    for j = 1, #fields, 2 do
+      local r, reset = string.match(fields[j + 1], '^(%S+) (%S+)$')
+      r, reset = tonumber(r), tonumber(reset)
+      if r < 1 and now < reset + margin then wait = math.max(wait, reset + margin - now) end
+      observed[#observed + 1] = {KEYS[i], fields[j], r, reset}
+    end
+  end
+  if wait > max_wait then return {0, tostring(wait), '0'} end
+  for i = 1, n do
+    local cap, rate = tonumber(ARGV[c + 2 * i - 2]), tonumber(ARGV[c + 2 * i - 1])
+    redis.call('hset', KEYS[k + i - 1], 't', tostring(tokens[i] - 1), 'at', tostring(now))
+    redis.call('expire', KEYS[k + i - 1], math.ceil(cap / rate) + 60)
+    least = math.min(least, tokens[i] - 1)
+  end
+  for _, ob in ipairs(observed) do
+    redis.call('hset', ob[1], ob[2], tostring(ob[3] - 1) .. ' ' .. tostring(ob[4]))
+  end
+  if least == math.huge then least = 0 end
+  return {1, tostring(wait), tostring(least)}
 end
-if wait > max_wait then return {0, tostring(wait), '0'} end
-for i = 1, n do
-  local cap, rate = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
-  redis.call('hset', KEYS[i], 't', tostring(tokens[i] - 1), 'at', tostring(now))
-  redis.call('expire', KEYS[i], math.ceil(cap / rate) + 60)
-  least = math.min(least, tokens[i] - 1)
-end
-for _, o in ipairs(observed) do
-  redis.call('hset', o[1], o[2], tostring(o[3] - 1) .. ' ' .. tostring(o[4]))
-end
-if least == math.huge then least = 0 end
-return {1, tostring(wait), tostring(least)}
 """
+
+# A client's charge (``take``). KEYS: n token buckets, then observation hashes. ARGV: now, max wait, n,
+# the window margin, the token margin (s), then capacity and refill per bucket.
+_TAKE = (
+    _TOKENS_FN
+    + """
+local n = tonumber(ARGV[3])
+return take_tokens(1, n, #KEYS - n, 6, tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5]))
+"""
+)
+
+# A provider's charge of one request, as ``take`` counts it with no margins and no wait (the simulated
+# cloud refuses at once), for a script that does a call's work in the same round trip
+# (workers/providers/sim_scripts.py): ``charge(k, a)``, with ``BucketStore.charge_args``' KEYS from k
+# and ARGV from a: now, w windows, t token buckets, o observation hashes, then kind ("f" fixed, "m"
+# moving), amount and expiry per window, capacity and refill per token bucket. Windows are the
+# ``limits`` strategies' own keys, counted as they count them (a fixed window's count goes on past its
+# amount; several windows are tested before any is hit). Returns {charged 1/0, the token buckets'
+# wait, tokens left, a "1" per window that refused, else "0"} and the ARGV index after its own.
+CHARGE_FN = (
+    _TOKENS_FN
+    + """
+local function charge(k, a)
+  local now, w, t, o = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local nxt = a + 4 + 3 * w + 2 * t
+  local flags, refused = {}, false
+  local function window(i, hit)
+    local key, kind = KEYS[k + i - 1], ARGV[a + 1 + 3 * i]
+    local amount, expiry = tonumber(ARGV[a + 2 + 3 * i]), tonumber(ARGV[a + 3 + 3 * i])
+    if kind == 'f' then
+      if not hit then return tonumber(redis.call('get', key) or '0') < amount end
+      local current = redis.call('incrby', key, 1)
+      if current == 1 then redis.call('expire', key, expiry) end
+      return current <= amount
+    end
+    if amount < 1 then return false end
+    local entry = redis.call('lindex', key, amount - 1)
+    if entry and tonumber(entry) >= now - expiry then return false end
+    if hit then
+      redis.call('lpush', key, now)
+      redis.call('ltrim', key, 0, amount - 1)
+      redis.call('expire', key, expiry)
+    end
+    return true
+  end
+  for i = 1, w do flags[i] = '0' end
+  if w > 1 then
+    for i = 1, w do
+      if not window(i, false) then flags[i], refused = '1', true end
+    end
+  end
+  if not refused then
+    for i = 1, w do
+      if not window(i, true) then flags[i], refused = '1', true end
+    end
+  end
+  if refused then return {0, '0', '0', table.concat(flags)}, nxt end
+  local taken = take_tokens(k + w, t, o, a + 4 + 3 * w, now, 0, 0, 0)
+  taken[4] = table.concat(flags)
+  return taken, nxt
+end
+"""
+)
 
 # A header says ``remaining`` is left of a token bucket: never more than our own model holds.
 _SYNC = """
@@ -181,6 +245,8 @@ class BucketStore:
         self._fixed = FixedWindowRateLimiter(storage)
         self._profiles: dict[tuple[str, str], Profile] = {}
         self._paces: dict[int, tuple[Profile, tuple[float, float] | None, dict[str, tuple[int, int]]]] = {}
+        self._plans: dict[tuple[str, int, str, str, str], tuple[Any, ...]] = {}
+        self._windows: dict[Bucket, tuple[FixedWindowRateLimiter | MovingWindowRateLimiter, RateLimitItem]] = {}
 
     # -- the model ----------------------------------------------------------------------------
     def profile(self, provider: str, base: str | None = None) -> Profile:
@@ -255,6 +321,66 @@ class BucketStore:
         charged, wait, least = self._take(keys=[*token_keys, *observed], args=args)
         return bool(int(charged)), float(wait), float(least)
 
+    def charge_args(
+        self, provider: str, profile: Profile, method: str, target: str, scope: str = ""
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``CHARGE_FN``'s ``charge`` for one request: what ``take`` would count, in the
+        round trip of a script that embeds it. Only for a store without margins (a provider's own count)."""
+        if self.window_margin_s or self.token_margin_s:
+            raise ValueError("charge counts as the provider does: a store without margins only")
+        plan = self._plans.get((provider, id(profile), method, target, scope))
+        if plan is None or plan[0] is not profile:
+            plan = self._plans[(provider, id(profile), method, target, scope)] = (
+                profile,
+                *self._charge_plan(provider, profile, method, target, scope),
+            )
+        return plan[1], [repr(time.time()), *plan[2]]
+
+    def _charge_plan(
+        self, provider: str, profile: Profile, method: str, target: str, scope: str
+    ) -> tuple[list[str], list[Any], list[tuple[Any, RateLimitItem, str]]]:
+        names = profile.classify(method, target)
+        windows = []
+        window_args: list[Any] = []
+        for name in names:
+            bucket = profile.buckets[name]
+            if bucket.kind == "window":
+                limiter, item = self._window(bucket)
+                identity = self._key(provider, scope, name, bucket, target)
+                windows.append((limiter, item, identity))
+                window_args += ["f" if limiter is self._fixed else "m", item.amount, item.get_expiry()]
+        tokens = [(n, profile.buckets[n]) for n in names if profile.buckets[n].kind == "token"]
+        observed = []
+        if tokens or profile.headers is not None:  # as ``take``: nothing to charge, no provider's word to heed
+            observed = [f"{self.prefix}{provider}:{scope}:seen:{n}" for n in names]
+            if profile.headers is not None:
+                observed.append(f"{self.prefix}{provider}:{scope}:seen-class:{profile.request_class(method, target)}")
+        keys_ = [
+            *(limiter.storage.prefixed_key(item.key_for(identity)) for limiter, item, identity in windows),
+            *(self._key(provider, scope, n, b, target) for n, b in tokens),
+            *observed,
+        ]
+        args: list[Any] = [len(windows), len(tokens), len(observed), *window_args]
+        for _, bucket in tokens:
+            args += [repr(bucket.capacity), repr(bucket.refill_per_s)]
+        return keys_, args, windows
+
+    def charged(
+        self, provider: str, profile: Profile, method: str, target: str, reply: list[Any], scope: str = ""
+    ) -> tuple[bool, float, float]:
+        """``take``'s answer from ``charge``'s ``reply``: a window that refused waits until its reset."""
+        charged, wait, least, flags = reply
+        if int(charged):
+            return True, float(wait), float(least)
+        window_wait = 0.0
+        if "1" in str(flags):
+            now = time.time()
+            _, _, _, windows = self._plans[(provider, id(profile), method, target, scope)]
+            for (limiter, item, identity), flag in zip(windows, str(flags), strict=True):
+                if flag == "1":
+                    window_wait = max(window_wait, limiter.get_window_stats(item, identity).reset_time - now, 0.01)
+        return False, max(window_wait, float(wait)), 0.0
+
     def window_stats(
         self, provider: str, profile: Profile, bucket: str, target: str, scope: str = ""
     ) -> tuple[int, float]:
@@ -287,10 +413,15 @@ class BucketStore:
 
     def _window(self, bucket: Bucket) -> tuple[FixedWindowRateLimiter | MovingWindowRateLimiter, RateLimitItem]:
         """The limiter and item a window bucket is counted with (see ``window_margin_s``)."""
-        item = parse(bucket.window or "")
-        if not self.window_margin_s:
-            return (self._fixed if bucket.fixed else self._moving), item
-        return self._moving, RateLimitItemPerSecond(item.amount, item.get_expiry() + self.window_margin_s)
+        found = self._windows.get(bucket)
+        if found is None:  # parsed once per bucket: every metered request asks
+            item = parse(bucket.window or "")
+            if not self.window_margin_s:
+                found = (self._fixed if bucket.fixed else self._moving), item
+            else:
+                found = self._moving, RateLimitItemPerSecond(item.amount, item.get_expiry() + self.window_margin_s)
+            self._windows[bucket] = found
+        return found
 
     def observe(
         self, provider: str, profile: Profile, method: str, target: str, headers: Mapping[str, str], scope: str = ""

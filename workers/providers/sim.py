@@ -180,23 +180,32 @@ class SimProvider(Metered):
         job_id: str,
         first_attempt: bool = False,
     ) -> VMInfo:
-        requests = self._send("create")
         config: SimConfig | None = None
         flat, guess = self._seen
         if self._quiet(guess):
-            # One round trip: the counters, a check that the config is still the guessed one, the
-            # create. Another config: the call is counted and goes on below with that config.
+            # One round trip: the simulated API's budget, the counters, a check that the config is
+            # still the guessed one, the create. Another config: the call is counted and goes on below
+            # with that config.
+            requests, request, charge_keys, charge_args = self._charge("create")
             record, no_capacity = _record(spec, ssh_key, startup_script, job_id, guess)
-            created, instance_id, *current = self._call_create(
-                keys=[CONFIG_KEY, *COUNT_KEYS, *_create_keys(job_id)],
-                args=[*_count_args("create", requests), len(flat), *flat, *_create_args(record, no_capacity, guess)],
+            reply = self._call_create(
+                keys=[CONFIG_KEY, *COUNT_KEYS, *_create_keys(job_id), *charge_keys],
+                args=[
+                    *charge_args,
+                    *_count_args("create", requests),
+                    len(flat),
+                    *flat,
+                    *_create_args(record, no_capacity, guess),
+                ],
             )
+            self._answer_charged(request, reply)
+            created, _, instance_id = reply
             if created == 2:
-                overrides = _pairs(current[0])
+                overrides = _pairs(instance_id)
             else:
                 config = guess
         else:
-            overrides, _ = self._arrive("create", requests)
+            overrides, _ = self._arrive("create", self._send("create"))
         if config is None:
             config = self._admit("create", overrides)
             record, no_capacity = _record(spec, ssh_key, startup_script, job_id, config)
@@ -236,11 +245,12 @@ class SimProvider(Metered):
         size = self.profile.page_size
         for start in range(0, len(instance_ids), size):
             chunk = instance_ids[start : start + size]
-            requests = self._send("get_many")
+            requests, request, charge_keys, charge_args = self._charge("get_many")
             known = [self._fixed.get(instance_id) for instance_id in chunk]
-            config_flat, *rows = self._page(
-                keys=[CONFIG_KEY, *COUNT_KEYS],
+            reply = self._page(
+                keys=[CONFIG_KEY, *COUNT_KEYS, *charge_keys],
                 args=[
+                    *charge_args,
                     *_count_args("get_many", requests),
                     _vm_key(""),
                     "".join("0" if fixed else "1" for fixed in known),
@@ -249,6 +259,8 @@ class SimProvider(Metered):
                     *chunk,
                 ],
             )
+            self._answer_charged(request, reply)
+            _, _, config_flat, *rows = reply
             config = self._admit("get_many", _pairs(config_flat))
             now_ms = _now_ms()
             for instance_id, fixed, row in zip(chunk, known, rows, strict=True):
@@ -374,21 +386,57 @@ class SimProvider(Metered):
 
         ``counted=False``: the caller counts it in ``REQUESTS_KEY`` (in a round trip it makes anyway)."""
         self.meter.before(method, target)
-        headers: dict[str, str] = {}
+        taken = None
         if self._cloud is not None:
-            charged, wait, least = self._cloud.take(self.profile.provider, self.profile, method, target)
+            taken = self._cloud.take(self.profile.provider, self.profile, method, target)
+            if not taken[0]:
+                self._redis.hincrby(REQUESTS_KEY, "429", 1)
+        if counted and (taken is None or taken[0]):
+            self._redis.hincrby(REQUESTS_KEY, f"{method} {target}", 1)
+        self._answer(method, target, taken)
+
+    def _answer(self, method: str, target: str, taken: tuple[bool, float, float] | None) -> None:
+        """The simulated API's answer to a request it charged (``taken``: ``BucketStore.take``'s; None:
+        no budget of its own) to the worker's meter, with the profile's headers; a refusal raised as
+        the 429 it is (already counted)."""
+        headers: dict[str, str] = {}
+        if taken is not None:
+            charged, wait, least = taken
             headers = _rate_headers(self._cloud, self.profile, method, target, least)
             if not charged:
-                self._redis.hincrby(REQUESTS_KEY, "429", 1)
                 self.meter.after(method, target, 429, {**headers, "Retry-After": f"{wait:.3f}"})
                 raise RateLimitedError(
                     f"simulated {self.profile.provider} API: {method} {target} over budget",
                     provider_code="rate_limit_exceeded",
                     retry_after_s=wait,
                 )
-        if counted:
-            self._redis.hincrby(REQUESTS_KEY, f"{method} {target}", 1)
         self.meter.after(method, target, 200, headers)
+
+    def _charge(self, kind: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, str] | None, list[str], list[object]]:
+        """A call of ``kind`` whose script charges the simulated API's budget in its own round trip:
+        (its requests, the one request charged there or None, the charge's KEYS and ARGV). A call of
+        one request passes the worker's meter here and its answer goes to ``_answer_charged``; any
+        other sends its requests one by one first (``_send``) and charges nothing in the script."""
+        requests = self.profile.calls.get(kind, ())
+        if len(requests) != 1:
+            return self._send(kind), None, [], [repr(time.time()), 0, 0, 0]
+        method, target = requests[0]
+        self.meter.before(method, target)
+        if self._cloud is None:
+            return requests, requests[0], [], [repr(time.time()), 0, 0, 0]
+        charge_keys, charge_args = self._cloud.charge_args(self.profile.provider, self.profile, method, target)
+        return requests, requests[0], charge_keys, charge_args
+
+    def _answer_charged(self, request: tuple[str, str] | None, reply: list[Any]) -> None:
+        """``_answer`` for the request ``_charge`` let a script charge: the script's reply is a refusal
+        (sim_scripts REFUSE: [-2, wait, window flags]) or has the tokens left second."""
+        if request is None:
+            return
+        taken = None
+        if self._cloud is not None:
+            answer = [0, reply[1], "0", reply[2]] if reply[0] == -2 else [1, "0", reply[1], ""]
+            taken = self._cloud.charged(self.profile.provider, self.profile, *request, answer)
+        self._answer(*request, taken)
 
     def _count(self, kind: str, outcome: str = "", pipe: redis.client.Pipeline | None = None) -> None:
         now = time.time()

@@ -12,9 +12,14 @@ Their Lua is built from two functions:
   honoured, the VM key prefix, then the record's fields and values. Returns
   [1 created / 0 known token / -1 no capacity, id]. The token is looked up before capacity, as real
   providers answer a known token with its VM.
+- ``charge(k, a)`` (workers/budget_buckets.py ``CHARGE_FN``): the simulated API's own budget for the
+  call's one request, with ``BucketStore.charge_args``' KEYS and ARGV; a request it refuses is counted
+  as a 429 (REFUSED) and the call is not made.
 """
 
 from __future__ import annotations
+
+from workers.budget_buckets import CHARGE_FN
 
 _COUNT = """
 local function count(k, a)
@@ -46,38 +51,59 @@ end
 # The create once the call's counters and config are done (the slow path: see CALL_CREATE).
 CREATE = _CREATE_FN + "return create(1, 1)"
 
-# A whole create call in one round trip, when the caller guessed the config right: the counters
-# (KEYS[2..5], ARGV from 1), then the config hash KEYS[1] compared with the m fields and values the
-# caller built the record from (ARGV after the counters: m, then them), then the create (KEYS[6..8],
-# ARGV after those). Another config: [2, '', its flat HGETALL] and no create (the caller goes on with
-# that config; the call is counted).
+# A refused request: the simulated API's answer is a 429 (counted in the requests hash, KEYS[2]), the
+# call is not made. Returns {-2, the charge's wait, its window flags}.
+_REFUSE = """
+local function refuse(charged)
+  redis.call('hincrby', KEYS[2], '429', 1)
+  return {-2, charged[2], charged[4]}
+end
+"""
+
+# A whole create call in one round trip, when the caller guessed the config right: the simulated API's
+# budget (``charge``: KEYS from 9, ARGV from 1), the counters (KEYS[2..5], ARGV after the charge's),
+# then the config hash KEYS[1] compared with the m fields and values the caller built the record from
+# (ARGV after the counters: m, then them), then the create (KEYS[6..8], ARGV after those). Returns
+# [the create's outcome, the tokens the charge left, the id]. Another config: [2, tokens left, its flat
+# HGETALL] and no create (the caller goes on with that config; the call is counted). Refused: REFUSE's.
 CALL_CREATE = (
     _COUNT
     + _CREATE_FN
+    + CHARGE_FN
+    + _REFUSE
     + """
-local a = count(2, 1)
+local charged, c = charge(9, 1)
+if charged[1] == 0 then return refuse(charged) end
+local a = count(2, c)
 local m = tonumber(ARGV[a])
 local config = redis.call('hgetall', KEYS[1])
-if #config ~= m then return {2, '', config} end
+if #config ~= m then return {2, charged[3], config} end
 for i = 1, m do
-  if config[i] ~= ARGV[a + i] then return {2, '', config} end
+  if config[i] ~= ARGV[a + i] then return {2, charged[3], config} end
 end
-return create(6, a + m + 1)
+local made = create(6, a + m + 1)
+return {made[1], charged[3], made[2]}
 """
 )
 
-# A page of the batched read: the counters (KEYS[2..5], ARGV from 1), then [the config hash KEYS[1]
-# as a flat HGETALL, then a row per id]. ARGV after the counters: the VM key prefix, a flag per id
-# ("1": the whole row, "0": its first two fields), f and the f fields of a row, then the ids. A row is
-# HMGET's answer (nil for a field the record lacks; all nil if there is no record).
+# A page of the batched read: the simulated API's budget (``charge``: KEYS from 6, ARGV from 1), the
+# counters (KEYS[2..5], ARGV after the charge's), then [1, the tokens the charge left, the config hash
+# KEYS[1] as a flat HGETALL, then a row per id]. ARGV after the counters: the VM key prefix, a flag per
+# id ("1": the whole row, "0": its first two fields), f and the f fields of a row, then the ids. A row
+# is HMGET's answer (nil for a field the record lacks; all nil if there is no record). Refused:
+# REFUSE's.
 PAGE = (
     _COUNT
+    + CHARGE_FN
+    + _REFUSE
     + """
-local a = count(2, 1)
+local charged, c = charge(6, 1)
+if charged[1] == 0 then return refuse(charged) end
+local a = count(2, c)
 local prefix, flags, f = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
 local full = {unpack(ARGV, a + 3, a + 2 + f)}
 local brief = {full[1], full[2]}
-local out = {redis.call('hgetall', KEYS[1])}
+local out = {1, charged[3], redis.call('hgetall', KEYS[1])}
 for i = a + 3 + f, #ARGV do
   local fields = string.byte(flags, i - a - 2 - f) == 49 and full or brief
   out[#out + 1] = redis.call('hmget', prefix .. ARGV[i], unpack(fields))
