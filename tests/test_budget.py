@@ -9,8 +9,9 @@ import pytest
 import redis
 
 from vmqueue import keys
+from vmqueue.models import JobState
 from vmqueue.settings import SETTLING_TICK_S, Settings
-from workers.budget import Budget
+from workers.budget import PACING_MARGIN_S, READ_YIELD_GRACE_S, Budget
 from workers.budget_profiles import (
     AWS,
     AZURE,
@@ -228,12 +229,59 @@ def test_create_schedule_fills_each_window_a_burst_at_a_time(
     bounced DigitalOcean's creates off it as throttled retries). The clock stands still here."""
     monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
     budget = Budget(settings_with(redis_url, budget={"digitalocean.minute": "20/minute"}), redis_client)
-    delays = [budget.create_delay("digitalocean", f"job-{i}") for i in range(40)]
-    # 20 a minute less the tick's tenth: 18 now, 18 after 61 s, then the rest.
+    delays = [budget.create_delay("digitalocean", f"job-{i}") for i in range(50)]
+    # 20 a minute, all of it (the reads yield to creates booked later: read_yield_s): 20 now, 20
+    # after 61 s, then the rest.
+    assert delays[:20] == [0.0] * 20
+    assert delays[20:40] == pytest.approx([61.0] * 20, abs=0.1)
+    assert delays[40:] == pytest.approx([122.0] * 10, abs=0.1)
+    assert budget.create_delay("digitalocean", "job-20") == pytest.approx(61.0, abs=0.1)
+    # With the reads' yield turned off, the creates leave them a tenth of each window: 18 now, 18 later.
+    redis_client.flushdb()
+    keeps = Budget(
+        settings_with(redis_url, budget={"digitalocean.minute": "20/minute"}, read_yield_max_s=0), redis_client
+    )
+    delays = [keeps.create_delay("digitalocean", f"job-{i}") for i in range(40)]
     assert delays[:18] == [0.0] * 18
     assert delays[18:36] == pytest.approx([61.0] * 18, abs=0.1)
     assert delays[36:] == pytest.approx([122.0] * 4, abs=0.1)
-    assert budget.create_delay("digitalocean", "job-20") == pytest.approx(61.0, abs=0.1)
+
+
+def test_reads_yield_to_creates_booked_into_later_windows(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: 1,000 DigitalOcean creates fill four minutes exactly; reads among them pushed creates
+    into a fifth (276 s for a 240 s floor). While creates are booked into later windows of a window they
+    share with the batched read, the read waits for them, at most ``read_yield_max_s`` at a time; then
+    it waits for room in the window rather than being refused. Buckets the read does not share with
+    creates (AWS, GCP) or token buckets (Hetzner, where a read costs a create 1 s, not a window) never wait."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    settings = settings_with(redis_url, budget={"digitalocean.minute": "20/minute"}, read_yield_max_s=100)
+    budget = Budget(settings, redis_client)
+    assert budget.read_yield_s("digitalocean") == 0.0  # no create booked
+    for i in range(50):
+        budget.create_delay("digitalocean", f"job-{i}")  # windows at +0, +61 and +122 s
+    assert budget.read_yield_s("digitalocean") == pytest.approx(100.0)  # until the cap (the last slot: +122 s)
+    clock[0] += 99.0
+    assert budget.read_yield_s("digitalocean") == pytest.approx(1.0)
+    clock[0] += 1.0
+    assert budget.read_yield_s("digitalocean") == 0.0  # the cap: one read goes
+    # and a new wait starts, to the last slot (and a grace for its countdown to arrive)
+    assert budget.read_yield_s("digitalocean") == pytest.approx(22.0 + READ_YIELD_GRACE_S)
+    for name in ("aws", "gcp", "hetzner", "azure", "oci"):
+        for i in range(50):
+            budget.create_delay(name, f"job-{i}")
+        assert budget.read_yield_s(name) == 0.0, name
+
+    # The last creates are out and fill the window: the read waits for it instead of a 429.
+    redis_client.flushdb()
+    clock[0] = 2_000_000.0
+    for _ in range(20):
+        budget.acquire("digitalocean", "POST", "/v2/droplets")
+    assert budget.read_yield_s("digitalocean") == pytest.approx(61.0 + PACING_MARGIN_S, abs=0.01)
+    off = settings_with(redis_url, budget={"digitalocean.minute": "20/minute"}, read_yield_max_s=0)
+    assert Budget(off, redis_client).read_yield_s("digitalocean") == 0.0
 
 
 def test_a_refused_create_comes_back_at_the_end_of_the_create_schedule(
@@ -393,3 +441,34 @@ def test_tick_interval_keeps_reads_within_the_read_budget(redis_url: str, redis_
     assert bigger.tick_interval_s("hetzner", watched=120) == pytest.approx(7.5, rel=0.01)
     fixed = Budget(settings_with(redis_url, batch_poll_s=0.5), redis_client)
     assert fixed.tick_interval_s("digitalocean", watched=1000) == 0.5
+
+
+def test_a_window_backlog_of_creates_is_read_only_once_it_is_out(
+    sim_worker_paused, worker_factory, provisioner, redis_client: redis.Redis, ssh_key: str
+) -> None:
+    """Issue 15, with a real worker and the sim playing DigitalOcean: 30 creates in windows of 10 (the
+    worker's override, 10 per 4 s + its 1 s margin) go out in three bursts and no batched read is sent
+    before the last of them; without the reads' yield the reads took slots of those windows (and the
+    creates left them a tenth), which made a fourth burst."""
+    import json
+
+    from bench.harness import sim_spec
+    from workers.providers.sim import LOG_KEY
+
+    env = {
+        "VMQ_SIM_PROFILE": "digitalocean",
+        "VMQ_SIM_BOOT_S": "1",
+        "VMQ_BUDGET": json.dumps({"sim.minute": "10/4 seconds"}),
+        "VMQ_DEADLINE_S": "120",
+    }
+    worker_factory("sim", env=env)
+    jobs = provisioner.create_vms({"spec": sim_spec(f"yield-{i}"), "ssh_key": ssh_key} for i in range(30))
+    for job in jobs:
+        assert provisioner.wait(job.id, timeout_s=120).state == JobState.running
+    calls = [json.loads(raw) for raw in redis_client.lrange(LOG_KEY, 0, -1)]
+    creates = sorted(c["t"] for c in calls if c["kind"] == "create" and c["outcome"] == "call")
+    reads = [c["t"] for c in calls if c["kind"] == "get_many"]
+    assert len(creates) == 30 and reads
+    assert min(reads) > max(creates)
+    bursts = 1 + sum(1 for a, b in zip(creates, creates[1:], strict=False) if b - a > 2.0)
+    assert bursts == 3, creates

@@ -55,6 +55,18 @@ def test_vmq_check_says_which_credentials_to_set_and_accepts_working_ones(test_e
     assert "ok    credentials  accepted" in working.stdout
 
 
+def test_the_credentials_check_is_charged_to_the_shared_api_budget(test_env, redis_client, settings):
+    """Issue 15: its list is a request like any other; uncounted, the workers' model of DigitalOcean's
+    minute was one request short of the provider's and a create at the window's end drew a 429."""
+    from workers.budget import Budget
+
+    done = _check(_env(test_env, VMQ_SIM_PROFILE="digitalocean"), "sim")
+    assert done.returncode == 0, done.stdout + done.stderr
+    budget = Budget(settings, redis_client)
+    left, _ = budget.window_stats("sim", budget.profile("sim", "digitalocean"), "minute", "/v2/droplets")
+    assert left == 249
+
+
 def test_vmq_check_names_the_extra_to_install_when_the_sdk_is_missing(test_env, tmp_path: Path):
     (tmp_path / "sitecustomize.py").write_text(BLOCK.format(name="google.cloud.compute_v1"))
     env = _env(test_env, PYTHONPATH=f"{tmp_path}:{ROOT}")

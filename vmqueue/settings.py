@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         "threads waiting on a provider do not count (workers/gate.py)",
     )
     not_found_grace_s: float = Field(30.0, description="NotFound this soon after create reads as pending")
+    read_yield_max_s: float = Field(
+        300.0,
+        ge=0,
+        description="longest the batched status reads of a provider wait while its creates are booked into later "
+        "windows of a window budget they share (DigitalOcean's minute); 0: reads keep a tenth of each window",
+    )
     rate_limit: dict[str, str] = Field(
         default_factory=dict, description='per-provider API limits, e.g. {"aws": "10/second"}'
     )

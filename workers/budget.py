@@ -49,6 +49,10 @@ TOKEN_MARGIN_S = 0.25
 PACING_MARGIN_S = 0.05
 # The share of each bucket's rate the tick's reads may spend while no create waits for its slot.
 IDLE_READ_SHARE = 0.5
+# The batched reads yield to creates booked into a window they share (``read_yield_s``) until this long
+# after the last create's slot: a create's countdown arrives a little after its slot, and a read charged
+# before it took its place (a create pushed a whole window back).
+READ_YIELD_GRACE_S = 3.0
 # Windows hold a slot this much longer than the provider does (whole seconds: ``limits`` windows count
 # in seconds): a slot is reused only once the provider's count of the request that held it, a varying
 # latency after ours, has surely expired too (DigitalOcean's 429s at each minute's turn). Costs one
@@ -139,6 +143,37 @@ class Budget(BucketStore):
         spend_s = SETTLING_SURPLUS_SPEND_S if settling else SURPLUS_SPEND_S
         read_s = profile.read_interval_s(max(watched, cached[1]), cached[3], cached[2], spend_s)
         return max(SETTLING_TICK_S if settling else TICK_BOUNDS_S[0], read_s)
+
+    def read_yield_s(self, provider: str, base: str | None = None) -> float:
+        """Seconds the provider's batched status read should wait (0.0: read now).
+
+        Only for window buckets that the read and a create are both charged to (DigitalOcean's minute
+        and hour; ``VMQ_RATE_LIMIT``'s window): creates take whole windows (``create_delay``), so a
+        read in a window the creates fill pushes a create, and its VM, a window back. 1,000
+        DigitalOcean creates fill four minutes exactly; reads among them made a fifth (bench/budget.py:
+        276 s for a 240 s floor). So while creates are booked into later windows the reads wait for them,
+        at most ``read_yield_max_s`` (setting) from the first read that waited, then one read goes and
+        a new wait may start; and a read that such a window has no room for waits for its reset instead
+        of being refused. The cost: the VMs of a create backlog longer than a window are seen running
+        when the backlog is out (or after ``read_yield_max_s``), not as each boots.
+        """
+        max_s = self.settings.read_yield_max_s
+        profile = self.profile(provider, base)
+        windows = self.shared_windows(profile)
+        if max_s <= 0 or not windows:
+            return 0.0
+        now = time.time()
+        since_key = f"{self.prefix}{provider}:read-yield-since"
+        last_slot = self.last_create_slot(provider, windows) + READ_YIELD_GRACE_S
+        if last_slot > now:
+            self.redis.set(since_key, repr(now), nx=True, ex=int(max_s) + 60)
+            since = float(self.redis.get(since_key) or now)
+            if now - since < max_s:
+                return min(last_slot, since + max_s) - now
+        self.redis.delete(since_key)
+        (method, target), *_ = profile.calls["get_many"]
+        full = [self.window_stats(provider, profile, name, target) for name in windows]
+        return max((reset - now + PACING_MARGIN_S for left, reset in full if left < 1), default=0.0)
 
     def meter(self, provider: str, base: str | None = None) -> BudgetMeter:
         return BudgetMeter(self, provider, self.profile(provider, base))

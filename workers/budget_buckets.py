@@ -475,6 +475,18 @@ class BucketStore:
             return True
         return any(last and last[0][1] > now for last in lasts)
 
+    def shared_windows(self, profile: Profile) -> list[str]:
+        """The window buckets that both the batched read and a create are charged to."""
+        reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
+        return sorted(reads & set(self._create_pace(profile)[1]))
+
+    def last_create_slot(self, provider: str, windows: list[str]) -> float:
+        """Epoch s of the latest create slot booked in any of ``windows`` (0.0: none)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in windows:
+            pipe.zrange(f"{self.prefix}{provider}:wschedule:{name}", -1, -1, withscores=True)
+        return max((last[0][1] for last in pipe.execute() if last), default=0.0)
+
     def create_slot(self, provider: str, profile: Profile, slot_id: str) -> float:
         """``create_delay`` for ``profile``: the delay of the slot ``slot_id`` holds (booked at the
         schedule's end on its first call)."""
@@ -525,7 +537,10 @@ class BucketStore:
         for name, k in sorted(per_bucket.items()):
             if profile.buckets[name].kind == "window":
                 item = parse(profile.buckets[name].window or "")
-                share = TICK_SHARE_OF_LIMIT if name in reads else 0.0
+                # A read in a window the creates fill would push a create a whole window back: the
+                # reads yield instead (``Budget.read_yield_s``), unless that is turned off.
+                yields = self.settings.read_yield_max_s > 0
+                share = TICK_SHARE_OF_LIMIT if name in reads and not yields else 0.0
                 allowance = max(1, math.floor(item.amount * (1 - share) / k))
                 windows[name] = (allowance, item.get_expiry() + self.window_margin_s)
         return pace, windows

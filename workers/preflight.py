@@ -94,14 +94,17 @@ def check(provider: str) -> list[Check]:
         return [*results, Check("sdk", False, f"cannot import {missing}: {fix}")]
     version = f"{SDKS[provider]} {metadata.version(SDKS[provider])}" if provider in SDKS else "built in"
     results.append(Check("sdk", True, version))
-    return [*results, _credentials(provider, PROVIDER_FACTORIES[provider])]
+    return [*results, _credentials(provider, PROVIDER_FACTORIES[provider], settings)]
 
 
-def _credentials(provider: str, factory) -> Check:
+def _credentials(provider: str, factory, settings) -> Check:
+    from workers.budget import Budget
     from workers.providers.errors import AuthError, ProviderError
 
     try:
-        owned = factory().list_owned_vms()
+        # Charged to the shared API budget like every request: uncounted, it left the workers' model of
+        # a window one request short (a create refused with 429 when the window filled at start).
+        owned = Budget(settings).metered(lambda _: factory())(provider).list_owned_vms()
     except AuthError as exc:
         return Check("credentials", False, f"refused: {exc}")
     except ProviderError as exc:

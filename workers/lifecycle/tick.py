@@ -25,11 +25,15 @@ class TickSteps(SettleSteps):
             return None
         calls = ProviderCalls(provider_name, self.limit, self.settings)
         now = time.time()
-        try:
-            vms = calls(self.providers(provider_name).get_vms, sorted(members))
-        except ProviderError as exc:
-            log.warning("provider=%s batched read failed (%s: %s); next tick", provider_name, exc.code, exc)
-            vms = None  # deadlines still hold: those past theirs are read one by one below
+        provider = self.providers(provider_name)
+        vms = None  # deadlines still hold without a batched read: those past theirs are read one by one below
+        if (yield_s := self.limit.read_yield_s(provider_name, getattr(provider, "budget_profile", None))) > 0:
+            log.debug("provider=%s batched read waits %.1fs for the creates booked before it", provider_name, yield_s)
+        else:
+            try:
+                vms = calls(provider.get_vms, sorted(members))
+            except ProviderError as exc:
+                log.warning("provider=%s batched read failed (%s: %s); next tick", provider_name, exc.code, exc)
         running: dict[str, tuple[str, VMInfo]] = {}  # job id -> (instance id, VM): settled all at once
         alone = []  # the others, job by job
         for instance_id, (job_id, deadline) in members.items():
@@ -43,7 +47,8 @@ class TickSteps(SettleSteps):
         for args in alone:
             self._settle(*args)
         # VMs settling now: more of a fleet booted beside them are about to, so look again soon.
-        return Next(self.tick_s(provider_name, len(members), settling=bool(running or alone)))
+        next_s = self.tick_s(provider_name, len(members), settling=bool(running or alone))
+        return Next(min(next_s, yield_s) if yield_s > 0 else next_s)
 
     def revive_ticks(self, providers: list[str]) -> None:
         """Start a tick chain for each of ``providers`` that has VMs watched but no live chain."""
