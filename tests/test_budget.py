@@ -462,6 +462,7 @@ def test_a_window_backlog_of_creates_is_read_only_once_it_is_out(
         "VMQ_DEADLINE_S": "120",
     }
     worker_factory("sim", env=env)
+    time.sleep(5.0)  # the worker's start-up list leaves the window (10 per 4 s + 1 s): the budget is full
     jobs = provisioner.create_vms({"spec": sim_spec(f"yield-{i}"), "ssh_key": ssh_key} for i in range(30))
     for job in jobs:
         assert provisioner.wait(job.id, timeout_s=120).state == JobState.running

@@ -97,6 +97,7 @@ class Budget(BucketStore):
                     )
                 if wait > 0:  # a reservation: the token is ours once its time has come
                     time.sleep(wait)
+                self.note_other(provider, profile, method, target)
                 return slept + wait
             time.sleep(wait + PACING_MARGIN_S)  # a window: try again when it has room
             slept += wait
@@ -164,7 +165,7 @@ class Budget(BucketStore):
             return 0.0
         now = time.time()
         since_key = f"{self.prefix}{provider}:read-yield-since"
-        last_slot = self.last_create_slot(provider, windows) + READ_YIELD_GRACE_S
+        last_slot = self.last_create_slot(provider) + READ_YIELD_GRACE_S
         if last_slot > now:
             self.redis.set(since_key, repr(now), nx=True, ex=int(max_s) + 60)
             since = float(self.redis.get(since_key) or now)

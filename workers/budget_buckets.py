@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -160,13 +161,15 @@ return tostring(slot - now)
 # each window, taken in order, a burst at a time (a window allows its whole amount at once, and a
 # create-bound profile finishes sooner that way than evenly spread). KEYS: one sorted set of slots per
 # window, the job's slot. ARGV: now, the earliest slot (the token schedule's), then allowance and
-# period per window. Returns the slot's delay.
+# period per window. Other requests charged to these windows are in the sets too (``note_other``), so
+# creates booked after them leave their room. Returns the slot's delay; the latest create slot is kept
+# in the next-to-last key (what the reads yield to: ``Budget.read_yield_s``).
 _WINDOW_SLOT = """
 local mine = redis.call('get', KEYS[#KEYS])
 local now = tonumber(ARGV[1])
 if mine then return tostring(tonumber(mine) - now) end
 local t = math.max(now, tonumber(ARGV[2]))
-local n = #KEYS - 1
+local n = #KEYS - 2
 for i = 1, n do
   local period = tonumber(ARGV[2 + 2 * i])
   redis.call('zremrangebyscore', KEYS[i], '-inf', '(' .. tostring(now - period))
@@ -194,6 +197,8 @@ for i = 1, n do
   ttl = math.max(ttl, math.ceil(t - now + period) + 3600)
 end
 redis.call('set', KEYS[#KEYS], tostring(t), 'EX', ttl)
+local latest = tonumber(redis.call('get', KEYS[#KEYS - 1]) or '0')
+if t >= latest then redis.call('set', KEYS[#KEYS - 1], tostring(t), 'EX', ttl) end
 return tostring(t - now)
 """
 
@@ -477,15 +482,29 @@ class BucketStore:
 
     def shared_windows(self, profile: Profile) -> list[str]:
         """The window buckets that both the batched read and a create are charged to."""
-        reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
+        reads = {n for m, t in profile.calls.get("get_many", ()) for n in profile.classify(m, t)}
         return sorted(reads & set(self._create_pace(profile)[1]))
 
-    def last_create_slot(self, provider: str, windows: list[str]) -> float:
-        """Epoch s of the latest create slot booked in any of ``windows`` (0.0: none)."""
+    def last_create_slot(self, provider: str) -> float:
+        """Epoch s of the latest create slot booked in the provider's windows (0.0: none lately)."""
+        return float(self.redis.get(f"{self.prefix}{provider}:wlast") or 0.0)
+
+    def note_other(self, provider: str, profile: Profile, method: str, target: str) -> None:
+        """Count a request that is no create in the create schedule's windows it is charged to, so that
+        creates booked after it leave its room (a worker's start-up list, then 250 creates booked into
+        DigitalOcean's first minute, pushed the 250th a whole minute back)."""
+        windows = self._create_pace(profile)[1]
+        names = [n for n in profile.classify(method, target) if n in windows]
+        if not names or (method, target) in profile.create_requests():
+            return
+        now = time.time()
         pipe = self.redis.pipeline(transaction=False)
-        for name in windows:
-            pipe.zrange(f"{self.prefix}{provider}:wschedule:{name}", -1, -1, withscores=True)
-        return max((last[0][1] for last in pipe.execute() if last), default=0.0)
+        for name in names:
+            key = f"{self.prefix}{provider}:wschedule:{name}"
+            pipe.zremrangebyscore(key, "-inf", f"({now - windows[name][1]!r}")
+            pipe.zadd(key, {f"other:{uuid.uuid4().hex}": now})
+            pipe.expire(key, windows[name][1] + 60)
+        pipe.execute()
 
     def create_slot(self, provider: str, profile: Profile, slot_id: str) -> float:
         """``create_delay`` for ``profile``: the delay of the slot ``slot_id`` holds (booked at the
@@ -507,7 +526,8 @@ class BucketStore:
         for allowance, period in windows.values():
             args += [allowance, period]
         keys_ = [f"{self.prefix}{provider}:wschedule:{name}" for name in windows]
-        delay = self._window_slot(keys=[*keys_, f"{self.prefix}{provider}:wslot:{slot_id}"], args=args)
+        last_key, slot_key = f"{self.prefix}{provider}:wlast", f"{self.prefix}{provider}:wslot:{slot_id}"
+        delay = self._window_slot(keys=[*keys_, last_key, slot_key], args=args)
         return max(0.0, float(delay))
 
     def _create_pace(self, profile: Profile) -> tuple[tuple[float, float] | None, dict[str, tuple[int, int]]]:
@@ -520,7 +540,7 @@ class BucketStore:
         return cached[1], cached[2]
 
     def _pace_of(self, profile: Profile) -> tuple[tuple[float, float] | None, dict[str, tuple[int, int]]]:
-        reads = {n for m, t in profile.calls["get_many"] for n in profile.classify(m, t)}
+        reads = {n for m, t in profile.calls.get("get_many", ()) for n in profile.classify(m, t)}
         per_bucket: dict[str, int] = {}
         for method, target in profile.create_requests():
             for name in profile.classify(method, target):

@@ -89,7 +89,7 @@ class Profile:
     request_class: Callable[[str, str], str] = field(default=lambda method, target: "")
 
     def create_requests(self) -> tuple[Request, ...]:
-        return self.calls["create"]
+        return tuple(self.calls.get("create", ()))
 
     def read_requests(self, vms: int) -> dict[tuple[str, str], int]:
         """What one batched read of ``vms`` VMs charges: (bucket, target if metered per action) -> requests.
