@@ -11,6 +11,7 @@ import redis
 from vmqueue import keys
 from vmqueue.models import JobState
 from vmqueue.settings import SETTLING_TICK_S, Settings
+from workers import budget_buckets
 from workers.budget import PACING_MARGIN_S, READ_YIELD_GRACE_S, Budget
 from workers.budget_profiles import (
     AWS,
@@ -473,3 +474,21 @@ def test_a_window_backlog_of_creates_is_read_only_once_it_is_out(
     assert min(reads) > max(creates)
     bursts = 1 + sum(1 for a, b in zip(creates, creates[1:], strict=False) if b - a > 2.0)
     assert bursts == 3, creates
+
+
+def test_a_create_slot_is_found_whatever_the_precision_of_the_times_in_its_window(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The create schedule's script moved its slot past the entries of a full window, each time reading
+    the window back through Lua's 14-digit ``tostring``: an entry written with a Python float's full
+    precision (``note_other``) fell just inside the rounded bound again, and the script looped forever
+    (Redis answered BUSY to every client). A socket timeout turns that hang into a failure here."""
+    clock = [1_796_042_523.378127123]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    budget = Budget(settings_with(redis_url, budget={"digitalocean.minute": "1/minute"}), redis_client)
+    budget.redis = redis.Redis.from_url(redis_url, socket_timeout=5)
+    budget._window_slot = budget.redis.register_script(budget_buckets._WINDOW_SLOT)
+    budget.acquire("digitalocean", "GET", "/v2/droplets")  # a read at the clock's full precision
+    assert budget.create_delay("digitalocean", "job-0") == pytest.approx(61.0, abs=0.01)
+    clock[0] += 0.000_123_456
+    assert budget.create_delay("digitalocean", "job-1") == pytest.approx(122.0, abs=0.01)

@@ -163,44 +163,49 @@ return tostring(slot - now)
 # window, the job's slot. ARGV: now, the earliest slot (the token schedule's), then allowance and
 # period per window. Other requests charged to these windows are in the sets too (``note_other``), so
 # creates booked after them leave their room. Returns the slot's delay; the latest create slot is kept
-# in the next-to-last key (what the reads yield to: ``Budget.read_yield_s``).
+# in the next-to-last key (what the reads yield to: ``Budget.read_yield_s``). Times are written and read
+# with 17 digits (Lua's ``tostring`` keeps 14: an entry written by Python fell back inside a bound read
+# through it, and the loop never ended), and a window's entry frees its slot a millisecond early, so each
+# move goes forward by at least that much; a bound on the moves keeps Redis answering whatever the input.
 _WINDOW_SLOT = """
+local function num(x) return string.format('%.17g', x) end
 local mine = redis.call('get', KEYS[#KEYS])
 local now = tonumber(ARGV[1])
-if mine then return tostring(tonumber(mine) - now) end
+if mine then return num(tonumber(mine) - now) end
 local t = math.max(now, tonumber(ARGV[2]))
 local n = #KEYS - 2
 for i = 1, n do
   local period = tonumber(ARGV[2 + 2 * i])
-  redis.call('zremrangebyscore', KEYS[i], '-inf', '(' .. tostring(now - period))
+  redis.call('zremrangebyscore', KEYS[i], '-inf', '(' .. num(now - period))
   local last = redis.call('zrange', KEYS[i], -1, -1, 'WITHSCORES')
   if last[2] then t = math.max(t, tonumber(last[2])) end
 end
-local moved = true
+local moved, moves = true, 0
 while moved do
   moved = false
   for i = 1, n do
     local allowance, period = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
-    local inside = redis.call('zrangebyscore', KEYS[i], '(' .. tostring(t - period), tostring(t), 'WITHSCORES')
+    local inside = redis.call('zrangebyscore', KEYS[i], '(' .. num(t - period + STEP), num(t), 'WITHSCORES')
     local count = #inside / 2
     if count >= allowance then
       t = tonumber(inside[2 * (count - allowance + 1)]) + period
-      moved = true
+      moved, moves = true, moves + 1
+      if moves > 100000 then return redis.error_reply('create window schedule: no slot after 100000 moves') end
     end
   end
 end
 local ttl = 0
 for i = 1, n do
   local period = tonumber(ARGV[2 + 2 * i])
-  redis.call('zadd', KEYS[i], tostring(t), KEYS[#KEYS])
+  redis.call('zadd', KEYS[i], num(t), KEYS[#KEYS])
   redis.call('expire', KEYS[i], math.ceil(t - now + period) + 60)
   ttl = math.max(ttl, math.ceil(t - now + period) + 3600)
 end
-redis.call('set', KEYS[#KEYS], tostring(t), 'EX', ttl)
+redis.call('set', KEYS[#KEYS], num(t), 'EX', ttl)
 local latest = tonumber(redis.call('get', KEYS[#KEYS - 1]) or '0')
-if t >= latest then redis.call('set', KEYS[#KEYS - 1], tostring(t), 'EX', ttl) end
-return tostring(t - now)
-"""
+if t >= latest then redis.call('set', KEYS[#KEYS - 1], num(t), 'EX', ttl) end
+return num(t - now)
+""".replace("STEP", "0.001")
 
 
 class BucketStore:
