@@ -11,7 +11,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -208,6 +208,18 @@ return num(t - now)
 """.replace("STEP", "0.001")
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one request of a profile counts in: its windows (limiter, item, identity), its token
+    buckets' keys and (capacity, refill) ARGV, and the observation hashes it heeds."""
+
+    profile: Profile
+    windows: list[tuple[Any, RateLimitItem, str]]
+    token_keys: list[str]
+    token_args: list[str]
+    observed: list[str]
+
+
 class BucketStore:
     """Budgets in Redis under ``prefix``; thread-safe (Redis does the counting).
 
@@ -255,7 +267,7 @@ class BucketStore:
         self._fixed = FixedWindowRateLimiter(storage)
         self._profiles: dict[tuple[str, str], Profile] = {}
         self._paces: dict[int, tuple[Profile, tuple[float, float] | None, dict[str, tuple[int, int]]]] = {}
-        self._plans: dict[tuple[str, int, str, str, str], tuple[Any, ...]] = {}
+        self._plans: dict[tuple[str, int, str, str, str], _Plan] = {}
         self._windows: dict[Bucket, tuple[FixedWindowRateLimiter | MovingWindowRateLimiter, RateLimitItem]] = {}
 
     # -- the model ----------------------------------------------------------------------------
@@ -300,13 +312,9 @@ class BucketStore:
         at most ``max_wait_s``. Not charged: the wait until it could be. Windows have no reservations:
         a request is counted in its windows only when all of them have room.
         """
-        names = profile.classify(method, target)
+        plan = self._plan(provider, profile, method, target, scope)
         now = time.time()
-        windows = [
-            (*self._window(profile.buckets[name]), self._key(provider, scope, name, profile.buckets[name], target))
-            for name in names
-            if profile.buckets[name].kind == "window"
-        ]
+        windows = plan.windows
         window_wait = 0.0
         # Several windows are tested first, so that a request one refuses is counted in none; a single
         # window's hit is that test already (one round trip, not two: GCP meters each request so).
@@ -318,18 +326,39 @@ class BucketStore:
                 window_wait = max(window_wait, limiter.get_window_stats(item, identity).reset_time - now, 0.01)
         if window_wait:
             return False, window_wait, 0.0
-        tokens = [(n, profile.buckets[n]) for n in names if profile.buckets[n].kind == "token"]
-        if not tokens and profile.headers is None:
+        if not plan.token_keys and not plan.observed:
             return True, 0.0, 0.0  # no bucket to charge and no provider's word to heed (only headers write one)
-        token_keys = [self._key(provider, scope, n, b, target) for n, b in tokens]
-        observed = [f"{self.prefix}{provider}:{scope}:seen:{n}" for n in names]
-        if profile.headers is not None:
-            observed.append(f"{self.prefix}{provider}:{scope}:seen-class:{profile.request_class(method, target)}")
-        args: list[Any] = [repr(now), repr(max_wait_s), len(tokens), self.window_margin_s, repr(self.token_margin_s)]
-        for _, bucket in tokens:
-            args += [repr(bucket.capacity), repr(bucket.refill_per_s)]
-        charged, wait, least = self._take(keys=[*token_keys, *observed], args=args)
+        args: list[Any] = [repr(now), repr(max_wait_s), len(plan.token_keys), self.window_margin_s]
+        charged, wait, least = self._take(
+            keys=[*plan.token_keys, *plan.observed], args=[*args, repr(self.token_margin_s), *plan.token_args]
+        )
         return bool(int(charged)), float(wait), float(least)
+
+    def _plan(self, provider: str, profile: Profile, method: str, target: str, scope: str) -> _Plan:
+        """What a request of ``profile`` counts in (``take``, ``charge_args``): made once per request."""
+        cache_key = (provider, id(profile), method, target, scope)
+        plan = self._plans.get(cache_key)
+        if plan is not None and plan.profile is profile:
+            return plan
+        names = profile.classify(method, target)
+        windows = []
+        for name in names:
+            bucket = profile.buckets[name]
+            if bucket.kind == "window":
+                windows.append((*self._window(bucket), self._key(provider, scope, name, bucket, target)))
+        tokens = [(n, profile.buckets[n]) for n in names if profile.buckets[n].kind == "token"]
+        observed = []
+        if tokens or profile.headers is not None:
+            observed = [f"{self.prefix}{provider}:{scope}:seen:{n}" for n in names]
+            if profile.headers is not None:
+                observed.append(f"{self.prefix}{provider}:{scope}:seen-class:{profile.request_class(method, target)}")
+        token_args: list[str] = []
+        for _, bucket in tokens:
+            token_args += [repr(bucket.capacity), repr(bucket.refill_per_s)]
+        plan = self._plans[cache_key] = _Plan(
+            profile, windows, [self._key(provider, scope, n, b, target) for n, b in tokens], token_args, observed
+        )
+        return plan
 
     def charge_args(
         self, provider: str, profile: Profile, method: str, target: str, scope: str = ""
@@ -338,42 +367,14 @@ class BucketStore:
         round trip of a script that embeds it. Only for a store without margins (a provider's own count)."""
         if self.window_margin_s or self.token_margin_s:
             raise ValueError("charge counts as the provider does: a store without margins only")
-        plan = self._plans.get((provider, id(profile), method, target, scope))
-        if plan is None or plan[0] is not profile:
-            plan = self._plans[(provider, id(profile), method, target, scope)] = (
-                profile,
-                *self._charge_plan(provider, profile, method, target, scope),
-            )
-        return plan[1], [repr(time.time()), *plan[2]]
-
-    def _charge_plan(
-        self, provider: str, profile: Profile, method: str, target: str, scope: str
-    ) -> tuple[list[str], list[Any], list[tuple[Any, RateLimitItem, str]]]:
-        names = profile.classify(method, target)
-        windows = []
-        window_args: list[Any] = []
-        for name in names:
-            bucket = profile.buckets[name]
-            if bucket.kind == "window":
-                limiter, item = self._window(bucket)
-                identity = self._key(provider, scope, name, bucket, target)
-                windows.append((limiter, item, identity))
-                window_args += ["f" if limiter is self._fixed else "m", item.amount, item.get_expiry()]
-        tokens = [(n, profile.buckets[n]) for n in names if profile.buckets[n].kind == "token"]
-        observed = []
-        if tokens or profile.headers is not None:  # as ``take``: nothing to charge, no provider's word to heed
-            observed = [f"{self.prefix}{provider}:{scope}:seen:{n}" for n in names]
-            if profile.headers is not None:
-                observed.append(f"{self.prefix}{provider}:{scope}:seen-class:{profile.request_class(method, target)}")
-        keys_ = [
-            *(limiter.storage.prefixed_key(item.key_for(identity)) for limiter, item, identity in windows),
-            *(self._key(provider, scope, n, b, target) for n, b in tokens),
-            *observed,
-        ]
-        args: list[Any] = [len(windows), len(tokens), len(observed), *window_args]
-        for _, bucket in tokens:
-            args += [repr(bucket.capacity), repr(bucket.refill_per_s)]
-        return keys_, args, windows
+        plan = self._plan(provider, profile, method, target, scope)
+        window_keys, window_args = [], []
+        for limiter, item, identity in plan.windows:
+            window_keys.append(limiter.storage.prefixed_key(item.key_for(identity)))
+            window_args += ["f" if limiter is self._fixed else "m", item.amount, item.get_expiry()]
+        keys_ = [*window_keys, *plan.token_keys, *plan.observed]
+        counts = [len(plan.windows), len(plan.token_keys), len(plan.observed)]
+        return keys_, [repr(time.time()), *counts, *window_args, *plan.token_args]
 
     def charged(
         self, provider: str, profile: Profile, method: str, target: str, reply: list[Any], scope: str = ""
@@ -385,7 +386,7 @@ class BucketStore:
         window_wait = 0.0
         if "1" in str(flags):
             now = time.time()
-            _, _, _, windows = self._plans[(provider, id(profile), method, target, scope)]
+            windows = self._plan(provider, profile, method, target, scope).windows
             for (limiter, item, identity), flag in zip(windows, str(flags), strict=True):
                 if flag == "1":
                     window_wait = max(window_wait, limiter.get_window_stats(item, identity).reset_time - now, 0.01)
