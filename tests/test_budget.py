@@ -261,8 +261,8 @@ def test_reads_yield_to_creates_booked_into_later_windows(
     settings = settings_with(redis_url, budget={"digitalocean.minute": "20/minute"}, read_yield_max_s=100)
     budget = Budget(settings, redis_client)
     assert budget.read_yield_s("digitalocean") == 0.0  # no create booked
-    for i in range(50):
-        budget.create_delay("digitalocean", f"job-{i}")  # windows at +0, +61 and +122 s
+    for i in range(60):
+        budget.create_delay("digitalocean", f"job-{i}")  # windows at +0, +61 and +122 s, each filled
     assert budget.read_yield_s("digitalocean") == pytest.approx(100.0)  # until the cap (the last slot: +122 s)
     clock[0] += 99.0
     assert budget.read_yield_s("digitalocean") == pytest.approx(1.0)
@@ -492,3 +492,75 @@ def test_a_create_slot_is_found_whatever_the_precision_of_the_times_in_its_windo
     assert budget.create_delay("digitalocean", "job-0") == pytest.approx(61.0, abs=0.01)
     clock[0] += 0.000_123_456
     assert budget.create_delay("digitalocean", "job-1") == pytest.approx(122.0, abs=0.01)
+
+
+def test_reads_do_not_yield_to_creates_that_fit_their_window(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the reads' yield: a create every 2 s (30 a minute of DigitalOcean's 250) never fills a
+    window, so a read never pushes one; but each booking moved the last create slot to now, and a read
+    within its 3 s grace waited, so the reads went once per ``read_yield_max_s`` (300 s) instead of every
+    tick. Likewise creates paced by a token bucket under a window they do not fill (AWS with
+    ``VMQ_RATE_LIMIT``). Reads yield only to creates booked into a window they fill."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    budget = Budget(settings_with(redis_url), redis_client)
+    waits = []
+    for i in range(200):
+        budget.create_delay("digitalocean", f"job-{i}")
+        clock[0] += 1.0
+        waits.append(budget.read_yield_s("digitalocean"))
+        budget.acquire("digitalocean", "GET", "/v2/droplets")  # the tick's read, when it goes
+        clock[0] += 1.0
+    assert waits == [0.0] * 200
+    # AWS's creates paced at 2 a second by RunInstances' bucket, under a minute of 1,000 they never fill.
+    aws = Budget(settings_with(redis_url, rate_limit={"aws": "1000/minute"}), redis_client)
+    delays = [aws.create_delay("aws", f"job-{i}") for i in range(50)]
+    assert max(delays) > 10.0  # booked into the future, by the token bucket
+    assert aws.read_yield_s("aws") == 0.0
+
+
+def test_a_read_past_the_yield_cap_waits_for_room_not_for_a_new_cap(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the yield cap: once ``read_yield_max_s`` had passed, a read that found the shared window
+    full waited for its reset, but the wait's start was forgotten then, so the next tick began a new
+    full wait; in a backlog whose creates fill every window, no read ever went until it was out."""
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    settings = settings_with(redis_url, budget={"digitalocean.minute": "20/minute"}, read_yield_max_s=100)
+    budget = Budget(settings, redis_client)
+    for i in range(100):
+        budget.create_delay("digitalocean", f"job-{i}")  # windows at +0, +61, +122, +183, +244
+    assert budget.read_yield_s("digitalocean") == pytest.approx(100.0)
+    clock[0] += 61.0
+    for _ in range(20):  # the second window's creates go out: the window is full until +122
+        budget.acquire("digitalocean", "POST", "/v2/droplets")
+    clock[0] += 39.0  # the cap: the read waits for room in the window, not for the last slot
+    assert budget.read_yield_s("digitalocean") == pytest.approx(22.0 + PACING_MARGIN_S, abs=0.01)
+    clock[0] += 1.0  # the next tick: still that room it waits for
+    assert budget.read_yield_s("digitalocean") == pytest.approx(21.0 + PACING_MARGIN_S, abs=0.01)
+    clock[0] += 21.0 + PACING_MARGIN_S  # room: the read goes, then a new wait may start
+    assert budget.read_yield_s("digitalocean") == 0.0
+    assert budget.read_yield_s("digitalocean") == pytest.approx(100.0)
+
+
+def test_a_request_noted_in_the_create_schedule_keeps_its_later_slots(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of ``note_other``: it set each window's sorted set to expire a window and a minute after
+    the request, even when creates were booked further ahead (1,000 DigitalOcean creates reach +183 s);
+    with nothing booked for 121 s the set went with its later slots, and the creates booked next took
+    the room of those already booked (429s). The set lives as long as its latest slot needs."""
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
+    budget = Budget(settings_with(redis_url), redis_client)
+    delays = [budget.create_delay("digitalocean", f"job-{i}") for i in range(1000)]
+    budget.acquire("digitalocean", "DELETE", "/v2/droplets/{id}")
+    for name in ("minute", "hour"):
+        key = f"{budget.prefix}digitalocean:wschedule:{name}"
+        period = 61 if name == "minute" else 3601
+        assert redis_client.ttl(key) >= max(delays) + period, name
+    # A set that holds no later slot still expires a window after its last request.
+    redis_client.flushdb()
+    budget.acquire("digitalocean", "GET", "/v2/droplets")
+    assert 0 < redis_client.ttl(f"{budget.prefix}digitalocean:wschedule:minute") <= 61 + 60

@@ -212,3 +212,22 @@ def test_a_batch_acquire_leaves_out_busy_jobs(ticking, ssh_key):
     held = JobBatch(runner.store).acquire([*ids, "no-such-job"], 60)
     assert set(held) == {ids[1], "no-such-job"} and held["no-such-job"].job is None
     assert held[ids[1]].job.id == ids[1] and held[ids[1]].raw is not None
+
+
+def test_a_tick_that_yields_its_read_still_reads_the_batch_once_a_deadline_passed(ticking, ssh_key, monkeypatch):
+    """Review of the reads' yield (``Budget.read_yield_s``): while the batched read waited for creates
+    booked into later windows, every VM past its deadline was read alone, one request each in the very
+    windows the wait leaves to the creates (250 overdue DigitalOcean droplets: a minute's budget). One
+    batched read sees them all."""
+    runner, tickers, _ = ticking
+    ids = watched_jobs(runner, ssh_key, 3, deadline_s=1.0)
+    monkeypatch.setattr(runner.limit, "read_yield_s", lambda *args: 30.0)
+    reads: list[str] = []
+    for name in ("get_vm", "get_vms"):
+        real = getattr(SimProvider, name)
+        monkeypatch.setattr(SimProvider, name, lambda self, *a, _r=real, _n=name: reads.append(_n) or _r(self, *a))
+    deadline = max(d for _, d in runner.watch.members("sim").values())
+    time.sleep(max(0.0, deadline - time.time()) + 0.3)  # past every deadline, the VMs booted
+    runner.tick("sim", tickers[0][1])
+    assert reads == ["get_vms"]
+    assert [runner.store.get(j).state for j in ids] == [JobState.running] * 3

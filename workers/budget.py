@@ -25,6 +25,7 @@ Overrides: ``VMQ_BUDGET='{"aws.run_instances": "10@4/s", "digitalocean.minute": 
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -171,10 +172,14 @@ class Budget(BucketStore):
             since = float(self.redis.get(since_key) or now)
             if now - since < max_s:
                 return min(last_slot, since + max_s) - now
-        self.redis.delete(since_key)
         (method, target), *_ = profile.calls["get_many"]
         full = [self.window_stats(provider, profile, name, target) for name in windows]
-        return max((reset - now + PACING_MARGIN_S for left, reset in full if left < 1), default=0.0)
+        wait = max((reset - now + PACING_MARGIN_S for left, reset in full if left < 1), default=0.0)
+        if wait > 0 and last_slot > now:  # past the cap: the wait's start stays until the read goes
+            self.redis.expire(since_key, math.ceil(wait) + 60)
+        else:
+            self.redis.delete(since_key)
+        return wait
 
     def meter(self, provider: str, base: str | None = None) -> BudgetMeter:
         return BudgetMeter(self, provider, self.profile(provider, base))

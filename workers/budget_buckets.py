@@ -160,13 +160,15 @@ return tostring(slot - now)
 # The same schedule for creates metered by windows: at most ``allowance`` slots in any ``period`` of
 # each window, taken in order, a burst at a time (a window allows its whole amount at once, and a
 # create-bound profile finishes sooner that way than evenly spread). KEYS: one sorted set of slots per
-# window, the job's slot. ARGV: now, the earliest slot (the token schedule's), then allowance and
-# period per window. Other requests charged to these windows are in the sets too (``note_other``), so
-# creates booked after them leave their room. Returns the slot's delay; the latest create slot is kept
-# in the next-to-last key (what the reads yield to: ``Budget.read_yield_s``). Times are written and read
-# with 17 digits (Lua's ``tostring`` keeps 14: an entry written by Python fell back inside a bound read
-# through it, and the loop never ended), and a window's entry frees its slot a millisecond early, so each
-# move goes forward by at least that much; a bound on the moves keeps Redis answering whatever the input.
+# window, the latest full slot, the job's slot. ARGV: now, the earliest slot (the token schedule's), then
+# allowance, period and 1 if the batched read shares it (else 0) per window. Other requests charged to
+# these windows are in the sets too (``note_other``), so creates booked after them leave their room.
+# Returns the slot's delay; the latest create slot that fills a window the read shares is kept in the
+# next-to-last key (what the reads yield to: ``Budget.read_yield_s``; creates that fill no window, a few a
+# minute or paced by a token bucket, leave a read its room). Times are written and read with 17 digits
+# (Lua's ``tostring`` keeps 14: an entry written by Python fell back inside a bound read through it, and
+# the loop never ended), and a window's entry frees its slot a millisecond early, so each move goes
+# forward by at least that much; a bound on the moves keeps Redis answering whatever the input.
 _WINDOW_SLOT = """
 local function num(x) return string.format('%.17g', x) end
 local mine = redis.call('get', KEYS[#KEYS])
@@ -175,18 +177,19 @@ if mine then return num(tonumber(mine) - now) end
 local t = math.max(now, tonumber(ARGV[2]))
 local n = #KEYS - 2
 for i = 1, n do
-  local period = tonumber(ARGV[2 + 2 * i])
+  local period = tonumber(ARGV[1 + 3 * i])
   redis.call('zremrangebyscore', KEYS[i], '-inf', '(' .. num(now - period))
   local last = redis.call('zrange', KEYS[i], -1, -1, 'WITHSCORES')
   if last[2] then t = math.max(t, tonumber(last[2])) end
 end
-local moved, moves = true, 0
+local moved, moves, counts = true, 0, {}
 while moved do
   moved = false
   for i = 1, n do
-    local allowance, period = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+    local allowance, period = tonumber(ARGV[3 * i]), tonumber(ARGV[1 + 3 * i])
     local inside = redis.call('zrangebyscore', KEYS[i], '(' .. num(t - period + STEP), num(t), 'WITHSCORES')
     local count = #inside / 2
+    counts[i] = count
     if count >= allowance then
       t = tonumber(inside[2 * (count - allowance + 1)]) + period
       moved, moves = true, moves + 1
@@ -194,18 +197,33 @@ while moved do
     end
   end
 end
-local ttl = 0
+local ttl, fills = 0, false
 for i = 1, n do
-  local period = tonumber(ARGV[2 + 2 * i])
+  local period = tonumber(ARGV[1 + 3 * i])
   redis.call('zadd', KEYS[i], num(t), KEYS[#KEYS])
   redis.call('expire', KEYS[i], math.ceil(t - now + period) + 60)
   ttl = math.max(ttl, math.ceil(t - now + period) + 3600)
+  if ARGV[2 + 3 * i] == '1' and counts[i] + 1 >= tonumber(ARGV[3 * i]) then fills = true end
 end
 redis.call('set', KEYS[#KEYS], num(t), 'EX', ttl)
 local latest = tonumber(redis.call('get', KEYS[#KEYS - 1]) or '0')
-if t >= latest then redis.call('set', KEYS[#KEYS - 1], num(t), 'EX', ttl) end
+if fills and t >= latest then redis.call('set', KEYS[#KEYS - 1], num(t), 'EX', ttl) end
 return num(t - now)
 """.replace("STEP", "0.001")
+
+# ``note_other``: a request that is no create, in the create schedule's windows. KEYS: one sorted set per
+# window. ARGV: now, the entry's name, then the period per window. A set lives a window and a minute past
+# the request, or longer when it was already to live longer (creates booked further ahead: 1,000
+# DigitalOcean creates reach 183 s; a set that went with them let the creates booked next take their room).
+_NOTE_OTHER = """
+for i = 1, #KEYS do
+  local period = tonumber(ARGV[2 + i])
+  redis.call('zremrangebyscore', KEYS[i], '-inf', '(' .. string.format('%.17g', tonumber(ARGV[1]) - period))
+  redis.call('zadd', KEYS[i], ARGV[1], ARGV[2])
+  if redis.call('ttl', KEYS[i]) < period + 60 then redis.call('expire', KEYS[i], period + 60) end
+end
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -261,6 +279,7 @@ class BucketStore:
         self._sync = self.redis.register_script(_SYNC)
         self._slot = self.redis.register_script(_SLOT)
         self._window_slot = self.redis.register_script(_WINDOW_SLOT)
+        self._note_other = self.redis.register_script(_NOTE_OTHER)
         uri, options = limits_storage_uri(settings)  # the same Redis, TLS or sentinels included
         storage = storage_from_string(uri, key_prefix=f"{keys.RATE_LIMIT_PREFIX}:{prefix}", **options)
         self._moving = MovingWindowRateLimiter(storage)
@@ -492,7 +511,8 @@ class BucketStore:
         return sorted(reads & set(self._create_pace(profile)[1]))
 
     def last_create_slot(self, provider: str) -> float:
-        """Epoch s of the latest create slot booked in the provider's windows (0.0: none lately)."""
+        """Epoch s of the latest create slot booked that fills a window the batched read shares (0.0: none
+        lately)."""
         return float(self.redis.get(f"{self.prefix}{provider}:wlast") or 0.0)
 
     def note_other(self, provider: str, profile: Profile, method: str, target: str) -> None:
@@ -503,14 +523,10 @@ class BucketStore:
         names = [n for n in profile.classify(method, target) if n in windows]
         if not names or (method, target) in profile.create_requests():
             return
-        now = time.time()
-        pipe = self.redis.pipeline(transaction=False)
-        for name in names:
-            key = f"{self.prefix}{provider}:wschedule:{name}"
-            pipe.zremrangebyscore(key, "-inf", f"({now - windows[name][1]!r}")
-            pipe.zadd(key, {f"other:{uuid.uuid4().hex}": now})
-            pipe.expire(key, windows[name][1] + 60)
-        pipe.execute()
+        self._note_other(
+            keys=[f"{self.prefix}{provider}:wschedule:{name}" for name in names],
+            args=[repr(time.time()), f"other:{uuid.uuid4().hex}", *(windows[name][1] for name in names)],
+        )
 
     def create_slot(self, provider: str, profile: Profile, slot_id: str) -> float:
         """``create_delay`` for ``profile``: the delay of the slot ``slot_id`` holds (booked at the
@@ -529,8 +545,9 @@ class BucketStore:
         if not windows:
             return max(0.0, earliest - now)
         args: list[Any] = [repr(now), repr(earliest)]
-        for allowance, period in windows.values():
-            args += [allowance, period]
+        shared = self.shared_windows(profile)
+        for name, (allowance, period) in windows.items():
+            args += [allowance, period, 1 if name in shared else 0]
         keys_ = [f"{self.prefix}{provider}:wschedule:{name}" for name in windows]
         last_key, slot_key = f"{self.prefix}{provider}:wlast", f"{self.prefix}{provider}:wslot:{slot_id}"
         delay = self._window_slot(keys=[*keys_, last_key, slot_key], args=args)
