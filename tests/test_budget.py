@@ -564,3 +564,24 @@ def test_a_request_noted_in_the_create_schedule_keeps_its_later_slots(
     redis_client.flushdb()
     budget.acquire("digitalocean", "GET", "/v2/droplets")
     assert 0 < redis_client.ttl(f"{budget.prefix}digitalocean:wschedule:minute") <= 61 + 60
+
+
+def test_a_request_of_a_profile_without_create_windows_costs_no_model_work_after_its_first(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Review of ``note_other`` on the hot path: a profile whose creates meter no window (AWS, Hetzner,
+    the sim's own, OCI, Azure) has nothing to note, yet every request classified itself again there,
+    where ``take`` reads its plan (made once per request). Classified once, charged many times."""
+    from dataclasses import replace
+
+    budget = Budget(settings_with(redis_url), redis_client)
+    for name in ("aws", "hetzner", "sim", "oci", "azure"):
+        calls: list[tuple[str, str]] = []
+        base = budget.profile(name)
+        profile = replace(base, classify=lambda m, t, _c=base.classify, _s=calls: _s.append((m, t)) or _c(m, t))
+        method, target = profile.calls["get_many"][0]
+        budget._create_pace(profile)  # the create schedule's model, made once per profile
+        calls.clear()
+        for _ in range(5):
+            budget.acquire(name, method, target, profile=profile)
+        assert calls == [(method, target)], name

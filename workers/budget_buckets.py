@@ -520,6 +520,8 @@ class BucketStore:
         creates booked after it leave its room (a worker's start-up list, then 250 creates booked into
         DigitalOcean's first minute, pushed the 250th a whole minute back)."""
         windows = self._create_pace(profile)[1]
+        if not windows:  # creates meter no window (AWS, Hetzner, the sim's own): nothing to note, no work
+            return
         names = [n for n in profile.classify(method, target) if n in windows]
         if not names or (method, target) in profile.create_requests():
             return
