@@ -187,11 +187,12 @@ while moved do
   moved = false
   for i = 1, n do
     local allowance, period = tonumber(ARGV[3 * i]), tonumber(ARGV[1 + 3 * i])
-    local inside = redis.call('zrangebyscore', KEYS[i], '(' .. num(t - period + STEP), num(t), 'WITHSCORES')
-    local count = #inside / 2
+    local low, high = '(' .. num(t - period + STEP), num(t)
+    local count = redis.call('zcount', KEYS[i], low, high)  -- not the entries: an hour holds thousands
     counts[i] = count
     if count >= allowance then
-      t = tonumber(inside[2 * (count - allowance + 1)]) + period
+      local oldest = redis.call('zrangebyscore', KEYS[i], low, high, 'WITHSCORES', 'LIMIT', count - allowance, 1)
+      t = tonumber(oldest[2]) + period
       moved, moves = true, moves + 1
       if moves > 100000 then return redis.error_reply('create window schedule: no slot after 100000 moves') end
     end
