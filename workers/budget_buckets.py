@@ -524,6 +524,8 @@ class BucketStore:
         if not windows:  # creates meter no window (AWS, Hetzner, the sim's own): nothing to note, no work
             return
         names = [n for n in profile.classify(method, target) if n in windows]
+        if self.settings.read_yield_max_s <= 0:  # the creates leave a tenth of these to the others: not twice
+            names = [n for n in names if n not in self.shared_windows(profile)]
         if not names or (method, target) in profile.create_requests():
             return
         self._note_other(
