@@ -607,3 +607,16 @@ def test_with_the_reads_yield_off_the_reads_share_of_a_window_is_not_counted_twi
         gcp.acquire("gcp", "DELETE", "/compute/v1/projects/p/zones/z/instances/{name}")
     delays = [gcp.create_delay("gcp", f"job-{i}") for i in range(20)]
     assert delays.count(0.0) == 18
+
+
+def test_request_plans_are_kept_for_few_targets(budget: Budget, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real adapter's targets name resources (Hetzner's GET /servers/123): the plans kept per request
+    stay bounded, and a request whose plan was dropped is counted as before."""
+    from workers import budget_buckets
+
+    monkeypatch.setattr(budget_buckets, "PLAN_CACHE", 8)
+    profile = budget.profile("hetzner")
+    for i in range(20):
+        assert budget.take("hetzner", profile, "GET", f"/servers/{i}")[0]
+    assert len(budget._plans) <= 8
+    assert budget.levels("hetzner", profile, {("project", ""): 1})[("project", "")] < 3600 - 19

@@ -227,6 +227,10 @@ return 1
 """
 
 
+# Requests whose plan a store keeps (``BucketStore._plan``): a real adapter's targets name resources.
+PLAN_CACHE = 4096
+
+
 @dataclass(frozen=True)
 class _Plan:
     """What one request of a profile counts in: its windows (limiter, item, identity), its token
@@ -375,6 +379,8 @@ class BucketStore:
         token_args: list[str] = []
         for _, bucket in tokens:
             token_args += [repr(bucket.capacity), repr(bucket.refill_per_s)]
+        if len(self._plans) >= PLAN_CACHE:  # targets may name resources (/servers/123): start over
+            self._plans.clear()
         plan = self._plans[cache_key] = _Plan(
             profile, windows, [self._key(provider, scope, n, b, target) for n, b in tokens], token_args, observed
         )
