@@ -443,3 +443,29 @@ def test_readonly_redis_is_a_lost_connection_not_an_internal_error(replica):
     threading.Timer(0.5, lambda: redis.Redis(port=replica.port).replicaof("NO", "ONE")).start()
     assert client.set("k", "v")
     assert client.get("k") == "v"
+
+
+def test_a_wait_for_the_own_api_budget_spends_no_attempt(settings, cloud, sim, ssh_key):
+    """Issue 15: a request vmqueue's own budget holds back (``vmq_throttle``: nothing was sent) is a wait,
+    not a failed attempt. A destroy behind a backlog of creates that fill DigitalOcean's windows met it at
+    each retry and failed after ``max_attempts``; it now waits (within its deadline) and then runs."""
+    tuned = settings.model_copy(update={"budget": {"sim.requests": "1@0.01/s"}, "deadline_s": 600.0})
+    limit = SharedRateLimit(tuned)  # metered as in a worker: every request of the sim through the budget
+    runner = JobRunner(JobStore(connect(tuned), tuned), tuned, limit.metered(lambda _: cloud), limit)
+    job = _destroy_job(runner, cloud, ssh_key)
+    runner.limit.acquire("sim", "DELETE", "destroy")  # the budget's one token goes elsewhere
+    outcomes = drive(runner, job.id, JobKind.destroy, steps=runner.settings.max_attempts + 3)
+    waiting = runner.store.get(job.id)
+    assert waiting.state != JobState.failed, [e.message for e in waiting.history]
+    assert waiting.phases.destroy.failures == 0 and len(outcomes) == runner.settings.max_attempts + 3
+    assert all(o.countdown_s > 1.0 for o in outcomes)  # each a wait for the bucket's refill, not a backoff
+    assert "no attempt spent" in waiting.history[-1].message
+    limit = SharedRateLimit(settings)  # the budget is back (the published one)
+    runner = JobRunner(JobStore(connect(settings), settings), settings, limit.metered(lambda _: cloud), limit)
+    done = _finish_destroy(runner, job.id)
+    assert done.state == JobState.gone, [e.message for e in done.history]
+
+
+def _finish_destroy(runner: JobRunner, job_id: str) -> Job:
+    drive(runner, job_id, JobKind.destroy, steps=80, sleep=True)
+    return runner.store.get(job_id)

@@ -37,7 +37,7 @@ from vmqueue import keys
 from vmqueue.settings import SETTLING_TICK_S, TICK_BOUNDS_S, TICK_SHARE_OF_LIMIT, Settings
 from workers.budget_buckets import BucketStore
 from workers.budget_profiles import SETTLING_SURPLUS_SPEND_S, SURPLUS_SPEND_S, Profile
-from workers.providers.errors import RateLimitedError
+from workers.providers.errors import OWN_THROTTLE, RateLimitedError
 
 # Waiting for a budget longer than this is better done as a task retry than in a worker thread.
 MAX_THROTTLE_WAIT_S = 10.0
@@ -93,7 +93,7 @@ class Budget(BucketStore):
                 if not charged:
                     raise RateLimitedError(
                         f"{provider} API budget spent: {method} {target} would wait {wait:.1f}s",
-                        provider_code="vmq_throttle",
+                        provider_code=OWN_THROTTLE,
                         retry_after_s=self._retry_after_s(provider, profile, method, target, wait),
                     )
                 if wait > 0:  # a reservation: the token is ours once its time has come

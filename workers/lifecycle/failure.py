@@ -5,7 +5,7 @@ from __future__ import annotations
 from vmqueue.models import CleanupState, Job, JobError, JobKind, JobState, Phase, VMInfo, utcnow
 from vmqueue.settings import max_countdown_s
 from workers.lifecycle.common import Next, Steps, _job_error, _set, log, phase_deadline
-from workers.providers.errors import CapacityError, ProviderError
+from workers.providers.errors import OWN_THROTTLE, CapacityError, ProviderError, RateLimitedError
 
 
 class FailureSteps(Steps):
@@ -51,7 +51,7 @@ class FailureSteps(Steps):
         """Whether this error ends ``phase``: not retryable, its attempts spent, or its deadline passed."""
         if not exc.retryable:
             return True
-        failures = job.phases.of(phase).failures + 1
+        failures = job.phases.of(phase).failures + _attempt(exc)
         return failures >= self.settings.max_attempts or utcnow() >= phase_deadline(job, phase, self.settings)
 
     def _call_failed(self, job: Job, exc: ProviderError, count: int, phase: Phase) -> Next | None:
@@ -64,12 +64,13 @@ class FailureSteps(Steps):
         attempts"), or the deadline (``deadline_exceeded``, naming the last error).
         """
         error = _job_error(exc)
-        failures = job.phases.of(phase).failures + 1
+        failures = job.phases.of(phase).failures + _attempt(exc)
         left_s = (phase_deadline(job, phase, self.settings) - utcnow()).total_seconds()
         if exc.retryable and failures < self.settings.max_attempts and left_s > 0:
-            wanted = exc.retry_after_s if exc.retry_after_s is not None else self.retry_delay(failures - 1)
+            wanted = exc.retry_after_s if exc.retry_after_s is not None else self.retry_delay(max(failures - 1, 0))
             delay = min(wanted, left_s, max_countdown_s(self.settings))
-            message = f"{phase}: {error.code}: {error.message}; retry {failures} in {delay:.1f}s"
+            again = f"retry {failures}" if _attempt(exc) else "no attempt spent (nothing was sent), again"
+            message = f"{phase}: {error.code}: {error.message}; {again} in {delay:.1f}s"
 
             def note(j: Job) -> None:
                 j.phases.of(phase).failures = failures
@@ -121,3 +122,10 @@ class FailureSteps(Steps):
         )
         log.error("job=%s provider=%s instance=%s %s", job.id, job.provider, job.instance_id, message)
         return None
+
+
+def _attempt(exc: ProviderError) -> int:
+    """What an error costs of a phase's attempts: one, or none when vmqueue's own budget held the request
+    back (nothing was sent; a destroy behind a backlog of creates that fill DigitalOcean's windows met
+    it at every retry and failed after ``max_attempts``). The phase's deadline still bounds the wait."""
+    return 0 if isinstance(exc, RateLimitedError) and exc.provider_code == OWN_THROTTLE else 1

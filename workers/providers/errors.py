@@ -62,6 +62,11 @@ class CapacityError(ProviderError):
     code = "capacity"
 
 
+# The ``provider_code`` of a ``RateLimitedError`` raised by vmqueue's own budget before sending
+# (workers/budget.py): no request went out, so it is a wait for the budget, not a failed attempt.
+OWN_THROTTLE = "vmq_throttle"
+
+
 class RateLimitedError(ProviderError):
     """Too many API calls; retry after ``retry_after_s`` (or our backoff when the provider names none)."""
 
