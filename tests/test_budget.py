@@ -620,3 +620,16 @@ def test_request_plans_are_kept_for_few_targets(budget: Budget, monkeypatch: pyt
         assert budget.take("hetzner", profile, "GET", f"/servers/{i}")[0]
     assert len(budget._plans) <= 8
     assert budget.levels("hetzner", profile, {("project", ""): 1})[("project", "")] < 3600 - 19
+
+
+def test_creates_take_whole_only_the_windows_the_reads_yield_in(redis_url: str, redis_client: redis.Redis) -> None:
+    """DigitalOcean's minute (61 s with the margin) is shorter than the reads' longest yield: creates take
+    all 250 of it. Its hour (3,601 s) is not: a wait for it would outlast the yield, and a destroy behind
+    5,000 creates could wait out its deadline, so the creates leave a tenth of it to the others."""
+    budget = Budget(settings_with(redis_url), redis_client)
+    profile = budget.profile("digitalocean")
+    assert budget._create_pace(profile)[1] == {"hour": (4500, 3601), "minute": (250, 61)}
+    assert budget.yielding_windows(profile) == ["minute"]
+    off = Budget(settings_with(redis_url, read_yield_max_s=0), redis_client)
+    assert off._create_pace(off.profile("digitalocean"))[1] == {"hour": (4500, 3601), "minute": (225, 61)}
+    assert off.yielding_windows(off.profile("digitalocean")) == []

@@ -149,20 +149,20 @@ class Budget(BucketStore):
     def read_yield_s(self, provider: str, base: str | None = None) -> float:
         """Seconds the provider's batched status read should wait (0.0: read now).
 
-        Only for window buckets that the read and a create are both charged to (DigitalOcean's minute
-        and hour; ``VMQ_RATE_LIMIT``'s window): creates take whole windows (``create_delay``), so a
-        read in a window the creates fill pushes a create, and its VM, a window back. 1,000
-        DigitalOcean creates fill four minutes exactly; reads among them made a fifth (bench/budget.py:
-        276 s for a 240 s floor). So while creates are booked into later windows the reads wait for them,
-        at most ``read_yield_max_s`` (setting) from the first read that waited, then one read goes and
-        a new wait may start; and a read that such a window has no room for waits for its reset instead
+        Only for window buckets that the read and a create are both charged to and no longer than
+        ``read_yield_max_s`` (DigitalOcean's minute, not its hour: ``yielding_windows``): creates take
+        whole windows (``create_delay``), so a read in a window the creates fill pushes a create, and
+        its VM, a window back. 1,000 DigitalOcean creates fill four minutes exactly; reads among them
+        made a fifth (bench/budget.py: 276 s for a 240 s floor). So while creates are booked into later
+        windows the reads wait for them, at most ``read_yield_max_s`` (setting) from the first read
+        that waited, then one read goes and a new wait may start; and a read that such a window has no room for waits for its reset instead
         of being refused. The cost: the VMs of a create backlog longer than a window are seen running
         when the backlog is out (or after ``read_yield_max_s``), not as each boots.
         """
         max_s = self.settings.read_yield_max_s
         profile = self.profile(provider, base)
-        windows = self.shared_windows(profile)
-        if max_s <= 0 or not windows:
+        windows = self.yielding_windows(profile)
+        if not windows:
             return 0.0
         now = time.time()
         since_key = f"{self.prefix}{provider}:read-yield-since"

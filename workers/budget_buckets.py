@@ -517,6 +517,14 @@ class BucketStore:
         reads = {n for m, t in profile.calls.get("get_many", ()) for n in profile.classify(m, t)}
         return sorted(reads & set(self._create_pace(profile)[1]))
 
+    def yielding_windows(self, profile: Profile) -> list[str]:
+        """The shared windows the creates take whole while the reads yield to them: those no longer than
+        ``read_yield_max_s`` (DigitalOcean's minute). A longer one (its hour) keeps a tenth for the others:
+        a wait for it would outlast the yield, and a destroy could wait out its deadline."""
+        max_s = self.settings.read_yield_max_s
+        windows = self._create_pace(profile)[1]
+        return [n for n in self.shared_windows(profile) if 0 < windows[n][1] <= max_s]
+
     def last_create_slot(self, provider: str) -> float:
         """Epoch s of the latest create slot booked that fills a window the batched read shares (0.0: none
         lately)."""
@@ -530,8 +538,9 @@ class BucketStore:
         if not windows:  # creates meter no window (AWS, Hetzner, the sim's own): nothing to note, no work
             return
         names = [n for n in profile.classify(method, target) if n in windows]
-        if self.settings.read_yield_max_s <= 0:  # the creates leave a tenth of these to the others: not twice
-            names = [n for n in names if n not in self.shared_windows(profile)]
+        # The creates leave a tenth of the windows no read yields in to the others: not counted twice.
+        keeps_share = set(self.shared_windows(profile)) - set(self.yielding_windows(profile))
+        names = [n for n in names if n not in keeps_share]
         if not names or (method, target) in profile.create_requests():
             return
         self._note_other(
@@ -556,7 +565,7 @@ class BucketStore:
         if not windows:
             return max(0.0, earliest - now)
         args: list[Any] = [repr(now), repr(earliest)]
-        shared = self.shared_windows(profile)
+        shared = self.yielding_windows(profile)
         for name, (allowance, period) in windows.items():
             args += [allowance, period, 1 if name in shared else 0]
         keys_ = [f"{self.prefix}{provider}:wschedule:{name}" for name in windows]
@@ -592,11 +601,13 @@ class BucketStore:
             if profile.buckets[name].kind == "window":
                 item = parse(profile.buckets[name].window or "")
                 # A read in a window the creates fill would push a create a whole window back: the
-                # reads yield instead (``Budget.read_yield_s``), unless that is turned off.
-                yields = self.settings.read_yield_max_s > 0
+                # reads yield instead (``Budget.read_yield_s``), in windows no longer than that wait
+                # may last (``yielding_windows``); the creates leave a tenth of the others to them.
+                period = item.get_expiry() + self.window_margin_s
+                yields = 0 < period <= self.settings.read_yield_max_s
                 share = TICK_SHARE_OF_LIMIT if name in reads and not yields else 0.0
                 allowance = max(1, math.floor(item.amount * (1 - share) / k))
-                windows[name] = (allowance, item.get_expiry() + self.window_margin_s)
+                windows[name] = (allowance, period)
         return pace, windows
 
 
