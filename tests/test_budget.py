@@ -474,6 +474,11 @@ def test_a_window_backlog_of_creates_is_read_only_once_it_is_out(
     assert min(reads) > max(creates)
     bursts = 1 + sum(1 for a, b in zip(creates, creates[1:], strict=False) if b - a > 2.0)
     assert bursts == 3, creates
+    # The creates of the last burst waited 10 s for their slot, and say so (at least 5 s: SLOT_NOTE_S).
+    said = [
+        j for j in jobs if any("waiting for its create slot" in e.message for e in provisioner.get_job(j.id).history)
+    ]
+    assert 10 <= len(said) <= 20
 
 
 def test_a_create_slot_is_found_whatever_the_precision_of_the_times_in_its_window(

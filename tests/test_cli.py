@@ -202,8 +202,8 @@ def test_history_lines_say_the_state_once(cli_env):
     assert len(_history(shown.output)) == len(WRITTEN)
     lines = [line.split(None, 1)[1] for line in shown.output.splitlines() if re.match(r"  \d\d:\d\d:\d\d ", line)]
     assert lines == [
-        "submitting create attempt 1 in sim-1 (small)",
-        "provisioning provider accepted the create: sim-1",
+        "submitting: create attempt 1 in sim-1 (small)",
+        "provisioning: provider accepted the create: sim-1",
         "running",
         "ready: ssh answered on public port 2222",
         "cancelled (asked by alice at 2030-01-01 00:00:00 UTC); destroying sim-1",
@@ -214,7 +214,7 @@ def test_history_lines_say_the_state_once(cli_env):
     for state, message in WRITTEN:
         change = JobChange(job_id=job.id, kind=job.kind, provider="sim", state=state, finished=False, message=message)
         assert not TWICE.search(re.sub(r"\[/?\w*\]", "", event_line(change))), event_line(change)
-    assert JobEvent(state=JobState.running, message="running-ish").line == "running running-ish"
+    assert JobEvent(state=JobState.running, message="running-ish").line == "running: running-ish"
 
 
 def test_ssh_key_help_names_every_key_tried_in_order(monkeypatch, tmp_path, ssh_key):

@@ -96,3 +96,17 @@ def test_a_worker_that_fails_its_preflight_refuses_to_consume_and_the_job_stays_
     assert "set HCLOUD_TOKEN" in text and "will not consume vmq.hetzner" in text
     assert provisioner.get_job(job.id).state == JobState.queued
     assert redis_client.llen(keys.queue_name("hetzner")) == 1  # the message waits for a worker that can serve it
+
+
+def test_a_budget_override_naming_no_bucket_stops_the_worker_before_it_takes_jobs(test_env):
+    """A newcomer's typo (``sim.minut``) passed the preflight as a warning under credentials; the worker
+    took jobs and every create failed with internal_error. It is a fatal budget check now, naming the
+    buckets there are."""
+    env = _env(test_env, VMQ_SIM_PROFILE="digitalocean", VMQ_BUDGET='{"sim.minut": "10/4 seconds"}')
+    result = _check(env, "sim")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL  budget" in result.stdout and "sim.minute" in result.stdout and "VMQ_BUDGET" in result.stdout
+    assert "credentials" not in result.stdout
+    good = _check(_env(test_env, VMQ_SIM_PROFILE="digitalocean", VMQ_BUDGET='{"sim.minute": "10/4 seconds"}'), "sim")
+    assert good.returncode == 0, good.stdout
+    assert "ok    budget       digitalocean's buckets: minute, hour" in good.stdout

@@ -559,12 +559,13 @@ class JobEvent(BaseModel):
 
     @property
     def line(self) -> str:
-        """The event as a history line reads after its time: the state, then the message, the state
+        """The event as a history line reads after its time: the state, a colon, then the message, the state
         said once (``running``, not ``running running``; ``failed: capacity: ...``, not ``failed
         failed: capacity: ...``). A message that begins with the state is the line as it stands."""
         if self.detail != self.message:
             return self.message
-        return f"{self.state} {self.message}".rstrip()
+        # A colon between them: "gone: the provider reports the VM deleted", not one run-on sentence.
+        return f"{self.state}: {self.message}" if self.message else str(self.state)
 
 
 MAX_HISTORY = 50

@@ -25,6 +25,7 @@ Overrides: ``VMQ_BUDGET='{"aws.run_instances": "10@4/s", "digitalocean.minute": 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -38,6 +39,8 @@ from vmqueue.settings import SETTLING_TICK_S, TICK_BOUNDS_S, TICK_SHARE_OF_LIMIT
 from workers.budget_buckets import BucketStore
 from workers.budget_profiles import SETTLING_SURPLUS_SPEND_S, SURPLUS_SPEND_S, Profile
 from workers.providers.errors import OWN_THROTTLE, RateLimitedError
+
+log = logging.getLogger("vmqueue.worker")
 
 # Waiting for a budget longer than this is better done as a task retry than in a worker thread.
 MAX_THROTTLE_WAIT_S = 10.0
@@ -155,9 +158,10 @@ class Budget(BucketStore):
         its VM, a window back. 1,000 DigitalOcean creates fill four minutes exactly; reads among them
         made a fifth (bench/budget.py: 276 s for a 240 s floor). So while creates are booked into later
         windows the reads wait for them, at most ``read_yield_max_s`` (setting) from the first read
-        that waited, then one read goes and a new wait may start; and a read that such a window has no room for waits for its reset instead
-        of being refused. The cost: the VMs of a create backlog longer than a window are seen running
-        when the backlog is out (or after ``read_yield_max_s``), not as each boots.
+        that waited, then one read goes and a new wait may start; and a read that such a window has no
+        room for waits for its reset instead of being refused. The cost: the VMs of a create backlog
+        longer than a window are seen running when the backlog is out (or after ``read_yield_max_s``),
+        not as each boots; the worker logs each wait as it starts.
         """
         max_s = self.settings.read_yield_max_s
         profile = self.profile(provider, base)
@@ -168,7 +172,14 @@ class Budget(BucketStore):
         since_key = f"{self.prefix}{provider}:read-yield-since"
         last_slot = self.last_create_slot(provider) + READ_YIELD_GRACE_S
         if last_slot > now:
-            self.redis.set(since_key, repr(now), nx=True, ex=int(max_s) + 60)
+            if self.redis.set(since_key, repr(now), nx=True, ex=int(max_s) + 60):
+                log.info(
+                    "provider=%s status reads wait up to %.0fs for the creates booked into %s windows they share:"
+                    " VMs that boot meanwhile are reported running after it (VMQ_READ_YIELD_MAX_S)",
+                    provider,
+                    min(last_slot - now, max_s),
+                    "/".join(windows),
+                )
             since = float(self.redis.get(since_key) or now)
             if now - since < max_s:
                 return min(last_slot, since + max_s) - now

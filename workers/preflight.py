@@ -94,25 +94,43 @@ def check(provider: str) -> list[Check]:
         return [*results, Check("sdk", False, f"cannot import {missing}: {fix}")]
     version = f"{SDKS[provider]} {metadata.version(SDKS[provider])}" if provider in SDKS else "built in"
     results.append(Check("sdk", True, version))
-    return [*results, _credentials(provider, PROVIDER_FACTORIES[provider], settings)]
+    return [*results, *_budget_and_credentials(provider, PROVIDER_FACTORIES[provider], settings)]
 
 
-def _credentials(provider: str, factory, settings) -> Check:
+def _budget_and_credentials(provider: str, factory, settings) -> list[Check]:
+    """The adapter's API budget with this deployment's ``VMQ_BUDGET`` (a bucket it names that the
+    profile lacks is fatal: every request of the worker would fail), then its credentials."""
     from workers.budget import Budget
-    from workers.providers.errors import AuthError, ProviderError
 
+    budget = Budget(settings)
+    try:
+        adapter = factory()
+    except Exception as exc:  # noqa: BLE001 - the adapter's own words on its credentials
+        return [_credentials_failed(exc)]
+    try:
+        profile = budget.profile(provider, getattr(adapter, "budget_profile", None))
+    except ValueError as exc:  # VMQ_BUDGET names a bucket the profile lacks, or does not parse
+        return [Check("budget", False, f"{exc}: fix or unset VMQ_BUDGET")]
+    checks = [Check("budget", True, f"{profile.provider}'s buckets: {', '.join(profile.buckets)}")]
     try:
         # Charged to the shared API budget like every request: uncounted, it left the workers' model of
         # a window one request short (a create refused with 429 when the window filled at start).
-        owned = Budget(settings).metered(lambda _: factory())(provider).list_owned_vms()
-    except AuthError as exc:
+        owned = budget.metered(lambda _: adapter)(provider).list_owned_vms()
+    except Exception as exc:  # noqa: BLE001
+        return [*checks, _credentials_failed(exc)]
+    return [*checks, Check("credentials", True, f"accepted: read-only list found {len(owned)} VM(s) vmqueue owns")]
+
+
+def _credentials_failed(exc: Exception) -> Check:
+    from workers.providers.errors import AuthError, ProviderError
+
+    if isinstance(exc, AuthError):
         return Check("credentials", False, f"refused: {exc}")
-    except ProviderError as exc:
-        code = type(exc).__name__
-        return Check("credentials", False, f"could not verify ({code}: {exc}); the API may be down", fatal=False)
-    except Exception as exc:  # noqa: BLE001 - an SDK's own error: report it, do not crash the report
-        return Check("credentials", False, f"could not verify ({type(exc).__name__}: {exc})", fatal=False)
-    return Check("credentials", True, f"accepted: read-only list found {len(owned)} VM(s) vmqueue owns")
+    if isinstance(exc, ProviderError):
+        detail = f"could not verify ({type(exc).__name__}: {exc}); the API may be down"
+        return Check("credentials", False, detail, fatal=False)
+    # An SDK's own error: report it, do not crash the report.
+    return Check("credentials", False, f"could not verify ({type(exc).__name__}: {exc})", fatal=False)
 
 
 def report(provider: str, checks: list[Check]) -> str:

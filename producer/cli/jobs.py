@@ -185,7 +185,8 @@ def job(job_id: str, as_json: JsonOpt = False) -> None:
     if found.vm_destroyed_by:  # the full id, to copy: the table shows 8 characters
         console.print(f"Its VM was destroyed by job {found.vm_destroyed_by}.", highlight=False)
     for event in found.history:  # the state said once: "running", not "running running"
-        console.print(f"  {event.at:%H:%M:%S} [bold]{event.state}[/]{escape(event.line[len(event.state) :])}")
+        line = f"  {event.at:%H:%M:%S} [bold]{event.state}[/]{escape(event.line[len(event.state) :])}"
+        console.print(line, soft_wrap=True)  # one line each, as `vmq watch` prints them: the terminal wraps
     print_readiness(found)
 
 

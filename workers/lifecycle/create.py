@@ -20,6 +20,11 @@ from workers.calls import ProviderCalls
 from workers.lifecycle.common import DEAD, GONE, Next, Steps, log, log_running, running_fields
 from workers.providers.errors import CapacityError, NotFoundError, ProviderError
 
+# A create that waits for its slot in the provider's API budget says so once in its history (a backlog's
+# last creates sat queued for minutes with nothing to say why).
+WAITING_FOR_SLOT = "waiting for its create slot"
+SLOT_NOTE_S = 5.0  # shorter waits go unsaid (the sim's burst of 500 leaves the rest under a second)
+
 
 class CreateSteps(Steps):
     """Submit a create job's request and follow its VM to ``running``."""
@@ -48,6 +53,9 @@ class CreateSteps(Steps):
         if first_attempt:
             delay = self.limit.create_delay(job.provider, job.id, getattr(provider, "budget_profile", None))
             if delay > 0.05:
+                if delay >= SLOT_NOTE_S and not any(e.message.startswith(WAITING_FOR_SLOT) for e in job.history):
+                    message = f"{WAITING_FOR_SLOT} in {job.provider}'s API budget: {delay:.0f}s"
+                    self.store.update(job.id, lambda j: j.record(message))
                 return Next(delay)
         calls = ProviderCalls(job.provider, self.limit, self.settings)
         # A create call of this placement went out before and its outcome is unknown (an error that
