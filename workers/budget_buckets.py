@@ -160,15 +160,18 @@ return tostring(slot - now)
 # The same schedule for creates metered by windows: at most ``allowance`` slots in any ``period`` of
 # each window, taken in order, a burst at a time (a window allows its whole amount at once, and a
 # create-bound profile finishes sooner that way than evenly spread). KEYS: one sorted set of slots per
-# window, the latest full slot, the job's slot. ARGV: now, the earliest slot (the token schedule's), then
+# window, the latest busy slot, the job's slot. ARGV: now, the earliest slot (the token schedule's), then
 # allowance, period and 1 if the batched read shares it (else 0) per window. Other requests charged to
 # these windows are in the sets too (``note_other``), so creates booked after them leave their room.
-# Returns the slot's delay; the latest create slot that fills a window the read shares is kept in the
-# next-to-last key (what the reads yield to: ``Budget.read_yield_s``; creates that fill no window, a few a
-# minute or paced by a token bucket, leave a read its room). Times are written and read with 17 digits
-# (Lua's ``tostring`` keeps 14: an entry written by Python fell back inside a bound read through it, and
-# the loop never ended), and a window's entry frees its slot a millisecond early, so each move goes
-# forward by at least that much; a bound on the moves keeps Redis answering whatever the input.
+# Returns the slot's delay; the latest create slot that leaves a window the read shares at least half full
+# is kept in the next-to-last key (what the reads yield to: ``Budget.read_yield_s``). Half, not full: a
+# bulk enqueue books a window's creates over a second or so, and a read let in before the last of them
+# was booked pushed one a window back (DigitalOcean's 1,000 creates into a fifth minute again); creates
+# that leave a window mostly free, a few a minute or paced by a token bucket, leave a read its room.
+# Times are written and read with 17 digits (Lua's ``tostring`` keeps 14: an entry written by Python
+# fell back inside a bound read through it, and the loop never ended), and a window's entry frees its
+# slot a millisecond early, so each move goes forward by at least that much; a bound on the moves
+# keeps Redis answering whatever the input.
 _WINDOW_SLOT = """
 local function num(x) return string.format('%.17g', x) end
 local mine = redis.call('get', KEYS[#KEYS])
@@ -204,7 +207,7 @@ for i = 1, n do
   redis.call('zadd', KEYS[i], num(t), KEYS[#KEYS])
   redis.call('expire', KEYS[i], math.ceil(t - now + period) + 60)
   ttl = math.max(ttl, math.ceil(t - now + period) + 3600)
-  if ARGV[2 + 3 * i] == '1' and counts[i] + 1 >= tonumber(ARGV[3 * i]) then fills = true end
+  if ARGV[2 + 3 * i] == '1' and 2 * (counts[i] + 1) >= tonumber(ARGV[3 * i]) then fills = true end
 end
 redis.call('set', KEYS[#KEYS], num(t), 'EX', ttl)
 local latest = tonumber(redis.call('get', KEYS[#KEYS - 1]) or '0')
@@ -526,8 +529,8 @@ class BucketStore:
         return [n for n in self.shared_windows(profile) if 0 < windows[n][1] <= max_s]
 
     def last_create_slot(self, provider: str) -> float:
-        """Epoch s of the latest create slot booked that fills a window the batched read shares (0.0: none
-        lately)."""
+        """Epoch s of the latest create slot booked that left a window the batched read shares at least half
+        full (0.0: none lately)."""
         return float(self.redis.get(f"{self.prefix}{provider}:wlast") or 0.0)
 
     def note_other(self, provider: str, profile: Profile, method: str, target: str) -> None:
