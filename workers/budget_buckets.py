@@ -160,25 +160,27 @@ return tostring(slot - now)
 # The same schedule for creates metered by windows: at most ``allowance`` slots in any ``period`` of
 # each window, taken in order, a burst at a time (a window allows its whole amount at once, and a
 # create-bound profile finishes sooner that way than evenly spread). KEYS: one sorted set of slots per
-# window, the latest busy slot, the job's slot. ARGV: now, the earliest slot (the token schedule's), then
-# allowance, period and 1 if the batched read shares it (else 0) per window. Other requests charged to
-# these windows are in the sets too (``note_other``), so creates booked after them leave their room.
-# Returns the slot's delay; the latest create slot that leaves a window the read shares at least half full
-# is kept in the next-to-last key (what the reads yield to: ``Budget.read_yield_s``). Half, not full: a
-# bulk enqueue books a window's creates over a second or so, and a read let in before the last of them
-# was booked pushed one a window back (DigitalOcean's 1,000 creates into a fifth minute again); creates
-# that leave a window mostly free, a few a minute or paced by a token bucket, leave a read its room.
-# Times are written and read with 17 digits (Lua's ``tostring`` keeps 14: an entry written by Python
-# fell back inside a bound read through it, and the loop never ended), and a window's entry frees its
-# slot a millisecond early, so each move goes forward by at least that much; a bound on the moves
-# keeps Redis answering whatever the input.
+# window, the last booking's time, the latest busy slot, the job's slot. ARGV: now, the earliest slot
+# (the token schedule's), then allowance, period and 1 if the batched read shares it (else 0) per
+# window. Other requests charged to these windows are in the sets too (``note_other``), so creates
+# booked after them leave their room. Returns the slot's delay.
+# The latest busy slot is what the reads yield to (``Budget.read_yield_s``): the latest create slot that
+# leaves a window the read shares at least half full. Half, not full: a bulk enqueue books a window's
+# creates over a second or so, and a read let in before the last of them was booked pushed one a window
+# back; creates that leave a window mostly free, a few a minute or paced by a token bucket, leave a read
+# its room. And the first booking after a window's length without any starts a burst: it holds the
+# reads for the grace too (the tick's first read came half a second into 1,000 bookings, before half
+# of the first minute's). Times are written and read with 17 digits (Lua's ``tostring`` keeps 14: an
+# entry written by Python fell back inside a bound read through it, and the loop never ended), and a
+# window's entry frees its slot a millisecond early, so each move goes forward by at least that much;
+# a bound on the moves keeps Redis answering whatever the input.
 _WINDOW_SLOT = """
 local function num(x) return string.format('%.17g', x) end
 local mine = redis.call('get', KEYS[#KEYS])
 local now = tonumber(ARGV[1])
 if mine then return num(tonumber(mine) - now) end
 local t = math.max(now, tonumber(ARGV[2]))
-local n = #KEYS - 2
+local n = #KEYS - 3
 for i = 1, n do
   local period = tonumber(ARGV[1 + 3 * i])
   redis.call('zremrangebyscore', KEYS[i], '-inf', '(' .. num(now - period))
@@ -201,18 +203,28 @@ while moved do
     end
   end
 end
-local ttl, fills = 0, false
+local ttl, fills, shared_period = 0, false, 0
 for i = 1, n do
   local period = tonumber(ARGV[1 + 3 * i])
   redis.call('zadd', KEYS[i], num(t), KEYS[#KEYS])
   redis.call('expire', KEYS[i], math.ceil(t - now + period) + 60)
   ttl = math.max(ttl, math.ceil(t - now + period) + 3600)
-  if ARGV[2 + 3 * i] == '1' and 2 * (counts[i] + 1) >= tonumber(ARGV[3 * i]) then fills = true end
+  if ARGV[2 + 3 * i] == '1' then
+    shared_period = math.max(shared_period, period)
+    if 2 * (counts[i] + 1) >= tonumber(ARGV[3 * i]) then fills = true end
+  end
 end
 redis.call('set', KEYS[#KEYS], num(t), 'EX', ttl)
+-- The first booking after a window's length without one starts a burst: its slot holds the reads too,
+-- for the grace, until the burst's bookings say whether they fill the window.
+local previous = tonumber(redis.call('get', KEYS[#KEYS - 2]) or '0')
+if shared_period > 0 then
+  if now - previous > shared_period then fills = true; t = math.max(t, now) end
+  redis.call('set', KEYS[#KEYS - 2], num(now), 'EX', math.ceil(shared_period) + 60)
+end
 local latest = tonumber(redis.call('get', KEYS[#KEYS - 1]) or '0')
 if fills and t >= latest then redis.call('set', KEYS[#KEYS - 1], num(t), 'EX', ttl) end
-return num(t - now)
+return num(tonumber(redis.call('get', KEYS[#KEYS])) - now)
 """.replace("STEP", "0.001")
 
 # ``note_other``: a request that is no create, in the create schedule's windows. KEYS: one sorted set per
@@ -572,8 +584,9 @@ class BucketStore:
         for name, (allowance, period) in windows.items():
             args += [allowance, period, 1 if name in shared else 0]
         keys_ = [f"{self.prefix}{provider}:wschedule:{name}" for name in windows]
-        last_key, slot_key = f"{self.prefix}{provider}:wlast", f"{self.prefix}{provider}:wslot:{slot_id}"
-        delay = self._window_slot(keys=[*keys_, last_key, slot_key], args=args)
+        prev_key, last_key = f"{self.prefix}{provider}:wprev", f"{self.prefix}{provider}:wlast"
+        slot_key = f"{self.prefix}{provider}:wslot:{slot_id}"
+        delay = self._window_slot(keys=[*keys_, prev_key, last_key, slot_key], args=args)
         return max(0.0, float(delay))
 
     def _create_pace(self, profile: Profile) -> tuple[tuple[float, float] | None, dict[str, tuple[int, int]]]:
