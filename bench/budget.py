@@ -80,11 +80,8 @@ def settle_before_start_s(profile: Profile, vms: int) -> float:
     for method, target in creates + reads:
         for name in profile.classify(method, target):
             spent[name] = spent.get(name, 0) + 1
-    filled = [
-        parse(profile.buckets[n].window).get_expiry()
-        for n, k in spent.items()
-        if profile.buckets[n].window and k > parse(profile.buckets[n].window).amount
-    ]
+    windows = {n: profile.buckets[n] for n in spent if profile.buckets[n].kind == "window"}
+    filled = [parse(b.window or "").get_expiry() for n, b in windows.items() if spent[n] > b.burst()]
     return max(filled, default=-WINDOW_MARGIN_S) + WINDOW_MARGIN_S
 
 

@@ -183,7 +183,7 @@ class Budget(BucketStore):
             since = float(self.redis.get(since_key) or now)
             if now - since < max_s:
                 return min(last_slot, since + max_s) - now
-        (method, target), *_ = profile.calls["get_many"]
+        _, target = profile.calls["get_many"][0]
         full = [self.window_stats(provider, profile, name, target) for name in windows]
         wait = max((reset - now + PACING_MARGIN_S for left, reset in full if left < 1), default=0.0)
         if wait > 0 and last_slot > now:  # past the cap: the wait's start stays until the read goes

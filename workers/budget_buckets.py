@@ -219,12 +219,12 @@ redis.call('set', KEYS[#KEYS], num(t), 'EX', ttl)
 -- for the grace, until the burst's bookings say whether they fill the window.
 local previous = tonumber(redis.call('get', KEYS[#KEYS - 2]) or '0')
 if shared_period > 0 then
-  if now - previous > shared_period then fills = true; t = math.max(t, now) end
+  if now - previous > shared_period then fills = true end
   redis.call('set', KEYS[#KEYS - 2], num(now), 'EX', math.ceil(shared_period) + 60)
 end
 local latest = tonumber(redis.call('get', KEYS[#KEYS - 1]) or '0')
 if fills and t >= latest then redis.call('set', KEYS[#KEYS - 1], num(t), 'EX', ttl) end
-return num(tonumber(redis.call('get', KEYS[#KEYS])) - now)
+return num(t - now)
 """.replace("STEP", "0.001")
 
 # ``note_other``: a request that is no create, in the create schedule's windows. KEYS: one sorted set per
@@ -529,8 +529,7 @@ class BucketStore:
 
     def shared_windows(self, profile: Profile) -> list[str]:
         """The window buckets that both the batched read and a create are charged to."""
-        reads = {n for m, t in profile.calls.get("get_many", ()) for n in profile.classify(m, t)}
-        return sorted(reads & set(self._create_pace(profile)[1]))
+        return sorted(_read_buckets(profile) & set(self._create_pace(profile)[1]))
 
     def yielding_windows(self, profile: Profile) -> list[str]:
         """The shared windows the creates take whole while the reads yield to them: those no longer than
@@ -599,7 +598,7 @@ class BucketStore:
         return cached[1], cached[2]
 
     def _pace_of(self, profile: Profile) -> tuple[tuple[float, float] | None, dict[str, tuple[int, int]]]:
-        reads = {n for m, t in profile.calls.get("get_many", ()) for n in profile.classify(m, t)}
+        reads = _read_buckets(profile)
         per_bucket: dict[str, int] = {}
         for method, target in profile.create_requests():
             for name in profile.classify(method, target):
@@ -625,6 +624,11 @@ class BucketStore:
                 allowance = max(1, math.floor(item.amount * (1 - share) / k))
                 windows[name] = (allowance, period)
         return pace, windows
+
+
+def _read_buckets(profile: Profile) -> set[str]:
+    """The buckets the batched read is charged to."""
+    return {n for m, t in profile.calls.get("get_many", ()) for n in profile.classify(m, t)}
 
 
 def _with_total(classify: Callable[[str, str], tuple[str, ...]]) -> Callable[[str, str], tuple[str, ...]]:
