@@ -98,10 +98,10 @@ def test_a_worker_that_fails_its_preflight_refuses_to_consume_and_the_job_stays_
     assert redis_client.llen(keys.queue_name("hetzner")) == 1  # the message waits for a worker that can serve it
 
 
-def test_a_budget_override_naming_no_bucket_stops_the_worker_before_it_takes_jobs(test_env):
+def test_a_budget_override_naming_no_bucket_stops_the_worker_before_it_takes_jobs(test_env, redis_client):
     """A newcomer's typo (``sim.minut``) passed the preflight as a warning under credentials; the worker
     took jobs and every create failed with internal_error. It is a fatal budget check now, naming the
-    buckets there are."""
+    buckets there are. (``redis_client``: a clean database, so no other test's sim faults answer the list.)"""
     env = _env(test_env, VMQ_SIM_PROFILE="digitalocean", VMQ_BUDGET='{"sim.minut": "10/4 seconds"}')
     result = _check(env, "sim")
     assert result.returncode == 1, result.stdout + result.stderr

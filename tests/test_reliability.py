@@ -469,3 +469,21 @@ def test_a_wait_for_the_own_api_budget_spends_no_attempt(settings, cloud, sim, s
 def _finish_destroy(runner: JobRunner, job_id: str) -> Job:
     drive(runner, job_id, JobKind.destroy, steps=80, sleep=True)
     return runner.store.get(job_id)
+
+
+def test_a_create_whose_vm_a_destroy_job_took_before_it_ran_ends_without_a_second_delete(runner, cloud, sim, ssh_key):
+    """A newcomer destroyed a VM while its create waited for a status read (the reads yield to a
+    DigitalOcean backlog): the create failed ``vm_vanished`` and its cleanup sent a second DELETE.
+    Its VM was destroyed on purpose: it says so (``vm_destroyed``) and cleans up nothing."""
+    vm = cloud.create_vm(VMSpec(**sim_spec("rel-4")), SSHPublicKey.parse(ssh_key), job_id="rel-4")
+    job = record(
+        runner, ssh_key, state=JobState.provisioning, instance_id=vm.instance_id, submitted_at=utcnow(),
+        vm_destroyed_by="d" * 32,  # as JobStore._vm_gone writes it when the destroy job finds the VM gone
+    )  # fmt: skip
+    cloud.destroy_vm(vm.instance_id)
+    deletes = sim.calls().get("destroy", 0)
+    drive(runner, job.id, JobKind.create, steps=5)
+    ended = runner.store.get(job.id)
+    assert ended.state == JobState.failed and ended.error.code == "vm_destroyed", ended.error
+    assert "destroy job " + "d" * 32 in ended.error.message and ended.cleanup is None
+    assert sim.calls().get("destroy", 0) == deletes  # no cleanup DELETE after the destroy job's own

@@ -179,6 +179,10 @@ class CreateSteps(Steps):
     def _observe_create(self, job: Job, vm: VMInfo | None, count: int) -> Next | None:
         """Apply what a read found (``vm`` None: not found) to a provisioning job."""
         since_submit = (utcnow() - job.submitted_at).total_seconds()
+        if job.vm_destroyed_by is not None and (vm is None or vm.status != VMStatus.running):
+            # Not vanished, nor in error: a destroy job took it on purpose (deleting, or gone).
+            message = f"its VM was destroyed by destroy job {job.vm_destroyed_by} before it was seen running"
+            return self._fail(job, JobError(code="vm_destroyed", message=message), count)
         if vm is None and since_submit > self.settings.not_found_grace_s:
             # Past the consistency window a NotFound is real: the VM vanished.
             return self._fail(job, JobError(code="vm_vanished", message="the VM disappeared while booting"), count)

@@ -98,7 +98,8 @@ class FailureSteps(Steps):
         may know a VM this step's snapshot did not), never from the snapshot."""
 
         def change(j: Job) -> None:
-            has_vm = j.instance_id is not None and j.kind == JobKind.create
+            # A VM a destroy job already took needs no cleanup (a second DELETE), as for a cancel.
+            has_vm = j.instance_id is not None and j.kind == JobKind.create and j.vm_destroyed_by is None
             j.cleanup = (CleanupState.pending if j.destroy_on_failure else CleanupState.skipped) if has_vm else None
             if j.cleanup == CleanupState.pending:
                 j.phases.cleanup.started_at = utcnow()
